@@ -1,0 +1,1 @@
+"""airouter: shared pieces of the gateway and the modelhost (protocol stubs, errors, logging)."""

@@ -1,0 +1,132 @@
+"""What both airouter servers share: the error-to-status table, health, reflection, and a
+graceful run loop."""
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from airouter import errors
+
+_log = structlog.get_logger()
+
+STATUS_FOR_ERROR: dict[type[errors.AirouterError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_for(error: errors.AirouterError) -> grpc.StatusCode:
+    """The gRPC status code of a domain error (its nearest listed base class)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_FOR_ERROR:
+            return STATUS_FOR_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Ends an RPC whose handler raised an AirouterError with that error's status and message."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _guard_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _guard_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _guard_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except errors.AirouterError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    return guarded
+
+
+def _guard_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except errors.AirouterError as exc:
+            await context.abort(status_for(exc), str(exc))
+
+    return guarded
+
+
+def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with the error interceptor, health (SERVING at once) and reflection."""
+    server = grpc.aio.server(
+        interceptors=[DomainErrorInterceptor()],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return server, health_servicer
+
+
+async def mark_serving(
+    health_servicer: health.aio.HealthServicer, service_names: Iterable[str]
+) -> None:
+    """Reports the whole server and each named service as SERVING."""
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Listens on address (HOST:PORT, port 0 for any free one) and returns the bound port."""
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: the address is in use or invalid")
+    return port
+
+
+async def serve_until_signalled(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    grace_s: float,
+    on_stopped: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serves until SIGTERM or SIGINT, then stops accepting RPCs and lets in-flight ones finish
+    within grace_s before cancelling them."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _log.info("shutdown_started", grace_s=grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+    if on_stopped is not None:
+        await on_stopped()
+    _log.info("shutdown_finished")

@@ -1,0 +1,44 @@
+from airouter.v1 import generate_pb2 as _generate_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GatewayGenerateRequest(_message.Message):
+    __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    prompt: str
+    chat: _generate_pb2.ChatMessages
+    sampling: _generate_pb2.SamplingParameters
+    stopping: _generate_pb2.StoppingCriteria
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ...) -> None: ...
+
+class GatewayGenerateResponse(_message.Message):
+    __slots__ = ("token", "finished")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    token: _generate_pb2.TokenDelta
+    finished: _generate_pb2.Finished
+    def __init__(self, token: _Optional[_Union[_generate_pb2.TokenDelta, _Mapping]] = ..., finished: _Optional[_Union[_generate_pb2.Finished, _Mapping]] = ...) -> None: ...
+
+class GatewayListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GatewayListModelsResponse(_message.Message):
+    __slots__ = ("models", "unreachable_hosts")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[_generate_pb2.ModelInfo]
+    unreachable_hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[_Union[_generate_pb2.ModelInfo, _Mapping]]] = ..., unreachable_hosts: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""modelhost: keeps models resident on one machine and streams their tokens over gRPC."""

@@ -1,0 +1,59 @@
+"""`modelhost serve`: keep models resident on this machine and stream their tokens."""
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import structlog
+
+from airouter import grpc_server
+from airouter.logs import configure_logging
+from modelhost.config import DEFAULT_LISTEN, ConfigError, load_config
+from modelhost.device import DEVICES, DeviceError, resolve_device
+from modelhost.server import start_host
+
+_log = structlog.get_logger()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modelhost", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the configured models over gRPC")
+    serve.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})")
+    serve.add_argument("--device", choices=DEVICES, help="where to decode (default auto)")
+    serve.add_argument("--config", type=Path, help="models.toml; default: the embedded model")
+    serve.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    configure_logging(args.log_level)
+    try:
+        config = load_config(args.config, listen=args.listen, device=args.device)
+        device = resolve_device(config.device)
+    except (ConfigError, DeviceError) as exc:
+        print(f"modelhost: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(config, device))
+    except OSError as exc:
+        print(f"modelhost: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config, device: str) -> None:  # type: ignore[no-untyped-def]
+    host = await start_host(config, device)
+    _log.info(
+        "modelhost_serving",
+        listen=config.listen,
+        port=host.port,
+        device=device,
+        models=[m.name for m in config.models],
+    )
+    await grpc_server.serve_until_signalled(
+        host.server, host.health, config.shutdown_grace_s, host.residency.close
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

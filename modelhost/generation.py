@@ -1,0 +1,152 @@
+"""What a generation request is once it reaches the host, what it produces, and the checks
+that keep bad values away from llama.cpp."""
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from airouter.errors import InvalidArgument
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen (llama.cpp's defaults where the caller is silent)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raises InvalidArgument naming the first field outside its range."""
+        _check_range("sampling.temperature", self.temperature, 0.0, 2.0)
+        _check_range("sampling.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_range("sampling.top_k", self.top_k, 0, 1000)
+        _check_range("sampling.min_p", self.min_p, 0.0, 1.0)
+        _check_range("sampling.repetition_penalty", self.repetition_penalty, 0.5, 2.0)
+
+
+def _check_range(
+    name: str, value: float, low: float, high: float, *, low_open: bool = False
+) -> None:
+    below = value <= low if low_open else value < low
+    if not math.isfinite(value) or below or value > high:
+        left = "(" if low_open else "["
+        raise InvalidArgument(f"{name} is {value}; it must be in {left}{low}, {high}]")
+
+
+def validate_stop(stop: list[str]) -> None:
+    """Raises InvalidArgument for too many, empty or overlong stop strings."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(
+            f"stopping.stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
+        )
+    for i, s in enumerate(stop):
+        if not s or len(s) > MAX_STOP_LENGTH:
+            raise InvalidArgument(
+                f"stopping.stop[{i}] is {len(s)} characters long; "
+                f"each stop string must be 1 to {MAX_STOP_LENGTH} characters"
+            )
+
+
+def validate_messages(messages: list[tuple[str, str]]) -> None:
+    """Raises InvalidArgument for a conversation llama.cpp's templates cannot render."""
+    for i, (role, _content) in enumerate(messages):
+        if role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"chat.messages[{i}].role is {role!r}; it must be one of {', '.join(CHAT_ROLES)}"
+            )
+
+
+def resolve_max_tokens(requested: int | None, prompt_tokens: int, context: int, model: str) -> int:
+    """The token budget of a request whose prompt is prompt_tokens long, checked against the
+    context each request may use."""
+    if prompt_tokens >= context:
+        raise InvalidArgument(
+            f"the prompt is {prompt_tokens} tokens but model {model!r} has a context of "
+            f"{context} tokens per request; shorten the prompt"
+        )
+    left = context - prompt_tokens
+    if requested is None:
+        return left
+    if requested < 1 or requested > left:
+        raise InvalidArgument(
+            f"stopping.max_tokens is {requested}; it must be between 1 and {left} "
+            f"(context {context} - prompt {prompt_tokens} tokens)"
+        )
+    return requested
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent in each phase of one request."""
+
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Text that became safe to send, and how many tokens produced it."""
+
+    text: str
+    token_count: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The end of a request."""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+    error: str = ""
+    model: str = ""  # the configured name of the model that served the request
+
+
+Event = Delta | Finish
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A generation request as the caller gave it, before the model is known."""
+
+    request_id: str
+    model: str
+    prompt: str | None
+    messages: list[tuple[str, str]] | None
+    sampling: Sampling
+    max_tokens: int | None
+    stop: list[str]
+
+
+@dataclass
+class EngineRequest:
+    """A validated, tokenized request, ready for the engine thread."""
+
+    id: str
+    prompt: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop: list[str]
+    # Called on the engine thread with each step's events; must hand them off, not block.
+    on_events: Callable[[list[Event]], None]
+    arrived: float  # time.perf_counter() when the request reached the host

@@ -1,0 +1,160 @@
+"""A thin, typed layer over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Only the engine thread decodes; tokenizing and chat templating read the immutable vocabulary
+and may run on any thread.
+"""
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import structlog
+
+_log = structlog.get_logger()
+
+# ggml's log levels; everything below WARN is llama.cpp's load chatter.
+_GGML_LOG_LEVEL_WARN = 3
+_GGML_LOG_LEVEL_CONT = 5
+_backend_ready = False
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    if _GGML_LOG_LEVEL_WARN <= level < _GGML_LOG_LEVEL_CONT:
+        _log.warning("llama_cpp", message=text.decode("utf-8", "replace").strip())
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """How a model's llama.cpp context is shaped."""
+
+    slots: int  # sequences decoded together
+    context_per_slot: int  # tokens of KV cache each sequence may use
+    batch_tokens: int  # most tokens in one llama_decode
+    threads: int
+    flash_attention: bool | None = None  # None lets llama.cpp decide
+
+
+class LlamaModel:
+    """A loaded GGUF model and one decoding context sized for `settings.slots` sequences."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        gpu_layers: int,
+        settings: ContextSettings,
+        chat_template: str | None = None,
+    ) -> None:
+        _init_backend()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {path}; is it a GGUF file?")
+        self._model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.context_train = llama_cpp.llama_model_n_ctx_train(model)
+
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = settings.slots * settings.context_per_slot
+        ctx_params.n_batch = settings.batch_tokens
+        ctx_params.n_ubatch = settings.batch_tokens
+        ctx_params.n_seq_max = settings.slots
+        ctx_params.n_threads = settings.threads
+        ctx_params.n_threads_batch = settings.threads
+        ctx_params.kv_unified = False  # each slot owns its cells: no shared prefix to exploit yet
+        ctx_params.no_perf = True
+        if settings.flash_attention is not None:
+            ctx_params.flash_attn_type = 1 if settings.flash_attention else 0
+        ctx = llama_cpp.llama_init_from_model(model, ctx_params)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise RuntimeError(
+                f"llama.cpp could not create a context of {ctx_params.n_ctx} tokens for {path}; "
+                "lower context_length or slots"
+            )
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.context_per_slot = llama_cpp.llama_n_ctx_seq(ctx)
+        self.batch_tokens = settings.batch_tokens
+        # A configured template (a llama.cpp built-in name or a template) wins over the GGUF's.
+        template = chat_template.encode() if chat_template else None
+        self.chat_template: bytes | None = template or llama_cpp.llama_model_chat_template(
+            model, None
+        )
+        self._piece_buffer = ctypes.create_string_buffer(256)
+
+    def close(self) -> None:
+        """Frees the context and the weights; the object is unusable afterwards."""
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of text with the model's BOS; special tokens written in text are honoured."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, True)
+        if n < 0:  # more tokens than bytes is impossible for BPE/SPM, but the API allows it
+            capacity = -n
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, True)
+        return list(tokens[:n])
+
+    def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:
+        """The prompt for a conversation, ending with the assistant's turn; None when the model
+        has no chat template or llama.cpp does not recognise it."""
+        if self.chat_template is None:
+            return None
+        encoded = [(role.encode(), content.encode()) for role, content in messages]
+        chat = (llama_cpp.llama_chat_message * len(encoded))(*encoded)
+        size = sum(len(r) + len(c) for r, c in encoded) * 2 + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(
+                self.chat_template, chat, len(encoded), True, buf, size
+            )
+            if n < 0:
+                return None
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n
+        return None
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for; control tokens render as nothing."""
+        buf = self._piece_buffer
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+
+def default_threads() -> int:
+    """Threads for decoding: every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

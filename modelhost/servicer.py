@@ -1,0 +1,117 @@
+"""airouter.v1.ModelHost over gRPC: wire messages in, GenerationService, wire messages out."""
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+
+from airouter.v1 import generate_pb2, model_host_pb2, model_host_pb2_grpc
+from modelhost.generation import Delta, Event, FinishReason, GenerationSpec, Sampling
+from modelhost.residency import ModelState, ResidentModel
+from modelhost.serving import GenerationService
+
+FINISH_REASON_TO_PB = {
+    FinishReason.STOP: generate_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: generate_pb2.FINISH_REASON_ERROR,
+}
+MODEL_STATE_TO_PB = {
+    ModelState.NOT_LOADED: generate_pb2.MODEL_STATE_NOT_LOADED,
+    ModelState.LOADING: generate_pb2.MODEL_STATE_LOADING,
+    ModelState.READY: generate_pb2.MODEL_STATE_READY,
+    ModelState.UNLOADING: generate_pb2.MODEL_STATE_UNLOADING,
+    ModelState.ERROR: generate_pb2.MODEL_STATE_ERROR,
+}
+
+
+class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
+    """Translates ModelHost RPCs; all model work happens in GenerationService and the engine."""
+
+    def __init__(self, service: GenerationService) -> None:
+        self._service = service
+
+    async def Generate(
+        self, request: model_host_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[model_host_pb2.GenerateResponse]:
+        spec = spec_from_pb(request)
+        events = self._service.generate(spec, context.time_remaining())
+        async with aclosing(events):
+            async for event in events:
+                yield event_to_pb(event)
+
+    async def ListModels(
+        self, request: model_host_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> model_host_pb2.ListModelsResponse:
+        return model_host_pb2.ListModelsResponse(
+            models=[model_info_pb(m) for m in self._service.models()]
+        )
+
+
+def spec_from_pb(request: model_host_pb2.GenerateRequest) -> GenerationSpec:
+    s = request.sampling
+    defaults = Sampling()
+    sampling = Sampling(
+        temperature=s.temperature if s.HasField("temperature") else defaults.temperature,
+        top_p=s.top_p if s.HasField("top_p") else defaults.top_p,
+        top_k=s.top_k if s.HasField("top_k") else defaults.top_k,
+        min_p=s.min_p if s.HasField("min_p") else defaults.min_p,
+        repetition_penalty=(
+            s.repetition_penalty
+            if s.HasField("repetition_penalty")
+            else defaults.repetition_penalty
+        ),
+        seed=s.seed if s.HasField("seed") else None,
+    )
+    stopping = request.stopping
+    return GenerationSpec(
+        request_id=request.request_id,
+        model=request.model,
+        prompt=request.prompt if request.HasField("prompt") else None,
+        messages=(
+            [(m.role, m.content) for m in request.chat.messages]
+            if request.HasField("chat")
+            else None
+        ),
+        sampling=sampling,
+        max_tokens=stopping.max_tokens if stopping.HasField("max_tokens") else None,
+        stop=list(stopping.stop),
+    )
+
+
+def event_to_pb(event: Event) -> model_host_pb2.GenerateResponse:
+    if isinstance(event, Delta):
+        return model_host_pb2.GenerateResponse(
+            token=generate_pb2.TokenDelta(text=event.text, token_count=event.token_count)
+        )
+    t = event.timings
+    return model_host_pb2.GenerateResponse(
+        finished=generate_pb2.Finished(
+            reason=FINISH_REASON_TO_PB[event.reason],
+            usage=generate_pb2.Usage(
+                prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
+            ),
+            timings=generate_pb2.Timings(
+                queue_ms=t.queue_ms,
+                prefill_ms=t.prefill_ms,
+                decode_ms=t.decode_ms,
+                time_to_first_token_ms=t.time_to_first_token_ms,
+                total_ms=t.total_ms,
+            ),
+            error_message=event.error,
+            model=event.model,
+        )
+    )
+
+
+def model_info_pb(resident: ResidentModel) -> generate_pb2.ModelInfo:
+    config = resident.config
+    return generate_pb2.ModelInfo(
+        name=config.name,
+        aliases=config.aliases,
+        capabilities=config.capabilities,
+        context_length=config.context_length,
+        state=MODEL_STATE_TO_PB[resident.state],
+        state_detail=resident.detail,
+        slots=config.slots,
+    )

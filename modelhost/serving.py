@@ -1,0 +1,99 @@
+"""Generation as the host offers it: validate, render, tokenize, hand to the engine, relay.
+
+Nothing here touches grpc; the servicer translates wire messages to and from these types.
+"""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+
+from airouter.errors import FailedPrecondition, InvalidArgument
+from modelhost.generation import (
+    EngineRequest,
+    Event,
+    Finish,
+    GenerationSpec,
+    resolve_max_tokens,
+    validate_messages,
+    validate_stop,
+)
+from modelhost.residency import Residency, ResidentModel
+
+_log = structlog.get_logger()
+
+
+class GenerationService:
+    """Runs generation requests against the host's resident models."""
+
+    def __init__(self, residency: Residency) -> None:
+        self.residency = residency
+
+    def models(self) -> list[ResidentModel]:
+        return self.residency.models
+
+    async def generate(
+        self, spec: GenerationSpec, time_left_s: float | None
+    ) -> AsyncIterator[Event]:
+        """Yields the request's events, the last one a Finish. Raises a domain error before
+        the first event when the request cannot be served. Leaving the iteration early
+        cancels the request in the engine."""
+        arrived = time.perf_counter()
+        if not spec.prompt and not spec.messages:
+            raise InvalidArgument("the request has neither a prompt nor chat messages; send one")
+        spec.sampling.validate()
+        validate_stop(spec.stop)
+        if spec.messages:
+            validate_messages(spec.messages)
+        resident = self.residency.resolve(spec.model)
+        model, engine = await self.residency.ready(resident, time_left_s)
+        name = resident.config.name
+
+        text = spec.prompt
+        if spec.messages:
+            text = await asyncio.to_thread(model.apply_chat_template, spec.messages)
+            if text is None:
+                raise FailedPrecondition(
+                    f"model {name!r} has no chat template llama.cpp can render; set chat_template "
+                    "in its config or send a raw prompt"
+                )
+        assert text is not None
+        prompt = await asyncio.to_thread(model.tokenize, text)
+        max_tokens = resolve_max_tokens(
+            spec.max_tokens, len(prompt), engine.context_per_request, name
+        )
+
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[list[Event]] = asyncio.Queue()
+        request = EngineRequest(
+            id=spec.request_id or uuid.uuid4().hex,
+            prompt=prompt,
+            sampling=spec.sampling,
+            max_tokens=max_tokens,
+            stop=spec.stop,
+            on_events=lambda events: loop.call_soon_threadsafe(inbox.put_nowait, events),
+            arrived=arrived,
+        )
+        log = _log.bind(request_id=request.id, model=name)
+        engine.submit(request)
+        finished = False
+        try:
+            while not finished:
+                for event in await inbox.get():
+                    yield event
+                    if isinstance(event, Finish):
+                        finished = True
+                        log.info(
+                            "generation_finished",
+                            reason=event.reason.value,
+                            prompt_tokens=event.prompt_tokens,
+                            completion_tokens=event.completion_tokens,
+                            ttft_ms=round(event.timings.time_to_first_token_ms, 1),
+                            total_ms=round(event.timings.total_ms, 1),
+                        )
+        finally:
+            if not finished:
+                engine.cancel(request.id)
+                log.info("generation_cancelled")
