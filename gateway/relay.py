@@ -1,7 +1,7 @@
 """Relays a generation stream from the best host, failing over while no token was sent."""
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 import structlog
@@ -28,7 +28,7 @@ class HostError(Exception):
 
 async def relay_generate(
     pool: HostPool, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
-) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
+) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
     """Yields the chosen host's stream. Before the first message a host that is down or full
     is skipped for the next candidate; after it, a failure ends the stream with
     FINISH_REASON_ERROR."""

@@ -7,6 +7,7 @@ loop only enqueues work (`submit`, `cancel`) and receives events through each re
 `on_events` callback, which the engine calls from its own thread.
 """
 
+import ctypes
 import queue
 import random
 import threading
@@ -40,7 +41,7 @@ _PENALTY_WINDOW = 64
 class _Sequence:
     request: EngineRequest
     seq_id: int
-    sampler: llama_cpp.llama_sampler_p_ctypes
+    sampler: ctypes.c_void_p
     text: TextStream
     admitted: float
     prompt_done: int = 0  # prompt tokens already in the KV cache
@@ -313,11 +314,11 @@ def _emit(request: EngineRequest, events: list[Event]) -> None:
         _log.warning("event_delivery_failed", request_id=request.id, exc_info=True)
 
 
-def _new_sampler(sampling: Sampling, n_vocab: int) -> llama_cpp.llama_sampler_p_ctypes:
+def _new_sampler(sampling: Sampling, n_vocab: int) -> ctypes.c_void_p:
     """A sampler chain: penalties, then greedy, or the filters, temperature and a seeded draw."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
-    def add(sampler: llama_cpp.llama_sampler_p_ctypes) -> None:
+    def add(sampler: ctypes.c_void_p) -> None:
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
     if sampling.repetition_penalty != 1.0:

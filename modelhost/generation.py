@@ -148,5 +148,5 @@ class EngineRequest:
     max_tokens: int
     stop: list[str]
     # Called on the engine thread with each step's events; must hand them off, not block.
-    on_events: Callable[[list[Event]], None]
+    on_events: Callable[[list[Event]], object]
     arrived: float  # time.perf_counter() when the request reached the host

@@ -79,7 +79,10 @@ class LlamaModel:
         ctx_params.n_seq_max = settings.slots
         ctx_params.n_threads = settings.threads
         ctx_params.n_threads_batch = settings.threads
-        ctx_params.kv_unified = False  # each slot owns its cells: no shared prefix to exploit yet
+        # One KV buffer shared by all slots: measured faster for batched decode on CPU, and it
+        # keeps the sliding-window layers' cache small. Each request is still held to
+        # context_per_slot tokens, so the slots together never outgrow it.
+        ctx_params.kv_unified = True
         ctx_params.no_perf = True
         if settings.flash_attention is not None:
             ctx_params.flash_attn_type = 1 if settings.flash_attention else 0
@@ -92,7 +95,7 @@ class LlamaModel:
             )
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
-        self.context_per_slot = llama_cpp.llama_n_ctx_seq(ctx)
+        self.context_per_slot = settings.context_per_slot
         self.batch_tokens = settings.batch_tokens
         # A configured template (a llama.cpp built-in name or a template) wins over the GGUF's.
         template = chat_template.encode() if chat_template else None
@@ -128,7 +131,9 @@ class LlamaModel:
         if self.chat_template is None:
             return None
         encoded = [(role.encode(), content.encode()) for role, content in messages]
-        chat = (llama_cpp.llama_chat_message * len(encoded))(*encoded)
+        chat = (llama_cpp.llama_chat_message * len(encoded))(
+            *(llama_cpp.llama_chat_message(role=r, content=c) for r, c in encoded)
+        )
         size = sum(len(r) + len(c) for r, c in encoded) * 2 + 256
         for _ in range(2):
             buf = ctypes.create_string_buffer(size)

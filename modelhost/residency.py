@@ -80,13 +80,14 @@ class Residency:
         log = _log.bind(model=config.name, device=self._device)
         log.info("model_loading")
         try:
-            resident.model, resident.engine = await asyncio.to_thread(self._load_blocking, config)
+            model, engine = await asyncio.to_thread(self._load_blocking, config)
         except Exception as exc:
             resident.state, resident.detail = ModelState.ERROR, str(exc)
             log.error("model_load_failed", error=str(exc))
         else:
+            resident.model, resident.engine = model, engine
             resident.state, resident.detail = ModelState.READY, ""
-            log.info("model_loaded", context_per_request=resident.engine.context_per_request)
+            log.info("model_loaded", context_per_request=engine.context_per_request)
         finally:
             resident._load_task = None
             resident._settled.set()

@@ -6,7 +6,7 @@ Nothing here touches grpc; the servicer translates wire messages to and from the
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import structlog
 
@@ -36,7 +36,7 @@ class GenerationService:
 
     async def generate(
         self, spec: GenerationSpec, time_left_s: float | None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Yields the request's events, the last one a Finish. Raises a domain error before
         the first event when the request cannot be served. Leaving the iteration early
         cancels the request in the engine."""

@@ -1,0 +1,114 @@
+"""Fixtures that start the real servers: modelhosts with the embedded model and a gateway,
+on ephemeral loopback ports, in a background event loop."""
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from airouter.v1 import gateway_pb2_grpc, model_host_pb2_grpc
+from gateway.server import RunningGateway, start_gateway
+from modelhost.config import HostConfig, embedded_model_config
+from modelhost.server import RunningHost, start_host
+
+T = TypeVar("T")
+
+# Small contexts keep the too-long-prompt tests cheap.
+CONTEXT = 512
+
+
+class LoopThread:
+    """An asyncio loop on its own thread, so servers run while tests use blocking stubs."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+
+
+def wait_for_health(address: str, timeout: float = 30) -> None:
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=timeout
+        )
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Stack:
+    """What the tests talk to."""
+
+    def __init__(self, loop: LoopThread, host: RunningHost, gateway: RunningGateway) -> None:
+        self.loop = loop
+        self.host = host
+        self.gateway = gateway
+        self.host_address = f"127.0.0.1:{host.port}"
+        self.gateway_address = f"127.0.0.1:{gateway.port}"
+        self._host_channel = grpc.insecure_channel(self.host_address)
+        self._gateway_channel = grpc.insecure_channel(self.gateway_address)
+        self.host_stub = model_host_pb2_grpc.ModelHostStub(self._host_channel)
+        self.gateway_stub = gateway_pb2_grpc.GatewayStub(self._gateway_channel)
+
+    def engine(self, model: str):  # type: ignore[no-untyped-def]
+        engine = self.host.residency.resolve(model).engine
+        assert engine is not None, f"{model} is not loaded"
+        return engine
+
+    def close(self) -> None:
+        self._host_channel.close()
+        self._gateway_channel.close()
+
+
+def host_config() -> HostConfig:
+    default = embedded_model_config()
+    return HostConfig(
+        listen="127.0.0.1:0",
+        device="cpu",
+        cache_dir=Path.home() / ".cache" / "airouter",
+        models=[
+            default.model_copy(update={"context_length": CONTEXT, "slots": 4, "batch_tokens": 256}),
+            # One slot and a one-request queue: the admission-limit tests fill it on purpose.
+            default.model_copy(
+                update={
+                    "name": "gemma-one-slot",
+                    "aliases": [],
+                    "context_length": CONTEXT,
+                    "slots": 1,
+                    "max_queue": 1,
+                    "batch_tokens": 64,
+                }
+            ),
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    loop = LoopThread()
+    host = loop.run(start_host(host_config(), "cpu"))
+    gateway = loop.run(start_gateway("127.0.0.1:0", [f"127.0.0.1:{host.port}"]))
+    stack = Stack(loop, host, gateway)
+    wait_for_health(stack.host_address)
+    wait_for_health(stack.gateway_address)
+    yield stack
+    stack.close()
+    loop.run(gateway.stop(0))
+    loop.run(host.stop(0))
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return embedded_model_config().gguf_path(Path.home() / ".cache" / "airouter")

@@ -1,0 +1,161 @@
+"""The three commands as a user runs them: separate processes, real ports, real signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from airouter.v1 import gateway_pb2_grpc
+from modelhost.device import cuda_devices
+from tests.conftest import wait_for_health
+from tests.streaming import collect, gateway_request
+
+BIN = Path(sys.executable).parent
+
+
+class Server:
+    """A server process started with --listen 127.0.0.1:0; its port is read from its log."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:], "--listen", "127.0.0.1:0"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.address = f"127.0.0.1:{self._port_from_log(f'{args[0]}_serving')}"
+        # Keep reading the log so a chatty server never blocks on a full pipe.
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # type: ignore[union-attr]
+        wait_for_health(self.address)
+
+    def _port_from_log(self, event: str) -> int:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            record = json.loads(line)
+            if record["event"] == event:
+                return int(record["port"])
+        raise AssertionError(f"{event} was never logged; exit code {self.process.wait()}")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[Server, Server]]:
+    host = Server("modelhost", "serve", "--device", "cpu")
+    gateway = Server("gateway", "serve", "--modelhost", host.address)
+    yield host, gateway
+    for server in (gateway, host):
+        if server.process.poll() is None:
+            server.stop()
+
+
+def airouter(gateway: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "airouter"), "--gateway", gateway.address, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_airouter_generate_prints_the_tokens(servers) -> None:  # type: ignore[no-untyped-def]
+    _, gateway = servers
+    done = airouter(gateway, "generate", "--raw", "--max-tokens", "8", "Once upon a time")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+def test_airouter_generate_json_ends_with_the_finish_event(servers) -> None:  # type: ignore[no-untyped-def]
+    _, gateway = servers
+    done = airouter(gateway, "generate", "--json", "--max-tokens", "6", "Say hello")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert all("token" in e for e in events[:-1]) and len(events) >= 2
+    finished = events[-1]["finished"]
+    assert finished["reason"] == "FINISH_REASON_LENGTH"
+    assert finished["usage"]["completionTokens"] == 6
+    assert finished["model"] == "gemma-3-270m"
+
+
+def test_airouter_models_lists_the_default_model(servers) -> None:  # type: ignore[no-untyped-def]
+    host, gateway = servers
+    done = airouter(gateway, "models")
+    assert done.returncode == 0, done.stderr
+    assert "gemma-3-270m" in done.stdout and host.address in done.stdout
+
+
+def test_airouter_reports_errors_with_their_code(servers) -> None:  # type: ignore[no-untyped-def]
+    _, gateway = servers
+    done = airouter(gateway, "generate", "--model", "missing-model", "hi")
+    assert done.returncode == 1
+    assert "NOT_FOUND" in done.stderr and "gemma-3-270m" in done.stderr
+
+
+def test_sigterm_lets_an_in_flight_stream_finish() -> None:
+    host = Server("modelhost", "serve", "--device", "cpu")
+    gateway = Server("gateway", "serve", "--modelhost", host.address)
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            stream = gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_request(prompt="Once upon a time", max_tokens=40)
+            )
+            first = next(stream)
+            assert first.HasField("token")
+            host.process.send_signal(signal.SIGTERM)
+            rest = collect(stream)
+        assert rest.finished.usage.completion_tokens == 40
+        assert host.process.wait(timeout=60) == 0
+    finally:
+        gateway.stop()
+        if host.process.poll() is None:
+            host.process.kill()
+
+
+@pytest.mark.skipif(bool(cuda_devices()[0]), reason="this machine has a CUDA device")
+def test_device_cuda_without_a_cuda_device_exits_at_once_with_a_clear_message() -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(BIN / "modelhost"), "serve", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 2
+    assert "no CUDA device found" in done.stderr and "--device cpu" in done.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_config_naming_a_missing_file_is_rejected_with_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nname = "big"\npath = "nowhere.gguf"\n')
+    done = subprocess.run(
+        [str(BIN / "modelhost"), "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "models[0].path" in done.stderr and "nowhere.gguf does not exist" in done.stderr
+
+
+def test_a_config_with_an_unknown_key_names_it(tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nname = "big"\nslotz = 4\n')
+    done = subprocess.run(
+        [str(BIN / "modelhost"), "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "models.0.slotz" in done.stderr and str(config) in done.stderr

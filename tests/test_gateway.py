@@ -1,0 +1,146 @@
+"""The gateway relaying to real modelhosts over gRPC."""
+
+import socket
+import time
+
+import grpc
+import pytest
+
+from airouter.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.server import start_gateway
+from modelhost.server import start_host
+from tests.conftest import Stack, host_config
+from tests.streaming import collect, gateway_request, host_request
+
+
+def closed_port_address() -> str:
+    """A loopback address where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+class ExtraGateway:
+    """A second gateway over a chosen list of hosts, stopped when the test ends."""
+
+    def __init__(self, stack: Stack, hosts: list[str]) -> None:
+        self._stack = stack
+        self.running = stack.loop.run(start_gateway("127.0.0.1:0", hosts))
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
+        self.stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+        self._stack.loop.run(self.running.stop(0))
+
+
+@pytest.fixture
+def extra_gateway(stack: Stack):  # type: ignore[no-untyped-def]
+    made: list[ExtraGateway] = []
+
+    def make(hosts: list[str]) -> ExtraGateway:
+        made.append(ExtraGateway(stack, hosts))
+        return made[-1]
+
+    yield make
+    for gateway in made:
+        gateway.close()
+
+
+def test_gateway_relays_the_hosts_tokens(stack: Stack) -> None:
+    fields = {"prompt": "The sun is", "max_tokens": 16, "temperature": 0.0}
+    direct = collect(stack.host_stub.Generate(host_request(**fields)))
+    relayed = collect(stack.gateway_stub.Generate(gateway_request(**fields)))
+    assert relayed.deltas == direct.deltas
+    assert relayed.finished.usage == direct.finished.usage
+    assert relayed.finished.host == stack.host_address
+    assert relayed.finished.model == "gemma-3-270m"
+
+
+def test_gateway_lists_models_with_the_hosts_that_serve_them(stack: Stack) -> None:
+    response = stack.gateway_stub.ListModels(gateway_pb2.GatewayListModelsRequest())
+    models = {m.name: m for m in response.models}
+    assert set(models) == {"gemma-3-270m", "gemma-one-slot"}
+    assert list(models["gemma-3-270m"].hosts) == [stack.host_address]
+    assert list(response.unreachable_hosts) == []
+
+
+def test_gateway_merges_models_across_hosts_and_names_unreachable_ones(
+    stack: Stack, extra_gateway
+) -> None:  # type: ignore[no-untyped-def]
+    dead = closed_port_address()
+    gateway = extra_gateway([stack.host_address, dead])
+    response = gateway.stub.ListModels(gateway_pb2.GatewayListModelsRequest())
+    assert {m.name for m in response.models} == {"gemma-3-270m", "gemma-one-slot"}
+    assert list(response.unreachable_hosts) == [dead]
+
+
+def test_unknown_model_is_not_found_naming_the_models(stack: Stack) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stack.gateway_stub.Generate(gateway_request(model="gpt-7", prompt="hi")))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "gpt-7" in info.value.details() and "gemma-3-270m" in info.value.details()
+
+
+def test_empty_model_is_invalid(stack: Stack) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stack.gateway_stub.Generate(gateway_request(model="", prompt="hi")))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model is empty" in info.value.details()
+
+
+def test_hosts_invalid_argument_reaches_the_client_unchanged(stack: Stack) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stack.gateway_stub.Generate(gateway_request(prompt="hi", temperature=9.0)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sampling.temperature" in info.value.details()
+
+
+def test_no_reachable_host_is_unavailable_naming_the_hosts_tried(
+    stack: Stack, extra_gateway
+) -> None:  # type: ignore[no-untyped-def]
+    dead = [closed_port_address(), closed_port_address()]
+    gateway = extra_gateway(dead)
+    with pytest.raises(grpc.RpcError) as info:
+        collect(gateway.stub.Generate(gateway_request(prompt="hi")))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert all(address in info.value.details() for address in dead)
+
+
+def test_a_host_that_went_down_is_skipped_for_a_live_one(stack: Stack, extra_gateway) -> None:  # type: ignore[no-untyped-def]
+    # A real host that lists the model, then stops: the gateway's catalog still names it.
+    doomed = stack.loop.run(start_host(host_config(), "cpu"))
+    doomed_address = f"127.0.0.1:{doomed.port}"
+    gateway = extra_gateway([doomed_address, stack.host_address])
+    gateway.stub.ListModels(gateway_pb2.GatewayListModelsRequest())
+    stack.loop.run(doomed.stop(0))
+    for _ in range(2):  # whichever host the rotation tries first, the live one answers
+        result = collect(gateway.stub.Generate(gateway_request(prompt="hi", max_tokens=2)))
+        assert result.finished.host == stack.host_address
+
+
+def test_cancelling_at_the_gateway_cancels_on_the_host(stack: Stack) -> None:
+    engine = stack.engine("gemma-3-270m")
+    call = stack.gateway_stub.Generate(gateway_request(prompt="Count: 1, 2,", max_tokens=400))
+    next(call)
+    next(call)
+    assert engine.load().slots_busy == 1
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while engine.load().slots_busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.load().slots_busy == 0
+
+
+def test_deadline_reaches_the_host(stack: Stack) -> None:
+    call = stack.gateway_stub.Generate(
+        gateway_request(prompt="Count:", max_tokens=400), timeout=0.5
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        collect(call)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    engine = stack.engine("gemma-3-270m")
+    deadline = time.monotonic() + 5
+    while engine.load().slots_busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.load().slots_busy == 0
