@@ -1,6 +1,6 @@
 """Tokens per second: raw batched llama_decode in-process vs the modelhost vs the gateway.
 
-    python benchmarks/throughput.py [--tokens 64] [--rounds 3]
+    python -m benchmarks.throughput [--tokens 64] [--rounds 3]
 
 Everything runs on this machine, interleaved round by round so that noise hits all setups
 alike, and the ratios that the goals P1 and P2 of ARCHITECTURE.md name are printed at the end.
@@ -9,12 +9,8 @@ The servers run as separate processes, started as a user starts them.
 
 import argparse
 import asyncio
-import json
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,11 +20,11 @@ import llama_cpp
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, model_host_pb2, model_host_pb2_grpc
 from modelhost.config import embedded_model_config
 from modelhost.llama import ContextSettings, LlamaModel, default_threads
+from tests.processes import ServerProcess
 
 PROMPT = "Once upon a time, there was a"
 CONTEXT = 1024
 SLOTS = 8
-BIN = Path(sys.executable).parent
 
 
 def raw_decode(model: LlamaModel, streams: int, tokens: int) -> tuple[float, float]:
@@ -104,28 +100,6 @@ async def served_decode(
     return sum(g for g, _ in results) / elapsed, statistics.median(f for _, f in results)
 
 
-class Server:
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:], "--listen", "127.0.0.1:0"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.address = ""
-        assert self.process.stderr is not None
-        # The port it bound is in its start-up log line; the rest of its log is drained.
-        for line in self.process.stderr:
-            record = json.loads(line)
-            if record.get("event", "").endswith("_serving"):
-                self.address = f"127.0.0.1:{record['port']}"
-                break
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=64)
@@ -138,8 +112,8 @@ def main() -> None:
         gpu_layers=0,
         settings=ContextSettings(SLOTS, CONTEXT, 512, default_threads()),
     )
-    host = Server("modelhost", "serve", "--device", "cpu")
-    gateway = Server("gateway", "serve", "--modelhost", host.address)
+    host = ServerProcess("modelhost", "serve", "--device", "cpu")
+    gateway = ServerProcess("gateway", "serve", "--modelhost", host.address)
     setups = ["raw", "host", "gateway"]
     rates: dict[tuple[str, int], list[float]] = {(s, b): [] for s in setups for b in (1, SLOTS)}
     ttfts: dict[str, list[float]] = {s: [] for s in setups}

@@ -27,6 +27,7 @@ class Host:
     reachable: bool = False
     last_error: str = "not contacted yet"
     refreshed_at: float = float("-inf")
+    refreshing: "asyncio.Future[None] | None" = None
 
     def __post_init__(self) -> None:
         # The gateway's request and response messages mirror the host's field for field, so
@@ -53,11 +54,15 @@ class HostPool:
         self.hosts = [Host(a, grpc.aio.insecure_channel(a)) for a in dict.fromkeys(addresses)]
 
     async def refresh(self, *, max_age_s: float = CATALOG_TTL_S) -> None:
-        """Asks every host whose catalog is older than max_age_s for its models, concurrently."""
+        """Asks every host whose catalog is older than max_age_s for its models, concurrently;
+        requests that arrive meanwhile share the call in flight instead of sending another."""
         now = time.monotonic()
         stale = [h for h in self.hosts if now - h.refreshed_at >= max_age_s]
+        for host in stale:
+            if host.refreshing is None or host.refreshing.done():
+                host.refreshing = asyncio.ensure_future(self._refresh_host(host))
         if stale:
-            await asyncio.gather(*(self._refresh_host(h) for h in stale))
+            await asyncio.gather(*(asyncio.shield(h.refreshing) for h in stale if h.refreshing))
 
     async def _refresh_host(self, host: Host) -> None:
         try:

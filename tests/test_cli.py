@@ -4,8 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,36 +14,16 @@ import pytest
 from airouter.v1 import gateway_pb2_grpc
 from modelhost.device import cuda_devices
 from tests.conftest import wait_for_health
+from tests.processes import BIN, ServerProcess
 from tests.streaming import collect, gateway_request
 
-BIN = Path(sys.executable).parent
 
-
-class Server:
-    """A server process started with --listen 127.0.0.1:0; its port is read from its log."""
+class Server(ServerProcess):
+    """A server process that answers health before the test uses it."""
 
     def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:], "--listen", "127.0.0.1:0"],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.address = f"127.0.0.1:{self._port_from_log(f'{args[0]}_serving')}"
-        # Keep reading the log so a chatty server never blocks on a full pipe.
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # type: ignore[union-attr]
+        super().__init__(*args)
         wait_for_health(self.address)
-
-    def _port_from_log(self, event: str) -> int:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            record = json.loads(line)
-            if record["event"] == event:
-                return int(record["port"])
-        raise AssertionError(f"{event} was never logged; exit code {self.process.wait()}")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The modelhost over real gRPC with the real model."""
 
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -231,23 +230,3 @@ def test_health_and_reflection_are_served(stack: Stack) -> None:
         )
         names = {s.name for s in next(stream).list_services_response.service}
         assert {"airouter.v1.ModelHost", "grpc.health.v1.Health"} <= names
-
-
-def test_the_event_loop_stays_responsive_while_decoding(stack: Stack) -> None:
-    # Health answers promptly while four streams decode: the model runs off the loop.
-    stop = threading.Event()
-
-    def decode() -> None:
-        while not stop.is_set():
-            generate(stack, prompt="Tell me a story", max_tokens=16)
-
-    with ThreadPoolExecutor(4) as pool:
-        for _ in range(4):
-            pool.submit(decode)
-        try:
-            with grpc.insecure_channel(stack.host_address) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                for _ in range(5):
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-        finally:
-            stop.set()

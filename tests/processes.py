@@ -1,0 +1,38 @@
+"""airouter's servers as separate processes, started as a user starts them."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+class ServerProcess:
+    """`modelhost serve ...` or `gateway serve ...` on 127.0.0.1:0; the bound port is read
+    from its start-up log line."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:], "--listen", "127.0.0.1:0"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.address = f"127.0.0.1:{self._port_from_log(f'{args[0]}_serving')}"
+        # Keep reading the log so a chatty server never blocks on a full pipe.
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # type: ignore[union-attr]
+
+    def _port_from_log(self, event: str) -> int:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            record = json.loads(line)
+            if record["event"] == event:
+                return int(record["port"])
+        raise AssertionError(f"{event} was never logged; exit code {self.process.wait()}")
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd or Ctrl-C would send, and the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
