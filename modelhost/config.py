@@ -122,10 +122,7 @@ def load_config(path: Path | None, **overrides: object) -> HostConfig:
     try:
         config = HostConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(f"{_key(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"{path or 'flags'}: {problems}") from exc
     for i, model in enumerate(config.models):
         if model.path is None:
@@ -138,3 +135,9 @@ def load_config(path: Path | None, **overrides: object) -> HostConfig:
                 "point it at a GGUF file on this machine"
             )
     return config
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the TOML reader sees it: models[0].slots."""
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    return key.lstrip(".") or "config"

@@ -113,27 +113,31 @@ def test_device_cuda_without_a_cuda_device_exits_at_once_with_a_clear_message() 
     assert time.monotonic() - started < 30
 
 
-def test_a_config_naming_a_missing_file_is_rejected_with_the_key(tmp_path: Path) -> None:
+def serve_with_config(tmp_path: Path, text: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
     config = tmp_path / "models.toml"
-    config.write_text('[[models]]\nname = "big"\npath = "nowhere.gguf"\n')
+    config.write_text(text)
     done = subprocess.run(
         [str(BIN / "modelhost"), "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
     )
+    return config, done
+
+
+def test_a_config_naming_a_missing_file_is_rejected_with_the_key(tmp_path: Path) -> None:
+    _, done = serve_with_config(tmp_path, '[[models]]\nname = "big"\npath = "nowhere.gguf"\n')
     assert done.returncode == 2
     assert "models[0].path" in done.stderr and "nowhere.gguf does not exist" in done.stderr
 
 
 def test_a_config_with_an_unknown_key_names_it(tmp_path: Path) -> None:
-    config = tmp_path / "models.toml"
-    config.write_text('[[models]]\nname = "big"\nslotz = 4\n')
-    done = subprocess.run(
-        [str(BIN / "modelhost"), "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    config, done = serve_with_config(tmp_path, '[[models]]\nname = "big"\nslotz = 4\n')
     assert done.returncode == 2
-    assert "models.0.slotz" in done.stderr and str(config) in done.stderr
+    assert "models[0].slotz" in done.stderr and str(config) in done.stderr
+
+
+def test_a_config_that_is_not_toml_says_so(tmp_path: Path) -> None:
+    config, done = serve_with_config(tmp_path, "[[models]\n")
+    assert done.returncode == 2
+    assert f"{config}: not valid TOML" in done.stderr
