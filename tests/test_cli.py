@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from airouter.v1 import gateway_pb2_grpc
+from airouter.v1 import gateway_pb2_grpc, generate_pb2
 from modelhost.device import cuda_devices
 from tests.conftest import wait_for_health
 from tests.processes import BIN, ServerProcess
@@ -78,24 +78,28 @@ def test_airouter_reports_errors_with_their_code(servers) -> None:  # type: igno
     assert "NOT_FOUND" in done.stderr and "gemma-3-270m" in done.stderr
 
 
-def test_sigterm_lets_an_in_flight_stream_finish() -> None:
+def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones() -> None:
     host = Server("modelhost", "serve", "--device", "cpu")
     gateway = Server("gateway", "serve", "--modelhost", host.address)
     try:
         with grpc.insecure_channel(gateway.address) as channel:
-            stream = gateway_pb2_grpc.GatewayStub(channel).Generate(
-                gateway_request(prompt="Once upon a time", max_tokens=40)
-            )
-            first = next(stream)
-            assert first.HasField("token")
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            stream = stub.Generate(gateway_request(prompt="Once upon a time", max_tokens=40))
+            assert next(stream).HasField("token")
+            gateway.process.send_signal(signal.SIGTERM)
             host.process.send_signal(signal.SIGTERM)
             rest = collect(stream)
+            with pytest.raises(grpc.RpcError) as refused:
+                collect(stub.Generate(gateway_request(prompt="hi", max_tokens=1), timeout=10))
+        assert rest.finished.reason == generate_pb2.FINISH_REASON_LENGTH
         assert rest.finished.usage.completion_tokens == 40
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert gateway.process.wait(timeout=60) == 0
         assert host.process.wait(timeout=60) == 0
     finally:
-        gateway.stop()
-        if host.process.poll() is None:
-            host.process.kill()
+        for server in (gateway, host):
+            if server.process.poll() is None:
+                server.process.kill()
 
 
 @pytest.mark.skipif(bool(cuda_devices()[0]), reason="this machine has a CUDA device")

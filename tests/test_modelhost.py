@@ -150,8 +150,12 @@ def test_unknown_model_is_not_found_naming_the_models(stack: Stack) -> None:
     assert "llama-9000" in error.details() and "gemma-3-270m" in error.details()
 
 
-def test_request_without_prompt_or_messages_is_invalid(stack: Stack) -> None:
-    error = rpc_error(stack.host_stub.Generate(host_request()))
+@pytest.mark.parametrize("fields", [{}, {"prompt": ""}, {"messages": []}], ids=str)
+def test_request_without_prompt_or_messages_is_invalid(stack: Stack, fields: dict) -> None:  # type: ignore[type-arg]
+    request = host_request(**fields)
+    if "messages" in fields:
+        request.chat.SetInParent()  # a chat with no turns
+    error = rpc_error(stack.host_stub.Generate(request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt" in error.details() and "messages" in error.details()
 
