@@ -76,9 +76,9 @@ class Engine:
         self._name = name
         self._slots = slots
         self._max_queue = max_queue
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
-        self._running: dict[str, _Sequence] = {}
+        self._running: dict[EngineRequest, _Sequence] = {}
         self._free_seq_ids = list(range(slots - 1, -1, -1))
         self._batch = llama_cpp.llama_batch_init(model.batch_tokens, 0, 1)
         self._lock = threading.Lock()
@@ -108,9 +108,9 @@ class Engine:
             self._queued += 1
         self._inbox.put(("submit", request))
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request: EngineRequest) -> None:
         """Stops a request before the next decode step; harmless if it already finished."""
-        self._inbox.put(("cancel", request_id))
+        self._inbox.put(("cancel", request))
 
     def close(self) -> None:
         """Cancels what is left, stops the thread and frees the model."""
@@ -145,31 +145,27 @@ class Engine:
         except queue.Empty:
             return
 
-    def _handle(self, kind: str, payload: object) -> None:
-        if kind == "submit":
-            assert isinstance(payload, EngineRequest)
-            self._waiting.append(payload)
-        elif kind == "cancel":
-            assert isinstance(payload, str)
-            self._cancel(payload)
-        elif kind == "close":
+    def _handle(self, kind: str, request: EngineRequest | None) -> None:
+        if kind == "close":
             self._closing = True
+            return
+        assert request is not None
+        if kind == "submit":
+            self._waiting.append(request)
+        elif kind == "cancel":
+            self._cancel(request)
 
-    def _cancel(self, request_id: str) -> None:
-        seq = self._running.get(request_id)
+    def _cancel(self, request: EngineRequest) -> None:
+        seq = self._running.get(request)
         if seq is not None:
             self._finish(seq, FinishReason.CANCELLED)
             self._deliver(seq)
-            return
-        for request in self._waiting:
-            if request.id == request_id:
-                self._waiting.remove(request)
-                self._dequeued()
-                now = time.perf_counter()
-                timings = Timings(queue_ms=(now - request.arrived) * 1e3)
-                timings.total_ms = timings.queue_ms
-                _emit(request, [self._finish_event(request, FinishReason.CANCELLED, 0, timings)])
-                return
+        elif request in self._waiting:
+            self._waiting.remove(request)
+            self._dequeued()
+            waited_ms = (time.perf_counter() - request.arrived) * 1e3
+            timings = Timings(queue_ms=waited_ms, total_ms=waited_ms)
+            _emit(request, [self._finish_event(request, FinishReason.CANCELLED, 0, timings)])
 
     def _dequeued(self) -> None:
         with self._lock:
@@ -179,7 +175,7 @@ class Engine:
         while self._waiting and self._free_seq_ids:
             request = self._waiting.popleft()
             self._dequeued()
-            self._running[request.id] = _Sequence(
+            self._running[request] = _Sequence(
                 request=request,
                 seq_id=self._free_seq_ids.pop(),
                 sampler=_new_sampler(request.sampling, self._model.n_vocab),
@@ -280,7 +276,7 @@ class Engine:
         llama_cpp.llama_memory_seq_rm(self._model.memory, seq.seq_id, -1, -1)
         llama_cpp.llama_sampler_free(seq.sampler)
         self._free_seq_ids.append(seq.seq_id)
-        del self._running[request.id]
+        del self._running[request]
 
     def _deliver(self, seq: _Sequence) -> None:
         if seq.events:

@@ -138,11 +138,11 @@ class GenerationSpec:
     stop: list[str]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: callers may reuse request ids
 class EngineRequest:
     """A validated, tokenized request, ready for the engine thread."""
 
-    id: str
+    id: str  # for logs
     prompt: list[int]
     sampling: Sampling
     max_tokens: int

@@ -95,5 +95,5 @@ class GenerationService:
                         )
         finally:
             if not finished:
-                engine.cancel(request.id)
+                engine.cancel(request)
                 log.info("generation_cancelled")

@@ -111,6 +111,16 @@ def test_concurrent_streams_are_decoded_together(stack: Stack) -> None:
     assert all(r.finished.timings.time_to_first_token_ms < earliest_end for r in results)
 
 
+def test_concurrent_requests_may_share_a_request_id(stack: Stack) -> None:
+    def run(max_tokens: int):  # type: ignore[no-untyped-def]
+        return generate(stack, prompt="Hello", max_tokens=max_tokens, request_id="same-id")
+
+    with ThreadPoolExecutor(2) as pool:
+        short, long = pool.map(run, (4, 12))
+    assert short.finished.usage.completion_tokens == 4
+    assert long.finished.usage.completion_tokens == 12
+
+
 def test_cancelled_stream_frees_its_slot_within_a_decode_step(stack: Stack) -> None:
     engine = stack.engine("gemma-3-270m")
     call = stack.host_stub.Generate(host_request(prompt="Count: 1, 2, 3,", max_tokens=400))
