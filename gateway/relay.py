@@ -45,25 +45,22 @@ async def relay_generate(
     last_code = grpc.StatusCode.UNAVAILABLE
     for host in hosts:
         call = host.generate(request, timeout=time_left_s)
-        started = False
+        started = finished = False
         try:
             async for response in call:
                 if response.HasField("finished"):
                     response.finished.host = host.address
+                    finished = True
                 started = True
                 yield response
+            if not finished:
+                yield _error_finish(host.address, "the host ended the stream without a result")
             return
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if started:
                 log.warning("host_failed_mid_stream", host=host.address, code=code.name)
-                yield gateway_pb2.GatewayGenerateResponse(
-                    finished=generate_pb2.Finished(
-                        reason=generate_pb2.FINISH_REASON_ERROR,
-                        error_message=f"host {host.address} failed mid-stream: {exc.details()}",
-                        host=host.address,
-                    )
-                )
+                yield _error_finish(host.address, f"failed mid-stream: {exc.details()}")
                 return
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(
@@ -83,3 +80,11 @@ async def relay_generate(
             f"every host that serves {request.model!r} is full: {'; '.join(failures)}"
         )
     raise Unavailable(f"no host could serve {request.model!r}; tried: {'; '.join(failures)}")
+
+
+def _error_finish(host: str, why: str) -> gateway_pb2.GatewayGenerateResponse:
+    return gateway_pb2.GatewayGenerateResponse(
+        finished=generate_pb2.Finished(
+            reason=generate_pb2.FINISH_REASON_ERROR, error_message=f"host {host} {why}", host=host
+        )
+    )

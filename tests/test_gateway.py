@@ -6,7 +6,7 @@ import time
 import grpc
 import pytest
 
-from airouter.v1 import gateway_pb2, gateway_pb2_grpc
+from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from gateway.server import start_gateway
 from modelhost.server import start_host
 from tests.conftest import Stack, host_config
@@ -117,6 +117,18 @@ def test_a_host_that_went_down_is_skipped_for_a_live_one(stack: Stack, extra_gat
     for _ in range(2):  # whichever host the rotation tries first, the live one answers
         result = collect(gateway.stub.Generate(gateway_request(prompt="hi", max_tokens=2)))
         assert result.finished.host == stack.host_address
+
+
+def test_a_host_dying_mid_stream_ends_the_stream_with_an_error(stack: Stack, extra_gateway) -> None:  # type: ignore[no-untyped-def]
+    doomed = stack.loop.run(start_host(host_config(), "cpu"))
+    gateway = extra_gateway([f"127.0.0.1:{doomed.port}"])
+    stream = gateway.stub.Generate(gateway_request(prompt="Count: 1, 2,", max_tokens=400))
+    assert next(stream).HasField("token")
+    stack.loop.run(doomed.stop(0))  # no grace: the host drops its streams
+    result = collect(stream)
+    assert result.finished.reason == generate_pb2.FINISH_REASON_ERROR
+    assert "failed mid-stream" in result.finished.error_message
+    assert result.finished.host == f"127.0.0.1:{doomed.port}"
 
 
 def test_cancelling_at_the_gateway_cancels_on_the_host(stack: Stack) -> None:
