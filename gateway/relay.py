@@ -1,5 +1,6 @@
 """Relays a generation stream from the best host, failing over while no token was sent."""
 
+import time
 import uuid
 from collections.abc import AsyncGenerator
 
@@ -32,6 +33,7 @@ async def relay_generate(
     """Yields the chosen host's stream. Before the first message a host that is down or full
     is skipped for the next candidate; after it, a failure ends the stream with
     FINISH_REASON_ERROR."""
+    deadline = None if time_left_s is None else time.monotonic() + time_left_s
     if not request.model:
         raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
     if not request.request_id:
@@ -44,7 +46,8 @@ async def relay_generate(
     failures: list[str] = []
     last_code = grpc.StatusCode.UNAVAILABLE
     for host in hosts:
-        call = host.generate(request, timeout=time_left_s)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        call = host.generate(request, timeout=timeout)
         started = finished = False
         try:
             async for response in call:
