@@ -2,12 +2,16 @@
 
 import socket
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from airouter.v1.model_host_pb2 import ListModelsRequest
+from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from gateway.server import start_gateway
+from modelhost.config import HostConfig, ModelConfig
 from modelhost.server import start_host
 from tests.conftest import Stack, host_config
 from tests.streaming import collect, gateway_request, host_request
@@ -156,3 +160,36 @@ def test_deadline_reaches_the_host(stack: Stack) -> None:
     while engine.load().slots_busy and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.load().slots_busy == 0
+
+
+def test_a_model_that_failed_to_load_is_unavailable_with_the_reason(
+    stack: Stack, extra_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    config = HostConfig(
+        listen="127.0.0.1:0", device="cpu", models=[ModelConfig(name="broken", path=broken)]
+    )
+    host = stack.loop.run(start_host(config, "cpu"))
+    address = f"127.0.0.1:{host.port}"
+    try:
+        with grpc.insecure_channel(address) as channel:
+            # Directly: the host waits for the load, then says why it failed.
+            with pytest.raises(grpc.RpcError) as info:
+                collect(ModelHostStub(channel).Generate(host_request(model="broken", prompt="hi")))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "'broken' failed to load" in info.value.details()
+            assert str(broken) in info.value.details()
+            models = ModelHostStub(channel).ListModels(ListModelsRequest()).models
+            assert models[0].state == generate_pb2.MODEL_STATE_ERROR and models[0].state_detail
+        # Through a gateway: no host can serve it, and the reason is passed on.
+        gateway = extra_gateway([address])
+        with pytest.raises(grpc.RpcError) as info:
+            collect(gateway.stub.Generate(gateway_request(model="broken", prompt="hi")))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (
+            "failed to load on every host" in info.value.details()
+            and address in info.value.details()
+        )
+    finally:
+        stack.loop.run(host.stop(0))
