@@ -11,6 +11,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llama_cpp import Llama
 
 from airouter.v1 import generate_pb2, model_host_pb2
+from airouter.v1.model_host_pb2_grpc import ModelHostStub
+from modelhost.config import HostConfig, embedded_model_config
+from modelhost.server import start_host
 from tests.conftest import CONTEXT, Stack
 from tests.streaming import collect, host_request
 
@@ -244,3 +247,24 @@ def test_health_and_reflection_are_served(stack: Stack) -> None:
         )
         names = {s.name for s in next(stream).list_services_response.service}
         assert {"airouter.v1.ModelHost", "grpc.health.v1.Health"} <= names
+
+
+def test_chat_with_a_model_without_a_chat_template_is_a_failed_precondition(stack: Stack) -> None:
+    # The embedded GGUF carries no template; without the configured fallback chat cannot work.
+    bare = embedded_model_config().model_copy(update={"chat_template": None, "slots": 1})
+    host = stack.loop.run(start_host(HostConfig(listen="127.0.0.1:0", models=[bare]), "cpu"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+            stub = ModelHostStub(channel)
+            error = rpc_error(stub.Generate(host_request(messages=[("user", "hi")])))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "chat_template" in error.details() and "raw prompt" in error.details()
+            # A raw prompt still works.
+            assert (
+                collect(
+                    stub.Generate(host_request(prompt="hi", max_tokens=2))
+                ).finished.usage.completion_tokens
+                == 2
+            )
+    finally:
+        stack.loop.run(host.stop(0))
