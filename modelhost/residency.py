@@ -108,6 +108,13 @@ class Residency:
             ),
             chat_template=config.chat_template,
         )
+        if config.context_length > model.context_train:
+            _log.warning(
+                "context_beyond_training",
+                model=config.name,
+                context_length=config.context_length,
+                trained_on=model.context_train,
+            )
         engine = Engine(model, name=config.name, slots=config.slots, max_queue=config.max_queue)
         return model, engine
 
