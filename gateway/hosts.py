@@ -53,16 +53,24 @@ class HostPool:
     def __init__(self, addresses: list[str]) -> None:
         self.hosts = [Host(a, grpc.aio.insecure_channel(a)) for a in dict.fromkeys(addresses)]
 
-    async def refresh(self, *, max_age_s: float = CATALOG_TTL_S) -> None:
-        """Asks every host whose catalog is older than max_age_s for its models, concurrently;
-        requests that arrive meanwhile share the call in flight instead of sending another."""
+    def start_refresh(self, *, max_age_s: float = CATALOG_TTL_S) -> list["asyncio.Future[None]"]:
+        """Asks every host whose catalog is older than max_age_s for its models, concurrently,
+        without waiting; a host's call in flight is shared rather than sent again."""
         now = time.monotonic()
-        stale = [h for h in self.hosts if now - h.refreshed_at >= max_age_s]
-        for host in stale:
+        pending = []
+        for host in self.hosts:
+            if now - host.refreshed_at < max_age_s:
+                continue
             if host.refreshing is None or host.refreshing.done():
                 host.refreshing = asyncio.ensure_future(self._refresh_host(host))
-        if stale:
-            await asyncio.gather(*(asyncio.shield(h.refreshing) for h in stale if h.refreshing))
+            pending.append(host.refreshing)
+        return pending
+
+    async def refresh(self, *, max_age_s: float = CATALOG_TTL_S) -> None:
+        """Like start_refresh, then waits for the answers (at most LIST_TIMEOUT_S)."""
+        pending = self.start_refresh(max_age_s=max_age_s)
+        if pending:
+            await asyncio.gather(*(asyncio.shield(f) for f in pending))
 
     async def _refresh_host(self, host: Host) -> None:
         try:
@@ -84,4 +92,7 @@ class HostPool:
         return [h for h in self.hosts if h.reachable]
 
     async def close(self) -> None:
+        for host in self.hosts:
+            if host.refreshing is not None:
+                host.refreshing.cancel()
         await asyncio.gather(*(h.channel.close() for h in self.hosts))

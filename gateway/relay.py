@@ -38,9 +38,11 @@ async def relay_generate(
         raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
-    await pool.refresh()
+    # Stale catalogs refresh in the background while a known host serves the request; only
+    # when none is known does the request wait for the hosts' answers.
+    pool.start_refresh()
     if not any(h.serves(request.model) for h in pool.reachable()):
-        await pool.refresh(max_age_s=0)  # a host may have started serving it since
+        await pool.refresh(max_age_s=0)
     hosts = router.candidates(pool.hosts, request.model)
     log = _log.bind(request_id=request.request_id, model=request.model)
     failures: list[str] = []
