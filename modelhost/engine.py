@@ -162,10 +162,16 @@ class Engine:
             self._deliver(seq)
         elif request in self._waiting:
             self._waiting.remove(request)
-            self._dequeued()
-            waited_ms = (time.perf_counter() - request.arrived) * 1e3
-            timings = Timings(queue_ms=waited_ms, total_ms=waited_ms)
-            _emit(request, [self._finish_event(request, FinishReason.CANCELLED, 0, timings)])
+            self._finish_waiting(request, FinishReason.CANCELLED)
+
+    def _finish_waiting(
+        self, request: EngineRequest, reason: FinishReason, error: str = ""
+    ) -> None:
+        """Ends a request that never got a slot; the caller has taken it off the queue."""
+        self._dequeued()
+        waited_ms = (time.perf_counter() - request.arrived) * 1e3
+        timings = Timings(queue_ms=waited_ms, total_ms=waited_ms)
+        _emit(request, [self._finish_event(request, reason, 0, timings, error)])
 
     def _dequeued(self) -> None:
         with self._lock:
@@ -288,9 +294,7 @@ class Engine:
             self._finish(seq, reason, error)
             self._deliver(seq)
         while self._waiting:
-            request = self._waiting.popleft()
-            self._dequeued()
-            _emit(request, [self._finish_event(request, reason, 0, Timings(), error)])
+            self._finish_waiting(self._waiting.popleft(), reason, error)
 
     def _finish_event(
         self,
