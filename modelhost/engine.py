@@ -1,15 +1,15 @@
 """Continuous batching over one llama.cpp context, on a thread that owns it.
 
 Each step is one llama_decode holding the next token of every generating sequence plus
-prompt chunks of newly admitted ones. A sequence that finishes or is cancelled frees its KV
-cells at once, so its slot serves the next waiting request on the following step. The event
-loop only enqueues work (`submit`, `cancel`) and receives events through each request's
+prompt chunks of newly admitted ones. Each slot is one llama.cpp sequence. A slot keeps the
+KV cells of its last request after it finishes, so a later prompt that starts the same way
+(a shared system prompt, the next turn of a chat) is evaluated only from where it differs; the
+cells are shared with `llama_memory_seq_cp`, which costs nothing in the unified KV cache. The
+event loop only enqueues work (`submit`, `cancel`) and receives events through each request's
 `on_events` callback, which the engine calls from its own thread.
 """
 
-import ctypes
 import queue
-import random
 import threading
 import time
 from collections import deque
@@ -18,34 +18,41 @@ from dataclasses import dataclass, field
 import llama_cpp
 import structlog
 
-from airouter.errors import ResourceExhausted
+from airouter.errors import DeadlineExceeded, ResourceExhausted
 from modelhost.generation import (
     Delta,
     EngineRequest,
     Event,
     Finish,
     FinishReason,
-    Sampling,
+    Rejected,
     Timings,
 )
 from modelhost.llama import LlamaModel
+from modelhost.sampler import TokenSampler
 from modelhost.text_stream import TextStream
 
 _log = structlog.get_logger()
 
-# Tokens the repetition penalty looks back over.
-_PENALTY_WINDOW = 64
+
+@dataclass
+class _Slot:
+    """One llama.cpp sequence and the tokens whose KV cells it holds, from position 0."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)
+    last_used: float = 0.0
 
 
 @dataclass
 class _Sequence:
     request: EngineRequest
-    seq_id: int
-    sampler: ctypes.c_void_p
+    slot: _Slot
+    sampler: TokenSampler
     text: TextStream
     admitted: float
-    prompt_done: int = 0  # prompt tokens already in the KV cache
-    position: int = 0  # position of the next token fed to the model
+    reused: int  # prompt tokens whose KV cells came from an earlier request
+    prompt_done: int  # prompt tokens already in the KV cache
     last_token: int = -1
     generated: int = 0
     unreported: int = 0  # generated tokens not yet covered by a Delta
@@ -66,10 +73,11 @@ class EngineLoad:
     slots_busy: int
     queued: int
     tokens_generated: int
+    prompt_tokens_reused: int
 
 
 class Engine:
-    """Decodes up to `model.slots` requests together on a dedicated thread."""
+    """Decodes up to `slots` requests together on a dedicated thread."""
 
     def __init__(self, model: LlamaModel, *, name: str, slots: int, max_queue: int) -> None:
         self._model = model
@@ -79,11 +87,13 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
         self._running: dict[EngineRequest, _Sequence] = {}
-        self._free_seq_ids = list(range(slots - 1, -1, -1))
+        self._all_slots = [_Slot(seq_id) for seq_id in range(slots)]
+        self._idle = list(self._all_slots)
         self._batch = llama_cpp.llama_batch_init(model.batch_tokens, 0, 1)
         self._lock = threading.Lock()
         self._queued = 0  # submitted, not yet in a slot; guarded by _lock
         self._tokens_generated = 0
+        self._prompt_tokens_reused = 0
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -95,15 +105,22 @@ class Engine:
     def load(self) -> EngineLoad:
         with self._lock:
             queued = self._queued
-        return EngineLoad(self._slots, len(self._running), queued, self._tokens_generated)
+        return EngineLoad(
+            self._slots,
+            len(self._running),
+            queued,
+            self._tokens_generated,
+            self._prompt_tokens_reused,
+        )
 
     def submit(self, request: EngineRequest) -> None:
         """Queues a request; raises ResourceExhausted when the queue is full."""
         with self._lock:
             if self._queued >= self._max_queue:
                 raise ResourceExhausted(
-                    f"model {self._name!r} has {self._queued} requests waiting for its "
-                    f"{self._slots} slots (limit {self._max_queue}); retry later or on another host"
+                    f"the queue of model {self._name!r} is full: {self._queued} requests wait "
+                    f"for its {self._slots} slots, the most its max_queue allows; retry later "
+                    "or on another host"
                 )
             self._queued += 1
         self._inbox.put(("submit", request))
@@ -127,6 +144,7 @@ class Engine:
                 self._take_inbox(block=not (self._running or self._waiting))
                 if self._closing:
                     break
+                self._drop_expired()
                 self._admit()
                 if self._running:
                     self._step()
@@ -164,6 +182,24 @@ class Engine:
             self._waiting.remove(request)
             self._finish_waiting(request, FinishReason.CANCELLED)
 
+    def _drop_expired(self) -> None:
+        """Ends queued requests whose deadline passed: a slot must not go to a client that
+        has given up."""
+        if not self._waiting:
+            return
+        now = time.perf_counter()
+        expired = [r for r in self._waiting if r.deadline is not None and r.deadline <= now]
+        for request in expired:
+            self._waiting.remove(request)
+            self._dequeued()
+            waited = now - request.arrived
+            error = DeadlineExceeded(
+                f"the deadline passed after {waited:.1f} s waiting for one of model "
+                f"{self._name!r}'s {self._slots} slots; allow more time, or retry on a less "
+                "busy host"
+            )
+            _emit(request, [Rejected(error)])
+
     def _finish_waiting(
         self, request: EngineRequest, reason: FinishReason, error: str = ""
     ) -> None:
@@ -171,35 +207,75 @@ class Engine:
         self._dequeued()
         waited_ms = (time.perf_counter() - request.arrived) * 1e3
         timings = Timings(queue_ms=waited_ms, total_ms=waited_ms)
-        _emit(request, [self._finish_event(request, reason, 0, timings, error)])
+        _emit(request, [self._finish_event(request, reason, 0, 0, timings, error)])
 
     def _dequeued(self) -> None:
         with self._lock:
             self._queued -= 1
 
     def _admit(self) -> None:
-        while self._waiting and self._free_seq_ids:
+        while self._waiting and self._idle:
             request = self._waiting.popleft()
             self._dequeued()
+            slot, reused = self._place(request.prompt)
+            self._prompt_tokens_reused += reused
             self._running[request] = _Sequence(
                 request=request,
-                seq_id=self._free_seq_ids.pop(),
-                sampler=_new_sampler(request.sampling, self._model.n_vocab),
+                slot=slot,
+                sampler=TokenSampler(
+                    request.sampling,
+                    self._model.n_vocab,
+                    self._model.end_of_generation_tokens() if request.ignore_eos else [],
+                ),
                 text=TextStream(request.stop),
                 admitted=time.perf_counter(),
+                reused=reused,
+                prompt_done=reused,
             )
+
+    def _place(self, prompt: list[int]) -> tuple[_Slot, int]:
+        """Takes the least recently used idle slot for a prompt and fills its KV cache with
+        the longest prefix of the prompt any slot holds. Returns the slot and that length."""
+        slot = min(self._idle, key=lambda s: s.last_used)
+        self._idle.remove(slot)
+        source, reused = None, 0
+        for other in self._all_slots:
+            # The last prompt token is always evaluated: its logits pick the first token.
+            n = min(_common_prefix(other.cached, prompt), len(prompt) - 1)
+            if n > reused and self._holds_prefix(other, n):
+                source, reused = other, n
+        memory = self._model.memory
+        if source is slot:
+            llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, reused, -1)
+        else:
+            llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            if source is not None:
+                llama_cpp.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, 0, reused)
+        slot.cached = prompt[:reused]
+        return slot, reused
+
+    def _holds_prefix(self, slot: _Slot, n: int) -> bool:
+        """Whether slot's cells can stand in for the first n tokens. Sliding-window layers
+        drop cells that fell out of their window, and the next token needs the last
+        `window` of them."""
+        window = self._model.sliding_window
+        if window <= 0:
+            return True
+        oldest = llama_cpp.llama_memory_seq_pos_min(self._model.memory, slot.seq_id)
+        return oldest <= max(0, n - window)
 
     def _step(self) -> None:
         batch = self._batch
         n = 0
 
-        def add(token: int, position: int, seq_id: int, logits: bool) -> None:
+        def add(token: int, slot: _Slot, logits: bool) -> None:
             nonlocal n
             batch.token[n] = token
-            batch.pos[n] = position
+            batch.pos[n] = len(slot.cached)
             batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = seq_id
+            batch.seq_id[n][0] = slot.seq_id
             batch.logits[n] = logits
+            slot.cached.append(token)
             n += 1
 
         sampling: list[_Sequence] = []
@@ -207,8 +283,7 @@ class Engine:
         for seq in self._running.values():
             if seq.prefilled:
                 seq.batch_index = n
-                add(seq.last_token, seq.position, seq.seq_id, True)
-                seq.position += 1
+                add(seq.last_token, seq.slot, True)
                 sampling.append(seq)
         # Then prompt chunks, oldest admission first, in the room left.
         for seq in self._running.values():
@@ -220,8 +295,7 @@ class Engine:
             prompt = seq.request.prompt
             end = min(len(prompt), seq.prompt_done + room)
             for i in range(seq.prompt_done, end):
-                add(prompt[i], seq.position, seq.seq_id, i == len(prompt) - 1)
-                seq.position += 1
+                add(prompt[i], seq.slot, i == len(prompt) - 1)
             seq.prompt_done = end
             if seq.prefilled:
                 seq.batch_index = n - 1
@@ -238,8 +312,8 @@ class Engine:
 
         now = time.perf_counter()
         for seq in sampling:
-            token = llama_cpp.llama_sampler_sample(seq.sampler, self._model.ctx, seq.batch_index)
-            self._accept(seq, token, now)
+            logits = llama_cpp.llama_get_logits_ith(self._model.ctx, seq.batch_index)
+            self._accept(seq, seq.sampler.sample(logits), now)
         for seq in sampling:
             self._deliver(seq)
 
@@ -264,7 +338,8 @@ class Engine:
             seq.last_token = token
 
     def _finish(self, seq: _Sequence, reason: FinishReason, error: str = "") -> None:
-        """Ends a sequence: final text and Finish into its events, KV cells and slot freed."""
+        """Ends a sequence: final text and Finish into its events, its slot free for the next
+        request. The slot keeps its KV cells for prefix reuse unless they may be bad."""
         now = time.perf_counter()
         rest = seq.text.flush() if reason is not FinishReason.ERROR else ""
         if rest:
@@ -278,10 +353,16 @@ class Engine:
             time_to_first_token_ms=(first - request.arrived) * 1e3 if first else 0.0,
             total_ms=(now - request.arrived) * 1e3,
         )
-        seq.events.append(self._finish_event(request, reason, seq.generated, timings, error))
-        llama_cpp.llama_memory_seq_rm(self._model.memory, seq.seq_id, -1, -1)
-        llama_cpp.llama_sampler_free(seq.sampler)
-        self._free_seq_ids.append(seq.seq_id)
+        seq.events.append(
+            self._finish_event(request, reason, seq.generated, seq.reused, timings, error)
+        )
+        seq.sampler.close()
+        slot = seq.slot
+        if reason is FinishReason.ERROR:
+            llama_cpp.llama_memory_seq_rm(self._model.memory, slot.seq_id, -1, -1)
+            slot.cached = []
+        slot.last_used = now
+        self._idle.append(slot)
         del self._running[request]
 
     def _deliver(self, seq: _Sequence) -> None:
@@ -301,10 +382,19 @@ class Engine:
         request: EngineRequest,
         reason: FinishReason,
         generated: int,
+        reused: int,
         timings: Timings,
         error: str = "",
     ) -> Finish:
-        return Finish(reason, len(request.prompt), generated, timings, error, self._name)
+        return Finish(reason, len(request.prompt), generated, timings, error, self._name, reused)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _emit(request: EngineRequest, events: list[Event]) -> None:
@@ -312,32 +402,3 @@ def _emit(request: EngineRequest, events: list[Event]) -> None:
         request.on_events(events)
     except Exception:  # a receiver that went away must not stop the engine
         _log.warning("event_delivery_failed", request_id=request.id, exc_info=True)
-
-
-def _new_sampler(sampling: Sampling, n_vocab: int) -> ctypes.c_void_p:
-    """A sampler chain: penalties, then greedy, or the filters, temperature and a seeded draw."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-
-    def add(sampler: ctypes.c_void_p) -> None:
-        llama_cpp.llama_sampler_chain_add(chain, sampler)
-
-    if sampling.repetition_penalty != 1.0:
-        add(
-            llama_cpp.llama_sampler_init_penalties(
-                n_vocab, _PENALTY_WINDOW, sampling.repetition_penalty, 0.0, 0.0
-            )
-        )
-    if sampling.temperature == 0.0:
-        add(llama_cpp.llama_sampler_init_greedy())
-        return chain
-    if sampling.top_k > 0:
-        add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
-    if sampling.top_p < 1.0:
-        add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-    if sampling.min_p > 0.0:
-        add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
-    add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
-    # llama.cpp seeds are 32-bit, and 0xFFFFFFFF means "pick one at random".
-    seed = random.getrandbits(32) if sampling.seed is None else sampling.seed
-    add(llama_cpp.llama_sampler_init_dist(seed % llama_cpp.LLAMA_DEFAULT_SEED))
-    return chain

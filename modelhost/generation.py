@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from airouter.errors import InvalidArgument
+from airouter.errors import AirouterError, InvalidArgument
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -120,9 +120,17 @@ class Finish:
     timings: Timings
     error: str = ""
     model: str = ""  # the configured name of the model that served the request
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV cells an earlier request left
 
 
-Event = Delta | Finish
+@dataclass(frozen=True)
+class Rejected:
+    """The engine dropped a request before it started; the caller raises `error`."""
+
+    error: AirouterError
+
+
+Event = Delta | Finish | Rejected
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,7 @@ class GenerationSpec:
     sampling: Sampling
     max_tokens: int | None
     stop: list[str]
+    ignore_eos: bool = False
 
 
 @dataclass(eq=False)  # compared and hashed by identity: callers may reuse request ids
@@ -150,3 +159,5 @@ class EngineRequest:
     # Called on the engine thread with each step's events; must hand them off, not block.
     on_events: Callable[[list[Event]], object]
     arrived: float  # time.perf_counter() when the request reached the host
+    deadline: float | None = None  # time.perf_counter() past which the client has given up
+    ignore_eos: bool = False  # generate past end-of-generation tokens until max_tokens

@@ -71,6 +71,9 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.context_train = llama_cpp.llama_model_n_ctx_train(model)
+        # Attention window of the sliding-window layers (Gemma 3: 512); 0 when there are none.
+        self.sliding_window = llama_cpp.llama_model_n_swa(model)
+        self._end_of_generation: list[int] | None = None
 
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = settings.slots * settings.context_per_slot
@@ -158,6 +161,13 @@ class LlamaModel:
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def end_of_generation_tokens(self) -> list[int]:
+        """Every token that ends generation (EOS, end-of-turn, ...); found on first use."""
+        if self._end_of_generation is None:
+            is_eog = llama_cpp.llama_vocab_is_eog
+            self._end_of_generation = [t for t in range(self.n_vocab) if is_eog(self.vocab, t)]
+        return self._end_of_generation
 
 
 def default_threads() -> int:

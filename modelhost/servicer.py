@@ -6,7 +6,7 @@ from contextlib import aclosing
 import grpc
 
 from airouter.v1 import generate_pb2, model_host_pb2, model_host_pb2_grpc
-from modelhost.generation import Delta, Event, FinishReason, GenerationSpec, Sampling
+from modelhost.generation import Delta, Finish, FinishReason, GenerationSpec, Sampling
 from modelhost.residency import ModelState, ResidentModel
 from modelhost.serving import GenerationService
 
@@ -76,10 +76,11 @@ def spec_from_pb(request: model_host_pb2.GenerateRequest) -> GenerationSpec:
         sampling=sampling,
         max_tokens=stopping.max_tokens if stopping.HasField("max_tokens") else None,
         stop=list(stopping.stop),
+        ignore_eos=stopping.ignore_eos,
     )
 
 
-def event_to_pb(event: Event) -> model_host_pb2.GenerateResponse:
+def event_to_pb(event: Delta | Finish) -> model_host_pb2.GenerateResponse:
     if isinstance(event, Delta):
         return model_host_pb2.GenerateResponse(
             token=generate_pb2.TokenDelta(text=event.text, token_count=event.token_count)
@@ -89,7 +90,9 @@ def event_to_pb(event: Event) -> model_host_pb2.GenerateResponse:
         finished=generate_pb2.Finished(
             reason=FINISH_REASON_TO_PB[event.reason],
             usage=generate_pb2.Usage(
-                prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                cached_prompt_tokens=event.cached_prompt_tokens,
             ),
             timings=generate_pb2.Timings(
                 queue_ms=t.queue_ms,

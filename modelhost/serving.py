@@ -12,10 +12,12 @@ import structlog
 
 from airouter.errors import FailedPrecondition, InvalidArgument
 from modelhost.generation import (
+    Delta,
     EngineRequest,
     Event,
     Finish,
     GenerationSpec,
+    Rejected,
     resolve_max_tokens,
     validate_messages,
     validate_stop,
@@ -36,10 +38,10 @@ class GenerationService:
 
     async def generate(
         self, spec: GenerationSpec, time_left_s: float | None
-    ) -> AsyncGenerator[Event, None]:
+    ) -> AsyncGenerator[Delta | Finish, None]:
         """Yields the request's events, the last one a Finish. Raises a domain error before
-        the first event when the request cannot be served. Leaving the iteration early
-        cancels the request in the engine."""
+        the first event when the request cannot be served, including when its deadline
+        passes in the queue. Leaving the iteration early cancels the request in the engine."""
         arrived = time.perf_counter()
         if not spec.prompt and not spec.messages:
             raise InvalidArgument("the request has neither a prompt nor chat messages; send one")
@@ -75,6 +77,8 @@ class GenerationService:
             stop=spec.stop,
             on_events=lambda events: loop.call_soon_threadsafe(inbox.put_nowait, events),
             arrived=arrived,
+            deadline=None if time_left_s is None else arrived + time_left_s,
+            ignore_eos=spec.ignore_eos,
         )
         log = _log.bind(request_id=request.id, model=name)
         engine.submit(request)
@@ -82,6 +86,9 @@ class GenerationService:
         try:
             while not finished:
                 for event in await inbox.get():
+                    if isinstance(event, Rejected):
+                        finished = True
+                        raise event.error
                     yield event
                     if isinstance(event, Finish):
                         finished = True
@@ -90,6 +97,7 @@ class GenerationService:
                             reason=event.reason.value,
                             prompt_tokens=event.prompt_tokens,
                             completion_tokens=event.completion_tokens,
+                            cached_prompt_tokens=event.cached_prompt_tokens,
                             ttft_ms=round(event.timings.time_to_first_token_ms, 1),
                             total_ms=round(event.timings.total_ms, 1),
                         )

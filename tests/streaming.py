@@ -25,8 +25,8 @@ def gateway_request(**fields: Any) -> gateway_pb2.GatewayGenerateRequest:
 
 
 def _fill(request: Any, fields: dict[str, Any]) -> Any:
-    """Fields: model, prompt, messages=[(role, content)], max_tokens, stop, and any sampling
-    parameter by name."""
+    """Fields: model, prompt, messages=[(role, content)], max_tokens, stop, ignore_eos, and any
+    sampling parameter by name."""
     request.model = fields.pop("model", "gemma-3-270m")
     if "prompt" in fields:
         request.prompt = fields.pop("prompt")
@@ -35,6 +35,7 @@ def _fill(request: Any, fields: dict[str, Any]) -> Any:
     if "max_tokens" in fields:
         request.stopping.max_tokens = fields.pop("max_tokens")
     request.stopping.stop.extend(fields.pop("stop", []))
+    request.stopping.ignore_eos = fields.pop("ignore_eos", False)
     if "request_id" in fields:
         request.request_id = fields.pop("request_id")
     for name, value in fields.items():

@@ -1,0 +1,203 @@
+"""Continuous batching in the modelhost: many streams at once, each with its own text, slots
+handed over at once, bounded queues, deadlines and prefix reuse; real gRPC, real model."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from airouter.errors import DeadlineExceeded
+from airouter.v1 import generate_pb2
+from modelhost.generation import EngineRequest, Event, Rejected, Sampling
+from tests.conftest import Stack
+from tests.streaming import collect, host_request
+
+GREEDY = {"temperature": 0.0}
+# Words the model keeps repeating once a prompt has repeated them: each stream's text shows
+# whose prompt it came from.
+MARKERS = [
+    "apple", "river", "candle", "zebra", "violin", "pepper", "rocket", "garden",
+    "silver", "tiger", "window", "coffee", "planet", "mirror", "button", "forest",
+]  # fmt: skip
+
+
+def generate(stack: Stack, **fields):  # type: ignore[no-untyped-def]
+    return collect(stack.host_stub.Generate(host_request(**fields), timeout=120))
+
+
+def wait_until(condition, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_text(stack: Stack) -> None:
+    def run(word: str):  # type: ignore[no-untyped-def]
+        prompt = " ".join([word] * 12)
+        return generate(stack, prompt=prompt, max_tokens=8, ignore_eos=True, **GREEDY)
+
+    with ThreadPoolExecutor(len(MARKERS)) as pool:
+        results = list(pool.map(run, MARKERS))
+    for word, result in zip(MARKERS, results, strict=True):
+        assert result.finished.usage.completion_tokens == 8
+        assert result.text.split() == [word] * len(result.text.split()), (word, result.text)
+        assert result.text.split()
+    # 16 streams on 4 slots: most of them waited for a slot, and none was refused.
+    assert sum(r.finished.timings.queue_ms > 0 for r in results) >= 12
+
+
+def test_a_host_answers_every_one_of_64_concurrent_clients(stack: Stack) -> None:
+    def run(i: int):  # type: ignore[no-untyped-def]
+        return generate(stack, prompt=f"Client {i} says", max_tokens=3, ignore_eos=True)
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(run, range(64)))
+    assert [r.finished.usage.completion_tokens for r in results] == [3] * 64
+    assert all(r.finished.reason == generate_pb2.FINISH_REASON_LENGTH for r in results)
+
+
+def test_ignore_eos_runs_to_max_tokens(stack: Stack) -> None:
+    result = generate(stack, prompt="The End.", max_tokens=30, ignore_eos=True, **GREEDY)
+    assert result.finished.reason == generate_pb2.FINISH_REASON_LENGTH
+    assert result.finished.usage.completion_tokens == 30
+
+
+def test_cancelled_streams_slot_serves_the_next_request_at_once(stack: Stack) -> None:
+    stub = stack.host_stub
+    engine = stack.engine("gemma-one-slot")
+    running = stub.Generate(host_request(model="gemma-one-slot", prompt="A", max_tokens=400))
+    next(running)  # holds the only slot
+    waiting = stub.Generate(host_request(model="gemma-one-slot", prompt="B", max_tokens=4))
+    wait_until(lambda: engine.load().queued == 1)
+    time.sleep(0.3)
+    cancelled_at = time.perf_counter()
+    running.cancel()
+    first = next(waiting)
+    handed_over_s = time.perf_counter() - cancelled_at
+    rest = collect(waiting)
+    assert first.HasField("token")
+    assert rest.finished.usage.completion_tokens == 4
+    assert rest.finished.timings.queue_ms >= 300
+    # The slot went to the waiting request within a few decode steps, not after 400 tokens.
+    assert handed_over_s < 2.0
+
+
+def test_queue_full_error_names_the_queue_length(stack: Stack) -> None:
+    stub = stack.host_stub
+    engine = stack.engine("gemma-one-slot")
+    running = stub.Generate(host_request(model="gemma-one-slot", prompt="A", max_tokens=300))
+    next(running)
+    waiting = stub.Generate(host_request(model="gemma-one-slot", prompt="B", max_tokens=2))
+    wait_until(lambda: engine.load().queued == 1)
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub.Generate(host_request(model="gemma-one-slot", prompt="C")))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "is full: 1 requests wait for its 1 slots" in info.value.details()
+    running.cancel()
+    assert collect(waiting).finished.usage.completion_tokens == 2
+
+
+def test_deadline_passing_in_the_queue_is_deadline_exceeded(stack: Stack) -> None:
+    stub = stack.host_stub
+    engine = stack.engine("gemma-one-slot")
+    running = stub.Generate(host_request(model="gemma-one-slot", prompt="A", max_tokens=400))
+    next(running)
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub.Generate(host_request(model="gemma-one-slot", prompt="B"), timeout=0.5))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Its place in the queue is given up at once, not when the slot frees.
+    wait_until(lambda: engine.load().queued == 0, timeout=2)
+    assert engine.load().slots_busy == 1
+    running.cancel()
+
+
+def test_engine_drops_a_queued_request_when_its_deadline_passes(stack: Stack) -> None:
+    stub = stack.host_stub
+    engine = stack.engine("gemma-one-slot")
+    running = stub.Generate(host_request(model="gemma-one-slot", prompt="A", max_tokens=400))
+    next(running)
+    received: list[Event] = []
+    done = threading.Event()
+
+    def on_events(events: list[Event]) -> None:
+        received.extend(events)
+        done.set()
+
+    now = time.perf_counter()
+    engine.submit(
+        EngineRequest(
+            id="expires",
+            prompt=[2, 1596],
+            sampling=Sampling(),
+            max_tokens=4,
+            stop=[],
+            on_events=on_events,
+            arrived=now,
+            deadline=now + 0.3,
+        )
+    )
+    assert done.wait(5)
+    dropped_after = time.perf_counter() - now
+    running.cancel()
+    [event] = received
+    assert isinstance(event, Rejected) and isinstance(event.error, DeadlineExceeded)
+    assert "slots" in str(event.error)
+    assert 0.3 <= dropped_after < 1.5
+    assert engine.load().queued == 0
+
+
+def test_stop_string_spanning_tokens_is_cut_and_not_leaked(stack: Stack) -> None:
+    fields = {"prompt": "Once upon a time", "max_tokens": 24, **GREEDY}
+    free = generate(stack, **fields)
+    # A stop string made of the end of one token's text and the start of the next one's.
+    k = next(i for i in range(2, len(free.deltas)) if len(free.deltas[i]) >= 3)
+    stop = free.deltas[k - 1][-2:] + free.deltas[k][:2]
+    stopped = generate(stack, stop=[stop], **fields)
+    assert stopped.finished.reason == generate_pb2.FINISH_REASON_STOP
+    assert stopped.text == free.text[: free.text.index(stop)]
+    assert stop not in stopped.text
+
+
+SYSTEM = (
+    "You are a terse assistant for a hardware shop. Answer in one short sentence, name the "
+    "aisle where the item is found, and never recommend a competitor."
+)
+
+
+def test_a_shared_system_prompt_is_reused_and_counted(stack: Stack) -> None:
+    engine = stack.engine("gemma-3-270m")
+    first = generate(
+        stack, messages=[("system", SYSTEM), ("user", "Where are the hammers?")], max_tokens=4
+    )
+    before = engine.load().prompt_tokens_reused
+    second = generate(
+        stack, messages=[("system", SYSTEM), ("user", "Do you sell paint?")], max_tokens=4
+    )
+    reused = second.finished.usage.cached_prompt_tokens
+    # Gemma folds the system prompt into the first user turn, so the shared part is the
+    # system text and a little of the template around it.
+    assert reused >= 30
+    assert reused < second.finished.usage.prompt_tokens
+    assert engine.load().prompt_tokens_reused - before == reused
+    assert first.finished.usage.prompt_tokens > 30
+
+
+def test_a_continued_chat_reuses_the_previous_turn(stack: Stack) -> None:
+    turn = [("user", "Name a colour.")]
+    first = generate(stack, messages=turn, max_tokens=6, **GREEDY)
+    follow_up = [*turn, ("assistant", first.text), ("user", "And another one?")]
+    second = generate(stack, messages=follow_up, max_tokens=6, **GREEDY)
+    # Everything up to the first turn's prompt was still in the cache.
+    assert second.finished.usage.cached_prompt_tokens >= first.finished.usage.prompt_tokens
+
+
+def test_a_prefix_is_shared_with_a_sequence_still_running(stack: Stack) -> None:
+    prompt = "The following is a list of every river in Europe, longest first: "
+    running = stack.host_stub.Generate(host_request(prompt=prompt, max_tokens=300))
+    next(running)
+    second = generate(stack, prompt=prompt + "the Volga, the", max_tokens=2)
+    running.cancel()
+    assert second.finished.usage.cached_prompt_tokens >= 14

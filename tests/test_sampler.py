@@ -1,0 +1,89 @@
+"""TokenSampler against llama.cpp's own sampler chain over the whole vocabulary."""
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from modelhost.generation import Sampling
+from modelhost.sampler import TokenSampler
+
+N_VOCAB = 5000
+
+
+def logits_row(values: np.ndarray) -> ctypes.Array[ctypes.c_float]:
+    return (ctypes.c_float * len(values))(*values.tolist())
+
+
+def pointer(row: ctypes.Array[ctypes.c_float]):  # type: ignore[no-untyped-def]
+    return ctypes.cast(row, ctypes.POINTER(ctypes.c_float))
+
+
+def reference_draw(chain: ctypes.c_void_p, values: np.ndarray) -> int:
+    """llama.cpp's path: every token a candidate, the whole chain applied."""
+    data = (llama_cpp.llama_token_data * len(values))(
+        *(llama_cpp.llama_token_data(i, float(v), 0.0) for i, v in enumerate(values))
+    )
+    array = llama_cpp.llama_token_data_array(data, len(values), -1, False)
+    llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+    return int(array.data[array.selected].id)
+
+
+def reference_chain(s: Sampling) -> ctypes.c_void_p:
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    for sampler in (
+        llama_cpp.llama_sampler_init_top_k(s.top_k),
+        llama_cpp.llama_sampler_init_top_p(s.top_p, 1),
+        llama_cpp.llama_sampler_init_min_p(s.min_p, 1),
+        llama_cpp.llama_sampler_init_temp(s.temperature),
+        llama_cpp.llama_sampler_init_dist(s.seed),
+    ):
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+    return chain
+
+
+@pytest.mark.parametrize("top_k", [1, 40, 1000])
+def test_seeded_draws_match_llama_cpp_over_the_whole_vocabulary(top_k: int) -> None:
+    rng = np.random.default_rng(0)
+    sampling = Sampling(temperature=0.9, top_k=top_k, top_p=0.9, min_p=0.02, seed=1234)
+    ours = TokenSampler(sampling, N_VOCAB, [])
+    theirs = reference_chain(sampling)
+    try:
+        for _ in range(50):
+            values = (rng.standard_normal(N_VOCAB) * 3).astype(np.float32)
+            expected = reference_draw(theirs, values)
+            assert ours.sample(pointer(logits_row(values))) == expected
+    finally:
+        ours.close()
+        llama_cpp.llama_sampler_free(theirs)
+
+
+def test_greedy_takes_the_largest_logit() -> None:
+    values = np.zeros(N_VOCAB, dtype=np.float32)
+    values[4321] = 5.0
+    sampler = TokenSampler(Sampling(temperature=0.0), N_VOCAB, [])
+    assert sampler.sample(pointer(logits_row(values))) == 4321
+
+
+def test_banned_tokens_are_never_chosen() -> None:
+    values = np.zeros(N_VOCAB, dtype=np.float32)
+    values[7], values[8], values[9] = 50.0, 40.0, 1.0  # 7 and 8 end generation
+    greedy = TokenSampler(Sampling(temperature=0.0), N_VOCAB, [7, 8])
+    assert greedy.sample(pointer(logits_row(values))) == 9
+    sampled = TokenSampler(
+        Sampling(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0), N_VOCAB, [7, 8]
+    )
+    draws = {sampled.sample(pointer(logits_row(values))) for _ in range(200)}
+    sampled.close()
+    assert not draws & {7, 8}
+
+
+def test_repetition_penalty_steers_greedy_away_from_recent_tokens() -> None:
+    values = np.zeros(N_VOCAB, dtype=np.float32)
+    values[10], values[11] = 3.0, 2.0
+    plain = TokenSampler(Sampling(temperature=0.0), N_VOCAB, [])
+    penalized = TokenSampler(Sampling(temperature=0.0, repetition_penalty=2.0), N_VOCAB, [])
+    assert [plain.sample(pointer(logits_row(values))) for _ in range(2)] == [10, 10]
+    # The second time 10's logit is halved to 1.5, below 11's 2.0.
+    assert [penalized.sample(pointer(logits_row(values))) for _ in range(2)] == [10, 11]
