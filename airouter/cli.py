@@ -3,19 +3,30 @@
 airouter generate "Why is the sky blue?"     tokens as they arrive
 airouter generate --json "..."               one JSON object per event
 airouter models                              the models the gateway can reach
+airouter status --modelhost HOST:PORT [--watch]
+                                             a modelhost's memory, models and load
 """
 
 import argparse
 import json
 import os
 import sys
+import time
 
 import grpc
 from google.protobuf import json_format
 
-from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from airouter.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    generate_pb2,
+    host_status_pb2,
+    model_host_pb2,
+    model_host_pb2_grpc,
+)
 
 DEFAULT_GATEWAY = "127.0.0.1:50050"
+DEFAULT_MODELHOST = "127.0.0.1:50051"
 DEFAULT_MODEL = "gemma-3-270m"
 
 
@@ -43,18 +54,29 @@ def main(argv: list[str] | None = None) -> int:
     models = commands.add_parser("models", help="list the models the gateway can reach")
     models.add_argument("--json", action="store_true")
 
+    status = commands.add_parser("status", help="show a modelhost's memory, models and load")
+    status.add_argument(
+        "--modelhost",
+        default=os.environ.get("AIROUTER_MODELHOST", DEFAULT_MODELHOST),
+        help="modelhost HOST:PORT (default $AIROUTER_MODELHOST or %(default)s)",
+    )
+    status.add_argument("--watch", action="store_true", help="redraw on every change")
+    status.add_argument("--json", action="store_true")
+
     args = parser.parse_args(argv)
-    with grpc.insecure_channel(args.gateway) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        try:
+    try:
+        if args.command == "status":
+            return _status(args)
+        with grpc.insecure_channel(args.gateway) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
             if args.command == "generate":
                 return _generate(stub, args)
             return _models(stub, args)
-        except grpc.RpcError as exc:
-            print(f"airouter: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            return 130
+    except grpc.RpcError as exc:
+        print(f"airouter: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def _generate(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int:
@@ -99,6 +121,68 @@ def _models(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int
     for host in response.unreachable_hosts:
         print(f"(unreachable: {host})", file=sys.stderr)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.modelhost) as channel:
+        stub = model_host_pb2_grpc.ModelHostStub(channel)
+        if not args.watch:
+            status = stub.GetStatus(model_host_pb2.GetStatusRequest(), timeout=10).status
+            _print_status(status, args.json)
+            return 0
+        for update in stub.WatchStatus(model_host_pb2.WatchStatusRequest()):
+            if not args.json:
+                print("\033[H\033[2J", end="")  # clear the terminal
+            _print_status(update.status, args.json)
+    return 0
+
+
+def _print_status(status: host_status_pb2.HostStatus, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(json_format.MessageToDict(status)), flush=True)
+        return
+    print(format_status(status), flush=True)
+
+
+def format_status(status: host_status_pb2.HostStatus) -> str:
+    """A modelhost's status as a readable table."""
+    m, c = status.memory, status.cache
+    lines = [
+        f"host {status.host_name}  device {status.device}  memory: models "
+        f"{_bytes(m.models_bytes)} of a {_bytes(m.budget_bytes)} budget; device "
+        f"{_bytes(m.used_bytes)} used of {_bytes(m.total_bytes)}",
+        f"cache: {c.hits} hits, {c.misses} misses, {c.evictions} evictions, {c.loads} loads "
+        f"({c.load_seconds_total:.1f} s), {c.load_failures} failed loads",
+        "",
+        f"{'MODEL':<22} {'STATE':<11} {'MEMORY':>10} {'SLOTS':>7} {'QUEUE':>5} {'TOK/S':>7} "
+        f"{'TTFT ms':>8} {'LOAD s':>6}  {'KEEP-ALIVE':<10} LAST USED",
+    ]
+    now = time.time()
+    for model in status.models:
+        state = generate_pb2.ModelState.Name(model.state).removeprefix("MODEL_STATE_").lower()
+        memory = _bytes(model.footprint_bytes) + ("" if model.footprint_measured else "~")
+        if model.pinned:
+            keep = "pinned"
+        elif model.keep_alive_seconds < 0:
+            keep = "always"
+        else:
+            keep = f"{model.keep_alive_seconds:g} s"
+        used = "never"
+        if model.HasField("last_used"):
+            used = f"{now - model.last_used.ToNanoseconds() / 1e9:.0f} s ago"
+        lines.append(
+            f"{model.name:<22} {state:<11} {memory:>10} "
+            f"{f'{model.slots_busy}/{model.slots}':>7} {model.queue_depth:>5} "
+            f"{model.recent_tokens_per_second:>7.1f} {model.recent_time_to_first_token_ms:>8.1f} "
+            f"{model.load_seconds:>6.2f}  {keep:<10} {used}"
+        )
+        if model.state_detail:
+            lines.append(f"  {model.state_detail}")
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
 if __name__ == "__main__":

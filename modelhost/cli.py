@@ -23,12 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})")
     serve.add_argument("--device", choices=DEVICES, help="where to decode (default auto)")
     serve.add_argument("--config", type=Path, help="models.toml; default: the embedded model")
+    serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: none)")
+    serve.add_argument(
+        "--memory-budget", help="memory the models may use, e.g. 6GiB (default: all but 15%%)"
+    )
     serve.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 
     configure_logging(args.log_level)
     try:
-        config = load_config(args.config, listen=args.listen, device=args.device)
+        config = load_config(
+            args.config,
+            listen=args.listen,
+            device=args.device,
+            metrics_listen=args.metrics_listen,
+            memory_budget=args.memory_budget,
+        )
         device = resolve_device(config.device)
     except (ConfigError, DeviceError) as exc:
         print(f"modelhost: {exc}", file=sys.stderr)
@@ -48,10 +58,11 @@ async def _serve(config, device: str) -> None:  # type: ignore[no-untyped-def]
         listen=config.listen,
         port=host.port,
         device=device,
+        metrics_port=host.metrics.port if host.metrics else None,
         models=[m.name for m in config.models],
     )
     await grpc_server.serve_until_signalled(
-        host.server, host.health, config.shutdown_grace_s, host.residency.close
+        host.server, host.health, config.shutdown_grace_s, host.close
     )
 
 

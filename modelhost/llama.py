@@ -6,6 +6,8 @@ and may run on any thread.
 
 import ctypes
 import os
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +20,21 @@ _log = structlog.get_logger()
 _GGML_LOG_LEVEL_WARN = 3
 _GGML_LOG_LEVEL_CONT = 5
 _backend_ready = False
+# ggml types of the KV cache settings.
+KV_CACHE_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}
+# llama.cpp reports each buffer it allocates while loading, e.g.
+# "load_tensors:   CPU_Mapped model buffer size =   241.41 MiB" or
+# "llama_kv_cache:      CUDA0 KV buffer size =   576.00 MiB"; a model's measured footprint is
+# their sum. Loads are serialised so the lines of one load are not mixed with another's.
+_BUFFER_LINE = re.compile(r"(\S+)\s+(?:\w+ )?buffer size\s*=\s*([\d.]+) MiB")
+_load_lock = threading.Lock()
+_buffer_lines: list[str] | None = None
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    if _buffer_lines is not None and b"buffer size" in text:
+        _buffer_lines.append(text.decode("utf-8", "replace"))
     if _GGML_LOG_LEVEL_WARN <= level < _GGML_LOG_LEVEL_CONT:
         _log.warning("llama_cpp", message=text.decode("utf-8", "replace").strip())
 
@@ -48,6 +61,8 @@ class ContextSettings:
     batch_tokens: int  # most tokens in one llama_decode
     threads: int
     flash_attention: bool | None = None  # None lets llama.cpp decide
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
 
 class LlamaModel:
@@ -61,7 +76,28 @@ class LlamaModel:
         settings: ContextSettings,
         chat_template: str | None = None,
     ) -> None:
+        global _buffer_lines
         _init_backend()
+        with _load_lock:
+            _buffer_lines = []
+            try:
+                self._load(path, gpu_layers, settings, chat_template)
+            finally:
+                lines, _buffer_lines = _buffer_lines, None
+        # Bytes llama.cpp allocated, by buffer type: "CPU", "CPU_Mapped", "CUDA0", ...
+        self.buffers: dict[str, int] = {}
+        for match in map(_BUFFER_LINE.search, lines):
+            if match:
+                name, mib = match.group(1), float(match.group(2))
+                self.buffers[name] = self.buffers.get(name, 0) + int(mib * (1 << 20))
+
+    def _load(
+        self,
+        path: Path,
+        gpu_layers: int,
+        settings: ContextSettings,
+        chat_template: str | None,
+    ) -> None:
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = gpu_layers
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
@@ -89,6 +125,8 @@ class LlamaModel:
         ctx_params.no_perf = True
         if settings.flash_attention is not None:
             ctx_params.flash_attn_type = 1 if settings.flash_attention else 0
+        ctx_params.type_k = KV_CACHE_TYPES[settings.cache_type_k]
+        ctx_params.type_v = KV_CACHE_TYPES[settings.cache_type_v]
         ctx = llama_cpp.llama_init_from_model(model, ctx_params)
         if not ctx:
             llama_cpp.llama_model_free(model)
@@ -106,6 +144,13 @@ class LlamaModel:
             model, None
         )
         self._piece_buffer = ctypes.create_string_buffer(256)
+
+    def device_bytes(self, device: str) -> int:
+        """Bytes of this model's buffers on `device`: on cuda the GPU's buffers only, on cpu
+        and metal (unified memory) all of them."""
+        if device != "cuda":
+            return sum(self.buffers.values())
+        return sum(n for name, n in self.buffers.items() if re.fullmatch(r"CUDA\d+", name))
 
     def close(self) -> None:
         """Frees the context and the weights; the object is unusable afterwards."""

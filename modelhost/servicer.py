@@ -1,13 +1,18 @@
 """airouter.v1.ModelHost over gRPC: wire messages in, GenerationService, wire messages out."""
 
+import asyncio
+import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from airouter.v1 import generate_pb2, model_host_pb2, model_host_pb2_grpc
+from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
 from modelhost.generation import Delta, Finish, FinishReason, GenerationSpec, Sampling
-from modelhost.residency import ModelState, ResidentModel
+from modelhost.residency import ModelState, Residency, ResidentModel
 from modelhost.serving import GenerationService
 
 FINISH_REASON_TO_PB = {
@@ -46,6 +51,38 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         return model_host_pb2.ListModelsResponse(
             models=[model_info_pb(m) for m in self._service.models()]
         )
+
+    async def LoadModel(
+        self, request: model_host_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> model_host_pb2.LoadModelResponse:
+        residency = self._service.residency
+        resident = residency.resolve(request.model)
+        await residency.load(resident, context.time_remaining())
+        return model_host_pb2.LoadModelResponse(model=model_status_pb(resident))
+
+    async def UnloadModel(
+        self, request: model_host_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> model_host_pb2.UnloadModelResponse:
+        residency = self._service.residency
+        resident = residency.resolve(request.model)
+        await residency.unload(resident)
+        return model_host_pb2.UnloadModelResponse(model=model_status_pb(resident))
+
+    async def GetStatus(
+        self, request: model_host_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> model_host_pb2.GetStatusResponse:
+        return model_host_pb2.GetStatusResponse(status=host_status_pb(self._service.residency))
+
+    async def WatchStatus(
+        self, request: model_host_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[model_host_pb2.WatchStatusResponse]:
+        residency = self._service.residency
+        interval_s = (request.interval_ms or 1000) / 1000
+        while True:
+            changed = residency.next_change()
+            yield model_host_pb2.WatchStatusResponse(status=host_status_pb(residency))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), interval_s)
 
 
 def spec_from_pb(request: model_host_pb2.GenerateRequest) -> GenerationSpec:
@@ -118,3 +155,59 @@ def model_info_pb(resident: ResidentModel) -> generate_pb2.ModelInfo:
         state_detail=resident.detail,
         slots=config.slots,
     )
+
+
+def host_status_pb(residency: Residency) -> host_status_pb2.HostStatus:
+    """The host's status now, as GetStatus, WatchStatus and /metrics report it."""
+    memory = residency.memory.read()
+    stats = residency.stats
+    observed_at = Timestamp()
+    observed_at.GetCurrentTime()
+    return host_status_pb2.HostStatus(
+        host_name=socket.gethostname(),
+        device=residency.device,
+        memory=host_status_pb2.MemoryStatus(
+            total_bytes=memory.total,
+            used_bytes=memory.used,
+            budget_bytes=residency.budget_bytes,
+            models_bytes=residency.models_bytes(),
+        ),
+        models=[model_status_pb(m) for m in residency.models],
+        cache=host_status_pb2.CacheStatistics(
+            hits=stats.hits,
+            misses=stats.misses,
+            evictions=stats.evictions,
+            loads=stats.loads,
+            load_failures=stats.load_failures,
+            load_seconds_total=stats.load_seconds,
+        ),
+        observed_at=observed_at,
+    )
+
+
+def model_status_pb(resident: ResidentModel) -> host_status_pb2.ModelStatus:
+    config = resident.config
+    load = resident.engine.load() if resident.engine is not None else None
+    status = host_status_pb2.ModelStatus(
+        name=config.name,
+        state=MODEL_STATE_TO_PB[resident.state],
+        state_detail=resident.detail,
+        footprint_bytes=resident.footprint_bytes,
+        footprint_measured=bool(resident.measured_bytes),
+        slots=config.slots,
+        slots_busy=load.slots_busy if load else 0,
+        queue_depth=load.queued if load else 0,
+        requests_in_flight=resident.in_use,
+        recent_tokens_per_second=resident.recent_tokens_per_second(),
+        recent_time_to_first_token_ms=resident.recent_ttft_ms(),
+        pinned=config.pinned,
+        keep_alive_seconds=config.keep_alive,
+        load_seconds=resident.load_seconds,
+        tokens_generated=resident.tokens_generated,
+    )
+    if resident.last_used:
+        # last_used is monotonic; the wall-clock time is now less its age.
+        status.last_used.FromNanoseconds(
+            time.time_ns() - int((time.monotonic() - resident.last_used) * 1e9)
+        )
+    return status

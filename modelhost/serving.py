@@ -7,10 +7,12 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import structlog
 
 from airouter.errors import FailedPrecondition, InvalidArgument
+from modelhost.engine import Engine
 from modelhost.generation import (
     Delta,
     EngineRequest,
@@ -22,6 +24,7 @@ from modelhost.generation import (
     validate_messages,
     validate_stop,
 )
+from modelhost.llama import LlamaModel
 from modelhost.residency import Residency, ResidentModel
 
 _log = structlog.get_logger()
@@ -50,7 +53,22 @@ class GenerationService:
         if spec.messages:
             validate_messages(spec.messages)
         resident = self.residency.resolve(spec.model)
-        model, engine = await self.residency.ready(resident, time_left_s)
+        async with self.residency.use(resident, time_left_s) as (model, engine):
+            # Closed explicitly so a client leaving cancels the engine request at once.
+            events = self._run(spec, resident, model, engine, arrived, time_left_s)
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+
+    async def _run(
+        self,
+        spec: GenerationSpec,
+        resident: ResidentModel,
+        model: LlamaModel,
+        engine: Engine,
+        arrived: float,
+        time_left_s: float | None,
+    ) -> AsyncGenerator[Delta | Finish, None]:
         name = resident.config.name
 
         text = spec.prompt
@@ -92,6 +110,10 @@ class GenerationService:
                     yield event
                     if isinstance(event, Finish):
                         finished = True
+                        if event.completion_tokens:
+                            self.residency.record_ttft(
+                                resident, event.timings.time_to_first_token_ms
+                            )
                         log.info(
                             "generation_finished",
                             reason=event.reason.value,

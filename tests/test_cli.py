@@ -78,6 +78,28 @@ def test_airouter_reports_errors_with_their_code(servers) -> None:  # type: igno
     assert "NOT_FOUND" in done.stderr and "gemma-3-270m" in done.stderr
 
 
+def test_airouter_status_shows_the_host_table(servers) -> None:  # type: ignore[no-untyped-def]
+    host, gateway = servers
+    wait_until_ready = time.monotonic() + 60
+    while True:
+        done = airouter(gateway, "status", "--modelhost", host.address)
+        assert done.returncode == 0, done.stderr
+        if "ready" in done.stdout or time.monotonic() > wait_until_ready:
+            break
+        time.sleep(0.2)
+    assert "device cpu" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("gemma-3-270m"))
+    assert "ready" in row and "1.3 GiB" in row and "0/8" in row
+    as_json = json.loads(airouter(gateway, "status", "--json", "--modelhost", host.address).stdout)
+    assert as_json["device"] == "cpu" and as_json["models"][0]["name"] == "gemma-3-270m"
+
+
+def test_airouter_status_of_an_unreachable_host_fails_clearly(servers) -> None:  # type: ignore[no-untyped-def]
+    _, gateway = servers
+    done = airouter(gateway, "status", "--modelhost", "127.0.0.1:1")
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
+
+
 def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones() -> None:
     host = Server("modelhost", "serve", "--device", "cpu")
     gateway = Server("gateway", "serve", "--modelhost", host.address)

@@ -45,6 +45,26 @@ class ModelHostStub:
                 request_serializer=airouter_dot_v1_dot_model__host__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=airouter_dot_v1_dot_model__host__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/airouter.v1.ModelHost/LoadModel',
+                request_serializer=airouter_dot_v1_dot_model__host__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_model__host__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/airouter.v1.ModelHost/UnloadModel',
+                request_serializer=airouter_dot_v1_dot_model__host__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_model__host__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/airouter.v1.ModelHost/GetStatus',
+                request_serializer=airouter_dot_v1_dot_model__host__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_model__host__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
+        self.WatchStatus = channel.unary_stream(
+                '/airouter.v1.ModelHost/WatchStatus',
+                request_serializer=airouter_dot_v1_dot_model__host__pb2.WatchStatusRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_model__host__pb2.WatchStatusResponse.FromString,
+                _registered_method=True)
 
 
 class ModelHostServicer:
@@ -66,6 +86,36 @@ class ModelHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Loads a configured model (evicting idle ones if the memory budget requires) and returns
+        once it is ready.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unloads a model that is serving no requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatus(self, request, context):
+        """The host's status: memory, models, load, cache statistics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchStatus(self, request, context):
+        """The host's status now and again on every model state change, and at least every
+        interval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +128,26 @@ def add_ModelHostServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=airouter_dot_v1_dot_model__host__pb2.ListModelsRequest.FromString,
                     response_serializer=airouter_dot_v1_dot_model__host__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=airouter_dot_v1_dot_model__host__pb2.LoadModelRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_model__host__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=airouter_dot_v1_dot_model__host__pb2.UnloadModelRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_model__host__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=airouter_dot_v1_dot_model__host__pb2.GetStatusRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_model__host__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'WatchStatus': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStatus,
+                    request_deserializer=airouter_dot_v1_dot_model__host__pb2.WatchStatusRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_model__host__pb2.WatchStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +205,114 @@ class ModelHost:
             '/airouter.v1.ModelHost/ListModels',
             airouter_dot_v1_dot_model__host__pb2.ListModelsRequest.SerializeToString,
             airouter_dot_v1_dot_model__host__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.ModelHost/LoadModel',
+            airouter_dot_v1_dot_model__host__pb2.LoadModelRequest.SerializeToString,
+            airouter_dot_v1_dot_model__host__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.ModelHost/UnloadModel',
+            airouter_dot_v1_dot_model__host__pb2.UnloadModelRequest.SerializeToString,
+            airouter_dot_v1_dot_model__host__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.ModelHost/GetStatus',
+            airouter_dot_v1_dot_model__host__pb2.GetStatusRequest.SerializeToString,
+            airouter_dot_v1_dot_model__host__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/airouter.v1.ModelHost/WatchStatus',
+            airouter_dot_v1_dot_model__host__pb2.WatchStatusRequest.SerializeToString,
+            airouter_dot_v1_dot_model__host__pb2.WatchStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,116 @@
+"""How much memory the host's device has, and how much a model will take on it.
+
+The budget is for the device that holds the weights and KV cache: VRAM (from NVML) on cuda,
+unified memory on metal, RAM (from psutil) on cpu. A model's footprint is estimated from its
+GGUF header before it loads and measured from llama.cpp's own buffer sizes once it has.
+"""
+
+import re
+from dataclasses import dataclass
+
+import psutil
+
+from modelhost.gguf_header import GGUFHeader
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+MIB = 1 << 20
+
+# Bytes per element of the KV cache types (ggml block sizes: 32 elements per block).
+KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "6GiB", "512 MiB" or "8000000000"; ValueError otherwise."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write it like '6GiB' or '512MiB'")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def reserve_bytes(text: str, total: int) -> int:
+    """Bytes a reserve ("15%" of total, or a size) keeps free."""
+    if text.strip().endswith("%"):
+        try:
+            share = float(text.strip()[:-1])
+        except ValueError:
+            share = -1
+        if not 0 <= share < 100:
+            raise ValueError(f"{text!r} is not a share; write it like '15%'")
+        return int(total * share / 100)
+    return parse_size(text)
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / MIB:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    total: int
+    used: int
+
+
+class MemoryProbe:
+    """Reads the device's memory; NVML stays initialised for the life of the probe."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._nvml_handles: list[object] = []
+        if device == "cuda":
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml_handles = [
+                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+            ]
+
+    def read(self) -> DeviceMemory:
+        if self._nvml_handles:
+            import pynvml
+
+            infos = [pynvml.nvmlDeviceGetMemoryInfo(h) for h in self._nvml_handles]
+            return DeviceMemory(sum(i.total for i in infos), sum(i.used for i in infos))
+        vm = psutil.virtual_memory()
+        return DeviceMemory(vm.total, vm.total - vm.available)
+
+    def close(self) -> None:
+        if self._nvml_handles:
+            import pynvml
+
+            pynvml.nvmlShutdown()
+            self._nvml_handles = []
+
+
+def estimate_footprint(
+    header: GGUFHeader,
+    *,
+    on_device_share: float,
+    context_tokens: int,
+    batch_tokens: int,
+    cache_type_k: str,
+    cache_type_v: str,
+) -> int:
+    """Bytes a model will take on the budgeted device: its weights (the share of layers
+    offloaded there), its KV cache for every slot's context, and llama.cpp's compute and
+    output buffers."""
+    layers = header.arch_int("block_count")
+    embd = header.arch_int("embedding_length")
+    heads = max(header.arch_int("attention.head_count", 1), 1)
+    kv_heads = header.arch_int("attention.head_count_kv", heads)
+    key_length = header.arch_int("attention.key_length", embd // heads)
+    value_length = header.arch_int("attention.value_length", embd // heads)
+    vocab = header.arch_int("vocab_size") or header.array_lengths.get("tokenizer.ggml.tokens", 0)
+    per_token = (
+        layers
+        * kv_heads
+        * (key_length * KV_TYPE_BYTES[cache_type_k] + value_length * KV_TYPE_BYTES[cache_type_v])
+    )
+    kv_cache = per_token * context_tokens
+    # The graph's largest tensors are the output layer's logits for a batch (f32); the other
+    # activations scale with the embedding width.
+    compute = batch_tokens * (vocab + 16 * embd) * 4
+    compute_share = 1.0 if on_device_share > 0 else 0.0
+    return int((header.file_bytes + kv_cache) * on_device_share + compute * compute_share)

@@ -1,0 +1,124 @@
+"""Prometheus /metrics for the modelhost (`--metrics-listen`): the figures of WatchStatus.
+
+Every scrape takes one status snapshot on the event loop (the only place that reads the
+residency state safely) and turns it into metric families, so /metrics and GetStatus can never
+disagree.
+"""
+
+import asyncio
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from airouter.v1 import generate_pb2, host_status_pb2
+
+PREFIX = "airouter_modelhost"
+_STATES = {
+    value: name.removeprefix("MODEL_STATE_").lower()
+    for name, value in generate_pb2.ModelState.items()
+    if value != generate_pb2.MODEL_STATE_UNSPECIFIED
+}
+
+
+class HostCollector(Collector):
+    def __init__(self, snapshot: Callable[[], host_status_pb2.HostStatus]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._snapshot()
+        memory = status.memory
+        gauges_of_host: list[tuple[str, float, str]] = [
+            ("memory_total_bytes", memory.total_bytes, "Memory of the device holding the models."),
+            ("memory_used_bytes", memory.used_bytes, "Memory used on the device, all processes."),
+            ("memory_budget_bytes", memory.budget_bytes, "Memory the models may use together."),
+            ("memory_models_bytes", memory.models_bytes, "Memory the models take now."),
+        ]
+        for name, value, text in gauges_of_host:
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", text, value=value)
+
+        cache = status.cache
+        counters: list[tuple[str, float, str]] = [
+            ("cache_hits", cache.hits, "Requests that found their model loaded."),
+            ("cache_misses", cache.misses, "Requests that waited for a model load."),
+            ("evictions", cache.evictions, "Models unloaded to make room for another."),
+            ("loads", cache.loads, "Model loads that succeeded."),
+            ("load_failures", cache.load_failures, "Model loads that failed."),
+            ("load_seconds", cache.load_seconds_total, "Seconds spent in successful loads."),
+        ]
+        for name, value, text in counters:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", text, value=value)
+
+        state = GaugeMetricFamily(
+            f"{PREFIX}_model_state", "1 for the state each model is in.", labels=["model", "state"]
+        )
+        per_model = {
+            "footprint_bytes": ("Memory the model takes or will take.", "footprint_bytes"),
+            "slots": ("Requests the model decodes at once.", "slots"),
+            "slots_busy": ("Slots decoding now.", "slots_busy"),
+            "queue_depth": ("Requests waiting for a slot.", "queue_depth"),
+            "requests_in_flight": ("Requests using the model.", "requests_in_flight"),
+            "recent_tokens_per_second": (
+                "Tokens generated per second lately.",
+                "recent_tokens_per_second",
+            ),
+            "recent_time_to_first_token_seconds": (
+                "Median time to first token of recent requests.",
+                "recent_time_to_first_token_ms",
+            ),
+        }
+        gauges = {
+            name: GaugeMetricFamily(f"{PREFIX}_model_{name}", text, labels=["model"])
+            for name, (text, _) in per_model.items()
+        }
+        tokens = CounterMetricFamily(
+            f"{PREFIX}_model_tokens_generated", "Tokens generated.", labels=["model"]
+        )
+        for model in status.models:
+            for value, label in _STATES.items():
+                state.add_metric([model.name, label], 1.0 if model.state == value else 0.0)
+            for name, (_, field) in per_model.items():
+                value = getattr(model, field)
+                if field.endswith("_ms"):
+                    value /= 1000
+                gauges[name].add_metric([model.name], value)
+            tokens.add_metric([model.name], model.tokens_generated)
+        yield state
+        yield from gauges.values()
+        yield tokens
+
+
+@dataclass
+class MetricsServer:
+    server: WSGIServer
+    port: int
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_metrics_server(
+    listen: str,
+    loop: asyncio.AbstractEventLoop,
+    snapshot: Callable[[], host_status_pb2.HostStatus],
+) -> MetricsServer:
+    """Serves /metrics on listen (HOST:PORT, port 0 for any free one) from its own thread."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise OSError(f"--metrics-listen {listen!r}: use HOST:PORT, such as 127.0.0.1:9464")
+
+    def on_loop() -> host_status_pb2.HostStatus:
+        async def take() -> host_status_pb2.HostStatus:
+            return snapshot()
+
+        return asyncio.run_coroutine_threadsafe(take(), loop).result(timeout=10)
+
+    registry = CollectorRegistry()
+    registry.register(HostCollector(on_loop))
+    server, _thread = start_http_server(int(port), host.strip("[]"), registry=registry)
+    return MetricsServer(server, server.server_port)
