@@ -5,6 +5,7 @@ airouter generate --json "..."               one JSON object per event
 airouter models                              the models the gateway can reach
 airouter status --modelhost HOST:PORT [--watch]
                                              a modelhost's memory, models and load
+airouter hosts --modelhost HOST:PORT ...      one line per modelhost
 """
 
 import argparse
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf import json_format
@@ -63,10 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--watch", action="store_true", help="redraw on every change")
     status.add_argument("--json", action="store_true")
 
+    hosts = commands.add_parser("hosts", help="one line per modelhost: memory, models, load")
+    hosts.add_argument(
+        "--modelhost",
+        action="append",
+        help="modelhost HOST:PORT, repeatable (default $AIROUTER_MODELHOSTS, comma-separated, "
+        f"or {DEFAULT_MODELHOST})",
+    )
+    hosts.add_argument("--json", action="store_true")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
             return _status(args)
+        if args.command == "hosts":
+            return _hosts(args)
         with grpc.insecure_channel(args.gateway) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             if args.command == "generate":
@@ -135,6 +148,59 @@ def _status(args: argparse.Namespace) -> int:
                 print("\033[H\033[2J", end="")  # clear the terminal
             _print_status(update.status, args.json)
     return 0
+
+
+def _hosts(args: argparse.Namespace) -> int:
+    addresses = args.modelhost or os.environ.get("AIROUTER_MODELHOSTS", DEFAULT_MODELHOST).split(
+        ","
+    )
+    with ThreadPoolExecutor(len(addresses)) as pool:
+        answers = list(pool.map(_host_status, addresses))
+    if args.json:
+        rows = [
+            {"address": a, "status": json_format.MessageToDict(s)}
+            if s
+            else {"address": a, "error": e}
+            for a, s, e in answers
+        ]
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_hosts(answers))
+    return 0 if all(status for _, status, _ in answers) else 1
+
+
+def _host_status(address: str) -> tuple[str, host_status_pb2.HostStatus | None, str]:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = model_host_pb2_grpc.ModelHostStub(channel).GetStatus(
+                model_host_pb2.GetStatusRequest(), timeout=5
+            )
+        except grpc.RpcError as exc:
+            return address, None, f"{exc.code().name}: {exc.details()}"
+    return address, response.status, ""
+
+
+def format_hosts(answers: list[tuple[str, host_status_pb2.HostStatus | None, str]]) -> str:
+    """One line per modelhost: reachable or why not, memory, resident models and load."""
+    lines = [
+        f"{'HOST':<22} {'STATE':<6} {'DEVICE':<6} {'MEMORY (MODELS/BUDGET)':<24} {'SLOTS':>7} "
+        f"{'QUEUE':>5} {'TOK/S':>7}  RESIDENT"
+    ]
+    for address, status, error in answers:
+        if status is None:
+            lines.append(f"{address:<22} {'down':<6} {error}")
+            continue
+        resident = [m for m in status.models if m.state == generate_pb2.MODEL_STATE_READY]
+        memory = f"{_bytes(status.memory.models_bytes)} / {_bytes(status.memory.budget_bytes)}"
+        busy = sum(m.slots_busy for m in resident)
+        slots = sum(m.slots for m in resident)
+        lines.append(
+            f"{address:<22} {'up':<6} {status.device:<6} {memory:<24} "
+            f"{f'{busy}/{slots}':>7} {sum(m.queue_depth for m in resident):>5} "
+            f"{sum(m.recent_tokens_per_second for m in resident):>7.1f}  "
+            f"{', '.join(m.name for m in resident) or '-'}"
+        )
+    return "\n".join(lines)
 
 
 def _print_status(status: host_status_pb2.HostStatus, as_json: bool) -> None:

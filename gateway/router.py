@@ -10,6 +10,7 @@ _STATE_RANK = {
     generate_pb2.MODEL_STATE_READY: 0,
     generate_pb2.MODEL_STATE_LOADING: 1,
     generate_pb2.MODEL_STATE_NOT_LOADED: 2,
+    generate_pb2.MODEL_STATE_UNLOADING: 2,  # a request loads it again
 }
 _rotation = itertools.count()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 import structlog
 
-from airouter.errors import DeadlineExceeded, ResourceExhausted
+from airouter.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from modelhost.generation import (
     Delta,
     EngineRequest,
@@ -95,6 +95,7 @@ class Engine:
         self._tokens_generated = 0
         self._prompt_tokens_reused = 0
         self._closing = False
+        self.failure: str | None = None  # why the engine thread stopped, if it failed
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -116,6 +117,11 @@ class Engine:
     def submit(self, request: EngineRequest) -> None:
         """Queues a request; raises ResourceExhausted when the queue is full."""
         with self._lock:
+            if self.failure is not None:
+                raise Unavailable(
+                    f"model {self._name!r} stopped decoding after an error ({self.failure}); "
+                    "unload and load it again (UnloadModel, LoadModel), or retry on another host"
+                )
             if self._queued >= self._max_queue:
                 raise ResourceExhausted(
                     f"the queue of model {self._name!r} is full: {self._queued} requests wait "
@@ -123,7 +129,8 @@ class Engine:
                     "or on another host"
                 )
             self._queued += 1
-        self._inbox.put(("submit", request))
+            # Under the lock, so a failing engine thread sees every request let in.
+            self._inbox.put(("submit", request))
 
     def cancel(self, request: EngineRequest) -> None:
         """Stops a request before the next decode step; harmless if it already finished."""
@@ -150,6 +157,9 @@ class Engine:
                     self._step()
         except Exception as exc:
             _log.exception("engine_failed", model=self._name)
+            with self._lock:
+                self.failure = str(exc) or type(exc).__name__
+            self._take_inbox(block=False)
             self._finish_everything(FinishReason.ERROR, f"engine failed: {exc}")
             return
         self._finish_everything(FinishReason.CANCELLED, "")
@@ -216,17 +226,25 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and self._idle:
             request = self._waiting.popleft()
+            try:
+                sampler = TokenSampler(
+                    request.sampling,
+                    self._model.n_vocab,
+                    self._model.end_of_generation_tokens() if request.ignore_eos else [],
+                )
+            except Exception as exc:  # this request cannot run; the others go on
+                _log.exception("sampler_failed", model=self._name, request_id=request.id)
+                self._finish_waiting(
+                    request, FinishReason.ERROR, f"cannot sample with these settings: {exc}"
+                )
+                continue
             self._dequeued()
             slot, reused = self._place(request.prompt)
             self._prompt_tokens_reused += reused
             self._running[request] = _Sequence(
                 request=request,
                 slot=slot,
-                sampler=TokenSampler(
-                    request.sampling,
-                    self._model.n_vocab,
-                    self._model.end_of_generation_tokens() if request.ignore_eos else [],
-                ),
+                sampler=sampler,
                 text=TextStream(request.stop),
                 admitted=time.perf_counter(),
                 reused=reused,

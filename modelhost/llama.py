@@ -144,6 +144,21 @@ class LlamaModel:
             model, None
         )
         self._piece_buffer = ctypes.create_string_buffer(256)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Decodes one token and forgets it, as llama.cpp's own server does: the first decode
+        faults in the weights and compute buffers, a cost the load should pay, not the first
+        request."""
+        batch = llama_cpp.llama_batch_init(1, 0, 1)
+        try:
+            batch.token[0] = max(llama_cpp.llama_vocab_bos(self.vocab), 0)
+            batch.pos[0], batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 0, 1, 0, True
+            batch.n_tokens = 1
+            llama_cpp.llama_decode(self.ctx, batch)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_memory_clear(self.memory, True)
 
     def device_bytes(self, device: str) -> int:
         """Bytes of this model's buffers on `device`: on cuda the GPU's buffers only, on cpu

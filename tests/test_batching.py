@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from airouter.errors import DeadlineExceeded
+from airouter.errors import DeadlineExceeded, Unavailable
 from airouter.v1 import generate_pb2
-from modelhost.generation import EngineRequest, Event, Rejected, Sampling
+from modelhost.engine import Engine
+from modelhost.generation import EngineRequest, Event, Finish, FinishReason, Rejected, Sampling
+from modelhost.llama import ContextSettings, LlamaModel
 from tests.conftest import Stack
 from tests.streaming import collect, host_request
 
@@ -201,3 +203,57 @@ def test_a_prefix_is_shared_with_a_sequence_still_running(stack: Stack) -> None:
     second = generate(stack, prompt=prompt + "the Volga, the", max_tokens=2)
     running.cancel()
     assert second.finished.usage.cached_prompt_tokens >= 14
+
+
+@pytest.fixture
+def fragile_engine(model_path):  # type: ignore[no-untyped-def]
+    """An engine of its own, for tests that break it."""
+    model = LlamaModel(
+        model_path,
+        gpu_layers=0,
+        settings=ContextSettings(slots=1, context_per_slot=128, batch_tokens=32, threads=2),
+    )
+    engine = Engine(model, name="fragile", slots=1, max_queue=4)
+    yield engine
+    engine.close()
+
+
+def engine_request(received: list[Event], prompt: list, **sampling) -> EngineRequest:  # type: ignore[no-untyped-def, type-arg]
+    return EngineRequest(
+        id=f"r{len(received)}",
+        prompt=prompt,
+        sampling=Sampling(**sampling),
+        max_tokens=4,
+        stop=[],
+        on_events=received.extend,
+        arrived=time.perf_counter(),
+    )
+
+
+def test_a_request_the_sampler_cannot_take_fails_alone(fragile_engine: Engine) -> None:
+    received: list[Event] = []
+    # Values the service refuses before they reach the engine; the engine copes anyway.
+    fragile_engine.submit(engine_request(received, [2, 1596], top_k=-5))
+    fragile_engine.submit(engine_request(received, [2, 1596], temperature=0.0))
+    wait_until(lambda: len([e for e in received if isinstance(e, Finish)]) == 2)
+    first, *_, last = received
+    assert isinstance(first, Finish) and first.reason is FinishReason.ERROR
+    assert "cannot sample with these settings" in first.error
+    assert isinstance(last, Finish) and last.reason is FinishReason.LENGTH
+    assert fragile_engine.failure is None
+
+
+def test_an_engine_that_failed_refuses_new_requests_instead_of_hanging(
+    fragile_engine: Engine,
+) -> None:
+    received: list[Event] = []
+    # A token that is not an integer cannot enter a llama_batch: a fault inside the decode
+    # loop, which stops the engine thread.
+    fragile_engine.submit(engine_request(received, [2, "not a token"]))
+    wait_until(lambda: fragile_engine.failure is not None)
+    wait_until(lambda: bool(received))
+    [finish] = received
+    assert isinstance(finish, Finish) and finish.reason is FinishReason.ERROR
+    with pytest.raises(Unavailable) as info:
+        fragile_engine.submit(engine_request(received, [2, 1596]))
+    assert "'fragile' stopped decoding after an error" in str(info.value)

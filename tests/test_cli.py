@@ -100,6 +100,16 @@ def test_airouter_status_of_an_unreachable_host_fails_clearly(servers) -> None: 
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
 
 
+def test_airouter_hosts_shows_one_line_per_host(servers) -> None:  # type: ignore[no-untyped-def]
+    host, gateway = servers
+    done = airouter(gateway, "hosts", "--modelhost", host.address, "--modelhost", "127.0.0.1:1")
+    assert done.returncode == 1  # one host is down
+    up = next(line for line in done.stdout.splitlines() if line.startswith(host.address))
+    assert " up " in up and "cpu" in up and "gemma-3-270m" in up and "/8" in up
+    down = next(line for line in done.stdout.splitlines() if line.startswith("127.0.0.1:1 "))
+    assert "down" in down and "UNAVAILABLE" in down
+
+
 def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones() -> None:
     host = Server("modelhost", "serve", "--device", "cpu")
     gateway = Server("gateway", "serve", "--modelhost", host.address)

@@ -18,6 +18,7 @@ from airouter.cli import format_status
 from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from modelhost.config import HostConfig, ModelConfig, embedded_model_config
+from modelhost.generation import EngineRequest, Sampling
 from modelhost.gguf_header import read_gguf_header
 from modelhost.server import RunningHost, start_host
 from tests.conftest import LoopThread
@@ -333,3 +334,26 @@ def test_status_table_is_readable() -> None:
     row_b = next(line for line in lines if line.startswith("b "))
     assert "ready" in row_a and "pinned" in row_a and "s ago" in row_a
     assert "not_loaded" in row_b and "30 s" in row_b and "never" in row_b
+
+
+def test_a_model_whose_engine_failed_is_reloaded_by_the_next_request() -> None:
+    with running_host([small("a")]) as host:
+        host.generate("a")
+        engine = host.server.residency.resolve("a").engine
+        assert engine is not None
+        # A fault inside the decode loop (a token that is not an integer) stops the engine.
+        engine.submit(
+            EngineRequest(
+                id="fault",
+                prompt=[2, "not a token"],  # type: ignore[list-item]
+                sampling=Sampling(),
+                max_tokens=2,
+                stop=[],
+                on_events=lambda events: None,
+                arrived=time.perf_counter(),
+            )
+        )
+        wait_until(lambda: host.model("a").state == ERROR, timeout=10)
+        assert "decoding stopped after an error" in host.model("a").state_detail
+        assert host.generate("a").finished.usage.completion_tokens == 2
+        assert host.model("a").state == READY and host.status().cache.loads == 2
