@@ -26,6 +26,7 @@ from airouter.v1 import (
     model_host_pb2,
     model_host_pb2_grpc,
 )
+from modelhost.memory import format_bytes
 
 DEFAULT_GATEWAY = "127.0.0.1:50050"
 DEFAULT_MODELHOST = "127.0.0.1:50051"
@@ -129,7 +130,7 @@ def _models(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int
         return 0
     print(f"{'MODEL':<24} {'STATE':<11} {'CONTEXT':>7} {'SLOTS':>5}  HOSTS")
     for m in response.models:
-        state = generate_pb2.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+        state = _state_name(m.state)
         print(f"{m.name:<24} {state:<11} {m.context_length:>7} {m.slots:>5}  {', '.join(m.hosts)}")
     for host in response.unreachable_hosts:
         print(f"(unreachable: {host})", file=sys.stderr)
@@ -191,7 +192,8 @@ def format_hosts(answers: list[tuple[str, host_status_pb2.HostStatus | None, str
             lines.append(f"{address:<22} {'down':<6} {error}")
             continue
         resident = [m for m in status.models if m.state == generate_pb2.MODEL_STATE_READY]
-        memory = f"{_bytes(status.memory.models_bytes)} / {_bytes(status.memory.budget_bytes)}"
+        used, budget = status.memory.models_bytes, status.memory.budget_bytes
+        memory = f"{format_bytes(used)} / {format_bytes(budget)}"
         busy = sum(m.slots_busy for m in resident)
         slots = sum(m.slots for m in resident)
         lines.append(
@@ -215,8 +217,8 @@ def format_status(status: host_status_pb2.HostStatus) -> str:
     m, c = status.memory, status.cache
     lines = [
         f"host {status.host_name}  device {status.device}  memory: models "
-        f"{_bytes(m.models_bytes)} of a {_bytes(m.budget_bytes)} budget; device "
-        f"{_bytes(m.used_bytes)} used of {_bytes(m.total_bytes)}",
+        f"{format_bytes(m.models_bytes)} of a {format_bytes(m.budget_bytes)} budget; device "
+        f"{format_bytes(m.used_bytes)} used of {format_bytes(m.total_bytes)}",
         f"cache: {c.hits} hits, {c.misses} misses, {c.evictions} evictions, {c.loads} loads "
         f"({c.load_seconds_total:.1f} s), {c.load_failures} failed loads",
         "",
@@ -225,8 +227,8 @@ def format_status(status: host_status_pb2.HostStatus) -> str:
     ]
     now = time.time()
     for model in status.models:
-        state = generate_pb2.ModelState.Name(model.state).removeprefix("MODEL_STATE_").lower()
-        memory = _bytes(model.footprint_bytes) + ("" if model.footprint_measured else "~")
+        state = _state_name(model.state)
+        memory = format_bytes(model.footprint_bytes) + ("" if model.footprint_measured else "~")
         if model.pinned:
             keep = "pinned"
         elif model.keep_alive_seconds < 0:
@@ -247,8 +249,8 @@ def format_status(status: host_status_pb2.HostStatus) -> str:
     return "\n".join(lines)
 
 
-def _bytes(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+def _state_name(state: int) -> str:
+    return generate_pb2.ModelState.Name(state).removeprefix("MODEL_STATE_").lower()
 
 
 if __name__ == "__main__":

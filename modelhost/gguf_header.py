@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 _MAGIC = b"GGUF"
-# GGUF value types (ggml's gguf.h): size in bytes of the fixed-size ones, with struct formats.
+# struct formats of GGUF's fixed-size value types, by type id (ggml's gguf.h).
 _SCALARS = {
     0: "<B",  # uint8
     1: "<b",  # int8
