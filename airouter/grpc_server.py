@@ -116,15 +116,19 @@ async def serve_until_signalled(
     health_servicer: health.aio.HealthServicer,
     grace_s: float,
     on_stopped: Callable[[], Awaitable[None]] | None = None,
+    on_draining: Callable[[], None] | None = None,
 ) -> None:
-    """Serves until SIGTERM or SIGINT, then stops accepting RPCs and lets in-flight ones finish
-    within grace_s before cancelling them."""
+    """Serves until SIGTERM or SIGINT, then reports NOT_SERVING, stops accepting RPCs and
+    lets in-flight ones finish within grace_s before cancelling them. on_draining runs first,
+    so long-lived streams (WatchStatus) can end instead of holding the grace period."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     _log.info("shutdown_started", grace_s=grace_s)
+    if on_draining is not None:
+        on_draining()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace_s)
     if on_stopped is not None:

@@ -20,8 +20,10 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import llama_cpp
@@ -90,6 +92,7 @@ class Served:
 async def served_decode(address: str, setup: str, streams: int, tokens: int, out: Served) -> None:
     """`streams` concurrent greedy requests of `tokens` tokens each over one channel."""
     async with grpc.aio.insecure_channel(address) as channel:
+        make: Callable[..., Any]
         if setup == "gateway":
             call = gateway_pb2_grpc.GatewayStub(channel).Generate
             make = gateway_pb2.GatewayGenerateRequest

@@ -1,33 +1,62 @@
-"""The modelhosts the gateway knows: a channel each and a cached view of their models."""
+"""The modelhosts the gateway knows, each with a live view kept by one WatchStatus stream.
+
+On (re)connecting, a host's catalog (names, aliases, capabilities, context) comes from
+ListModels; from then on its WatchStatus stream says which models are resident and how busy
+they are. A broken stream marks the host down at once and it reconnects with jittered
+exponential backoff. A host that keeps failing requests cools down and rejoins only after a
+real one-token generation succeeds on it.
+"""
 
 import asyncio
+import enum
+import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
-from airouter.v1 import gateway_pb2, generate_pb2, model_host_pb2
+from airouter.v1 import gateway_pb2, generate_pb2, host_status_pb2, model_host_pb2
 
 _log = structlog.get_logger()
 
-# How long a host's model list is trusted before a request refreshes it.
-CATALOG_TTL_S = 5.0
-# How long a host gets to answer ListModels before it counts as unreachable.
+# How long a host gets to answer ListModels when the gateway connects.
 LIST_TIMEOUT_S = 2.0
+# The most time between two status updates a host sends.
+WATCH_INTERVAL_MS = 1000
+# Reconnecting to a host that is down: first wait, cap (seconds), jittered +-50%.
+RECONNECT_BACKOFF_S = (0.25, 15.0)
+# This many failures within the window send a host to cool down, for a first period that
+# doubles each time the probe after it fails, up to the cap (seconds).
+COOLDOWN_FAILURES = 3
+COOLDOWN_WINDOW_S = 30.0
+COOLDOWN_S = (5.0, 300.0)
+
+
+class HostState(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    COOLING_DOWN = "cooling_down"
+    DRAINING = "draining"
 
 
 @dataclass
 class Host:
-    """One modelhost and what it last said it serves."""
+    """One modelhost: its channel, catalog, last status and standing with the gateway."""
 
     address: str
     channel: grpc.aio.Channel
     models: list[generate_pb2.ModelInfo] = field(default_factory=list)
-    reachable: bool = False
-    last_error: str = "not contacted yet"
-    refreshed_at: float = float("-inf")
-    refreshing: "asyncio.Future[None] | None" = None
+    status: host_status_pb2.HostStatus | None = None
+    state: HostState = HostState.DOWN
+    detail: str = "not contacted yet"
+    state_since: float = field(default_factory=time.time)
+    contacted: bool = False  # the gateway has tried to reach it at least once
+    in_flight: dict[str, int] = field(default_factory=dict)  # relayed requests per model
+    failures: deque[float] = field(default_factory=deque)
+    cooldown_s: float = COOLDOWN_S[0]
+    cooldown_until: float = 0.0
 
     def __post_init__(self) -> None:
         # The gateway's request and response messages mirror the host's field for field, so
@@ -42,57 +71,161 @@ class Host:
             request_serializer=model_host_pb2.ListModelsRequest.SerializeToString,
             response_deserializer=model_host_pb2.ListModelsResponse.FromString,
         )
+        self.watch_status = self.channel.unary_stream(
+            "/airouter.v1.ModelHost/WatchStatus",
+            request_serializer=model_host_pb2.WatchStatusRequest.SerializeToString,
+            response_deserializer=model_host_pb2.WatchStatusResponse.FromString,
+        )
 
-    def serves(self, model: str) -> bool:
-        return any(model == m.name or model in m.aliases for m in self.models)
+    @property
+    def routable(self) -> bool:
+        return self.state is HostState.UP
+
+    def model_status(self, name: str) -> host_status_pb2.ModelStatus | None:
+        if self.status is None:
+            return None
+        return next((m for m in self.status.models if m.name == name), None)
+
+    def state_of(self, name: str) -> generate_pb2.ModelState:
+        """A model's live state on this host (MODEL_STATE_*)."""
+        status = self.model_status(name)
+        return status.state if status else generate_pb2.MODEL_STATE_UNSPECIFIED
 
 
 class HostPool:
-    """All configured hosts, with their catalogs refreshed on demand."""
+    """Every known host, each watched by its own task."""
 
     def __init__(self, addresses: list[str]) -> None:
         self.hosts = [Host(a, grpc.aio.insecure_channel(a)) for a in dict.fromkeys(addresses)]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
 
-    def start_refresh(self, *, max_age_s: float = CATALOG_TTL_S) -> list["asyncio.Future[None]"]:
-        """Asks every host whose catalog is older than max_age_s for its models, concurrently,
-        without waiting; a host's call in flight is shared rather than sent again."""
-        now = time.monotonic()
-        pending = []
-        for host in self.hosts:
-            if now - host.refreshed_at < max_age_s:
-                continue
-            if host.refreshing is None or host.refreshing.done():
-                host.refreshing = asyncio.ensure_future(self._refresh_host(host))
-            pending.append(host.refreshing)
-        return pending
-
-    async def refresh(self, *, max_age_s: float = CATALOG_TTL_S) -> None:
-        """Like start_refresh, then waits for the answers (at most LIST_TIMEOUT_S)."""
-        pending = self.start_refresh(max_age_s=max_age_s)
-        if pending:
-            await asyncio.gather(*(asyncio.shield(f) for f in pending))
-
-    async def _refresh_host(self, host: Host) -> None:
-        try:
-            response = await host.list_models(
-                model_host_pb2.ListModelsRequest(), timeout=LIST_TIMEOUT_S
-            )
-        except grpc.aio.AioRpcError as exc:
-            if host.reachable:
-                _log.warning("host_down", host=host.address, code=exc.code().name)
-            host.reachable, host.models = False, []
-            host.last_error = f"{exc.code().name}: {exc.details()}"
-        else:
-            if not host.reachable:
-                _log.info("host_up", host=host.address, models=[m.name for m in response.models])
-            host.reachable, host.models, host.last_error = True, list(response.models), ""
-        host.refreshed_at = time.monotonic()
-
-    def reachable(self) -> list[Host]:
-        return [h for h in self.hosts if h.reachable]
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._watch(h)) for h in self.hosts]
 
     async def close(self) -> None:
-        for host in self.hosts:
-            if host.refreshing is not None:
-                host.refreshing.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(h.channel.close() for h in self.hosts))
+
+    def routable(self) -> list[Host]:
+        return [h for h in self.hosts if h.routable]
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Returns at the next change of any host's view, or after timeout_s."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    async def first_contact(self, timeout_s: float) -> None:
+        """Waits until every host has been tried once (the gateway has just started), for at
+        most timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while not all(h.contacted for h in self.hosts) and time.monotonic() < deadline:
+            await self.wait_for_change(deadline - time.monotonic())
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _set_state(self, host: Host, state: HostState, detail: str = "") -> None:
+        if host.state is not state:
+            log = _log.warning if state in (HostState.DOWN, HostState.COOLING_DOWN) else _log.info
+            log("host_" + state.value, host=host.address, detail=detail)
+            host.state_since = time.time()
+        host.state, host.detail = state, detail
+        self._notify()
+
+    # --- failures and cool-down ------------------------------------------------------
+
+    def record_failure(self, host: Host, why: str) -> None:
+        """A request failed on the host for a reason of the host's; enough of them within
+        the window and the host cools down."""
+        now = time.monotonic()
+        host.failures.append(now)
+        while host.failures and now - host.failures[0] > COOLDOWN_WINDOW_S:
+            host.failures.popleft()
+        if len(host.failures) >= COOLDOWN_FAILURES and host.state is not HostState.COOLING_DOWN:
+            host.failures.clear()
+            host.cooldown_until = now + host.cooldown_s
+            self._set_state(
+                host,
+                HostState.COOLING_DOWN,
+                f"{COOLDOWN_FAILURES} failures within {COOLDOWN_WINDOW_S:.0f} s, the last: "
+                f"{why}; probing again in {host.cooldown_s:.0f} s",
+            )
+
+    async def _probe(self, host: Host) -> bool:
+        """A real one-token generation on the host's first ready model (or first model)."""
+        ready = [m.name for m in host.models if host.state_of(m.name) == _READY]
+        names = ready or [m.name for m in host.models]
+        if not names:
+            return False
+        request = gateway_pb2.GatewayGenerateRequest(model=names[0], prompt="Hello")
+        request.stopping.max_tokens = 1
+        request.sampling.temperature = 0.0
+        try:
+            async for response in host.generate(request, timeout=30):
+                if response.HasField("finished"):
+                    return response.finished.reason != generate_pb2.FINISH_REASON_ERROR
+        except grpc.aio.AioRpcError as exc:
+            _log.info("host_probe_failed", host=host.address, code=exc.code().name)
+        return False
+
+    async def _end_cooldown(self, host: Host) -> None:
+        """Waits out the cool-down, then probes until a generation succeeds."""
+        while host.state is HostState.COOLING_DOWN:
+            await asyncio.sleep(max(host.cooldown_until - time.monotonic(), 0))
+            if await self._probe(host):
+                host.cooldown_s = COOLDOWN_S[0]
+                self._set_state(host, HostState.UP, "a probe generation succeeded")
+                return
+            host.cooldown_s = min(host.cooldown_s * 2, COOLDOWN_S[1])
+            host.cooldown_until = time.monotonic() + host.cooldown_s
+            host.detail = f"the probe generation failed; probing again in {host.cooldown_s:.0f} s"
+
+    # --- the watch loop --------------------------------------------------------------
+
+    async def _watch(self, host: Host) -> None:
+        backoff = RECONNECT_BACKOFF_S[0]
+        cooldown_task: asyncio.Task[None] | None = None
+        while True:
+            try:
+                catalog = await host.list_models(
+                    model_host_pb2.ListModelsRequest(), timeout=LIST_TIMEOUT_S
+                )
+                host.models = list(catalog.models)
+                stream = host.watch_status(
+                    model_host_pb2.WatchStatusRequest(interval_ms=WATCH_INTERVAL_MS)
+                )
+                async for update in stream:
+                    host.status, host.contacted = update.status, True
+                    backoff = RECONNECT_BACKOFF_S[0]
+                    if host.state is HostState.COOLING_DOWN:
+                        if cooldown_task is None or cooldown_task.done():
+                            cooldown_task = asyncio.create_task(self._end_cooldown(host))
+                        self._notify()
+                    elif update.status.draining:
+                        self._set_state(host, HostState.DRAINING, "the host is shutting down")
+                    else:
+                        self._set_state(host, HostState.UP)
+                if host.state is HostState.DRAINING:
+                    # Its last update said so; it is down once it stops answering.
+                    await asyncio.sleep(backoff)
+                    continue
+                why = "the host ended its status stream"
+            except grpc.aio.AioRpcError as exc:
+                why = f"{exc.code().name}: {exc.details()}"
+            host.status = None
+            host.contacted = True
+            if host.state is HostState.UP:
+                self.record_failure(host, why)  # a flapping host cools down
+            if host.state is not HostState.COOLING_DOWN:
+                self._set_state(host, HostState.DOWN, why)
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
+
+
+_READY = generate_pb2.MODEL_STATE_READY

@@ -7,13 +7,21 @@ from collections.abc import AsyncGenerator
 import grpc
 import structlog
 
-from airouter.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from airouter.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway import router
 from gateway.hosts import HostPool
 
 _log = structlog.get_logger()
 
+# How long a request waits for a host to become available before it fails.
+STARTUP_WAIT_S = 3.0
 # Codes after which another host may well succeed; any other error is the request's own.
 _FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -38,18 +46,29 @@ async def relay_generate(
         raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
-    # Stale catalogs refresh in the background while a known host serves the request; only
-    # when none is known does the request wait for the hosts' answers.
-    pool.start_refresh()
-    if not any(h.serves(request.model) for h in pool.reachable()):
-        await pool.refresh(max_age_s=0)
-    hosts = router.candidates(pool.hosts, request.model)
-    log = _log.bind(request_id=request.request_id, model=request.model)
+    requested = request.model
+    log = _log.bind(request_id=request.request_id, model=requested)
+    ranked = await _candidates(pool, request, deadline)
+    log.info(
+        "route_chosen",
+        host=ranked[0].host.address,
+        served_model=ranked[0].model.name,
+        reason=ranked[0].reason,
+        candidates=[c.describe() for c in ranked],
+    )
     failures: list[str] = []
     last_code = grpc.StatusCode.UNAVAILABLE
-    for host in hosts:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    for candidate in ranked:
+        host, name = candidate.host, candidate.model.name
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceeded(
+                f"the deadline passed before a host could serve {requested!r}; tried: "
+                f"{'; '.join(failures) or 'none'}"
+            )
+        request.model = name  # a host knows its models by name, not by capability
+        timeout = None if deadline is None else deadline - time.monotonic()
         call = host.generate(request, timeout=timeout)
+        host.in_flight[name] = host.in_flight.get(name, 0) + 1
         started = finished = False
         try:
             async for response in call:
@@ -59,12 +78,14 @@ async def relay_generate(
                 started = True
                 yield response
             if not finished:
+                pool.record_failure(host, "a stream ended without a result")
                 yield _error_finish(host.address, "the host ended the stream without a result")
             return
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if started:
                 log.warning("host_failed_mid_stream", host=host.address, code=code.name)
+                pool.record_failure(host, f"failed mid-stream: {code.name}")
                 yield _error_finish(host.address, f"failed mid-stream: {exc.details()}")
                 return
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -77,14 +98,34 @@ async def relay_generate(
             failures.append(f"{host.address} ({code.name}: {exc.details()})")
             last_code = code
             if code == grpc.StatusCode.UNAVAILABLE:
-                host.refreshed_at = float("-inf")  # re-check it on the next request
+                pool.record_failure(host, f"{code.name}: {exc.details()}")
         finally:
+            host.in_flight[name] -= 1
             call.cancel()  # no-op once finished; stops the host's decoding if we were cancelled
     if last_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         raise ResourceExhausted(
-            f"every host that serves {request.model!r} is full: {'; '.join(failures)}"
+            f"every host that serves {requested!r} is full: {'; '.join(failures)}"
         )
-    raise Unavailable(f"no host could serve {request.model!r}; tried: {'; '.join(failures)}")
+    raise Unavailable(f"no host could serve {requested!r}; tried: {'; '.join(failures)}")
+
+
+async def _candidates(
+    pool: HostPool, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None
+) -> list[router.Candidate]:
+    """The ranked candidates. While some host has not been contacted yet (the gateway has just
+    started) a request nothing can serve waits for the pool's view to change, within its
+    deadline and at most STARTUP_WAIT_S."""
+    give_up = time.monotonic() + STARTUP_WAIT_S
+    if deadline is not None:
+        give_up = min(give_up, deadline)
+    while True:
+        try:
+            return router.candidates(pool.hosts, request.model, request.min_context_length)
+        except (Unavailable, NotFound):
+            left = give_up - time.monotonic()
+            if left <= 0 or all(h.contacted for h in pool.hosts):
+                raise
+            await pool.wait_for_change(left)
 
 
 def _error_finish(host: str, why: str) -> gateway_pb2.GatewayGenerateResponse:

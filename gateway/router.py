@@ -1,48 +1,125 @@
-"""Which hosts may serve a request, best first. Pure logic over the pool's current view."""
+"""Which (host, model) pairs may serve a request, and in which order to try them.
 
-import itertools
+Pure logic over the pool's live view. A request names a model, an alias, or
+"capability:<tag>", and may ask for a minimum context length. Candidates are ranked in tiers:
+resident with a free slot, resident and busy, loading or loadable, resident but saturated (a
+whole wave of requests queued); within a tier by free slots against queued requests, then
+recent TTFT. The first choice is drawn between the best two at random, weighted by that
+score, so a burst that arrives between two status updates does not all land on one host.
+"""
 
-from airouter.errors import NotFound, Unavailable
+import random
+from dataclasses import dataclass
+
+from airouter.errors import InvalidArgument, NotFound, Unavailable
 from airouter.v1 import generate_pb2
 from gateway.hosts import Host
 
-_STATE_RANK = {
-    generate_pb2.MODEL_STATE_READY: 0,
-    generate_pb2.MODEL_STATE_LOADING: 1,
-    generate_pb2.MODEL_STATE_NOT_LOADED: 2,
-    generate_pb2.MODEL_STATE_UNLOADING: 2,  # a request loads it again
-}
-_rotation = itertools.count()
+CAPABILITY_PREFIX = "capability:"
+_READY = generate_pb2.MODEL_STATE_READY
+_LOADING = generate_pb2.MODEL_STATE_LOADING
+_ERROR = generate_pb2.MODEL_STATE_ERROR
 
 
-def candidates(hosts: list[Host], model: str) -> list[Host]:
-    """Reachable hosts that serve `model` (by name or alias), resident ones first; hosts that
-    rank alike take turns so load spreads. Raises NotFound or Unavailable when none can."""
-    reachable = [h for h in hosts if h.reachable]
-    if not reachable:
-        tried = "; ".join(f"{h.address} ({h.last_error})" for h in hosts) or "none configured"
-        raise Unavailable(f"no model host is reachable; tried: {tried}")
+@dataclass(frozen=True)
+class Candidate:
+    host: Host
+    model: generate_pb2.ModelInfo
+    tier: int  # lower is better
+    weight: float  # higher is better, within a tier
+    ttft_ms: float
+    reason: str
 
-    def rank(host: Host) -> int:
-        states = [m.state for m in host.models if model == m.name or model in m.aliases]
-        return min((_STATE_RANK.get(s, 3) for s in states), default=3)
+    def describe(self) -> str:
+        return f"{self.host.address}/{self.model.name} (tier {self.tier}: {self.reason})"
 
-    listed = [h for h in reachable if h.serves(model)]
-    serving = [h for h in listed if rank(h) < 3]
-    if listed and not serving:
-        why = "; ".join(
-            f"{h.address}: {m.state_detail or 'error'}"
-            for h in listed
-            for m in h.models
-            if model in (m.name, *m.aliases)
-        )
-        raise Unavailable(f"model {model!r} failed to load on every host that serves it: {why}")
-    if not serving:
-        known = sorted({m.name for h in reachable for m in h.models})
+
+def matches(model: generate_pb2.ModelInfo, requested: str) -> bool:
+    if requested.startswith(CAPABILITY_PREFIX):
+        return requested.removeprefix(CAPABILITY_PREFIX) in model.capabilities
+    return requested == model.name or requested in model.aliases
+
+
+def candidates(
+    hosts: list[Host], requested: str, min_context: int = 0, rng: random.Random | None = None
+) -> list[Candidate]:
+    """The pairs that can serve the request, the chosen one first; raises NotFound,
+    InvalidArgument or Unavailable, saying why, when there are none."""
+    routable = [h for h in hosts if h.routable]
+    if not routable:
+        states = "; ".join(f"{h.address}: {h.state.value} ({h.detail})" for h in hosts)
+        raise Unavailable(f"no model host is available; {states or 'none is configured'}")
+    pairs = [(h, m) for h in routable for m in h.models if matches(m, requested)]
+    if not pairs:
+        elsewhere = [
+            h for h in hosts if not h.routable and any(matches(m, requested) for m in h.models)
+        ]
+        if elsewhere:
+            raise Unavailable(
+                f"{requested!r} is served only by hosts that are not available: "
+                + "; ".join(f"{h.address}: {h.state.value} ({h.detail})" for h in elsewhere)
+            )
+        names = sorted({m.name for h in routable for m in h.models})
+        tags = sorted({t for h in routable for m in h.models for t in m.capabilities})
         raise NotFound(
-            f"model {model!r} is not served by any reachable host; available: "
-            f"{', '.join(known) or 'none'}"
+            f"no available host serves {requested!r}; models: {', '.join(names) or 'none'}; "
+            f"capabilities (ask for capability:<tag>): {', '.join(tags) or 'none'}"
         )
-    turn = next(_rotation) % len(serving)
-    rotated = serving[turn:] + serving[:turn]
-    return sorted(rotated, key=rank)
+    if min_context:
+        wide = [(h, m) for h, m in pairs if m.context_length >= min_context]
+        if not wide:
+            largest = max(m.context_length for _, m in pairs)
+            raise InvalidArgument(
+                f"min_context_length {min_context} exceeds the context of every model that "
+                f"matches {requested!r} (the largest has {largest}); ask for less or configure "
+                "a model with more context"
+            )
+        pairs = wide
+    ranked = [c for c in (_rank(h, m) for h, m in pairs) if c is not None]
+    if not ranked:
+        why = "; ".join(
+            f"{h.address}/{m.name}: {_status_detail(h, m.name) or 'error'}" for h, m in pairs
+        )
+        raise Unavailable(f"{requested!r} failed to load on every host that serves it: {why}")
+    ranked.sort(key=lambda c: (c.tier, -c.weight, c.ttft_ms))
+    best, rest = ranked[:2], ranked[2:]
+    if len(best) == 2 and best[0].tier == best[1].tier:
+        chooser = rng or random
+        first = chooser.choices(best, weights=[c.weight for c in best])[0]
+        best = [first, *(c for c in best if c is not first)]
+    return best + rest
+
+
+def _status_detail(host: Host, name: str) -> str:
+    status = host.model_status(name)
+    return status.state_detail if status else ""
+
+
+def _rank(host: Host, model: generate_pb2.ModelInfo) -> Candidate | None:
+    """Places one pair in its tier, or None when the model is in error on that host."""
+    status = host.model_status(model.name)
+    if status is None:
+        return Candidate(host, model, 2, 1.0, 0.0, "no status yet")
+    if status.state == _ERROR:
+        return None
+    slots = max(status.slots, 1)
+    # Requests this gateway sent since the host's last update count too.
+    busy = max(status.slots_busy + status.queue_depth, host.in_flight.get(model.name, 0))
+    free, queued = max(slots - busy, 0), max(busy - slots, 0)
+    weight = (1 + free) / (1 + queued)
+    load = f"{free}/{slots} slots free, {queued} queued"
+    ttft = status.recent_time_to_first_token_ms
+    if status.state == _READY:
+        if free:
+            return Candidate(host, model, 0, weight, ttft, f"resident, {load}")
+        if queued < slots:
+            return Candidate(host, model, 1, weight, ttft, f"resident and busy, {load}")
+        return Candidate(host, model, 3, weight, ttft, f"resident but saturated, {load}")
+    if status.state == _LOADING:
+        return Candidate(host, model, 2, weight, ttft, "loading")
+    memory = host.status.memory if host.status else None
+    fits = (
+        memory is not None and memory.budget_bytes - memory.models_bytes >= status.footprint_bytes
+    )
+    why = "not loaded, fits in free memory" if fits else "not loaded, must evict to fit"
+    return Candidate(host, model, 2 if fits else 3, weight, ttft, why)

@@ -31,6 +31,7 @@ class RunningGateway:
 
 async def start_gateway(listen: str, modelhosts: list[str]) -> RunningGateway:
     pool = HostPool(modelhosts)
+    pool.start()
     server, health_servicer = grpc_server.new_server([SERVICE_NAME])
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool), server)
     port = grpc_server.bind(server, listen)

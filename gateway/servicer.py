@@ -6,7 +6,7 @@ from contextlib import aclosing
 import grpc
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
-from gateway.hosts import HostPool
+from gateway.hosts import Host, HostPool, HostState
 from gateway.relay import HostError, relay_generate
 
 # When hosts disagree on a model's state, the merged entry shows the most usable one.
@@ -21,6 +21,16 @@ _STATE_RANK = {
             generate_pb2.MODEL_STATE_ERROR,
         ]
     )
+}
+
+
+# How long a listing right after start waits for hosts to be tried.
+FIRST_CONTACT_WAIT_S = 3.0
+HOST_STATE_TO_PB = {
+    HostState.UP: gateway_pb2.HOST_STATE_UP,
+    HostState.DOWN: gateway_pb2.HOST_STATE_DOWN,
+    HostState.COOLING_DOWN: gateway_pb2.HOST_STATE_COOLING_DOWN,
+    HostState.DRAINING: gateway_pb2.HOST_STATE_DRAINING,
 }
 
 
@@ -44,19 +54,48 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def ListModels(
         self, request: gateway_pb2.GatewayListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GatewayListModelsResponse:
-        await self._pool.refresh(max_age_s=0)
+        await self._pool.first_contact(FIRST_CONTACT_WAIT_S)
         merged: dict[str, generate_pb2.ModelInfo] = {}
-        for host in self._pool.reachable():
+        for host in self._pool.routable():
             for model in host.models:
+                state = host.state_of(model.name) or model.state
+                detail = _model_detail(host, model.name)
                 entry = merged.get(model.name)
                 if entry is None:
                     entry = merged[model.name] = generate_pb2.ModelInfo()
                     entry.CopyFrom(model)
                     del entry.hosts[:]
-                elif _STATE_RANK.get(model.state, 9) < _STATE_RANK.get(entry.state, 9):
-                    entry.state, entry.state_detail = model.state, model.state_detail
+                    entry.state, entry.state_detail = state, detail
+                elif _STATE_RANK.get(state, 9) < _STATE_RANK.get(entry.state, 9):
+                    entry.state, entry.state_detail = state, detail
                 entry.hosts.append(host.address)
+                if state == generate_pb2.MODEL_STATE_READY:
+                    entry.resident_hosts.append(host.address)
         return gateway_pb2.GatewayListModelsResponse(
             models=[merged[name] for name in sorted(merged)],
-            unreachable_hosts=[h.address for h in self._pool.hosts if not h.reachable],
+            unreachable_hosts=[h.address for h in self._pool.hosts if not h.routable],
         )
+
+    async def ListHosts(
+        self, request: gateway_pb2.ListHostsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListHostsResponse:
+        await self._pool.first_contact(FIRST_CONTACT_WAIT_S)
+        return gateway_pb2.ListHostsResponse(hosts=[host_info_pb(h) for h in self._pool.hosts])
+
+
+def _model_detail(host: Host, name: str) -> str:
+    status = host.model_status(name)
+    return status.state_detail if status else ""
+
+
+def host_info_pb(host: Host) -> gateway_pb2.HostInfo:
+    info = gateway_pb2.HostInfo(
+        address=host.address,
+        state=HOST_STATE_TO_PB[host.state],
+        state_detail=host.detail,
+        requests_in_flight=sum(host.in_flight.values()),
+    )
+    if host.status is not None:
+        info.status.CopyFrom(host.status)
+    info.state_since.FromNanoseconds(int(host.state_since * 1e9))
+    return info

@@ -62,7 +62,11 @@ async def _serve(config, device: str) -> None:  # type: ignore[no-untyped-def]
         models=[m.name for m in config.models],
     )
     await grpc_server.serve_until_signalled(
-        host.server, host.health, config.shutdown_grace_s, host.close
+        host.server,
+        host.health,
+        config.shutdown_grace_s,
+        host.close,
+        on_draining=host.residency.drain,
     )
 
 

@@ -143,6 +143,7 @@ class Residency:
         self._tasks: set[asyncio.Task[object]] = set()
         self._changed = asyncio.Event()
         self._housekeeper: asyncio.Task[None] | None = None
+        self.draining = False  # shutting down: finishing streams, taking no new ones
 
     # --- lookups and status --------------------------------------------------------
 
@@ -161,6 +162,11 @@ class Residency:
     def next_change(self) -> asyncio.Event:
         """An event set at the next change of a model's state."""
         return self._changed
+
+    def drain(self) -> None:
+        """Marks the host as shutting down, so watchers route new requests elsewhere."""
+        self.draining = True
+        self._notify()
 
     def _notify(self) -> None:
         self._changed.set()

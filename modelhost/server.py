@@ -33,6 +33,7 @@ class RunningHost:
     metrics: MetricsServer | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
+        self.residency.drain()
         await self.server.stop(grace_s)
         await self.close()
 

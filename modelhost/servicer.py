@@ -81,6 +81,8 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         while True:
             changed = residency.next_change()
             yield model_host_pb2.WatchStatusResponse(status=host_status_pb(residency))
+            if residency.draining:
+                return  # the last update says so; the watcher goes elsewhere
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), interval_s)
 
@@ -182,6 +184,7 @@ def host_status_pb(residency: Residency) -> host_status_pb2.HostStatus:
             load_seconds_total=stats.load_seconds,
         ),
         observed_at=observed_at,
+        draining=residency.draining,
     )
 
 

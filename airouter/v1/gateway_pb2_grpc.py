@@ -46,6 +46,11 @@ class GatewayStub:
                 request_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayListModelsRequest.SerializeToString,
                 response_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListHosts = channel.unary_unary(
+                '/airouter.v1.Gateway/ListHosts',
+                request_serializer=airouter_dot_v1_dot_gateway__pb2.ListHostsRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_gateway__pb2.ListHostsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -68,6 +73,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHosts(self, request, context):
+        """Lists every host the gateway knows, with its state and live load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +92,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayListModelsRequest.FromString,
                     response_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayListModelsResponse.SerializeToString,
+            ),
+            'ListHosts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHosts,
+                    request_deserializer=airouter_dot_v1_dot_gateway__pb2.ListHostsRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_gateway__pb2.ListHostsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +155,33 @@ class Gateway:
             '/airouter.v1.Gateway/ListModels',
             airouter_dot_v1_dot_gateway__pb2.GatewayListModelsRequest.SerializeToString,
             airouter_dot_v1_dot_gateway__pb2.GatewayListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHosts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/ListHosts',
+            airouter_dot_v1_dot_gateway__pb2.ListHostsRequest.SerializeToString,
+            airouter_dot_v1_dot_gateway__pb2.ListHostsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -124,7 +124,7 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error_message: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "aliases", "capabilities", "context_length", "state", "state_detail", "slots", "hosts")
+    __slots__ = ("name", "aliases", "capabilities", "context_length", "state", "state_detail", "slots", "hosts", "resident_hosts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class ModelInfo(_message.Message):
     STATE_DETAIL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_HOSTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -141,4 +142,5 @@ class ModelInfo(_message.Message):
     state_detail: str
     slots: int
     hosts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., state_detail: _Optional[str] = ..., slots: _Optional[int] = ..., hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+    resident_hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., state_detail: _Optional[str] = ..., slots: _Optional[int] = ..., hosts: _Optional[_Iterable[str]] = ..., resident_hosts: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -11,20 +11,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HostStatus(_message.Message):
-    __slots__ = ("host_name", "device", "memory", "models", "cache", "observed_at")
+    __slots__ = ("host_name", "device", "memory", "models", "cache", "observed_at", "draining")
     HOST_NAME_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     host_name: str
     device: str
     memory: MemoryStatus
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     cache: CacheStatistics
     observed_at: _timestamp_pb2.Timestamp
-    def __init__(self, host_name: _Optional[str] = ..., device: _Optional[str] = ..., memory: _Optional[_Union[MemoryStatus, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatistics, _Mapping]] = ..., observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, host_name: _Optional[str] = ..., device: _Optional[str] = ..., memory: _Optional[_Union[MemoryStatus, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatistics, _Mapping]] = ..., observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class MemoryStatus(_message.Message):
     __slots__ = ("total_bytes", "used_bytes", "budget_bytes", "models_bytes")
