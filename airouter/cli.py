@@ -5,7 +5,7 @@ airouter generate --json "..."               one JSON object per event
 airouter models                              the models the gateway can reach
 airouter status --modelhost HOST:PORT [--watch]
                                              a modelhost's memory, models and load
-airouter hosts --modelhost HOST:PORT ...      one line per modelhost
+airouter hosts                               one line per host the gateway knows
 """
 
 import argparse
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     hosts.add_argument(
         "--modelhost",
         action="append",
-        help="modelhost HOST:PORT, repeatable (default $AIROUTER_MODELHOSTS, comma-separated, "
-        f"or {DEFAULT_MODELHOST})",
+        help="ask this modelhost directly, repeatable (or $AIROUTER_MODELHOSTS, "
+        "comma-separated); default: every host the gateway knows",
     )
     hosts.add_argument("--json", action="store_true")
 
@@ -128,10 +128,14 @@ def _models(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int
     if args.json:
         print(json.dumps(json_format.MessageToDict(response), indent=2))
         return 0
-    print(f"{'MODEL':<24} {'STATE':<11} {'CONTEXT':>7} {'SLOTS':>5}  HOSTS")
+    print(f"{'MODEL':<24} {'STATE':<11} {'CONTEXT':>7} {'SLOTS':>5}  {'CAPABILITIES':<18} HOSTS")
     for m in response.models:
         state = _state_name(m.state)
-        print(f"{m.name:<24} {state:<11} {m.context_length:>7} {m.slots:>5}  {', '.join(m.hosts)}")
+        hosts = ", ".join(h + (" (resident)" if h in m.resident_hosts else "") for h in m.hosts)
+        print(
+            f"{m.name:<24} {state:<11} {m.context_length:>7} {m.slots:>5}  "
+            f"{','.join(m.capabilities):<18} {hosts}"
+        )
     for host in response.unreachable_hosts:
         print(f"(unreachable: {host})", file=sys.stderr)
     return 0
@@ -152,56 +156,66 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _hosts(args: argparse.Namespace) -> int:
-    addresses = args.modelhost or os.environ.get("AIROUTER_MODELHOSTS", DEFAULT_MODELHOST).split(
-        ","
-    )
-    with ThreadPoolExecutor(len(addresses)) as pool:
-        answers = list(pool.map(_host_status, addresses))
+    addresses = args.modelhost or os.environ.get("AIROUTER_MODELHOSTS", "").split(",")
+    addresses = [a for a in addresses if a]
+    if addresses:  # ask each modelhost directly
+        with ThreadPoolExecutor(len(addresses)) as pool:
+            hosts = list(pool.map(_host_info, addresses))
+    else:  # ask the gateway about every host it knows
+        with grpc.insecure_channel(args.gateway) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            hosts = list(stub.ListHosts(gateway_pb2.ListHostsRequest(), timeout=10).hosts)
     if args.json:
-        rows = [
-            {"address": a, "status": json_format.MessageToDict(s)}
-            if s
-            else {"address": a, "error": e}
-            for a, s, e in answers
-        ]
-        print(json.dumps(rows, indent=2))
+        response = gateway_pb2.ListHostsResponse(hosts=hosts)
+        print(json.dumps(json_format.MessageToDict(response), indent=2))
     else:
-        print(format_hosts(answers))
-    return 0 if all(status for _, status, _ in answers) else 1
+        print(format_hosts(hosts))
+    return 0 if all(h.state == gateway_pb2.HOST_STATE_UP for h in hosts) else 1
 
 
-def _host_status(address: str) -> tuple[str, host_status_pb2.HostStatus | None, str]:
+def _host_info(address: str) -> gateway_pb2.HostInfo:
     with grpc.insecure_channel(address) as channel:
         try:
             response = model_host_pb2_grpc.ModelHostStub(channel).GetStatus(
                 model_host_pb2.GetStatusRequest(), timeout=5
             )
         except grpc.RpcError as exc:
-            return address, None, f"{exc.code().name}: {exc.details()}"
-    return address, response.status, ""
+            return gateway_pb2.HostInfo(
+                address=address,
+                state=gateway_pb2.HOST_STATE_DOWN,
+                state_detail=f"{exc.code().name}: {exc.details()}",
+            )
+    return gateway_pb2.HostInfo(
+        address=address, state=gateway_pb2.HOST_STATE_UP, status=response.status
+    )
 
 
-def format_hosts(answers: list[tuple[str, host_status_pb2.HostStatus | None, str]]) -> str:
-    """One line per modelhost: reachable or why not, memory, resident models and load."""
+def format_hosts(hosts: list[gateway_pb2.HostInfo]) -> str:
+    """One line per modelhost: its state (and why, when it is not up), memory, resident
+    models and load."""
     lines = [
-        f"{'HOST':<22} {'STATE':<6} {'DEVICE':<6} {'MEMORY (MODELS/BUDGET)':<24} {'SLOTS':>7} "
+        f"{'HOST':<22} {'STATE':<12} {'DEVICE':<6} {'MEMORY (MODELS/BUDGET)':<24} {'SLOTS':>7} "
         f"{'QUEUE':>5} {'TOK/S':>7}  RESIDENT"
     ]
-    for address, status, error in answers:
-        if status is None:
-            lines.append(f"{address:<22} {'down':<6} {error}")
+    for host in hosts:
+        state = gateway_pb2.HostState.Name(host.state).removeprefix("HOST_STATE_").lower()
+        if not host.HasField("status"):
+            lines.append(f"{host.address:<22} {state:<12} {host.state_detail}")
             continue
+        status = host.status
         resident = [m for m in status.models if m.state == generate_pb2.MODEL_STATE_READY]
         used, budget = status.memory.models_bytes, status.memory.budget_bytes
         memory = f"{format_bytes(used)} / {format_bytes(budget)}"
         busy = sum(m.slots_busy for m in resident)
         slots = sum(m.slots for m in resident)
         lines.append(
-            f"{address:<22} {'up':<6} {status.device:<6} {memory:<24} "
+            f"{host.address:<22} {state:<12} {status.device:<6} {memory:<24} "
             f"{f'{busy}/{slots}':>7} {sum(m.queue_depth for m in resident):>5} "
             f"{sum(m.recent_tokens_per_second for m in resident):>7.1f}  "
             f"{', '.join(m.name for m in resident) or '-'}"
         )
+        if host.state != gateway_pb2.HOST_STATE_UP and host.state_detail:
+            lines.append(f"  {host.state_detail}")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,9 +15,9 @@ class ServerProcess:
     """`modelhost serve ...` or `gateway serve ...` on 127.0.0.1:0; the bound port is read
     from its start-up log line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0") -> None:
         self.process = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:], "--listen", "127.0.0.1:0"],
+            [str(BIN / args[0]), *args[1:], "--listen", listen],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -36,3 +37,15 @@ class ServerProcess:
         """SIGTERM, as systemd or Ctrl-C would send, and the exit code."""
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL: the machine or the process dies without a word."""
+        self.process.kill()
+        self.process.wait(timeout=60)
+
+
+def free_port_address() -> str:
+    """A loopback address nothing listens on now, for a server that must come back there."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"

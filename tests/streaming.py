@@ -38,6 +38,8 @@ def _fill(request: Any, fields: dict[str, Any]) -> Any:
     request.stopping.ignore_eos = fields.pop("ignore_eos", False)
     if "request_id" in fields:
         request.request_id = fields.pop("request_id")
+    if "min_context_length" in fields:
+        request.min_context_length = fields.pop("min_context_length")
     for name, value in fields.items():
         setattr(request.sampling, name, value)
     return request

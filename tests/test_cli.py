@@ -100,12 +100,20 @@ def test_airouter_status_of_an_unreachable_host_fails_clearly(servers) -> None: 
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
 
 
-def test_airouter_hosts_shows_one_line_per_host(servers) -> None:  # type: ignore[no-untyped-def]
+def test_airouter_hosts_lists_the_gateways_hosts(servers) -> None:  # type: ignore[no-untyped-def]
+    host, gateway = servers
+    done = airouter(gateway, "hosts")
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith(host.address))
+    assert " up " in row and "cpu" in row and "gemma-3-270m" in row and "/8" in row
+
+
+def test_airouter_hosts_asks_modelhosts_directly_and_shows_down_ones(servers) -> None:  # type: ignore[no-untyped-def]
     host, gateway = servers
     done = airouter(gateway, "hosts", "--modelhost", host.address, "--modelhost", "127.0.0.1:1")
     assert done.returncode == 1  # one host is down
     up = next(line for line in done.stdout.splitlines() if line.startswith(host.address))
-    assert " up " in up and "cpu" in up and "gemma-3-270m" in up and "/8" in up
+    assert " up " in up and "gemma-3-270m" in up
     down = next(line for line in done.stdout.splitlines() if line.startswith("127.0.0.1:1 "))
     assert "down" in down and "UNAVAILABLE" in down
 

@@ -1,6 +1,5 @@
 """The gateway relaying to real modelhosts over gRPC."""
 
-import socket
 import time
 from pathlib import Path
 
@@ -14,14 +13,8 @@ from gateway.server import start_gateway
 from modelhost.config import HostConfig, ModelConfig
 from modelhost.server import start_host
 from tests.conftest import Stack, host_config
+from tests.processes import free_port_address
 from tests.streaming import collect, gateway_request, host_request
-
-
-def closed_port_address() -> str:
-    """A loopback address where nothing listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 class ExtraGateway:
@@ -74,7 +67,7 @@ def test_gateway_lists_models_with_the_hosts_that_serve_them(stack: Stack) -> No
 def test_gateway_merges_models_across_hosts_and_names_unreachable_ones(
     stack: Stack, extra_gateway
 ) -> None:  # type: ignore[no-untyped-def]
-    dead = closed_port_address()
+    dead = free_port_address()
     gateway = extra_gateway([stack.host_address, dead])
     response = gateway.stub.ListModels(gateway_pb2.GatewayListModelsRequest())
     assert {m.name for m in response.models} == {"gemma-3-270m", "gemma-one-slot"}
@@ -105,7 +98,7 @@ def test_hosts_invalid_argument_reaches_the_client_unchanged(stack: Stack) -> No
 def test_no_reachable_host_is_unavailable_naming_the_hosts_tried(
     stack: Stack, extra_gateway
 ) -> None:  # type: ignore[no-untyped-def]
-    dead = [closed_port_address(), closed_port_address()]
+    dead = [free_port_address(), free_port_address()]
     gateway = extra_gateway(dead)
     with pytest.raises(grpc.RpcError) as info:
         collect(gateway.stub.Generate(gateway_request(prompt="hi")))
