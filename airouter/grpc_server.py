@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from airouter import errors
+from airouter.security import AuthInterceptor, Credentials
 
 _log = structlog.get_logger()
 
@@ -80,12 +81,17 @@ def _guard_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Await
     return guarded
 
 
-def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with the error interceptor, health (SERVING at once) and reflection."""
-    server = grpc.aio.server(
-        interceptors=[DomainErrorInterceptor()],
-        options=[("grpc.so_reuseport", 0)],
-    )
+def new_server(
+    service_names: Iterable[str],
+    credentials: Credentials | None = None,
+    admin_methods: Iterable[str] = (),
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with token checks (when credentials carry tokens), the error
+    interceptor, health (SERVING at once) and reflection."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [DomainErrorInterceptor()]
+    if credentials is not None and credentials.authenticates:
+        interceptors.insert(0, AuthInterceptor(credentials, set(admin_methods)))
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
@@ -103,9 +109,10 @@ async def mark_serving(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-def bind(server: grpc.aio.Server, address: str) -> int:
-    """Listens on address (HOST:PORT, port 0 for any free one) and returns the bound port."""
-    port = server.add_insecure_port(address)
+def bind(server: grpc.aio.Server, address: str, tls: grpc.ServerCredentials | None = None) -> int:
+    """Listens on address (HOST:PORT, port 0 for any free one), with TLS when given, and
+    returns the bound port."""
+    port = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}: the address is in use or invalid")
     return port

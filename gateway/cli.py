@@ -2,13 +2,18 @@
 
 import argparse
 import asyncio
+import signal
 import sys
+from pathlib import Path
 
 import structlog
 
 from airouter import grpc_server
+from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
-from gateway.server import DEFAULT_LISTEN, DEFAULT_MODELHOST, start_gateway
+from airouter.security import SecurityError, add_security_flags, security_flags
+from gateway.config import DEFAULT_LISTEN, DEFAULT_MODELHOST, GatewayConfig, load_gateway_config
+from gateway.server import RunningGateway, start_gateway
 
 _log = structlog.get_logger()
 
@@ -17,31 +22,67 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="route requests to modelhosts")
-    serve.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT to listen on")
+    serve.add_argument("--config", type=Path, help="gateway.toml; reread on SIGHUP")
+    serve.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})")
     serve.add_argument(
         "--modelhost",
         action="append",
         metavar="HOST:PORT",
         help=f"a modelhost to route to; repeat for more (default {DEFAULT_MODELHOST})",
     )
-    serve.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS")
+    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
+    add_security_flags(serve)
+    serve.add_argument("--modelhost-ca", type=Path, help="CA of the modelhosts' certificates")
     serve.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 
     configure_logging(args.log_level)
+    flags = {
+        "listen": args.listen,
+        "modelhosts": args.modelhost,
+        "shutdown_grace_s": args.shutdown_grace,
+        "modelhost_ca": args.modelhost_ca,
+        **security_flags(args),
+    }
     try:
-        asyncio.run(_serve(args.listen, args.modelhost or [DEFAULT_MODELHOST], args.shutdown_grace))
+        config = load_gateway_config(args.config, **flags)
+        asyncio.run(_serve(config, args.config, flags))
+    except (ConfigError, SecurityError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(listen: str, modelhosts: list[str], grace_s: float) -> None:
-    gateway = await start_gateway(listen, modelhosts)
-    _log.info("gateway_serving", listen=listen, port=gateway.port, modelhosts=modelhosts)
+async def _serve(config: GatewayConfig, path: Path | None, flags: dict[str, object]) -> None:
+    gateway = await start_gateway(config)
+    _log.info(
+        "gateway_serving",
+        listen=config.listen,
+        port=gateway.port,
+        modelhosts=config.modelhosts,
+        tls=config.tls_cert is not None,
+    )
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, lambda: asyncio.ensure_future(_reload(gateway, path, flags))
+    )
     await grpc_server.serve_until_signalled(
-        gateway.server, gateway.health, grace_s, gateway.pool.close
+        gateway.server, gateway.health, config.shutdown_grace_s, gateway.pool.close
+    )
+
+
+async def _reload(gateway: RunningGateway, path: Path | None, flags: dict[str, object]) -> None:
+    """SIGHUP: reads the config again and adds or retires hosts; streams are not dropped."""
+    try:
+        config = load_gateway_config(path, **flags)
+    except ConfigError as exc:
+        _log.error("reload_failed", error=str(exc), keeping=gateway.pool.entries)
+        return
+    await gateway.pool.reconcile(config.modelhosts)
+    _log.info(
+        "reloaded", modelhosts=config.modelhosts, hosts=[h.address for h in gateway.pool.hosts]
     )
 
 

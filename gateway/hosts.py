@@ -9,14 +9,18 @@ real one-token generation succeeds on it.
 
 import asyncio
 import enum
+import ipaddress
 import random
+import socket
 import time
 from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
+from airouter.security import bearer
 from airouter.v1 import gateway_pb2, generate_pb2, host_status_pb2, model_host_pb2
 
 _log = structlog.get_logger()
@@ -32,6 +36,8 @@ RECONNECT_BACKOFF_S = (0.25, 15.0)
 COOLDOWN_FAILURES = 3
 COOLDOWN_WINDOW_S = 30.0
 COOLDOWN_S = (5.0, 300.0)
+# A retired host's streams get this long to finish before its channel closes.
+RETIRE_GRACE_S = 3600.0
 
 
 class HostState(enum.Enum):
@@ -57,6 +63,7 @@ class Host:
     failures: deque[float] = field(default_factory=deque)
     cooldown_s: float = COOLDOWN_S[0]
     cooldown_until: float = 0.0
+    metadata: tuple[tuple[str, str], ...] = ()  # sent with every call: the bearer token
 
     def __post_init__(self) -> None:
         # The gateway's request and response messages mirror the host's field for field, so
@@ -93,21 +100,107 @@ class Host:
 
 
 class HostPool:
-    """Every known host, each watched by its own task."""
+    """Every known host, each watched by its own task.
 
-    def __init__(self, addresses: list[str]) -> None:
-        self.hosts = [Host(a, grpc.aio.insecure_channel(a)) for a in dict.fromkeys(addresses)]
-        self._tasks: list[asyncio.Task[None]] = []
+    Hosts are configured as HOST:PORT entries; an entry whose name resolves to several
+    addresses (a Kubernetes headless service) stands for one host per address, re-resolved
+    every dns_refresh_s. `reconcile` adds and retires hosts at run time; a retired host's
+    streams finish before its channel closes.
+    """
+
+    def __init__(
+        self,
+        entries: list[str],
+        *,
+        channel: Callable[[str, str | None], grpc.aio.Channel] | None = None,
+        dns_refresh_s: float = 30.0,
+        token: str | None = None,
+    ) -> None:
+        self.entries = list(dict.fromkeys(entries))
+        self.hosts: list[Host] = []
+        # (address, the DNS name it was found under) -> channel
+        self._channel = channel or (lambda address, _name: grpc.aio.insecure_channel(address))
+        self._metadata = bearer(token)
+        self._dns_refresh_s = dns_refresh_s
+        self._resolved: dict[str, list[str]] = {}  # entry -> its addresses, last resolution
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
 
-    def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._watch(h)) for h in self.hosts]
+    async def start(self) -> None:
+        await self.reconcile()
+        self._spawn(self._refresh_dns())
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in [*self._watchers.values(), *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._watchers.values(), *self._background, return_exceptions=True)
         await asyncio.gather(*(h.channel.close() for h in self.hosts))
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reconcile(self, entries: list[str] | None = None) -> None:
+        """Makes the pool match the entries (the configured ones when None): new addresses
+        get a host, addresses no entry stands for any more are retired."""
+        if entries is not None:
+            self.entries = list(dict.fromkeys(entries))
+        wanted: dict[str, str | None] = {}  # address -> the name it stands for, if expanded
+        for entry in self.entries:
+            addresses = await self._resolve(entry)
+            for address in addresses:
+                wanted.setdefault(address, None if address == entry else _name_of(entry))
+        known = {h.address for h in self.hosts}
+        for address, name in wanted.items():
+            if address not in known:
+                host = Host(address, self._channel(address, name), metadata=self._metadata)
+                self.hosts.append(host)
+                self._watchers[address] = asyncio.create_task(self._watch(host))
+                _log.info("host_added", host=address)
+        for host in [h for h in self.hosts if h.address not in wanted]:
+            self._retire(host)
+        self._notify()
+
+    async def _resolve(self, entry: str) -> list[str]:
+        """The addresses an entry stands for: itself for an IP or a name with one address,
+        one per address for a name with several (IPv4 preferred). When resolution fails the
+        last answer stands."""
+        name, port = _name_of(entry), entry.rpartition(":")[2]
+        try:
+            ipaddress.ip_address(name)
+            return [entry]
+        except ValueError:
+            pass
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                name, port, type=socket.SOCK_STREAM
+            )
+        except (socket.gaierror, UnicodeError) as exc:
+            _log.warning("host_name_unresolved", entry=entry, error=str(exc))
+            return self._resolved.get(entry, [entry])
+        v4 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET})
+        v6 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET6})
+        if len(v4 or v6) <= 1:
+            addresses = [entry]
+        else:
+            addresses = [f"{ip}:{port}" for ip in v4] or [f"[{ip}]:{port}" for ip in v6]
+        self._resolved[entry] = addresses
+        return addresses
+
+    async def _refresh_dns(self) -> None:
+        while True:
+            await asyncio.sleep(self._dns_refresh_s)
+            await self.reconcile()
+
+    def _retire(self, host: Host) -> None:
+        """Stops routing to a host; its channel closes once its streams have finished."""
+        self.hosts.remove(host)
+        self._watchers.pop(host.address).cancel()
+        _log.info("host_removed", host=host.address, streams=sum(host.in_flight.values()))
+
+        self._spawn(host.channel.close(grace=RETIRE_GRACE_S))
 
     def routable(self) -> list[Host]:
         return [h for h in self.hosts if h.routable]
@@ -167,7 +260,7 @@ class HostPool:
         request.stopping.max_tokens = 1
         request.sampling.temperature = 0.0
         try:
-            async for response in host.generate(request, timeout=30):
+            async for response in host.generate(request, timeout=30, metadata=host.metadata):
                 if response.HasField("finished"):
                     return response.finished.reason != generate_pb2.FINISH_REASON_ERROR
         except grpc.aio.AioRpcError as exc:
@@ -189,23 +282,34 @@ class HostPool:
     # --- the watch loop --------------------------------------------------------------
 
     async def _watch(self, host: Host) -> None:
+        cooldown: list[asyncio.Task[None]] = []
+        try:
+            await self._follow(host, cooldown)
+        finally:
+            for task in cooldown:
+                task.cancel()
+
+    async def _follow(self, host: Host, cooldown: list[asyncio.Task[None]]) -> None:
+        """Keeps the host's view current for as long as it is in the pool."""
         backoff = RECONNECT_BACKOFF_S[0]
-        cooldown_task: asyncio.Task[None] | None = None
         while True:
             try:
                 catalog = await host.list_models(
-                    model_host_pb2.ListModelsRequest(), timeout=LIST_TIMEOUT_S
+                    model_host_pb2.ListModelsRequest(),
+                    timeout=LIST_TIMEOUT_S,
+                    metadata=host.metadata,
                 )
                 host.models = list(catalog.models)
                 stream = host.watch_status(
-                    model_host_pb2.WatchStatusRequest(interval_ms=WATCH_INTERVAL_MS)
+                    model_host_pb2.WatchStatusRequest(interval_ms=WATCH_INTERVAL_MS),
+                    metadata=host.metadata,
                 )
                 async for update in stream:
                     host.status, host.contacted = update.status, True
                     backoff = RECONNECT_BACKOFF_S[0]
                     if host.state is HostState.COOLING_DOWN:
-                        if cooldown_task is None or cooldown_task.done():
-                            cooldown_task = asyncio.create_task(self._end_cooldown(host))
+                        if not cooldown or cooldown[-1].done():
+                            cooldown.append(asyncio.create_task(self._end_cooldown(host)))
                         self._notify()
                     elif update.status.draining:
                         self._set_state(host, HostState.DRAINING, "the host is shutting down")
@@ -226,6 +330,10 @@ class HostPool:
                 self._set_state(host, HostState.DOWN, why)
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
+
+
+def _name_of(entry: str) -> str:
+    return entry.rpartition(":")[0].strip("[]")
 
 
 _READY = generate_pb2.MODEL_STATE_READY

@@ -67,7 +67,7 @@ async def relay_generate(
             )
         request.model = name  # a host knows its models by name, not by capability
         timeout = None if deadline is None else deadline - time.monotonic()
-        call = host.generate(request, timeout=timeout)
+        call = host.generate(request, timeout=timeout, metadata=host.metadata)
         host.in_flight[name] = host.in_flight.get(name, 0) + 1
         started = finished = False
         try:

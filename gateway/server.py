@@ -3,16 +3,19 @@
 from dataclasses import dataclass
 
 import grpc
+import structlog
 from grpc_health.v1 import health
 
 from airouter import grpc_server
+from airouter.security import Credentials, channel_credentials, read_secret
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.config import MODELHOST_TOKEN_ENV, GatewayConfig
 from gateway.hosts import HostPool
 from gateway.servicer import GatewayServicer
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-DEFAULT_LISTEN = "127.0.0.1:50050"
-DEFAULT_MODELHOST = "127.0.0.1:50051"
+
+_log = structlog.get_logger()
 
 
 @dataclass
@@ -29,12 +32,36 @@ class RunningGateway:
         await self.pool.close()
 
 
-async def start_gateway(listen: str, modelhosts: list[str]) -> RunningGateway:
-    pool = HostPool(modelhosts)
-    pool.start()
-    server, health_servicer = grpc_server.new_server([SERVICE_NAME])
+def host_pool(config: GatewayConfig) -> HostPool:
+    """The pool of modelhosts, over TLS when a CA for them is configured."""
+    token = read_secret(config.modelhost_token_file, MODELHOST_TOKEN_ENV)
+    if config.modelhost_ca is None:
+        if config.modelhost_cert is not None:
+            _log.warning("modelhost_cert_ignored", reason="modelhost_ca is not set: no TLS")
+        return HostPool(config.modelhosts, dns_refresh_s=config.dns_refresh_s, token=token)
+    tls = channel_credentials(config.modelhost_ca, config.modelhost_cert, config.modelhost_key)
+
+    def secure(address: str, server_name: str | None = None) -> grpc.aio.Channel:
+        # Hosts behind one DNS name are dialled by address; their certificates name the name.
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        return grpc.aio.secure_channel(address, tls, options=options)
+
+    return HostPool(
+        config.modelhosts, channel=secure, dns_refresh_s=config.dns_refresh_s, token=token
+    )
+
+
+async def start_gateway(config: GatewayConfig) -> RunningGateway:
+    """Starts serving; hosts are contacted in the background."""
+    credentials = Credentials(config)
+    warning = credentials.check_exposure(config.listen, "gateway")
+    if warning:
+        _log.warning("serving_without_protection", detail=warning)
+    pool = host_pool(config)
+    server, health_servicer = grpc_server.new_server([SERVICE_NAME], credentials)
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool), server)
-    port = grpc_server.bind(server, listen)
+    port = grpc_server.bind(server, config.listen, credentials.tls)
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
+    await pool.start()
     return RunningGateway(server, health_servicer, port, pool)

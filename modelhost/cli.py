@@ -8,8 +8,10 @@ from pathlib import Path
 import structlog
 
 from airouter import grpc_server
+from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
-from modelhost.config import DEFAULT_LISTEN, ConfigError, load_config
+from airouter.security import SecurityError, add_security_flags, security_flags
+from modelhost.config import DEFAULT_LISTEN, load_config
 from modelhost.device import DEVICES, DeviceError, resolve_device
 from modelhost.server import start_host
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--memory-budget", help="memory the models may use, e.g. 6GiB (default: all but 15%%)"
     )
+    add_security_flags(serve)
     serve.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 
@@ -38,13 +41,17 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             metrics_listen=args.metrics_listen,
             memory_budget=args.memory_budget,
+            **security_flags(args),
         )
         device = resolve_device(config.device)
-    except (ConfigError, DeviceError) as exc:
+    except (ConfigError, DeviceError, SecurityError) as exc:
         print(f"modelhost: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(config, device))
+    except SecurityError as exc:
+        print(f"modelhost: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"modelhost: {exc}", file=sys.stderr)
         return 1

@@ -1,6 +1,5 @@
 """The modelhost's one typed config: TOML file, then command-line flags, checked at start."""
 
-import tomllib
 from pathlib import Path
 from typing import Literal, TypeAlias
 
@@ -9,20 +8,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from airouter.config_files import ConfigError, load_toml_config, where
+from airouter.security import ServerSecurity
 from modelhost.memory import parse_size, reserve_bytes
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 KVCacheType: TypeAlias = Literal["f16", "q8_0", "q4_0"]
-
-
-class ConfigError(Exception):
-    """The config cannot be used; the message names the file, the key and the fix."""
 
 
 class ModelConfig(BaseModel):
@@ -87,9 +83,7 @@ class ModelConfig(BaseModel):
         return embedded_model_path(cache_dir)
 
 
-class HostConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class HostConfig(ServerSecurity):
     listen: str = DEFAULT_LISTEN
     device: Literal["auto", "cpu", "cuda", "metal"] = "auto"
     threads: int | None = Field(default=None, ge=1)
@@ -164,24 +158,7 @@ def embedded_model_path(cache_dir: Path) -> Path:
 
 def load_config(path: Path | None, **overrides: object) -> HostConfig:
     """Reads the TOML file (if any), applies the flags that were given, and validates."""
-    data: dict[str, object] = {}
-    text = ""
-    if path is not None:
-        try:
-            text = path.read_text()
-            data = tomllib.loads(text)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        config = HostConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{_where(text, err['loc'])}{_key(err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{path or 'flags'}: {problems}") from exc
+    config, text = load_toml_config(HostConfig, path, overrides)
     for i, model in enumerate(config.models):
         if model.path is None:
             continue
@@ -189,44 +166,7 @@ def load_config(path: Path | None, **overrides: object) -> HostConfig:
             model.path = path.parent / model.path
         if not model.path.is_file():
             raise ConfigError(
-                f"{path}: {_where(text, ('models', i, 'path'))}models[{i}].path: "
-                f"{model.path} does not exist; "
-                "point it at a GGUF file on this machine"
+                f"{path}: {where(text, ('models', i, 'path'))}models[{i}].path: "
+                f"{model.path} does not exist; point it at a GGUF file on this machine"
             )
     return config
-
-
-def _key(loc: tuple[int | str, ...]) -> str:
-    """A pydantic error location as the TOML reader sees it: models[0].slots."""
-    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-    return key.lstrip(".") or "config"
-
-
-def _where(text: str, loc: tuple[int | str, ...]) -> str:
-    """'line N, ' for the TOML line that sets loc (or opens its table); '' when not found.
-
-    tomllib keeps no positions, so this follows the layout `[[models]]` tables are written in:
-    the n-th `[[models]]` header, then its `key =` line.
-    """
-    lines = text.splitlines()
-    start, end = 0, len(lines)
-    keys = [part for part in loc if isinstance(part, str)]
-    index = loc[1] if len(loc) >= 2 else None
-    in_table = isinstance(index, int)
-    if isinstance(index, int):
-        headers = [i for i, line in enumerate(lines) if line.strip() == f"[[{loc[0]}]]"]
-        if index >= len(headers):
-            return ""
-        start = headers[index]
-        later = [i for i, line in enumerate(lines) if i > start and line.lstrip().startswith("[")]
-        end = later[0] if later else len(lines)
-        keys = keys[1:]
-    elif loc:
-        tables = [i for i, line in enumerate(lines) if line.lstrip().startswith("[")]
-        end = tables[0] if tables else len(lines)
-    if keys:
-        for i in range(start, end):
-            name = lines[i].split("=", 1)[0].strip()
-            if "=" in lines[i] and name == keys[0]:
-                return f"line {i + 1}, "
-    return f"line {start + 1}, " if in_table else ""

@@ -86,6 +86,7 @@ class ResidentModel:
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
     # Why the last load attempt left the model unloaded without failing (no room).
     _refusal: AirouterError | None = None
+    _scan: "asyncio.Future[list[int]] | None" = None  # the vocabulary scan after a load
 
     @property
     def name(self) -> str:
@@ -333,7 +334,10 @@ class Residency:
             self._set_state(resident, ModelState.READY)
             # A scan of the whole vocabulary (~0.1 s for Gemma's 262k tokens) that only
             # ignore_eos requests need: done now, off the engine thread, not in a request.
-            self._spawn(asyncio.to_thread(model.end_of_generation_tokens))
+            # An unload waits for it: the scan reads the model.
+            resident._scan = asyncio.ensure_future(
+                asyncio.to_thread(model.end_of_generation_tokens)
+            )
             log.info(
                 "model_loaded",
                 seconds=round(elapsed, 3),
@@ -438,6 +442,8 @@ class Residency:
         resident.tokens_before_load = resident.tokens_generated
         self._set_state(resident, ModelState.UNLOADING)
         try:
+            if resident._scan is not None:
+                await asyncio.gather(resident._scan, return_exceptions=True)
             await asyncio.to_thread(engine.close)
         finally:
             resident.engine, resident.model = None, None

@@ -8,6 +8,7 @@ import structlog
 from grpc_health.v1 import health
 
 from airouter import grpc_server
+from airouter.security import Credentials
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import HostConfig
 from modelhost.llama import default_threads
@@ -20,6 +21,8 @@ from modelhost.serving import GenerationService
 _log = structlog.get_logger()
 
 SERVICE_NAME = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
+# RPCs that change what the host holds: only the admin token may call them.
+ADMIN_METHODS = {f"/{SERVICE_NAME}/LoadModel", f"/{SERVICE_NAME}/UnloadModel"}
 
 
 @dataclass
@@ -47,6 +50,10 @@ class RunningHost:
 async def start_host(config: HostConfig, device: str) -> RunningHost:
     """Starts serving at once (health answers SERVING) while the models marked preload load
     in the background."""
+    credentials = Credentials(config)
+    warning = credentials.check_exposure(config.listen, "modelhost")
+    if warning:
+        _log.warning("serving_without_protection", detail=warning)
     probe = MemoryProbe(device)
     budget = memory_budget(config, probe)
     _log.info("memory_budget", device=device, budget=format_bytes(budget))
@@ -58,11 +65,13 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
         budget_bytes=budget,
         memory=probe,
     )
-    server, health_servicer = grpc_server.new_server([SERVICE_NAME])
+    server, health_servicer = grpc_server.new_server(
+        [SERVICE_NAME], credentials, admin_methods=ADMIN_METHODS
+    )
     model_host_pb2_grpc.add_ModelHostServicer_to_server(
         ModelHostServicer(GenerationService(residency)), server
     )
-    port = grpc_server.bind(server, config.listen)
+    port = grpc_server.bind(server, config.listen, credentials.tls)
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
     residency.start()

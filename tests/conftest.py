@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from airouter.v1 import gateway_pb2_grpc, model_host_pb2_grpc
+from gateway.config import GatewayConfig
 from gateway.server import RunningGateway, start_gateway
 from modelhost.config import HostConfig, embedded_model_config
 from modelhost.server import RunningHost, start_host
@@ -98,7 +99,9 @@ def host_config() -> HostConfig:
 def stack() -> Iterator[Stack]:
     loop = LoopThread()
     host = loop.run(start_host(host_config(), "cpu"))
-    gateway = loop.run(start_gateway("127.0.0.1:0", [f"127.0.0.1:{host.port}"]))
+    gateway = loop.run(
+        start_gateway(GatewayConfig(listen="127.0.0.1:0", modelhosts=[f"127.0.0.1:{host.port}"]))
+    )
     stack = Stack(loop, host, gateway)
     wait_for_health(stack.host_address)
     wait_for_health(stack.gateway_address)

@@ -9,6 +9,7 @@ import pytest
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from airouter.v1.model_host_pb2 import ListModelsRequest
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
+from gateway.config import GatewayConfig
 from gateway.server import start_gateway
 from modelhost.config import HostConfig, ModelConfig
 from modelhost.server import start_host
@@ -22,7 +23,9 @@ class ExtraGateway:
 
     def __init__(self, stack: Stack, hosts: list[str]) -> None:
         self._stack = stack
-        self.running = stack.loop.run(start_gateway("127.0.0.1:0", hosts))
+        self.running = stack.loop.run(
+            start_gateway(GatewayConfig(listen="127.0.0.1:0", modelhosts=hosts))
+        )
         self._channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
         self.stub = gateway_pb2_grpc.GatewayStub(self._channel)
 

@@ -15,6 +15,7 @@ import pytest
 import structlog.testing
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from gateway.config import GatewayConfig
 from gateway.server import RunningGateway, start_gateway
 from tests.conftest import LoopThread, wait_for_health
 from tests.processes import ServerProcess, free_port_address
@@ -117,7 +118,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         config.write_text(text)
         hosts[name] = Host(name, config)
     loop = LoopThread()
-    gateway = loop.run(start_gateway("127.0.0.1:0", [h.address for h in hosts.values()]))
+    gateway = loop.run(
+        start_gateway(
+            GatewayConfig(listen="127.0.0.1:0", modelhosts=[h.address for h in hosts.values()])
+        )
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{gateway.port}")
     cluster = Cluster(hosts, loop, gateway, gateway_pb2_grpc.GatewayStub(channel))
     cluster.wait_for(

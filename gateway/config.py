@@ -1,0 +1,39 @@
+"""The gateway's config: gateway.toml, then command-line flags, checked at start.
+
+On SIGHUP the gateway reads the file again and adds or retires hosts to match `modelhosts`;
+other settings take effect at the next start.
+"""
+
+from pathlib import Path
+
+from pydantic import Field
+
+from airouter.config_files import load_toml_config
+from airouter.security import ServerSecurity
+
+DEFAULT_LISTEN = "127.0.0.1:50050"
+DEFAULT_MODELHOST = "127.0.0.1:50051"
+MODELHOST_TOKEN_ENV = "AIROUTER_MODELHOST_TOKEN"
+
+
+class GatewayConfig(ServerSecurity):
+    listen: str = DEFAULT_LISTEN
+    # HOST:PORT of each modelhost; a name with several addresses (a Kubernetes headless
+    # service) stands for one host per address.
+    modelhosts: list[str] = Field(default_factory=lambda: [DEFAULT_MODELHOST], min_length=1)
+    # Seconds between two resolutions of the host names.
+    dns_refresh_s: float = Field(default=30.0, gt=0)
+    # Seconds in-flight streams get to finish after SIGTERM/SIGINT.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # TLS to the modelhosts: the CA that signed their certificates, and this gateway's own
+    # certificate and key when they require mutual TLS.
+    modelhost_ca: Path | None = None
+    modelhost_cert: Path | None = None
+    modelhost_key: Path | None = None
+    # The modelhosts' client token; else $AIROUTER_MODELHOST_TOKEN.
+    modelhost_token_file: Path | None = None
+
+
+def load_gateway_config(path: Path | None, **overrides: object) -> GatewayConfig:
+    """Reads the TOML file (if any), applies the flags that were given, and validates."""
+    return load_toml_config(GatewayConfig, path, overrides)[0]
