@@ -14,8 +14,9 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -99,6 +100,10 @@ class Host:
         return status.state if status else generate_pb2.MODEL_STATE_UNSPECIFIED
 
 
+# getaddrinfo's signature, for a resolver other than the system's.
+Resolver = Callable[[str, str], Awaitable[list[tuple[Any, ...]]]]
+
+
 class HostPool:
     """Every known host, each watched by its own task.
 
@@ -115,14 +120,17 @@ class HostPool:
         channel: Callable[[str, str | None], grpc.aio.Channel] | None = None,
         dns_refresh_s: float = 30.0,
         token: str | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.entries = list(dict.fromkeys(entries))
         self.hosts: list[Host] = []
         # (address, the DNS name it was found under) -> channel
         self._channel = channel or (lambda address, _name: grpc.aio.insecure_channel(address))
         self._metadata = bearer(token)
+        self._resolver = resolver
         self._dns_refresh_s = dns_refresh_s
         self._resolved: dict[str, list[str]] = {}  # entry -> its addresses, last resolution
+        self._expanded: set[str] = set()  # entries that stand for one host per address
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
@@ -165,8 +173,8 @@ class HostPool:
 
     async def _resolve(self, entry: str) -> list[str]:
         """The addresses an entry stands for: itself for an IP or a name with one address,
-        one per address for a name with several (IPv4 preferred). When resolution fails the
-        last answer stands."""
+        one per address for a name with several (IPv4 preferred). When resolution fails or
+        finds nothing, the last answer stands."""
         name, port = _name_of(entry), entry.rpartition(":")[2]
         try:
             ipaddress.ip_address(name)
@@ -174,18 +182,27 @@ class HostPool:
         except ValueError:
             pass
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                name, port, type=socket.SOCK_STREAM
-            )
+            if self._resolver is not None:
+                infos = await self._resolver(name, port)
+            else:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    name, port, type=socket.SOCK_STREAM
+                )
         except (socket.gaierror, UnicodeError) as exc:
             _log.warning("host_name_unresolved", entry=entry, error=str(exc))
             return self._resolved.get(entry, [entry])
         v4 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET})
         v6 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET6})
-        if len(v4 or v6) <= 1:
-            addresses = [entry]
-        else:
+        # A name that has stood for several hosts stays expanded when it scales down to one,
+        # so that host keeps its place (and its streams) in the pool.
+        if len(v4 or v6) > 1:
+            self._expanded.add(entry)
+        if entry in self._expanded:
             addresses = [f"{ip}:{port}" for ip in v4] or [f"[{ip}]:{port}" for ip in v6]
+        else:
+            addresses = [entry]
+        if not addresses:
+            return self._resolved.get(entry, [entry])
         self._resolved[entry] = addresses
         return addresses
 
