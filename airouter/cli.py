@@ -14,10 +14,13 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
+from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
 from airouter.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
@@ -41,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         "--gateway",
         default=os.environ.get("AIROUTER_GATEWAY", DEFAULT_GATEWAY),
         help="gateway HOST:PORT (default $AIROUTER_GATEWAY or %(default)s)",
+    )
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        default=os.environ.get("AIROUTER_CA") or None,
+        help="use TLS, trusting this CA (default $AIROUTER_CA; unset: plaintext)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"bearer token to send (default ${TOKEN_ENV}; the token is never printed)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -81,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "hosts":
             return _hosts(args)
-        with grpc.insecure_channel(args.gateway) as channel:
+        with _open(args.gateway, args) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             if args.command == "generate":
                 return _generate(stub, args)
@@ -89,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"airouter: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except SecurityError as exc:
+        print(f"airouter: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -141,8 +158,34 @@ def _models(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int
     return 0
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = bearer(token)
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), *self._metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+
+def _open(address: str, args: argparse.Namespace) -> grpc.Channel:
+    """A channel to address: TLS when --ca is given, with the token when there is one."""
+    if args.ca:
+        channel = grpc.secure_channel(address, channel_credentials(args.ca))
+    else:
+        channel = grpc.insecure_channel(address)
+    token = read_secret(args.token_file, TOKEN_ENV)
+    return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
+
+
 def _status(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.modelhost) as channel:
+    with _open(args.modelhost, args) as channel:
         stub = model_host_pb2_grpc.ModelHostStub(channel)
         if not args.watch:
             status = stub.GetStatus(model_host_pb2.GetStatusRequest(), timeout=10).status
@@ -160,9 +203,9 @@ def _hosts(args: argparse.Namespace) -> int:
     addresses = [a for a in addresses if a]
     if addresses:  # ask each modelhost directly
         with ThreadPoolExecutor(len(addresses)) as pool:
-            hosts = list(pool.map(_host_info, addresses))
+            hosts = list(pool.map(lambda a: _host_info(a, args), addresses))
     else:  # ask the gateway about every host it knows
-        with grpc.insecure_channel(args.gateway) as channel:
+        with _open(args.gateway, args) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             hosts = list(stub.ListHosts(gateway_pb2.ListHostsRequest(), timeout=10).hosts)
     if args.json:
@@ -173,8 +216,8 @@ def _hosts(args: argparse.Namespace) -> int:
     return 0 if all(h.state == gateway_pb2.HOST_STATE_UP for h in hosts) else 1
 
 
-def _host_info(address: str) -> gateway_pb2.HostInfo:
-    with grpc.insecure_channel(address) as channel:
+def _host_info(address: str, args: argparse.Namespace) -> gateway_pb2.HostInfo:
+    with _open(address, args) as channel:
         try:
             response = model_host_pb2_grpc.ModelHostStub(channel).GetStatus(
                 model_host_pb2.GetStatusRequest(), timeout=5

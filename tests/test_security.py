@@ -3,6 +3,7 @@ certificates made for the test (a CA, server and client certificates, and a stra
 
 import datetime
 import ipaddress
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -299,3 +300,20 @@ def test_tokens_never_reach_the_logs(pki: PKI, servers: Servers) -> None:
     assert logs, "the requests were logged"
     text = repr(logs)
     assert TOKEN not in text and ADMIN_TOKEN not in text
+
+
+def test_the_cli_speaks_tls_and_sends_the_token(pki: PKI, servers: Servers) -> None:
+    def airouter(*args: str, token: str | None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "AIROUTER_TOKEN"}
+        if token:
+            env["AIROUTER_TOKEN"] = token
+        command = [str(BIN / "airouter"), "--gateway", servers.gateway_address]
+        command += ["--ca", str(pki.path("ca.pem")), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+    done = airouter("generate", "--raw", "--max-tokens", "2", "Hello", token=TOKEN)
+    assert done.returncode == 0, done.stderr
+    refused = airouter("models", token=None)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    hosts = airouter("hosts", token=TOKEN)
+    assert hosts.returncode == 0 and servers.mtls_host_address in hosts.stdout
