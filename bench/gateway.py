@@ -1,0 +1,185 @@
+"""What the gateway adds: time to first token and CPU per relayed token.
+
+    python -m bench.gateway [--rounds 3] [--tokens 2048] [--streams 1 64]
+
+Against an upstream that streams as fast as it can, so the gateway's own cost is not hidden
+behind decoding: a ModelHost served by this script (ListModels, WatchStatus and a Generate
+that sends `--tokens` deltas without waiting), and a `gateway serve` process routing to it.
+For 1 and 64 concurrent streams, interleaved round by round, it measures TTFT directly to the
+upstream and through the gateway (the difference is what the gateway adds), and the gateway
+process's CPU time (user + system, from psutil, in 10 ms ticks: hence many tokens per
+request) per relayed token.
+"""
+
+import argparse
+import asyncio
+import statistics
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import psutil
+
+from airouter import grpc_server
+from airouter.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    generate_pb2,
+    host_status_pb2,
+    model_host_pb2,
+    model_host_pb2_grpc,
+)
+from tests.processes import ServerProcess
+
+MODEL = "fast"
+SERVICE = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
+
+
+class FastHost(model_host_pb2_grpc.ModelHostServicer):
+    """A modelhost that answers at once and streams as fast as gRPC lets it."""
+
+    async def ListModels(self, request, context):  # type: ignore[no-untyped-def]
+        return model_host_pb2.ListModelsResponse(
+            models=[
+                generate_pb2.ModelInfo(
+                    name=MODEL,
+                    capabilities=["chat"],
+                    context_length=4096,
+                    slots=64,
+                    state=generate_pb2.MODEL_STATE_READY,
+                )
+            ]
+        )
+
+    async def WatchStatus(
+        self, request, context
+    ) -> AsyncIterator[model_host_pb2.WatchStatusResponse]:  # type: ignore[no-untyped-def,override]
+        status = host_status_pb2.HostStatus(
+            device="cpu",
+            models=[
+                host_status_pb2.ModelStatus(
+                    name=MODEL, state=generate_pb2.MODEL_STATE_READY, slots=64
+                )
+            ],
+        )
+        while True:
+            yield model_host_pb2.WatchStatusResponse(status=status)
+            await asyncio.sleep(1.0)
+
+    async def Generate(self, request, context) -> AsyncIterator[model_host_pb2.GenerateResponse]:  # type: ignore[no-untyped-def,override]
+        delta = model_host_pb2.GenerateResponse(
+            token=generate_pb2.TokenDelta(text=" tok", token_count=1)
+        )
+        for _ in range(request.stopping.max_tokens):
+            yield delta
+        yield model_host_pb2.GenerateResponse(
+            finished=generate_pb2.Finished(
+                reason=generate_pb2.FINISH_REASON_LENGTH,
+                usage=generate_pb2.Usage(completion_tokens=request.stopping.max_tokens),
+                model=MODEL,
+            )
+        )
+
+
+def serve_fast_host() -> int:
+    """Starts FastHost on its own loop thread; returns its port."""
+    loop = asyncio.new_event_loop()
+    started: list[int] = []
+    ready = threading.Event()
+
+    async def run() -> None:
+        server, _ = grpc_server.new_server([SERVICE])
+        model_host_pb2_grpc.add_ModelHostServicer_to_server(FastHost(), server)
+        started.append(grpc_server.bind(server, "127.0.0.1:0"))
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    threading.Thread(target=lambda: loop.run_until_complete(run()), daemon=True).start()
+    ready.wait(10)
+    return started[0]
+
+
+async def measure(address: str, via_gateway: bool, streams: int, tokens: int) -> list[float]:
+    """TTFT of `streams` concurrent requests, in seconds; checks every token arrived."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        if via_gateway:
+            call = gateway_pb2_grpc.GatewayStub(channel).Generate
+            request = gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x")
+        else:
+            call = model_host_pb2_grpc.ModelHostStub(channel).Generate  # type: ignore[assignment]
+            request = model_host_pb2.GenerateRequest(model=MODEL, prompt="x")  # type: ignore[assignment]
+        request.stopping.max_tokens = tokens
+
+        async def one() -> float:
+            started = time.perf_counter()
+            first = None
+            count = 0
+            async for response in call(request, timeout=120):
+                if first is None:
+                    first = time.perf_counter() - started
+                count += response.token.token_count
+            assert first is not None and count == tokens, count
+            return first
+
+        return list(await asyncio.gather(*(one() for _ in range(streams))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 64])
+    args = parser.parse_args()
+
+    upstream = f"127.0.0.1:{serve_fast_host()}"
+    gateway = ServerProcess("gateway", "serve", "--modelhost", upstream)
+    gateway_cpu = psutil.Process(gateway.process.pid)
+    ttft: dict[tuple[str, int], list[float]] = {}
+    cpu_per_token: dict[int, list[float]] = {s: [] for s in args.streams}
+    try:
+        asyncio.run(measure(gateway.address, True, 8, 16))  # warm up: connections, routing
+        for _ in range(args.rounds):
+            for streams in args.streams:
+                direct = asyncio.run(measure(upstream, False, streams, args.tokens))
+                before = sum(gateway_cpu.cpu_times()[:2])
+                relayed = asyncio.run(measure(gateway.address, True, streams, args.tokens))
+                spent = sum(gateway_cpu.cpu_times()[:2]) - before
+                cpu_per_token[streams].append(spent / (streams * args.tokens))
+                ttft.setdefault(("direct", streams), []).extend(direct)
+                ttft.setdefault(("gateway", streams), []).extend(relayed)
+            print(f"round {_ + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        gateway.stop()
+
+    print(
+        f"\nGateway overhead against an upstream that streams {args.tokens} tokens as fast as "
+        f"it can, {args.rounds} interleaved rounds (percentiles over every request)\n"
+    )
+    print(
+        "| streams | TTFT direct p50 ms | TTFT via gateway p50 ms | added p50 ms "
+        "| TTFT direct p99 ms | TTFT via gateway p99 ms | added p99 ms | gateway CPU per token us |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for streams in args.streams:
+        d, g = ttft["direct", streams], ttft["gateway", streams]
+        p = {q: (np.percentile(d, q) * 1e3, np.percentile(g, q) * 1e3) for q in (50, 99)}
+        cpu = statistics.median(cpu_per_token[streams]) * 1e6
+        print(
+            f"| {streams} | {p[50][0]:.2f} | {p[50][1]:.2f} | {p[50][1] - p[50][0]:.2f} "
+            f"| {p[99][0]:.2f} | {p[99][1]:.2f} | {p[99][1] - p[99][0]:.2f} | {cpu:.1f} |"
+        )
+    print()
+    one = min(args.streams)
+    d, g = ttft["direct", one], ttft["gateway", one]
+    added = (np.percentile(g, 50) - np.percentile(d, 50)) * 1e3
+    worst_cpu = max(statistics.median(v) for v in cpu_per_token.values()) * 1e6
+    print(f"{'P1 TTFT added by the gateway, p50 (ms)':<44} {added:8.2f}  (goal <= 5)")
+    print(f"{'P5 gateway CPU per relayed token (us)':<44} {worst_cpu:8.1f}  (goal <= 50)")
+
+
+if __name__ == "__main__":
+    main()
