@@ -1,7 +1,9 @@
 """Relays a generation stream from the best host, failing over while no token was sent."""
 
+import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator
 
 import grpc
@@ -71,7 +73,7 @@ async def relay_generate(
         host.in_flight[name] = host.in_flight.get(name, 0) + 1
         started = finished = False
         try:
-            async for response in call:
+            async for response in merged_responses(call):
                 if response.HasField("finished"):
                     response.finished.host = host.address
                     finished = True
@@ -126,6 +128,53 @@ async def _candidates(
             if left <= 0 or all(h.contacted for h in pool.hosts):
                 raise
             await pool.wait_for_change(left)
+
+
+async def merged_responses(
+    call: grpc.aio.UnaryStreamCall,
+) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    """The call's messages, read by a task of their own. Token deltas that arrive while earlier
+    ones are still being written to the client go out as one message: a host that streams
+    faster than the client takes tokens costs fewer writes, and nothing waits when it does not.
+    Raises the call's error after the messages that came before it."""
+    pending: deque[gateway_pb2.GatewayGenerateResponse] = deque()
+    arrived = asyncio.Event()
+    failure: list[grpc.aio.AioRpcError] = []
+    done = False
+
+    async def read() -> None:
+        nonlocal done
+        try:
+            async for response in call:
+                pending.append(response)
+                arrived.set()
+        except grpc.aio.AioRpcError as exc:
+            failure.append(exc)
+        finally:
+            done = True
+            arrived.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            await arrived.wait()
+            arrived.clear()
+            while pending:
+                response = pending.popleft()
+                if response.HasField("token") and pending and pending[0].HasField("token"):
+                    texts, count = [response.token.text], response.token.token_count
+                    while pending and pending[0].HasField("token"):
+                        token = pending.popleft().token
+                        texts.append(token.text)
+                        count += token.token_count
+                    response.token.text, response.token.token_count = "".join(texts), count
+                yield response
+            if done and not pending:
+                if failure:
+                    raise failure[0]
+                return
+    finally:
+        reader.cancel()
 
 
 def _error_finish(host: str, why: str) -> gateway_pb2.GatewayGenerateResponse:

@@ -161,3 +161,15 @@ class EngineRequest:
     arrived: float  # time.perf_counter() when the request reached the host
     deadline: float | None = None  # time.perf_counter() past which the client has given up
     ignore_eos: bool = False  # generate past end-of-generation tokens until max_tokens
+
+
+def merge_deltas(events: list[Event]) -> list[Event]:
+    """The events with each run of consecutive Deltas joined into one."""
+    merged: list[Event] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if isinstance(event, Delta) and isinstance(last, Delta):
+            merged[-1] = Delta(last.text + event.text, last.token_count + event.token_count)
+        else:
+            merged.append(event)
+    return merged

@@ -20,6 +20,7 @@ from modelhost.generation import (
     Finish,
     GenerationSpec,
     Rejected,
+    merge_deltas,
     resolve_max_tokens,
     validate_messages,
     validate_stop,
@@ -103,7 +104,10 @@ class GenerationService:
         finished = False
         try:
             while not finished:
-                for event in await inbox.get():
+                events = await inbox.get()
+                while not inbox.empty():  # the client is behind: what waits goes as one delta
+                    events += inbox.get_nowait()
+                for event in merge_deltas(events):
                     if isinstance(event, Rejected):
                         finished = True
                         raise event.error

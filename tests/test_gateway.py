@@ -1,5 +1,6 @@
 """The gateway relaying to real modelhosts over gRPC."""
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from airouter.v1.model_host_pb2 import ListModelsRequest
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from gateway.config import GatewayConfig
+from gateway.relay import merged_responses
 from gateway.server import start_gateway
 from modelhost.config import HostConfig, ModelConfig
+from modelhost.generation import Delta, Finish, FinishReason, Timings, merge_deltas
 from modelhost.server import start_host
 from tests.conftest import Stack, host_config
 from tests.processes import free_port_address
@@ -191,3 +194,36 @@ def test_a_model_that_failed_to_load_is_unavailable_with_the_reason(
         )
     finally:
         stack.loop.run(host.stop(0))
+
+
+def test_tokens_that_wait_for_the_client_go_out_as_one_message(stack: Stack) -> None:
+    """The relay reads the host on a task of its own; what piles up while the client side is
+    busy is merged, and nothing is lost or reordered."""
+
+    async def relay_slowly() -> list[gateway_pb2.GatewayGenerateResponse]:
+        async with grpc.aio.insecure_channel(stack.host_address) as channel:
+            generate = channel.unary_stream(
+                "/airouter.v1.ModelHost/Generate",
+                request_serializer=gateway_pb2.GatewayGenerateRequest.SerializeToString,
+                response_deserializer=gateway_pb2.GatewayGenerateResponse.FromString,
+            )
+            request = gateway_request(prompt="Once upon a time", max_tokens=30, ignore_eos=True)
+            request.sampling.temperature = 0.0
+            received = []
+            async for response in merged_responses(generate(request, timeout=60)):
+                received.append(response)
+                if len(received) == 1:
+                    await asyncio.sleep(2.0)  # the host decodes the rest meanwhile
+            return received
+
+    received = stack.loop.run(relay_slowly())
+    *deltas, last = received
+    assert last.HasField("finished") and last.finished.usage.completion_tokens == 30
+    assert sum(d.token.token_count for d in deltas) == 30
+    assert len(deltas) == 2  # the first, then everything that arrived during the pause
+
+
+def test_merge_deltas_joins_runs_of_deltas_only() -> None:
+    finish = Finish(FinishReason.LENGTH, 3, 3, Timings())
+    merged = merge_deltas([Delta("a", 1), Delta("b", 1), finish, Delta("c", 1)])
+    assert merged == [Delta("ab", 2), finish, Delta("c", 1)]
