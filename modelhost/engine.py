@@ -147,6 +147,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            self._model.warm_up()  # on this thread: see LlamaModel.warm_up
             while not self._closing:
                 self._take_inbox(block=not (self._running or self._waiting))
                 if self._closing:
