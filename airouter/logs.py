@@ -5,6 +5,8 @@ import sys
 
 import structlog
 
+from airouter.tracing import add_trace_ids
+
 
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     """Routes structlog to stderr; JSON unless stderr is a terminal (or `json` says otherwise)."""
@@ -16,6 +18,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -8,7 +8,9 @@ from collections.abc import AsyncGenerator
 
 import grpc
 import structlog
+from opentelemetry import trace
 
+from airouter import tracing
 from airouter.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -21,6 +23,7 @@ from gateway import router
 from gateway.hosts import HostPool
 
 _log = structlog.get_logger()
+_tracer = trace.get_tracer("airouter.gateway")
 
 # How long a request waits for a host to become available before it fails.
 STARTUP_WAIT_S = 3.0
@@ -50,17 +53,27 @@ async def relay_generate(
         request.request_id = uuid.uuid4().hex
     requested = request.model
     log = _log.bind(request_id=request.request_id, model=requested)
-    ranked = await _candidates(pool, request, deadline)
-    log.info(
-        "route_chosen",
-        host=ranked[0].host.address,
-        served_model=ranked[0].model.name,
-        reason=ranked[0].reason,
-        candidates=[c.describe() for c in ranked],
-    )
+    with _tracer.start_as_current_span("route") as span:
+        ranked = await _candidates(pool, request, deadline)
+        described = [c.describe() for c in ranked]
+        span.set_attributes(
+            {
+                "airouter.route.chosen": ranked[0].host.address,
+                "airouter.route.model": ranked[0].model.name,
+                "airouter.route.reason": ranked[0].reason,
+                "airouter.route.candidates": described,
+            }
+        )
+        log.info(
+            "route_chosen",
+            host=ranked[0].host.address,
+            served_model=ranked[0].model.name,
+            reason=ranked[0].reason,
+            candidates=described,
+        )
     failures: list[str] = []
     last_code = grpc.StatusCode.UNAVAILABLE
-    for candidate in ranked:
+    for attempt, candidate in enumerate(ranked, start=1):
         host, name = candidate.host, candidate.model.name
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded(
@@ -69,41 +82,51 @@ async def relay_generate(
             )
         request.model = name  # a host knows its models by name, not by capability
         timeout = None if deadline is None else deadline - time.monotonic()
-        call = host.generate(request, timeout=timeout, metadata=host.metadata)
-        host.in_flight[name] = host.in_flight.get(name, 0) + 1
-        started = finished = False
-        try:
-            async for response in merged_responses(call):
-                if response.HasField("finished"):
-                    response.finished.host = host.address
-                    finished = True
-                started = True
-                yield response
-            if not finished:
-                pool.record_failure(host, "a stream ended without a result")
-                yield _error_finish(host.address, "the host ended the stream without a result")
-            return
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if started:
-                log.warning("host_failed_mid_stream", host=host.address, code=code.name)
-                pool.record_failure(host, f"failed mid-stream: {code.name}")
-                yield _error_finish(host.address, f"failed mid-stream: {exc.details()}")
+        with _tracer.start_as_current_span(
+            f"attempt {host.address}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={"server.address": host.address, "airouter.attempt": attempt},
+        ) as span:
+            call = host.generate(
+                request, timeout=timeout, metadata=tracing.inject_metadata(host.metadata)
+            )
+            host.in_flight[name] = host.in_flight.get(name, 0) + 1
+            started = finished = False
+            try:
+                async for response in merged_responses(call):
+                    if response.HasField("finished"):
+                        response.finished.host = host.address
+                        finished = True
+                    started = True
+                    yield response
+                if not finished:
+                    pool.record_failure(host, "a stream ended without a result")
+                    span.set_status(trace.StatusCode.ERROR, "no result")
+                    yield _error_finish(host.address, "the host ended the stream without a result")
                 return
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(
-                    f"the deadline passed while waiting for host {host.address}: {exc.details()}"
-                ) from None
-            if code not in _FAILOVER_CODES:
-                raise HostError(code, exc.details() or code.name) from None
-            log.warning("host_failover", host=host.address, code=code.name)
-            failures.append(f"{host.address} ({code.name}: {exc.details()})")
-            last_code = code
-            if code == grpc.StatusCode.UNAVAILABLE:
-                pool.record_failure(host, f"{code.name}: {exc.details()}")
-        finally:
-            host.in_flight[name] -= 1
-            call.cancel()  # no-op once finished; stops the host's decoding if we were cancelled
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                span.set_status(trace.StatusCode.ERROR, f"{code.name}: {exc.details()}")
+                if started:
+                    log.warning("host_failed_mid_stream", host=host.address, code=code.name)
+                    pool.record_failure(host, f"failed mid-stream: {code.name}")
+                    yield _error_finish(host.address, f"failed mid-stream: {exc.details()}")
+                    return
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(
+                        f"the deadline passed while waiting for host {host.address}: "
+                        f"{exc.details()}"
+                    ) from None
+                if code not in _FAILOVER_CODES:
+                    raise HostError(code, exc.details() or code.name) from None
+                log.warning("host_failover", host=host.address, code=code.name)
+                failures.append(f"{host.address} ({code.name}: {exc.details()})")
+                last_code = code
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    pool.record_failure(host, f"{code.name}: {exc.details()}")
+            finally:
+                host.in_flight[name] -= 1
+                call.cancel()  # no-op once finished; stops the host's decoding if cancelled
     if last_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         raise ResourceExhausted(
             f"every host that serves {requested!r} is full: {'; '.join(failures)}"

@@ -4,7 +4,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
+from opentelemetry import trace
 
+from airouter import tracing
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from gateway.hosts import Host, HostPool, HostState
 from gateway.relay import HostError, relay_generate
@@ -24,6 +26,7 @@ _STATE_RANK = {
 }
 
 
+_tracer = trace.get_tracer("airouter.gateway")
 # How long a listing right after start waits for hosts to be tried.
 FIRST_CONTACT_WAIT_S = 3.0
 HOST_STATE_TO_PB = {
@@ -43,13 +46,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
-        stream = relay_generate(self._pool, request, context.time_remaining())
-        async with aclosing(stream):
-            try:
-                async for response in stream:
-                    yield response
-            except HostError as exc:
-                await context.abort(exc.code, exc.details)
+        operation = "chat" if request.HasField("chat") else "text_completion"
+        with _tracer.start_as_current_span(
+            f"{operation} {request.model}",
+            kind=trace.SpanKind.SERVER,
+            context=tracing.extract_context(context.invocation_metadata()),
+        ) as span:
+            span.set_attributes(tracing.request_attributes(operation, request))
+            stream = relay_generate(self._pool, request, context.time_remaining())
+            async with aclosing(stream):
+                try:
+                    async for response in stream:
+                        if response.HasField("finished"):
+                            span.set_attributes(tracing.finish_attributes(response.finished))
+                        yield response
+                except HostError as exc:
+                    span.set_status(trace.StatusCode.ERROR, exc.details)
+                    await context.abort(exc.code, exc.details)
 
     async def ListModels(
         self, request: gateway_pb2.GatewayListModelsRequest, context: grpc.aio.ServicerContext

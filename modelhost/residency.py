@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from opentelemetry import trace
 
 from airouter.errors import (
     AirouterError,
@@ -34,6 +35,7 @@ from modelhost.llama import ContextSettings, LlamaModel
 from modelhost.memory import MemoryProbe, estimate_footprint, format_bytes
 
 _log = structlog.get_logger()
+_tracer = trace.get_tracer("airouter.modelhost")
 
 # A model that failed to load is retried by the next request after this backoff (seconds),
 # doubling with each failure up to the cap.
@@ -302,6 +304,10 @@ class Residency:
         task.add_done_callback(self._tasks.discard)
 
     async def _load(self, resident: ResidentModel) -> None:
+        with _tracer.start_as_current_span(f"load {resident.name}") as span:
+            await self._load_traced(resident, span)
+
+    async def _load_traced(self, resident: ResidentModel, span: trace.Span) -> None:
         config = resident.config
         log = _log.bind(model=config.name, device=self.device)
         try:
@@ -312,10 +318,12 @@ class Residency:
                 started = time.perf_counter()
                 model, engine = await asyncio.to_thread(self._load_blocking, config, path)
         except ResourceExhausted as exc:
+            span.set_status(trace.StatusCode.ERROR, str(exc))
             resident._refusal = exc
             self._set_state(resident, ModelState.NOT_LOADED)
             log.warning("model_load_refused", reason=str(exc))
         except Exception as exc:
+            span.set_status(trace.StatusCode.ERROR, str(exc))
             resident.failures += 1
             backoff = min(RETRY_BACKOFF_S * 2 ** (resident.failures - 1), RETRY_BACKOFF_CAP_S)
             resident.retry_at = time.monotonic() + backoff
@@ -327,6 +335,14 @@ class Residency:
             resident.model, resident.engine = model, engine
             resident.measured_bytes = model.device_bytes(self.device)
             resident.load_seconds = elapsed
+            span.set_attributes(
+                {
+                    "airouter.model": resident.name,
+                    "airouter.load_seconds": elapsed,
+                    "airouter.footprint_estimated_bytes": resident.estimated_bytes,
+                    "airouter.footprint_measured_bytes": resident.measured_bytes,
+                }
+            )
             resident.failures = 0
             resident.rate_samples.clear()
             self.stats.loads += 1
@@ -387,6 +403,13 @@ class Residency:
             victim = min(idle, key=lambda m: m.last_used)
             self.stats.evictions += 1
             _log.info("model_evicted", model=victim.name, to_load=resident.name)
+            trace.get_current_span().add_event(
+                "evict",
+                {
+                    "airouter.model": victim.name,
+                    "airouter.idle_seconds": time.monotonic() - victim.last_used,
+                },
+            )
             await self._unload(victim, "evicted")
 
     def _no_room_message(self, resident: ResidentModel) -> str:

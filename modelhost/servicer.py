@@ -9,12 +9,15 @@ from contextlib import aclosing
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 
+from airouter import tracing
 from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
 from modelhost.generation import Delta, Finish, FinishReason, GenerationSpec, Sampling
 from modelhost.residency import ModelState, Residency, ResidentModel
 from modelhost.serving import GenerationService
 
+_tracer = trace.get_tracer("airouter.modelhost")
 FINISH_REASON_TO_PB = {
     FinishReason.STOP: generate_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
@@ -39,11 +42,22 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
     async def Generate(
         self, request: model_host_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[model_host_pb2.GenerateResponse]:
-        spec = spec_from_pb(request)
-        events = self._service.generate(spec, context.time_remaining())
-        async with aclosing(events):
-            async for event in events:
-                yield event_to_pb(event)
+        operation = "chat" if request.HasField("chat") else "text_completion"
+        with _tracer.start_as_current_span(
+            f"generate {request.model}",
+            kind=trace.SpanKind.SERVER,
+            context=tracing.extract_context(context.invocation_metadata()),
+        ) as span:
+            span.set_attributes(tracing.request_attributes(operation, request))
+            spec = spec_from_pb(request)
+            events = self._service.generate(spec, context.time_remaining())
+            async with aclosing(events):
+                async for event in events:
+                    message = event_to_pb(event)
+                    if isinstance(event, Finish):
+                        span.set_attributes(tracing.finish_attributes(message.finished))
+                        _record_phases(event)
+                    yield message
 
     async def ListModels(
         self, request: model_host_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -85,6 +99,35 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
                 return  # the last update says so; the watcher goes elsewhere
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), interval_s)
+
+
+def _record_phases(finish: Finish) -> None:
+    """Queue, prefill and decode as child spans of the request's span, and the first token
+    as an event on it, placed from the engine's own timings (they end now)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    t = finish.timings
+    end = time.time_ns()
+    start = end - int(t.total_ms * 1e6)
+    edges = [0.0, t.queue_ms, t.queue_ms + t.prefill_ms, t.queue_ms + t.prefill_ms + t.decode_ms]
+    for name, begin_ms, end_ms in zip(
+        ("queue", "prefill", "decode"), edges, edges[1:], strict=False
+    ):
+        phase = _tracer.start_span(name, start_time=start + int(begin_ms * 1e6))
+        phase.end(end_time=start + int(end_ms * 1e6))
+    if finish.completion_tokens:
+        first = start + int(t.time_to_first_token_ms * 1e6)
+        span.add_event("first_token", timestamp=first)
+    span.set_attributes(
+        {
+            "airouter.queue_ms": t.queue_ms,
+            "airouter.prefill_ms": t.prefill_ms,
+            "airouter.decode_ms": t.decode_ms,
+            "airouter.time_to_first_token_ms": t.time_to_first_token_ms,
+            "airouter.cached_prompt_tokens": finish.cached_prompt_tokens,
+        }
+    )
 
 
 def spec_from_pb(request: model_host_pb2.GenerateRequest) -> GenerationSpec:

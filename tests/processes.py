@@ -1,6 +1,7 @@
 """airouter's servers as separate processes, started as a user starts them."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,20 +16,33 @@ class ServerProcess:
     """`modelhost serve ...` or `gateway serve ...` on 127.0.0.1:0; the bound port is read
     from its start-up log line."""
 
-    def __init__(self, *args: str, listen: str = "127.0.0.1:0") -> None:
+    def __init__(
+        self, *args: str, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None
+    ) -> None:
         self.process = subprocess.Popen(
             [str(BIN / args[0]), *args[1:], "--listen", listen],
             stderr=subprocess.PIPE,
             text=True,
+            env=None if env is None else {**os.environ, **env},
         )
+        self.log: list[dict[str, object]] = []  # every JSON log line, as it arrives
         self.address = f"127.0.0.1:{self._port_from_log(f'{args[0]}_serving')}"
         # Keep reading the log so a chatty server never blocks on a full pipe.
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # type: ignore[union-attr]
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if line.startswith("{"):
+                self.log.append(json.loads(line))
 
     def _port_from_log(self, event: str) -> int:
         assert self.process.stderr is not None
         for line in self.process.stderr:
+            if not line.startswith("{"):  # gRPC's own C-core lines
+                continue
             record = json.loads(line)
+            self.log.append(record)
             if record["event"] == event:
                 return int(record["port"])
         raise AssertionError(f"{event} was never logged; exit code {self.process.wait()}")

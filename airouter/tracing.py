@@ -1,0 +1,102 @@
+"""OpenTelemetry tracing for both services, configured by the standard OTEL_* variables.
+
+Tracing is on when an OTLP endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`,
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or the servers' `--otlp-endpoint`), unless
+`OTEL_SDK_DISABLED=true`. Spans then go over OTLP/gRPC in batches; the service name comes from
+`OTEL_SERVICE_NAME` (default: the server's name) and the sampler from `OTEL_TRACES_SAMPLER`.
+Off, the API's no-op tracer stays and a span costs a function call.
+
+W3C trace context crosses gRPC in the call metadata (`traceparent`, `tracestate`), so one trace
+holds the gateway's request, its routing and attempts, and the host's handling.
+"""
+
+import os
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+from airouter.v1 import generate_pb2
+
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
+GEN_AI_MAX_TOKENS = "gen_ai.request.max_tokens"
+GEN_AI_TEMPERATURE = "gen_ai.request.temperature"
+
+
+def configure_tracing(service_name: str, otlp_endpoint: str | None = None) -> Any:
+    """Installs the SDK tracer provider with an OTLP/gRPC exporter when tracing is on; returns
+    the provider (call its shutdown() to flush at exit) or None when tracing is off."""
+    if otlp_endpoint:
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = otlp_endpoint
+    configured = any(
+        os.environ.get(name)
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    if not configured or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    # Imported only when on: the SDK and the exporter are heavy and off must cost nothing.
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    name = os.environ.get("OTEL_SERVICE_NAME") or service_name
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def inject_metadata(metadata: Iterable[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the current trace context, after `metadata`."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return (*metadata, *carrier.items())
+
+
+def extract_context(metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
+    """The trace context a caller sent in its call metadata (empty when it sent none)."""
+    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+    return propagate.extract(carrier)
+
+
+def add_trace_ids(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: trace_id and span_id of the current span on every line inside a
+    traced request."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event.setdefault("trace_id", format(span_context.trace_id, "032x"))
+        event.setdefault("span_id", format(span_context.span_id, "016x"))
+    return event
+
+
+def request_attributes(operation: str, request: Any) -> dict[str, Any]:
+    """GenAI attributes of a generate request (the gateway's or the host's message)."""
+    attributes: dict[str, Any] = {GEN_AI_OPERATION: operation, GEN_AI_REQUEST_MODEL: request.model}
+    if request.stopping.HasField("max_tokens"):
+        attributes[GEN_AI_MAX_TOKENS] = request.stopping.max_tokens
+    if request.sampling.HasField("temperature"):
+        attributes[GEN_AI_TEMPERATURE] = request.sampling.temperature
+    return attributes
+
+
+def finish_attributes(finished: Any) -> dict[str, Any]:
+    """GenAI attributes of a stream's Finished message."""
+    reason = generate_pb2.FinishReason.Name(finished.reason).removeprefix("FINISH_REASON_")
+    attributes: dict[str, Any] = {
+        GEN_AI_RESPONSE_MODEL: finished.model,
+        GEN_AI_INPUT_TOKENS: finished.usage.prompt_tokens,
+        GEN_AI_OUTPUT_TOKENS: finished.usage.completion_tokens,
+        GEN_AI_FINISH_REASONS: [reason.lower()],
+    }
+    if finished.host:
+        attributes["airouter.host"] = finished.host
+    return attributes

@@ -1,0 +1,227 @@
+"""One trace from client to token: the gateway and modelhost processes export their spans over
+OTLP/gRPC to a receiver started here (the OpenTelemetry collector's own service definition)."""
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from airouter.v1 import gateway_pb2_grpc, generate_pb2
+from tests.conftest import wait_for_health
+from tests.processes import ServerProcess
+from tests.streaming import collect, gateway_request
+
+# A trace id the client chose, in W3C traceparent form: the gateway must continue it.
+CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE_ID}-00f067aa0ba902b7-01"
+
+
+@dataclass
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, object]
+    events: list[str]
+    error: bool
+
+
+def _value(value: AnyValue) -> object:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Collects every span the exporters send."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self._lock = threading.Lock()
+
+    def Export(self, request, context):  # type: ignore[no-untyped-def]
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                )
+                for scope in resource_spans.scope_spans:
+                    for s in scope.spans:
+                        self.spans.append(
+                            Span(
+                                service=service,
+                                name=s.name,
+                                trace_id=s.trace_id.hex(),
+                                span_id=s.span_id.hex(),
+                                parent_id=s.parent_span_id.hex(),
+                                attributes={a.key: _value(a.value) for a in s.attributes},
+                                events=[e.name for e in s.events],
+                                error=s.status.code == s.status.STATUS_CODE_ERROR,
+                            )
+                        )
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def trace(self, trace_id: str) -> list[Span]:
+        with self._lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+
+@dataclass
+class Traced:
+    receiver: Receiver
+    hosts: list[ServerProcess]
+    gateway: ServerProcess
+    stub: gateway_pb2_grpc.GatewayStub
+
+
+def model_toml(preload: bool) -> str:
+    return (
+        '[[models]]\nname = "m"\nchat_template = "gemma"\ncontext_length = 256\nslots = 1\n'
+        f"batch_tokens = 64\npreload = {'true' if preload else 'false'}\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    directory = tmp_path_factory.mktemp("traced")
+    hosts = []
+    for name, preload in [("first", True), ("second", False)]:
+        config = Path(directory / f"{name}.toml")
+        config.write_text(model_toml(preload))
+        host = ServerProcess(
+            "modelhost", "serve", "--device", "cpu", "--config", str(config), env=env
+        )
+        wait_for_health(host.address)
+        hosts.append(host)
+    gateway = ServerProcess(
+        "gateway", "serve", *(f"--modelhost={h.address}" for h in hosts), env=env
+    )
+    wait_for_health(gateway.address)
+    channel = grpc.insecure_channel(gateway.address)
+    yield Traced(receiver, hosts, gateway, gateway_pb2_grpc.GatewayStub(channel))
+    channel.close()
+    for process in (gateway, *hosts):
+        if process.process.poll() is None:
+            process.stop()
+    server.stop(0)
+
+
+def wait_for_spans(receiver: Receiver, trace_id: str, names: set[str]) -> list[Span]:
+    deadline = time.monotonic() + 20
+    while True:
+        spans = receiver.trace(trace_id)
+        if names <= {s.name for s in spans}:
+            return spans
+        assert time.monotonic() < deadline, f"missing {names - {s.name for s in spans}}"
+        time.sleep(0.1)
+
+
+def test_one_trace_holds_gateway_routing_host_and_engine_spans(traced: Traced) -> None:
+    # "m" is resident on the first host only: the request lands there.
+    time.sleep(1.5)  # the gateway's view of the hosts is current
+    request = gateway_request(model="m", prompt="Hello", max_tokens=4, temperature=0.0)
+    result = collect(
+        traced.stub.Generate(request, metadata=[("traceparent", CLIENT_TRACEPARENT)], timeout=60)
+    )
+    host = traced.hosts[0].address
+    assert result.finished.host == host
+    spans = wait_for_spans(
+        traced.receiver,
+        CLIENT_TRACE_ID,
+        {
+            "text_completion m",
+            "route",
+            f"attempt {host}",
+            "generate m",
+            "queue",
+            "prefill",
+            "decode",
+        },
+    )
+    by_name = {s.name: s for s in spans}
+    request_span = by_name["text_completion m"]
+    assert request_span.service == "airouter-gateway"
+    assert request_span.parent_id == CLIENT_TRACEPARENT.split("-")[2]  # the client's span
+    assert request_span.attributes["gen_ai.operation.name"] == "text_completion"
+    assert request_span.attributes["gen_ai.request.model"] == "m"
+    assert request_span.attributes["gen_ai.response.model"] == "m"
+    assert (
+        request_span.attributes["gen_ai.usage.input_tokens"] == result.finished.usage.prompt_tokens
+    )
+    assert request_span.attributes["gen_ai.usage.output_tokens"] == 4
+    assert request_span.attributes["gen_ai.response.finish_reasons"] == ["length"]
+    route = by_name["route"]
+    assert route.parent_id == request_span.span_id
+    assert route.attributes["airouter.route.chosen"] == host
+    assert "resident" in str(route.attributes["airouter.route.reason"])
+    attempt = by_name[f"attempt {host}"]
+    assert attempt.parent_id == request_span.span_id
+    handling = by_name["generate m"]
+    assert handling.service == "airouter-modelhost"
+    assert handling.parent_id == attempt.span_id  # the context crossed gRPC
+    assert "first_token" in handling.events
+    assert handling.attributes["airouter.prefill_ms"] > 0  # type: ignore[operator]
+    for phase in ("queue", "prefill", "decode"):
+        assert by_name[phase].parent_id == handling.span_id
+    # Log lines inside the request carry its trace id, in both processes.
+    route_logs = [r for r in traced.gateway.log if r.get("event") == "route_chosen"]
+    assert any(r.get("trace_id") == CLIENT_TRACE_ID for r in route_logs)
+    host_logs = [r for r in traced.hosts[0].log if r.get("event") == "generation_finished"]
+    assert any(r.get("trace_id") == CLIENT_TRACE_ID for r in host_logs)
+
+
+def test_a_failover_shows_both_attempts_in_one_trace(traced: Traced) -> None:
+    first, second = traced.hosts
+    long = gateway_request(model="m", prompt="Count:", max_tokens=200, ignore_eos=True)
+    running = traced.stub.Generate(long, timeout=60)
+    next(running)  # the first host's one slot is busy
+    results: list[object] = []
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-01"
+
+    def waiting() -> None:
+        request = gateway_request(model="m", prompt="Hi", max_tokens=2)
+        call = traced.stub.Generate(request, metadata=[("traceparent", traceparent)], timeout=60)
+        results.append(collect(call))
+
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    time.sleep(0.5)  # it waits in the first host's queue
+    first.kill()
+    thread.join(timeout=60)
+    assert results and results[0].finished.host == second.address  # type: ignore[attr-defined]
+    assert collect(running).finished.reason == generate_pb2.FINISH_REASON_ERROR
+    spans = wait_for_spans(
+        traced.receiver,
+        trace_id,
+        {f"attempt {first.address}", f"attempt {second.address}", "generate m", "load m"},
+    )
+    by_name = {s.name: s for s in spans}
+    failed, served = by_name[f"attempt {first.address}"], by_name[f"attempt {second.address}"]
+    assert failed.error and not served.error
+    assert (failed.attributes["airouter.attempt"], served.attributes["airouter.attempt"]) == (1, 2)
+    assert failed.parent_id == served.parent_id  # both under the request's span
+    # The second host loaded the model for this request: the load is in the trace too.
+    assert by_name["generate m"].parent_id == served.span_id
+    assert by_name["load m"].service == "airouter-modelhost"
