@@ -19,7 +19,7 @@ from gateway.server import RunningGateway, start_gateway
 _log = structlog.get_logger()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="route requests to modelhosts")
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         "(default $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
     )
     serve.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     configure_logging(args.log_level)
     tracer_provider = configure_tracing("airouter-gateway", args.otlp_endpoint)
