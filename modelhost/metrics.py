@@ -10,12 +10,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from airouter.errors import AirouterError
+from airouter.grpc_server import status_for
 from airouter.v1 import generate_pb2, host_status_pb2
+from modelhost.generation import Finish
 
 PREFIX = "airouter_modelhost"
 _STATES = {
@@ -23,6 +26,54 @@ _STATES = {
     for name, value in generate_pb2.ModelState.items()
     if value != generate_pb2.MODEL_STATE_UNSPECIFIED
 }
+
+
+# Seconds: from a fast TTFT on a GPU to a long generation on a CPU.
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class RequestMetrics:
+    """Per-request figures that accumulate (counters, histograms), kept whether or not
+    /metrics is served: recording one is a few dictionary updates."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Generate requests by model and outcome (a finish reason, or the status code of a "
+            "request refused before its first token).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            f"{PREFIX}_tokens", "Prompt and generated tokens.", ["model", "kind"], registry=registry
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time to first token, queue included.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_request_seconds",
+            "Whole request time, queue included.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def finished(self, finish: Finish) -> None:
+        model = finish.model
+        self.requests.labels(model, finish.reason.value).inc()
+        self.tokens.labels(model, "prompt").inc(finish.prompt_tokens)
+        self.tokens.labels(model, "completion").inc(finish.completion_tokens)
+        if finish.completion_tokens:
+            self.ttft.labels(model).observe(finish.timings.time_to_first_token_ms / 1000)
+        self.latency.labels(model).observe(finish.timings.total_ms / 1000)
+
+    def refused(self, model: str, error: AirouterError) -> None:
+        self.requests.labels(model, status_for(error).name.lower()).inc()
 
 
 class HostCollector(Collector):
@@ -106,8 +157,10 @@ def start_metrics_server(
     listen: str,
     loop: asyncio.AbstractEventLoop,
     snapshot: Callable[[], host_status_pb2.HostStatus],
+    registry: CollectorRegistry,
 ) -> MetricsServer:
-    """Serves /metrics on listen (HOST:PORT, port 0 for any free one) from its own thread."""
+    """Serves /metrics on listen (HOST:PORT, port 0 for any free one) from its own thread:
+    the registry's request metrics and the status snapshot's figures."""
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise OSError(f"--metrics-listen {listen!r}: use HOST:PORT, such as 127.0.0.1:9464")
@@ -118,7 +171,6 @@ def start_metrics_server(
 
         return asyncio.run_coroutine_threadsafe(take(), loop).result(timeout=10)
 
-    registry = CollectorRegistry()
     registry.register(HostCollector(on_loop))
     server, _thread = start_http_server(int(port), host.strip("[]"), registry=registry)
     return MetricsServer(server, server.server_port)

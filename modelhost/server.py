@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
 
 from airouter import grpc_server
 from airouter.security import Credentials
@@ -13,7 +14,7 @@ from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import HostConfig
 from modelhost.llama import default_threads
 from modelhost.memory import MemoryProbe, format_bytes, parse_size, reserve_bytes
-from modelhost.metrics import MetricsServer, start_metrics_server
+from modelhost.metrics import MetricsServer, RequestMetrics, start_metrics_server
 from modelhost.residency import Residency
 from modelhost.servicer import ModelHostServicer, host_status_pb
 from modelhost.serving import GenerationService
@@ -57,6 +58,7 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
     probe = MemoryProbe(device)
     budget = memory_budget(config, probe)
     _log.info("memory_budget", device=device, budget=format_bytes(budget))
+    registry = CollectorRegistry()
     residency = Residency(
         config.models,
         device=device,
@@ -69,7 +71,7 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
         [SERVICE_NAME], credentials, admin_methods=ADMIN_METHODS
     )
     model_host_pb2_grpc.add_ModelHostServicer_to_server(
-        ModelHostServicer(GenerationService(residency)), server
+        ModelHostServicer(GenerationService(residency, RequestMetrics(registry))), server
     )
     port = grpc_server.bind(server, config.listen, credentials.tls)
     await server.start()
@@ -82,6 +84,7 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
                 config.metrics_listen,
                 asyncio.get_running_loop(),
                 lambda: host_status_pb(residency),
+                registry,
             )
         except OSError:
             await host.stop(0)

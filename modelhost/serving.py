@@ -11,7 +11,7 @@ from contextlib import aclosing
 
 import structlog
 
-from airouter.errors import FailedPrecondition, InvalidArgument
+from airouter.errors import AirouterError, FailedPrecondition, InvalidArgument
 from modelhost.engine import Engine
 from modelhost.generation import (
     Delta,
@@ -26,6 +26,7 @@ from modelhost.generation import (
     validate_stop,
 )
 from modelhost.llama import LlamaModel
+from modelhost.metrics import RequestMetrics
 from modelhost.residency import Residency, ResidentModel
 
 _log = structlog.get_logger()
@@ -34,8 +35,9 @@ _log = structlog.get_logger()
 class GenerationService:
     """Runs generation requests against the host's resident models."""
 
-    def __init__(self, residency: Residency) -> None:
+    def __init__(self, residency: Residency, metrics: RequestMetrics) -> None:
         self.residency = residency
+        self.metrics = metrics
 
     def models(self) -> list[ResidentModel]:
         return self.residency.models
@@ -54,12 +56,18 @@ class GenerationService:
         if spec.messages:
             validate_messages(spec.messages)
         resident = self.residency.resolve(spec.model)
-        async with self.residency.use(resident, time_left_s) as (model, engine):
-            # Closed explicitly so a client leaving cancels the engine request at once.
-            events = self._run(spec, resident, model, engine, arrived, time_left_s)
-            async with aclosing(events):
-                async for event in events:
-                    yield event
+        try:
+            async with self.residency.use(resident, time_left_s) as (model, engine):
+                # Closed explicitly so a client leaving cancels the engine request at once.
+                events = self._run(spec, resident, model, engine, arrived, time_left_s)
+                async with aclosing(events):
+                    async for event in events:
+                        if isinstance(event, Finish):
+                            self.metrics.finished(event)
+                        yield event
+        except AirouterError as exc:
+            self.metrics.refused(resident.name, exc)
+            raise
 
     async def _run(
         self,

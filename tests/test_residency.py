@@ -290,8 +290,11 @@ def test_status_reports_memory_load_and_recent_rates() -> None:
         assert abs(model.last_used.ToSeconds() - time.time()) < 5
 
 
-def test_metrics_endpoint_reports_the_status_figures() -> None:
-    with running_host([small("a")], metrics_listen="127.0.0.1:0") as host:
+def test_metrics_endpoint_reports_the_status_figures(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a model")
+    models = [small("a"), small("broken", path=garbage)]
+    with running_host(models, metrics_listen="127.0.0.1:0") as host:
         assert host.server.metrics is not None
         url = f"http://127.0.0.1:{host.server.metrics.port}/metrics"
 
@@ -313,6 +316,16 @@ def test_metrics_endpoint_reports_the_status_figures() -> None:
         assert after["airouter_modelhost_cache_misses_total"] == 1
         assert after['airouter_modelhost_model_tokens_generated_total{model="a"}'] == 8
         assert after["airouter_modelhost_memory_models_bytes"] > 0
+        assert after['airouter_modelhost_requests_total{model="a",outcome="length"}'] == 1
+        assert after['airouter_modelhost_tokens_total{kind="completion",model="a"}'] == 8
+        assert after['airouter_modelhost_time_to_first_token_seconds_count{model="a"}'] == 1
+        assert after['airouter_modelhost_request_seconds_count{model="a"}'] == 1
+        with pytest.raises(grpc.RpcError):
+            host.generate("broken")
+        refused = scrape()
+        assert (
+            refused['airouter_modelhost_requests_total{model="broken",outcome="unavailable"}'] == 1
+        )
 
 
 def test_gguf_header_reads_the_model_metadata(model_path: Path) -> None:
