@@ -31,3 +31,11 @@ class Unavailable(AirouterError):
 
 class DeadlineExceeded(AirouterError):
     """The request's deadline passed before it could be served."""
+
+
+class Unauthenticated(AirouterError):
+    """The caller, or airouter towards an upstream, did not prove who it is."""
+
+
+class PermissionDenied(AirouterError):
+    """The caller is known but may not do this."""

@@ -14,6 +14,7 @@ from airouter.security import ServerSecurity
 DEFAULT_LISTEN = "127.0.0.1:50050"
 DEFAULT_MODELHOST = "127.0.0.1:50051"
 MODELHOST_TOKEN_ENV = "AIROUTER_MODELHOST_TOKEN"
+OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
 
 
 class GatewayConfig(ServerSecurity):
@@ -32,6 +33,10 @@ class GatewayConfig(ServerSecurity):
     modelhost_key: Path | None = None
     # The modelhosts' client token; else $AIROUTER_MODELHOST_TOKEN.
     modelhost_token_file: Path | None = None
+    # Models named openrouter/<vendor>/<model> go to this OpenAI-compatible API, with the key
+    # from openrouter_api_key_file, else $OPENROUTER_API_KEY.
+    openrouter_base_url: str = "https://openrouter.ai/api/v1"
+    openrouter_api_key_file: Path | None = None
 
 
 def load_gateway_config(path: Path | None, **overrides: object) -> GatewayConfig:

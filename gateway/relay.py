@@ -5,6 +5,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import grpc
 import structlog
@@ -12,6 +13,7 @@ from opentelemetry import trace
 
 from airouter import tracing
 from airouter.errors import (
+    AirouterError,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -21,6 +23,7 @@ from airouter.errors import (
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway import router
 from gateway.hosts import HostPool
+from gateway.openai_protocol import OpenAIUpstream, UpstreamStreamError
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -41,7 +44,10 @@ class HostError(Exception):
 
 
 async def relay_generate(
-    pool: HostPool, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
+    pool: HostPool,
+    request: gateway_pb2.GatewayGenerateRequest,
+    time_left_s: float | None,
+    upstream: OpenAIUpstream | None = None,
 ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
     """Yields the chosen host's stream. Before the first message a host that is down or full
     is skipped for the next candidate; after it, a failure ends the stream with
@@ -51,6 +57,12 @@ async def relay_generate(
         raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
+    if request.model.startswith(OPENROUTER_PREFIX):
+        if upstream is None:
+            raise Unavailable("this gateway has no upstream for openrouter/ models configured")
+        async for response in relay_upstream(upstream, request, deadline):
+            yield response
+        return
     requested = request.model
     log = _log.bind(request_id=request.request_id, model=requested)
     with _tracer.start_as_current_span("route") as span:
@@ -206,3 +218,74 @@ def _error_finish(host: str, why: str) -> gateway_pb2.GatewayGenerateResponse:
             reason=generate_pb2.FINISH_REASON_ERROR, error_message=f"host {host} {why}", host=host
         )
     )
+
+
+OPENROUTER_PREFIX = "openrouter/"
+_FINISH_REASONS = {
+    "stop": generate_pb2.FINISH_REASON_STOP,
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+    "error": generate_pb2.FINISH_REASON_ERROR,
+}
+
+
+async def relay_upstream(
+    upstream: OpenAIUpstream, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None
+) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    """Streams an `openrouter/<vendor>/<model>` request from the OpenAI-compatible upstream,
+    in the gateway's messages. Errors before the first token are raised (mapped from the
+    upstream's status); after it the stream ends with FINISH_REASON_ERROR."""
+    path, body = openai_body(request)
+    where = f"upstream {upstream.settings.base_url}"
+    started = time.monotonic()
+    first_token_ms = 0.0
+    finish = generate_pb2.Finished(reason=generate_pb2.FINISH_REASON_STOP, host="openrouter")
+    sent = False
+    try:
+        async for chunk in upstream.stream(path, body, deadline):
+            if chunk.model:
+                finish.model = chunk.model
+            if chunk.text:
+                if not sent:
+                    first_token_ms = (time.monotonic() - started) * 1e3
+                sent = True
+                yield gateway_pb2.GatewayGenerateResponse(
+                    token=generate_pb2.TokenDelta(text=chunk.text, token_count=1)
+                )
+            if chunk.finish_reason:
+                finish.reason = _FINISH_REASONS.get(
+                    chunk.finish_reason, generate_pb2.FINISH_REASON_STOP
+                )
+            if chunk.prompt_tokens is not None:
+                finish.usage.prompt_tokens = chunk.prompt_tokens
+                finish.usage.completion_tokens = chunk.completion_tokens or 0
+                finish.usage.cost_usd = chunk.cost or 0.0
+    except (UpstreamStreamError, AirouterError) as exc:
+        if not sent:
+            raise
+        finish.reason = generate_pb2.FINISH_REASON_ERROR
+        finish.error_message = f"{where} failed mid-stream: {exc}"
+    total_ms = (time.monotonic() - started) * 1e3
+    finish.timings.time_to_first_token_ms = first_token_ms
+    finish.timings.total_ms = total_ms
+    yield gateway_pb2.GatewayGenerateResponse(finished=finish)
+
+
+def openai_body(request: gateway_pb2.GatewayGenerateRequest) -> tuple[str, dict[str, Any]]:
+    """The OpenAI API path and JSON body for a gateway request: chat messages go to
+    /chat/completions, a raw prompt to /completions."""
+    body: dict[str, Any] = {"model": request.model.removeprefix(OPENROUTER_PREFIX)}
+    if request.HasField("chat"):
+        path = "/chat/completions"
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    else:
+        path = "/completions"
+        body["prompt"] = request.prompt
+    sampling = request.sampling
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+        if sampling.HasField(name):
+            body[name] = getattr(sampling, name)
+    if request.stopping.HasField("max_tokens"):
+        body["max_tokens"] = request.stopping.max_tokens
+    if request.stopping.stop:
+        body["stop"] = list(request.stopping.stop)
+    return path, body

@@ -9,8 +9,9 @@ from grpc_health.v1 import health
 from airouter import grpc_server
 from airouter.security import Credentials, channel_credentials, read_secret
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.config import MODELHOST_TOKEN_ENV, GatewayConfig
+from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfig
 from gateway.hosts import HostPool
+from gateway.openai_protocol import OpenAIUpstream, UpstreamSettings
 from gateway.servicer import GatewayServicer
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -26,10 +27,16 @@ class RunningGateway:
     health: health.aio.HealthServicer
     port: int
     pool: HostPool
+    upstream: OpenAIUpstream
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.server.stop(grace_s)
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the host channels and the upstream session, once the server has stopped."""
         await self.pool.close()
+        await self.upstream.close()
 
 
 def host_pool(config: GatewayConfig) -> HostPool:
@@ -58,10 +65,17 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     if warning:
         _log.warning("serving_without_protection", detail=warning)
     pool = host_pool(config)
+    upstream = OpenAIUpstream(
+        UpstreamSettings(
+            api_key=read_secret(config.openrouter_api_key_file, OPENROUTER_KEY_ENV),
+            base_url=config.openrouter_base_url,
+        )
+    )
+    await upstream.start()
     server, health_servicer = grpc_server.new_server([SERVICE_NAME], credentials)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool, upstream), server)
     port = grpc_server.bind(server, config.listen, credentials.tls)
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
     await pool.start()
-    return RunningGateway(server, health_servicer, port, pool)
+    return RunningGateway(server, health_servicer, port, pool, upstream)
