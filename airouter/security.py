@@ -174,6 +174,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _deny(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid")
 
 
+def accepts_token(credentials: Credentials, presented: str) -> bool:
+    """Whether a presented token is the client or the admin token (compared in constant
+    time)."""
+    return any(
+        expected is not None and _equal(presented, expected)
+        for expected in (credentials.token, credentials.admin_token)
+    )
+
+
 def _presented_token(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):

@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=f"a modelhost to route to; repeat for more (default {DEFAULT_MODELHOST})",
     )
+    serve.add_argument(
+        "--http-listen",
+        help="HOST:PORT of the OpenAI-compatible HTTP edge (default 127.0.0.1:8080)",
+    )
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
     add_security_flags(serve)
     serve.add_argument("--modelhost-ca", type=Path, help="CA of the modelhosts' certificates")
@@ -59,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     flags = {
         "listen": args.listen,
         "modelhosts": args.modelhost,
+        "http_listen": args.http_listen,
         "shutdown_grace_s": args.shutdown_grace,
         "modelhost_ca": args.modelhost_ca,
         **security_flags(args),
@@ -81,6 +86,7 @@ async def _serve(config: GatewayConfig, path: Path | None, flags: dict[str, obje
         "gateway_serving",
         listen=config.listen,
         port=gateway.port,
+        http_port=gateway.http.port if gateway.http else None,
         modelhosts=config.modelhosts,
         tls=config.tls_cert is not None,
     )

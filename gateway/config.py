@@ -13,12 +13,15 @@ from airouter.security import ServerSecurity
 
 DEFAULT_LISTEN = "127.0.0.1:50050"
 DEFAULT_MODELHOST = "127.0.0.1:50051"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 MODELHOST_TOKEN_ENV = "AIROUTER_MODELHOST_TOKEN"
 OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
 
 
 class GatewayConfig(ServerSecurity):
     listen: str = DEFAULT_LISTEN
+    # HOST:PORT of the OpenAI-compatible HTTP edge (/v1/...); None: no HTTP edge.
+    http_listen: str | None = DEFAULT_HTTP_LISTEN
     # HOST:PORT of each modelhost; a name with several addresses (a Kubernetes headless
     # service) stands for one host per address.
     modelhosts: list[str] = Field(default_factory=lambda: [DEFAULT_MODELHOST], min_length=1)

@@ -31,6 +31,7 @@ from airouter.errors import (
     Unauthenticated,
     Unavailable,
 )
+from airouter.v1 import gateway_pb2
 
 _log = structlog.get_logger()
 
@@ -224,3 +225,144 @@ def _chunk(event: dict[str, Any]) -> Chunk:
         chunk.completion_tokens = usage.get("completion_tokens")
         chunk.cost = usage.get("cost")
     return chunk
+
+
+# --- downstream: the gateway's OpenAI-compatible HTTP edge ------------------------------
+
+# gRPC status -> (HTTP status, OpenAI error type), as the OpenAI API and its SDKs expect.
+HTTP_FOR_STATUS: dict[str, tuple[int, str]] = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "FAILED_PRECONDITION": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "UNAVAILABLE": (503, "service_unavailable"),
+    "DEADLINE_EXCEEDED": (504, "timeout"),
+}
+FINISH_REASON_NAMES = {1: "stop", 2: "length", 3: "stop", 4: "error"}  # FinishReason values
+_SAMPLING_FIELDS = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repetition_penalty": float,
+    "seed": int,
+}
+
+
+def error_json(status_name: str, message: str) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI-shaped error body for a gRPC status name."""
+    http_status, kind = HTTP_FOR_STATUS.get(status_name, (500, "server_error"))
+    return http_status, {
+        "error": {"message": message, "type": kind, "param": None, "code": status_name.lower()}
+    }
+
+
+def parse_request(
+    body: Any, *, chat: bool
+) -> tuple[gateway_pb2.GatewayGenerateRequest, bool, bool]:
+    """A gateway request from an OpenAI chat or text completion body; returns it with whether
+    to stream and whether to send usage in the stream. InvalidArgument names the field."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidArgument("model: required, a model name, alias or capability:<tag>")
+    request = gateway_pb2.GatewayGenerateRequest(model=model)
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidArgument("messages: required, a non-empty list of {role, content}")
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):  # content parts: the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not isinstance(content, str) or not isinstance(message.get("role"), str):
+                raise InvalidArgument(f"messages[{i}]: needs a string role and text content")
+            request.chat.messages.add(role=message["role"], content=content)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InvalidArgument("prompt: required, a string")
+        request.prompt = prompt
+    for name, kind in _SAMPLING_FIELDS.items():
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise InvalidArgument(f"{name}: must be a number")
+            setattr(request.sampling, name, kind(value))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidArgument("max_tokens: must be a positive integer")
+        request.stopping.max_tokens = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise InvalidArgument("stop: must be a string or a list of strings")
+        request.stopping.stop.extend(stops)
+    stream = bool(body.get("stream", False))
+    options = body.get("stream_options") or {}
+    include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+    return request, stream, include_usage
+
+
+def chunk_json(
+    *, chat: bool, id: str, created: int, model: str, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    """One streamed chunk, chat (`delta`) or text completion (`text`) shaped."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
+    if chat:
+        choice["delta"] = {"role": "assistant", "content": text} if text else {}
+    else:
+        choice["text"] = text
+    return {
+        "id": id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_json(finished: Any) -> dict[str, Any]:
+    usage = finished.usage
+    body: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+    if usage.cached_prompt_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_prompt_tokens}
+    if usage.cost_usd:
+        body["cost"] = usage.cost_usd
+    return body
+
+
+def completion_json(
+    *, chat: bool, id: str, created: int, text: str, finished: Any
+) -> dict[str, Any]:
+    """A whole (non-streamed) completion."""
+    reason = FINISH_REASON_NAMES.get(finished.reason, "stop")
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": finished.model,
+        "choices": [choice],
+        "usage": usage_json(finished),
+    }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()

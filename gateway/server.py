@@ -1,5 +1,6 @@
 """Assembles and runs the gateway gRPC server."""
 
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -11,6 +12,7 @@ from airouter.security import Credentials, channel_credentials, read_secret
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfig
 from gateway.hosts import HostPool
+from gateway.http_edge import HttpEdge
 from gateway.openai_protocol import OpenAIUpstream, UpstreamSettings
 from gateway.servicer import GatewayServicer
 
@@ -28,13 +30,17 @@ class RunningGateway:
     port: int
     pool: HostPool
     upstream: OpenAIUpstream
+    http: HttpEdge | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.server.stop(grace_s)
         await self.close()
 
     async def close(self) -> None:
-        """Closes the host channels and the upstream session, once the server has stopped."""
+        """Closes the HTTP edge, the host channels and the upstream session, once the gRPC
+        server has stopped."""
+        if self.http is not None:
+            await self.http.close()
         await self.pool.close()
         await self.upstream.close()
 
@@ -78,4 +84,25 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
     await pool.start()
-    return RunningGateway(server, health_servicer, port, pool, upstream)
+    gateway = RunningGateway(server, health_servicer, port, pool, upstream)
+    if config.http_listen:
+        warning = credentials.check_exposure(config.http_listen, "gateway HTTP edge")
+        if warning:
+            _log.warning("serving_without_protection", detail=warning)
+        gateway.http = HttpEdge(pool, upstream, credentials)
+        try:
+            await gateway.http.start(config.http_listen, http_tls(config))
+        except OSError:
+            await gateway.stop(0)
+            raise
+    return gateway
+
+
+def http_tls(config: GatewayConfig) -> ssl.SSLContext | None:
+    """TLS for the HTTP edge: the gRPC server's certificate (clients' certificates are not
+    asked for on HTTP: tokens authenticate there)."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context

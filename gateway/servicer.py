@@ -69,33 +69,38 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def ListModels(
         self, request: gateway_pb2.GatewayListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GatewayListModelsResponse:
-        await self._pool.first_contact(FIRST_CONTACT_WAIT_S)
-        merged: dict[str, generate_pb2.ModelInfo] = {}
-        for host in self._pool.routable():
-            for model in host.models:
-                state = host.state_of(model.name) or model.state
-                detail = _model_detail(host, model.name)
-                entry = merged.get(model.name)
-                if entry is None:
-                    entry = merged[model.name] = generate_pb2.ModelInfo()
-                    entry.CopyFrom(model)
-                    del entry.hosts[:]
-                    entry.state, entry.state_detail = state, detail
-                elif _STATE_RANK.get(state, 9) < _STATE_RANK.get(entry.state, 9):
-                    entry.state, entry.state_detail = state, detail
-                entry.hosts.append(host.address)
-                if state == generate_pb2.MODEL_STATE_READY:
-                    entry.resident_hosts.append(host.address)
-        return gateway_pb2.GatewayListModelsResponse(
-            models=[merged[name] for name in sorted(merged)],
-            unreachable_hosts=[h.address for h in self._pool.hosts if not h.routable],
-        )
+        return await list_models(self._pool)
 
     async def ListHosts(
         self, request: gateway_pb2.ListHostsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListHostsResponse:
         await self._pool.first_contact(FIRST_CONTACT_WAIT_S)
         return gateway_pb2.ListHostsResponse(hosts=[host_info_pb(h) for h in self._pool.hosts])
+
+
+async def list_models(pool: HostPool) -> gateway_pb2.GatewayListModelsResponse:
+    """The models of the available hosts, merged by name with their live state."""
+    await pool.first_contact(FIRST_CONTACT_WAIT_S)
+    merged: dict[str, generate_pb2.ModelInfo] = {}
+    for host in pool.routable():
+        for model in host.models:
+            state = host.state_of(model.name) or model.state
+            detail = _model_detail(host, model.name)
+            entry = merged.get(model.name)
+            if entry is None:
+                entry = merged[model.name] = generate_pb2.ModelInfo()
+                entry.CopyFrom(model)
+                del entry.hosts[:]
+                entry.state, entry.state_detail = state, detail
+            elif _STATE_RANK.get(state, 9) < _STATE_RANK.get(entry.state, 9):
+                entry.state, entry.state_detail = state, detail
+            entry.hosts.append(host.address)
+            if state == generate_pb2.MODEL_STATE_READY:
+                entry.resident_hosts.append(host.address)
+    return gateway_pb2.GatewayListModelsResponse(
+        models=[merged[name] for name in sorted(merged)],
+        unreachable_hosts=[h.address for h in pool.hosts if not h.routable],
+    )
 
 
 def _model_detail(host: Host, name: str) -> str:

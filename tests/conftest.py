@@ -100,7 +100,11 @@ def stack() -> Iterator[Stack]:
     loop = LoopThread()
     host = loop.run(start_host(host_config(), "cpu"))
     gateway = loop.run(
-        start_gateway(GatewayConfig(listen="127.0.0.1:0", modelhosts=[f"127.0.0.1:{host.port}"]))
+        start_gateway(
+            GatewayConfig(
+                http_listen=None, listen="127.0.0.1:0", modelhosts=[f"127.0.0.1:{host.port}"]
+            )
+        )
     )
     stack = Stack(loop, host, gateway)
     wait_for_health(stack.host_address)

@@ -19,8 +19,11 @@ class ServerProcess:
     def __init__(
         self, *args: str, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None
     ) -> None:
+        extra = ["--listen", listen]
+        if args[0] == "gateway" and "--http-listen" not in args:
+            extra += ["--http-listen", "127.0.0.1:0"]  # never the fixed default port
         self.process = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:], "--listen", listen],
+            [str(BIN / args[0]), *args[1:], *extra],
             stderr=subprocess.PIPE,
             text=True,
             env=None if env is None else {**os.environ, **env},

@@ -27,7 +27,7 @@ class ExtraGateway:
     def __init__(self, stack: Stack, hosts: list[str]) -> None:
         self._stack = stack
         self.running = stack.loop.run(
-            start_gateway(GatewayConfig(listen="127.0.0.1:0", modelhosts=hosts))
+            start_gateway(GatewayConfig(http_listen=None, listen="127.0.0.1:0", modelhosts=hosts))
         )
         self._channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
         self.stub = gateway_pb2_grpc.GatewayStub(self._channel)

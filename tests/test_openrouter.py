@@ -174,6 +174,7 @@ def cloud_gateway(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     key = tmp_path_factory.mktemp("key") / "openrouter-key"
     key.write_text(API_KEY)
     config = GatewayConfig(
+        http_listen=None,
         listen="127.0.0.1:0",
         modelhosts=[free_port_address()],
         openrouter_base_url=server.base_url,

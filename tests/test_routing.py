@@ -120,7 +120,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     loop = LoopThread()
     gateway = loop.run(
         start_gateway(
-            GatewayConfig(listen="127.0.0.1:0", modelhosts=[h.address for h in hosts.values()])
+            GatewayConfig(
+                http_listen=None,
+                listen="127.0.0.1:0",
+                modelhosts=[h.address for h in hosts.values()],
+            )
         )
     )
     channel = grpc.insecure_channel(f"127.0.0.1:{gateway.port}")

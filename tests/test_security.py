@@ -125,6 +125,7 @@ def servers(pki: PKI) -> Iterator[Servers]:
     gateway = loop.run(
         start_gateway(
             GatewayConfig(
+                http_listen=None,
                 listen="127.0.0.1:0",
                 modelhosts=[f"127.0.0.1:{mtls_host.port}"],
                 modelhost_ca=pki.path("ca.pem"),
@@ -247,6 +248,7 @@ def test_a_gateway_with_a_wrong_host_token_shows_the_host_down_and_why(
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-the-token")
     config = GatewayConfig(
+        http_listen=None,
         listen="127.0.0.1:0",
         modelhosts=[servers.host_address],
         modelhost_ca=pki.path("ca.pem"),

@@ -1,0 +1,180 @@
+"""The gateway's OpenAI-compatible HTTP edge (aiohttp): /v1/chat/completions, /v1/completions
+and /v1/models, streaming (SSE) or not, over the same routing as the gRPC Generate: local
+hosts, OpenRouter models, failover. Same tokens as gRPC; errors in OpenAI's JSON shape.
+"""
+
+import json
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import structlog
+from aiohttp import web
+from opentelemetry import trace
+
+from airouter import tracing
+from airouter.errors import AirouterError, Unauthenticated
+from airouter.grpc_server import status_for
+from airouter.security import Credentials, accepts_token
+from gateway.hosts import HostPool
+from gateway.openai_protocol import (
+    FINISH_REASON_NAMES,
+    OpenAIUpstream,
+    chunk_json,
+    completion_json,
+    error_json,
+    parse_request,
+    sse,
+    usage_json,
+)
+from gateway.relay import HostError, relay_generate
+from gateway.servicer import list_models
+
+_log = structlog.get_logger()
+_tracer = trace.get_tracer("airouter.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status_name: str, message: str) -> web.Response:
+    status, body = error_json(status_name, message)
+    return web.json_response(body, status=status)
+
+
+class HttpEdge:
+    def __init__(self, pool: HostPool, upstream: OpenAIUpstream, credentials: Credentials) -> None:
+        self._pool = pool
+        self._upstream = upstream
+        self._credentials = credentials
+        self.app = web.Application(middlewares=[self._errors, self._auth])
+        self.app.router.add_post("/v1/chat/completions", self._chat)
+        self.app.router.add_post("/v1/completions", self._completions)
+        self.app.router.add_get("/v1/models", self._models)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, listen: str, tls: ssl.SSLContext | None) -> int:
+        host, _, port = listen.rpartition(":")
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=tls)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except AirouterError as exc:
+            return _error(status_for(exc).name, str(exc))
+        except HostError as exc:
+            return _error(exc.code.name, exc.details)
+        except web.HTTPException as exc:
+            return _error("NOT_FOUND" if exc.status == 404 else "INVALID_ARGUMENT", exc.reason)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._credentials.authenticates:
+            header = request.headers.get("Authorization", "")
+            token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+            if token is None:
+                raise Unauthenticated("send your token as `Authorization: Bearer <token>`")
+            if not accepts_token(self._credentials, token):
+                raise Unauthenticated("the bearer token is not valid")
+        return await handler(request)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        listed = await list_models(self._pool)
+        data = [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "airouter"}
+            for m in listed.models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body: Any = await request.json()
+        except json.JSONDecodeError as exc:
+            return _error("INVALID_ARGUMENT", f"the body is not JSON: {exc}")
+        generate, stream, include_usage = parse_request(body, chat=chat)
+        operation = "chat" if chat else "text_completion"
+        with _tracer.start_as_current_span(
+            f"{operation} {generate.model}",
+            kind=trace.SpanKind.SERVER,
+            context=tracing.extract_context(request.headers.items()),
+        ) as span:
+            span.set_attributes(tracing.request_attributes(operation, generate))
+            responses = relay_generate(self._pool, generate, None, self._upstream)
+            async with aclosing(responses):
+                ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+                created = int(time.time())
+                first = await anext(responses)  # errors before the first token raise here
+                if not stream:
+                    texts: list[str] = []
+                    message = first
+                    while not message.HasField("finished"):
+                        texts.append(message.token.text)
+                        message = await anext(responses)
+                    span.set_attributes(tracing.finish_attributes(message.finished))
+                    return web.json_response(
+                        completion_json(
+                            chat=chat,
+                            id=ident,
+                            created=created,
+                            text="".join(texts),
+                            finished=message.finished,
+                        )
+                    )
+                out = web.StreamResponse(
+                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                )
+                await out.prepare(request)
+                message, model = first, generate.model
+                while True:
+                    if message.HasField("finished"):
+                        finished = message.finished
+                        span.set_attributes(tracing.finish_attributes(finished))
+                        reason = FINISH_REASON_NAMES.get(finished.reason, "stop")
+                        if finished.error_message:
+                            error = {
+                                "error": {"message": finished.error_message, "type": "server_error"}
+                            }
+                            await out.write(sse(error))
+                        last = chunk_json(
+                            chat=chat,
+                            id=ident,
+                            created=created,
+                            model=finished.model or model,
+                            text="",
+                            finish_reason=reason,
+                        )
+                        await out.write(sse(last))
+                        if include_usage:
+                            usage = {**last, "choices": [], "usage": usage_json(finished)}
+                            await out.write(sse(usage))
+                        await out.write(sse("[DONE]"))
+                        return out
+                    chunk = chunk_json(
+                        chat=chat,
+                        id=ident,
+                        created=created,
+                        model=model,
+                        text=message.token.text,
+                        finish_reason=None,
+                    )
+                    await out.write(sse(chunk))
+                    message = await anext(responses)

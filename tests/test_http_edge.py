@@ -1,0 +1,119 @@
+"""The gateway's OpenAI-compatible HTTP edge, with the official `openai` package as the client:
+chat and text completions, streaming, the model list, and errors as the SDK's own exceptions.
+Local models come from the session's modelhost; openrouter/ models from the fake upstream."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.server import start_gateway
+from tests.conftest import Stack
+from tests.fake_openrouter import API_KEY, FakeOpenRouter
+
+TOKEN = "http-edge-token-3d9"
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    directory: Path = tmp_path_factory.mktemp("edge")
+    (directory / "token").write_text(TOKEN)
+    (directory / "openrouter-key").write_text(API_KEY)
+    upstream = FakeOpenRouter()
+    stack.loop.run(upstream.start())
+    config = GatewayConfig(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        modelhosts=[stack.host_address],
+        token_file=directory / "token",
+        openrouter_base_url=upstream.base_url,
+        openrouter_api_key_file=directory / "openrouter-key",
+    )
+    gateway = stack.loop.run(start_gateway(config))
+    assert gateway.http is not None
+    base_url = f"http://127.0.0.1:{gateway.http.port}/v1"
+    yield openai.OpenAI(base_url=base_url, api_key=TOKEN, max_retries=0, timeout=60)
+    stack.loop.run(gateway.stop(0))
+    stack.loop.run(upstream.stop())
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="gemma-3-270m",
+        messages=[{"role": "user", "content": "Name a color."}],
+        max_tokens=8,
+        temperature=0,
+    )
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert response.model == "gemma-3-270m"
+    assert response.usage is not None and 0 < response.usage.completion_tokens <= 8
+    assert response.usage.total_tokens == (
+        response.usage.prompt_tokens + response.usage.completion_tokens
+    )
+
+
+def test_chat_completion_stream_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="gemma-3-270m",
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert text and finishes[-1] in ("stop", "length") and set(finishes[:-1]) == {None}
+    usage = chunks[-1].usage
+    assert usage is not None and 0 < usage.completion_tokens <= 12
+
+
+def test_text_completion_plain_and_streamed(client: openai.OpenAI) -> None:
+    plain = client.completions.create(
+        model="gemma-3-270m", prompt="Once upon a time", max_tokens=6, temperature=0
+    )
+    assert plain.choices[0].text and plain.usage is not None
+    streamed = client.completions.create(
+        model="gemma-3-270m", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices)
+
+
+def test_the_model_list(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"gemma-3-270m", "gemma-one-slot"} <= ids
+
+
+def test_openrouter_models_through_the_http_edge(client: openai.OpenAI) -> None:
+    response = client.chat.completions.create(
+        model="openrouter/vendor/ok", messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert response.choices[0].message.content == "Hello world"
+    assert response.usage is not None and response.usage.prompt_tokens == 3
+
+
+def test_errors_arrive_as_the_sdks_exceptions(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="gpt-7", messages=messages)  # type: ignore[arg-type]
+    assert "gpt-7" in not_found.value.message
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model="gemma-3-270m",
+            messages=messages,  # type: ignore[arg-type]
+            temperature=9,
+        )
+    assert "sampling.temperature is 9.0" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.chat.completions.create(model="gemma-3-270m", messages=[])
+    assert "messages: required" in empty.value.message
+    stranger = client.with_options(api_key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="openrouter/vendor/403", messages=messages)  # type: ignore[arg-type]
