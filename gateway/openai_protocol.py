@@ -13,9 +13,11 @@ The API key is sent only in the Authorization header: never logged, never traced
 import asyncio
 import json
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -60,6 +62,7 @@ class UpstreamSettings:
     backoff_s: tuple[float, float] = (0.5, 8.0)  # first retry delay, cap
     connections_per_host: int = 32
     connect_timeout_s: float = 10.0
+    ca_file: Path | None = None  # trust this CA (a private upstream); else the system's
 
 
 @dataclass
@@ -83,7 +86,11 @@ class OpenAIUpstream:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        tls: ssl.SSLContext | bool = True
+        if self.settings.ca_file is not None:
+            tls = ssl.create_default_context(cafile=str(self.settings.ca_file))
         connector = aiohttp.TCPConnector(
+            ssl=tls,
             limit=0,  # no global cap; the per-host one bounds a single upstream
             limit_per_host=self.settings.connections_per_host,
             ttl_dns_cache=300,

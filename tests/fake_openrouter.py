@@ -24,7 +24,7 @@ API_KEY = "sk-or-test-5e1f0c"
 class FakeOpenRouter:
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
-        self.connections: set[int] = set()
+        self.connections: set[object] = set()  # the client address of each connection
         self.app = web.Application()
         self.app.router.add_post("/api/v1/chat/completions", self.completions)
         self.app.router.add_post("/api/v1/completions", self.completions)
@@ -48,7 +48,7 @@ class FakeOpenRouter:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
-        self.connections.add(id(request.transport))
+        self.connections.add(request.transport.get_extra_info("peername"))
         if request.headers.get("Authorization") != f"Bearer {API_KEY}":
             return _error(401, "No auth credentials found")
         body = await request.json()
