@@ -5,8 +5,9 @@ other settings take effect at the next start.
 """
 
 from pathlib import Path
+from typing import Literal, TypeAlias
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from airouter.config_files import load_toml_config
 from airouter.security import ServerSecurity
@@ -16,6 +17,7 @@ DEFAULT_MODELHOST = "127.0.0.1:50051"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 MODELHOST_TOKEN_ENV = "AIROUTER_MODELHOST_TOKEN"
 OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
+Policy: TypeAlias = Literal["local_only", "local_first", "cloud_only"]
 
 
 class GatewayConfig(ServerSecurity):
@@ -40,6 +42,21 @@ class GatewayConfig(ServerSecurity):
     # from openrouter_api_key_file, else $OPENROUTER_API_KEY.
     openrouter_base_url: str = "https://openrouter.ai/api/v1"
     openrouter_api_key_file: Path | None = None
+    # Where requests run when they do not say: local_only, local_first (cloud fallback when no
+    # host can serve or all are saturated) or cloud_only; per requested model, else default.
+    default_policy: Policy = "local_only"
+    model_policies: dict[str, Policy] = Field(default_factory=dict)
+    # The cloud model (openrouter/<vendor>/<model>) each requested model falls back to.
+    cloud_models: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cloud_models_are_openrouter_models(self) -> "GatewayConfig":
+        for name, cloud in self.cloud_models.items():
+            if not cloud.startswith("openrouter/"):
+                raise ValueError(
+                    f"cloud_models[{name!r}] is {cloud!r}; name an openrouter/<vendor>/<model>"
+                )
+        return self
 
 
 def load_gateway_config(path: Path | None, **overrides: object) -> GatewayConfig:

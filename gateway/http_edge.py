@@ -22,7 +22,6 @@ from airouter.security import Credentials, accepts_token
 from gateway.hosts import HostPool
 from gateway.openai_protocol import (
     FINISH_REASON_NAMES,
-    OpenAIUpstream,
     chunk_json,
     completion_json,
     error_json,
@@ -30,7 +29,7 @@ from gateway.openai_protocol import (
     sse,
     usage_json,
 )
-from gateway.relay import HostError, relay_generate
+from gateway.relay import CloudRouting, HostError, relay_generate
 from gateway.servicer import list_models
 
 _log = structlog.get_logger()
@@ -45,9 +44,9 @@ def _error(status_name: str, message: str) -> web.Response:
 
 
 class HttpEdge:
-    def __init__(self, pool: HostPool, upstream: OpenAIUpstream, credentials: Credentials) -> None:
+    def __init__(self, pool: HostPool, cloud: CloudRouting, credentials: Credentials) -> None:
         self._pool = pool
-        self._upstream = upstream
+        self._cloud = cloud
         self._credentials = credentials
         self.app = web.Application(middlewares=[self._errors, self._auth])
         self.app.router.add_post("/v1/chat/completions", self._chat)
@@ -118,7 +117,7 @@ class HttpEdge:
             context=tracing.extract_context(request.headers.items()),
         ) as span:
             span.set_attributes(tracing.request_attributes(operation, generate))
-            responses = relay_generate(self._pool, generate, None, self._upstream)
+            responses = relay_generate(self._pool, generate, None, self._cloud)
             async with aclosing(responses):
                 ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
                 created = int(time.time())

@@ -5,6 +5,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ from airouter import tracing
 from airouter.errors import (
     AirouterError,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -43,28 +45,89 @@ class HostError(Exception):
         self.details = details
 
 
+@dataclass(frozen=True)
+class CloudRouting:
+    """Where requests may run: the upstream for openrouter/ models, and which requests go
+    there by policy (local_only, local_first, cloud_only) and to which cloud model."""
+
+    upstream: OpenAIUpstream
+    default_policy: str = "local_only"
+    model_policies: dict[str, str] = field(default_factory=dict)
+    cloud_models: dict[str, str] = field(default_factory=dict)
+
+    def policy(self, request: gateway_pb2.GatewayGenerateRequest) -> str:
+        if request.routing_policy:
+            return _POLICY_NAMES[request.routing_policy]
+        return self.model_policies.get(request.model, self.default_policy)
+
+
+_POLICY_NAMES = {
+    gateway_pb2.ROUTING_POLICY_LOCAL_ONLY: "local_only",
+    gateway_pb2.ROUTING_POLICY_LOCAL_FIRST: "local_first",
+    gateway_pb2.ROUTING_POLICY_CLOUD_ONLY: "cloud_only",
+}
+# Candidates in this tier or worse are saturated or must evict: local_first prefers the cloud.
+_SATURATED_TIER = 3
+
+
 async def relay_generate(
     pool: HostPool,
     request: gateway_pb2.GatewayGenerateRequest,
     time_left_s: float | None,
-    upstream: OpenAIUpstream | None = None,
+    cloud: CloudRouting | None = None,
 ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
-    """Yields the chosen host's stream. Before the first message a host that is down or full
-    is skipped for the next candidate; after it, a failure ends the stream with
-    FINISH_REASON_ERROR."""
+    """Yields the stream of the host (or the cloud) that serves the request. Before the first
+    message a host that is down or full is skipped for the next candidate; after it, a
+    failure ends the stream with FINISH_REASON_ERROR."""
     deadline = None if time_left_s is None else time.monotonic() + time_left_s
     if not request.model:
         raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
-    if request.model.startswith(OPENROUTER_PREFIX):
-        if upstream is None:
-            raise Unavailable("this gateway has no upstream for openrouter/ models configured")
-        async for response in relay_upstream(upstream, request, deadline):
-            yield response
-        return
     requested = request.model
     log = _log.bind(request_id=request.request_id, model=requested)
+    policy = cloud.policy(request) if cloud else "local_only"
+    fallback = cloud.cloud_models.get(requested) if cloud else None
+    if requested.startswith(OPENROUTER_PREFIX) or policy == "cloud_only":
+        if cloud is None:
+            raise Unavailable("this gateway has no upstream for openrouter/ models configured")
+        if not requested.startswith(OPENROUTER_PREFIX):
+            if fallback is None:
+                raise FailedPrecondition(
+                    f"{requested!r} is to run in the cloud but has no cloud model; add it to "
+                    "cloud_models in gateway.toml, or ask for routing_policy local_only"
+                )
+            request.model = fallback
+        async for response in relay_upstream(cloud.upstream, request, deadline):
+            yield response
+        return
+    local_first = policy == "local_first" and fallback is not None and cloud is not None
+    try:
+        ranked = await _route(pool, request, deadline, log)
+        if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
+            raise ResourceExhausted("every host that serves it is saturated")
+        async for response in _attempts(pool, request, ranked, deadline, log):
+            yield response
+        return
+    except (Unavailable, NotFound, ResourceExhausted) as exc:
+        # _attempts raises these only before a first message was sent.
+        if not local_first:
+            raise
+        assert cloud is not None and fallback is not None
+        log.info("cloud_fallback", cloud_model=fallback, reason=str(exc))
+        trace.get_current_span().add_event("cloud_fallback", {"airouter.reason": str(exc)})
+    request.model = fallback
+    async for response in relay_upstream(cloud.upstream, request, deadline):
+        yield response
+
+
+async def _route(
+    pool: HostPool,
+    request: gateway_pb2.GatewayGenerateRequest,
+    deadline: float | None,
+    log: Any,
+) -> list[router.Candidate]:
+    """The ranked candidates, traced and logged with the choice and why."""
     with _tracer.start_as_current_span("route") as span:
         ranked = await _candidates(pool, request, deadline)
         described = [c.describe() for c in ranked]
@@ -83,6 +146,18 @@ async def relay_generate(
             reason=ranked[0].reason,
             candidates=described,
         )
+    return ranked
+
+
+async def _attempts(
+    pool: HostPool,
+    request: gateway_pb2.GatewayGenerateRequest,
+    ranked: list[router.Candidate],
+    deadline: float | None,
+    log: Any,
+) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    """Tries the candidates in order until one streams; see relay_generate."""
+    requested = request.model
     failures: list[str] = []
     last_code = grpc.StatusCode.UNAVAILABLE
     for attempt, candidate in enumerate(ranked, start=1):

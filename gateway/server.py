@@ -14,6 +14,7 @@ from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfi
 from gateway.hosts import HostPool
 from gateway.http_edge import HttpEdge
 from gateway.openai_protocol import OpenAIUpstream, UpstreamSettings
+from gateway.relay import CloudRouting
 from gateway.servicer import GatewayServicer
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -78,8 +79,11 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         )
     )
     await upstream.start()
+    cloud = CloudRouting(
+        upstream, config.default_policy, dict(config.model_policies), dict(config.cloud_models)
+    )
     server, health_servicer = grpc_server.new_server([SERVICE_NAME], credentials)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool, upstream), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool, cloud), server)
     port = grpc_server.bind(server, config.listen, credentials.tls)
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
@@ -89,7 +93,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         warning = credentials.check_exposure(config.http_listen, "gateway HTTP edge")
         if warning:
             _log.warning("serving_without_protection", detail=warning)
-        gateway.http = HttpEdge(pool, upstream, credentials)
+        gateway.http = HttpEdge(pool, cloud, credentials)
         try:
             await gateway.http.start(config.http_listen, http_tls(config))
         except OSError:

@@ -9,8 +9,7 @@ from opentelemetry import trace
 from airouter import tracing
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from gateway.hosts import Host, HostPool, HostState
-from gateway.openai_protocol import OpenAIUpstream
-from gateway.relay import HostError, relay_generate
+from gateway.relay import CloudRouting, HostError, relay_generate
 
 # When hosts disagree on a model's state, the merged entry shows the most usable one.
 _STATE_RANK = {
@@ -41,9 +40,9 @@ HOST_STATE_TO_PB = {
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Routes Generate to a host and merges ListModels across hosts."""
 
-    def __init__(self, pool: HostPool, upstream: OpenAIUpstream | None = None) -> None:
+    def __init__(self, pool: HostPool, cloud: CloudRouting | None = None) -> None:
         self._pool = pool
-        self._upstream = upstream
+        self._cloud = cloud
 
     async def Generate(
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
@@ -55,7 +54,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             context=tracing.extract_context(context.invocation_metadata()),
         ) as span:
             span.set_attributes(tracing.request_attributes(operation, request))
-            stream = relay_generate(self._pool, request, context.time_remaining(), self._upstream)
+            stream = relay_generate(self._pool, request, context.time_remaining(), self._cloud)
             async with aclosing(stream):
                 try:
                     async for response in stream:

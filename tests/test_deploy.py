@@ -44,3 +44,4 @@ def test_the_gateway_example_is_a_valid_config() -> None:
         tomllib.loads((DEPLOY / "gateway.example.toml").read_text())
     )
     assert config.tls_cert is not None and config.modelhost_ca is not None
+    assert config.default_policy == "local_first" and "capability:code" in config.cloud_models

@@ -18,7 +18,7 @@ from airouter.errors import (
     Unauthenticated,
     Unavailable,
 )
-from airouter.v1 import gateway_pb2_grpc, generate_pb2
+from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from gateway.config import GatewayConfig
 from gateway.openai_protocol import Chunk, OpenAIUpstream, UpstreamSettings, UpstreamStreamError
 from gateway.server import start_gateway
@@ -179,6 +179,12 @@ def cloud_gateway(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         modelhosts=[free_port_address()],
         openrouter_base_url=server.base_url,
         openrouter_api_key_file=key,
+        default_policy="local_first",
+        model_policies={"capability:code": "cloud_only"},
+        cloud_models={
+            "gemma-3-270m": "openrouter/vendor/ok",
+            "capability:code": "openrouter/vendor/ok",
+        },
     )
     gateway = loop.run(start_gateway(config))
     channel = grpc.insecure_channel(f"127.0.0.1:{gateway.port}")
@@ -220,3 +226,27 @@ def test_openrouter_errors_keep_their_meaning_through_the_gateway(cloud_gateway)
     assert broken.text == "Hello"
     assert broken.finished.reason == generate_pb2.FINISH_REASON_ERROR
     assert "provider crashed" in broken.finished.error_message
+
+
+def test_local_first_falls_back_to_the_cloud_model_when_no_host_can_serve(cloud_gateway) -> None:  # type: ignore[no-untyped-def]
+    stub, _ = cloud_gateway
+    result = collect(stub.Generate(gateway_request(model="gemma-3-270m", prompt="Hi")))
+    assert result.text == "Hello world" and result.finished.host == "openrouter"
+
+
+def test_policies_per_request_and_per_model(cloud_gateway) -> None:  # type: ignore[no-untyped-def]
+    stub, _ = cloud_gateway
+    local_only = gateway_request(model="gemma-3-270m", prompt="Hi")
+    local_only.routing_policy = gateway_pb2.ROUTING_POLICY_LOCAL_ONLY
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub.Generate(local_only, timeout=30))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # capability:code is cloud_only by the gateway's config.
+    coded = collect(stub.Generate(gateway_request(model="capability:code", prompt="Hi")))
+    assert coded.finished.host == "openrouter"
+    nowhere = gateway_request(model="llama-70b", prompt="Hi")
+    nowhere.routing_policy = gateway_pb2.ROUTING_POLICY_CLOUD_ONLY
+    with pytest.raises(grpc.RpcError) as info:
+        collect(stub.Generate(nowhere, timeout=30))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "add it to cloud_models" in info.value.details()

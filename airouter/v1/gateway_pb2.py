@@ -27,29 +27,31 @@ from airouter.v1 import host_status_pb2 as airouter_dot_v1_dot_host__status__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61irouter/v1/gateway.proto\x12\x0b\x61irouter.v1\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1d\x61irouter/v1/host_status.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x02\n\x16GatewayGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.airouter.v1.ChatMessagesH\x00\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.airouter.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.airouter.v1.StoppingCriteria\x12\x1a\n\x12min_context_length\x18\x07 \x01(\rB\x07\n\x05input\"w\n\x17GatewayGenerateResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.airouter.v1.TokenDeltaH\x00\x12)\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x15.airouter.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x18GatewayListModelsRequest\"^\n\x19GatewayListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.airouter.v1.ModelInfo\x12\x19\n\x11unreachable_hosts\x18\x02 \x03(\t\"\x12\n\x10ListHostsRequest\"9\n\x11ListHostsResponse\x12$\n\x05hosts\x18\x01 \x03(\x0b\x32\x15.airouter.v1.HostInfo\"\xce\x01\n\x08HostInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.airouter.v1.HostState\x12\x14\n\x0cstate_detail\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0b\x32\x17.airouter.v1.HostStatus\x12/\n\x0bstate_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12requests_in_flight\x18\x06 \x01(\r*\x85\x01\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rHOST_STATE_UP\x10\x01\x12\x13\n\x0fHOST_STATE_DOWN\x10\x02\x12\x1b\n\x17HOST_STATE_COOLING_DOWN\x10\x03\x12\x17\n\x13HOST_STATE_DRAINING\x10\x04\x32\x8b\x02\n\x07Gateway\x12W\n\x08Generate\x12#.airouter.v1.GatewayGenerateRequest\x1a$.airouter.v1.GatewayGenerateResponse0\x01\x12[\n\nListModels\x12%.airouter.v1.GatewayListModelsRequest\x1a&.airouter.v1.GatewayListModelsResponse\x12J\n\tListHosts\x12\x1d.airouter.v1.ListHostsRequest\x1a\x1e.airouter.v1.ListHostsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61irouter/v1/gateway.proto\x12\x0b\x61irouter.v1\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1d\x61irouter/v1/host_status.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\x16GatewayGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.airouter.v1.ChatMessagesH\x00\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.airouter.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.airouter.v1.StoppingCriteria\x12\x1a\n\x12min_context_length\x18\x07 \x01(\r\x12\x32\n\x0erouting_policy\x18\x08 \x01(\x0e\x32\x1a.airouter.v1.RoutingPolicyB\x07\n\x05input\"w\n\x17GatewayGenerateResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.airouter.v1.TokenDeltaH\x00\x12)\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x15.airouter.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x18GatewayListModelsRequest\"^\n\x19GatewayListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.airouter.v1.ModelInfo\x12\x19\n\x11unreachable_hosts\x18\x02 \x03(\t\"\x12\n\x10ListHostsRequest\"9\n\x11ListHostsResponse\x12$\n\x05hosts\x18\x01 \x03(\x0b\x32\x15.airouter.v1.HostInfo\"\xce\x01\n\x08HostInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.airouter.v1.HostState\x12\x14\n\x0cstate_detail\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0b\x32\x17.airouter.v1.HostStatus\x12/\n\x0bstate_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12requests_in_flight\x18\x06 \x01(\r*\x8d\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_LOCAL_ONLY\x10\x01\x12\x1e\n\x1aROUTING_POLICY_LOCAL_FIRST\x10\x02\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x03*\x85\x01\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rHOST_STATE_UP\x10\x01\x12\x13\n\x0fHOST_STATE_DOWN\x10\x02\x12\x1b\n\x17HOST_STATE_COOLING_DOWN\x10\x03\x12\x17\n\x13HOST_STATE_DRAINING\x10\x04\x32\x8b\x02\n\x07Gateway\x12W\n\x08Generate\x12#.airouter.v1.GatewayGenerateRequest\x1a$.airouter.v1.GatewayGenerateResponse0\x01\x12[\n\nListModels\x12%.airouter.v1.GatewayListModelsRequest\x1a&.airouter.v1.GatewayListModelsResponse\x12J\n\tListHosts\x12\x1d.airouter.v1.ListHostsRequest\x1a\x1e.airouter.v1.ListHostsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airouter.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOSTSTATE']._serialized_start=928
-  _globals['_HOSTSTATE']._serialized_end=1061
+  _globals['_ROUTINGPOLICY']._serialized_start=980
+  _globals['_ROUTINGPOLICY']._serialized_end=1121
+  _globals['_HOSTSTATE']._serialized_start=1124
+  _globals['_HOSTSTATE']._serialized_end=1257
   _globals['_GATEWAYGENERATEREQUEST']._serialized_start=135
-  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=392
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_start=394
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=513
-  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_start=515
-  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_end=541
-  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_start=543
-  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_end=637
-  _globals['_LISTHOSTSREQUEST']._serialized_start=639
-  _globals['_LISTHOSTSREQUEST']._serialized_end=657
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=659
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=716
-  _globals['_HOSTINFO']._serialized_start=719
-  _globals['_HOSTINFO']._serialized_end=925
-  _globals['_GATEWAY']._serialized_start=1064
-  _globals['_GATEWAY']._serialized_end=1331
+  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=444
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_start=446
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=565
+  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_start=567
+  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_end=593
+  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_start=595
+  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_end=689
+  _globals['_LISTHOSTSREQUEST']._serialized_start=691
+  _globals['_LISTHOSTSREQUEST']._serialized_end=709
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=711
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=768
+  _globals['_HOSTINFO']._serialized_start=771
+  _globals['_HOSTINFO']._serialized_end=977
+  _globals['_GATEWAY']._serialized_start=1260
+  _globals['_GATEWAY']._serialized_end=1527
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RoutingPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUTING_POLICY_UNSPECIFIED: _ClassVar[RoutingPolicy]
+    ROUTING_POLICY_LOCAL_ONLY: _ClassVar[RoutingPolicy]
+    ROUTING_POLICY_LOCAL_FIRST: _ClassVar[RoutingPolicy]
+    ROUTING_POLICY_CLOUD_ONLY: _ClassVar[RoutingPolicy]
+
 class HostState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     HOST_STATE_UNSPECIFIED: _ClassVar[HostState]
@@ -19,6 +26,10 @@ class HostState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOST_STATE_DOWN: _ClassVar[HostState]
     HOST_STATE_COOLING_DOWN: _ClassVar[HostState]
     HOST_STATE_DRAINING: _ClassVar[HostState]
+ROUTING_POLICY_UNSPECIFIED: RoutingPolicy
+ROUTING_POLICY_LOCAL_ONLY: RoutingPolicy
+ROUTING_POLICY_LOCAL_FIRST: RoutingPolicy
+ROUTING_POLICY_CLOUD_ONLY: RoutingPolicy
 HOST_STATE_UNSPECIFIED: HostState
 HOST_STATE_UP: HostState
 HOST_STATE_DOWN: HostState
@@ -26,7 +37,7 @@ HOST_STATE_COOLING_DOWN: HostState
 HOST_STATE_DRAINING: HostState
 
 class GatewayGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping", "min_context_length")
+    __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping", "min_context_length", "routing_policy")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +45,7 @@ class GatewayGenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     MIN_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -41,7 +53,8 @@ class GatewayGenerateRequest(_message.Message):
     sampling: _generate_pb2.SamplingParameters
     stopping: _generate_pb2.StoppingCriteria
     min_context_length: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ..., min_context_length: _Optional[int] = ...) -> None: ...
+    routing_policy: RoutingPolicy
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ..., min_context_length: _Optional[int] = ..., routing_policy: _Optional[_Union[RoutingPolicy, str]] = ...) -> None: ...
 
 class GatewayGenerateResponse(_message.Message):
     __slots__ = ("token", "finished")
