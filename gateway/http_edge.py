@@ -14,12 +14,14 @@ from typing import Any
 import structlog
 from aiohttp import web
 from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from airouter import tracing
 from airouter.errors import AirouterError, Unauthenticated
 from airouter.grpc_server import status_for
 from airouter.security import Credentials, accepts_token
 from gateway.hosts import HostPool
+from gateway.metrics import GatewayMetrics
 from gateway.openai_protocol import (
     FINISH_REASON_NAMES,
     chunk_json,
@@ -29,7 +31,7 @@ from gateway.openai_protocol import (
     sse,
     usage_json,
 )
-from gateway.relay import CloudRouting, HostError, relay_generate
+from gateway.relay import CloudRouting, HostError
 from gateway.servicer import list_models
 
 _log = structlog.get_logger()
@@ -44,14 +46,22 @@ def _error(status_name: str, message: str) -> web.Response:
 
 
 class HttpEdge:
-    def __init__(self, pool: HostPool, cloud: CloudRouting, credentials: Credentials) -> None:
+    def __init__(
+        self,
+        pool: HostPool,
+        cloud: CloudRouting,
+        credentials: Credentials,
+        metrics: GatewayMetrics,
+    ) -> None:
         self._pool = pool
         self._cloud = cloud
+        self._metrics = metrics
         self._credentials = credentials
         self.app = web.Application(middlewares=[self._errors, self._auth])
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_get("/v1/models", self._models)
+        self.app.router.add_get("/metrics", self._prometheus)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -90,6 +100,10 @@ class HttpEdge:
                 raise Unauthenticated("the bearer token is not valid")
         return await handler(request)
 
+    async def _prometheus(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def _models(self, request: web.Request) -> web.Response:
         listed = await list_models(self._pool)
         data = [
@@ -117,7 +131,7 @@ class HttpEdge:
             context=tracing.extract_context(request.headers.items()),
         ) as span:
             span.set_attributes(tracing.request_attributes(operation, generate))
-            responses = relay_generate(self._pool, generate, None, self._cloud)
+            responses = self._metrics.relayed(self._pool, generate, None, self._cloud)
             async with aclosing(responses):
                 ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
                 created = int(time.time())

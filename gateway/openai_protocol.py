@@ -84,6 +84,7 @@ class OpenAIUpstream:
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self.retries = 0  # calls retried before their first token, for /metrics
 
     async def start(self) -> None:
         tls: ssl.SSLContext | bool = True
@@ -151,6 +152,7 @@ class OpenAIUpstream:
             if attempt >= self.settings.max_attempts or (left is not None and delay >= left):
                 raise Unavailable(f"upstream {url} failed after {attempt} attempts; last: {why}")
             _log.warning("upstream_retry", attempt=attempt, reason=why, delay_s=round(delay, 2))
+            self.retries += 1
             await asyncio.sleep(delay)
 
     def _backoff(self, attempt: int) -> float:

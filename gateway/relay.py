@@ -4,7 +4,7 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,7 @@ async def relay_generate(
     request: gateway_pb2.GatewayGenerateRequest,
     time_left_s: float | None,
     cloud: CloudRouting | None = None,
+    on_failover: Callable[[str], None] | None = None,
 ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
     """Yields the stream of the host (or the cloud) that serves the request. Before the first
     message a host that is down or full is skipped for the next candidate; after it, a
@@ -106,7 +107,7 @@ async def relay_generate(
         ranked = await _route(pool, request, deadline, log)
         if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
             raise ResourceExhausted("every host that serves it is saturated")
-        async for response in _attempts(pool, request, ranked, deadline, log):
+        async for response in _attempts(pool, request, ranked, deadline, log, on_failover):
             yield response
         return
     except (Unavailable, NotFound, ResourceExhausted) as exc:
@@ -155,6 +156,7 @@ async def _attempts(
     ranked: list[router.Candidate],
     deadline: float | None,
     log: Any,
+    on_failover: Callable[[str], None] | None,
 ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
     """Tries the candidates in order until one streams; see relay_generate."""
     requested = request.model
@@ -207,6 +209,8 @@ async def _attempts(
                 if code not in _FAILOVER_CODES:
                     raise HostError(code, exc.details() or code.name) from None
                 log.warning("host_failover", host=host.address, code=code.name)
+                if on_failover is not None:
+                    on_failover(host.address)
                 failures.append(f"{host.address} ({code.name}: {exc.details()})")
                 last_code = code
                 if code == grpc.StatusCode.UNAVAILABLE:

@@ -13,6 +13,7 @@ from airouter.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfig
 from gateway.hosts import HostPool
 from gateway.http_edge import HttpEdge
+from gateway.metrics import GatewayMetrics
 from gateway.openai_protocol import OpenAIUpstream, UpstreamSettings
 from gateway.relay import CloudRouting
 from gateway.servicer import GatewayServicer
@@ -83,7 +84,8 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         upstream, config.default_policy, dict(config.model_policies), dict(config.cloud_models)
     )
     server, health_servicer = grpc_server.new_server([SERVICE_NAME], credentials)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool, cloud), server)
+    metrics = GatewayMetrics(pool, upstream)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool, cloud, metrics), server)
     port = grpc_server.bind(server, config.listen, credentials.tls)
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
@@ -93,7 +95,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         warning = credentials.check_exposure(config.http_listen, "gateway HTTP edge")
         if warning:
             _log.warning("serving_without_protection", detail=warning)
-        gateway.http = HttpEdge(pool, cloud, credentials)
+        gateway.http = HttpEdge(pool, cloud, credentials, metrics)
         try:
             await gateway.http.start(config.http_listen, http_tls(config))
         except OSError:

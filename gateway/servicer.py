@@ -9,7 +9,8 @@ from opentelemetry import trace
 from airouter import tracing
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from gateway.hosts import Host, HostPool, HostState
-from gateway.relay import CloudRouting, HostError, relay_generate
+from gateway.metrics import GatewayMetrics
+from gateway.relay import CloudRouting, HostError
 
 # When hosts disagree on a model's state, the merged entry shows the most usable one.
 _STATE_RANK = {
@@ -40,9 +41,10 @@ HOST_STATE_TO_PB = {
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Routes Generate to a host and merges ListModels across hosts."""
 
-    def __init__(self, pool: HostPool, cloud: CloudRouting | None = None) -> None:
+    def __init__(self, pool: HostPool, cloud: CloudRouting, metrics: GatewayMetrics) -> None:
         self._pool = pool
         self._cloud = cloud
+        self._metrics = metrics
 
     async def Generate(
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
@@ -54,7 +56,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             context=tracing.extract_context(context.invocation_metadata()),
         ) as span:
             span.set_attributes(tracing.request_attributes(operation, request))
-            stream = relay_generate(self._pool, request, context.time_remaining(), self._cloud)
+            stream = self._metrics.relayed(
+                self._pool, request, context.time_remaining(), self._cloud
+            )
             async with aclosing(stream):
                 try:
                     async for response in stream:

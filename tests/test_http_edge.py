@@ -2,6 +2,8 @@
 chat and text completions, streaming, the model list, and errors as the SDK's own exceptions.
 Local models come from the session's modelhost; openrouter/ models from the fake upstream."""
 
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +119,29 @@ def test_errors_arrive_as_the_sdks_exceptions(client: openai.OpenAI) -> None:
         stranger.models.list()
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.create(model="openrouter/vendor/403", messages=messages)  # type: ignore[arg-type]
+
+
+def test_gateway_metrics_count_what_happened(client: openai.OpenAI) -> None:
+    """Runs last in this module: scrapes the counters the requests above moved."""
+    url = str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+    def total(prefix: str) -> float:
+        return sum(v for k, v in values.items() if k.startswith(prefix))
+
+    assert total('airouter_gateway_requests_total{host="127.0.0.1') >= 4
+    assert total('airouter_gateway_requests_total{host="openrouter"') >= 1
+    assert values['airouter_gateway_requests_total{host="",model="gpt-7",outcome="not_found"}'] == 1
+    assert total('airouter_gateway_upstream_errors_total{code="permission_denied"}') == 1
+    assert total('airouter_gateway_tokens_total{kind="completion",model="gemma-3-270m"}') > 0
+    assert total('airouter_gateway_time_to_first_token_seconds_count{model="gemma-3-270m"}') >= 4
+    assert values['airouter_gateway_hosts{state="up"}'] == 1
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)
+    assert refused.value.code == 401

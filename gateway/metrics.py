@@ -1,0 +1,136 @@
+"""Prometheus metrics of the gateway, served at /metrics on its HTTP listener."""
+
+import time
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import aclosing
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from airouter.errors import AirouterError
+from airouter.grpc_server import status_for
+from airouter.v1 import gateway_pb2, generate_pb2
+from gateway.hosts import HostPool, HostState
+from gateway.openai_protocol import OpenAIUpstream
+from gateway.relay import CloudRouting, relay_generate
+
+PREFIX = "airouter_gateway"
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_REASONS = {
+    generate_pb2.FINISH_REASON_STOP: "stop",
+    generate_pb2.FINISH_REASON_LENGTH: "length",
+    generate_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    generate_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+class GatewayMetrics:
+    """Per-request figures and the hosts' states, in one registry."""
+
+    def __init__(self, pool: HostPool, upstream: OpenAIUpstream) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Generate requests by model, serving host and outcome (a finish reason, or the "
+            "status code of a request refused before its first token).",
+            ["model", "host", "outcome"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            f"{PREFIX}_tokens", "Prompt and generated tokens.", ["model", "kind"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time to first token as the gateway saw it.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_request_seconds",
+            "Whole request time as the gateway saw it.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            f"{PREFIX}_failovers",
+            "Attempts that failed before the first token and moved to the next host.",
+            ["host"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            f"{PREFIX}_upstream_errors",
+            "Upstream (OpenRouter) calls that failed, by the status code they became.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.registry.register(_Live(pool, upstream))
+
+    def relayed(
+        self,
+        pool: HostPool,
+        request: gateway_pb2.GatewayGenerateRequest,
+        time_left_s: float | None,
+        cloud: CloudRouting | None,
+    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        """relay_generate, counted."""
+        relayed = relay_generate(pool, request, time_left_s, cloud, on_failover=self._failed_over)
+        return self._measure(request.model, relayed)
+
+    def _failed_over(self, host: str) -> None:
+        self.failovers.labels(host).inc()
+
+    async def _measure(
+        self, model: str, stream: AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]
+    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        started = time.perf_counter()
+        first = True
+        try:
+            async with aclosing(stream):  # a client leaving cancels the host call at once
+                async for response in stream:
+                    if first and response.HasField("token"):
+                        self.ttft.labels(model).observe(time.perf_counter() - started)
+                        first = False
+                    if response.HasField("finished"):
+                        self._finished(model, response.finished, started)
+                    yield response
+        except AirouterError as exc:
+            code = status_for(exc).name.lower()
+            self.requests.labels(model, "", code).inc()
+            if model.startswith("openrouter/"):
+                self.upstream_errors.labels(code).inc()
+            raise
+
+    def _finished(self, model: str, f: generate_pb2.Finished, started: float) -> None:
+        outcome = _REASONS.get(f.reason, "stop")
+        self.requests.labels(model, f.host, outcome).inc()
+        self.tokens.labels(model, "prompt").inc(f.usage.prompt_tokens)
+        self.tokens.labels(model, "completion").inc(f.usage.completion_tokens)
+        self.latency.labels(model).observe(time.perf_counter() - started)
+        if f.host == "openrouter" and f.reason == generate_pb2.FINISH_REASON_ERROR:
+            self.upstream_errors.labels("mid_stream").inc()
+
+
+class _Live(Collector):
+    """Figures read at scrape time: hosts by state, upstream retries."""
+
+    def __init__(self, pool: HostPool, upstream: OpenAIUpstream) -> None:
+        self._pool = pool
+        self._upstream = upstream
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            f"{PREFIX}_upstream_retries",
+            "Upstream (OpenRouter) calls retried before their first token.",
+            value=self._upstream.retries,
+        )
+        hosts = GaugeMetricFamily(f"{PREFIX}_hosts", "Known hosts by state.", labels=["state"])
+        states = [h.state for h in list(self._pool.hosts)]
+        for state in HostState:
+            hosts.add_metric([state.value], states.count(state))
+        yield hosts
