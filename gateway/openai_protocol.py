@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from opentelemetry import trace
 
 from airouter.errors import (
     AirouterError,
@@ -152,6 +153,9 @@ class OpenAIUpstream:
             if attempt >= self.settings.max_attempts or (left is not None and delay >= left):
                 raise Unavailable(f"upstream {url} failed after {attempt} attempts; last: {why}")
             _log.warning("upstream_retry", attempt=attempt, reason=why, delay_s=round(delay, 2))
+            trace.get_current_span().add_event(
+                "retry", {"attempt": attempt, "reason": why, "delay_s": delay}
+            )
             self.retries += 1
             await asyncio.sleep(delay)
 

@@ -5,6 +5,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,6 +316,29 @@ async def relay_upstream(
     upstream's status); after it the stream ends with FINISH_REASON_ERROR."""
     path, body = openai_body(request)
     where = f"upstream {upstream.settings.base_url}"
+    with _tracer.start_as_current_span(
+        f"openrouter {body['model']}",
+        kind=trace.SpanKind.CLIENT,
+        attributes={"server.address": upstream.settings.base_url, "url.path": path},
+    ) as span:
+        stream = _upstream_stream(upstream, request, deadline, path, body, where)
+        async with aclosing(stream):  # a client leaving closes the upstream response at once
+            async for response in stream:
+                if response.HasField("finished"):
+                    span.set_attributes(tracing.finish_attributes(response.finished))
+                    if response.finished.error_message:
+                        span.set_status(trace.StatusCode.ERROR, response.finished.error_message)
+                yield response
+
+
+async def _upstream_stream(
+    upstream: OpenAIUpstream,
+    request: gateway_pb2.GatewayGenerateRequest,
+    deadline: float | None,
+    path: str,
+    body: dict[str, Any],
+    where: str,
+) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
     started = time.monotonic()
     first_token_ms = 0.0
     finish = generate_pb2.Finished(reason=generate_pb2.FINISH_REASON_STOP, host="openrouter")

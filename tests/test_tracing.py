@@ -1,8 +1,10 @@
 """One trace from client to token: the gateway and modelhost processes export their spans over
 OTLP/gRPC to a receiver started here (the OpenTelemetry collector's own service definition)."""
 
+import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -14,7 +16,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from airouter.v1 import gateway_pb2_grpc, generate_pb2
-from tests.conftest import wait_for_health
+from tests.conftest import LoopThread, wait_for_health
+from tests.fake_openrouter import API_KEY, FakeOpenRouter
 from tests.processes import ServerProcess
 from tests.streaming import collect, gateway_request
 
@@ -84,6 +87,7 @@ class Traced:
     hosts: list[ServerProcess]
     gateway: ServerProcess
     stub: gateway_pb2_grpc.GatewayStub
+    env: dict[str, str]
 
 
 def model_toml(preload: bool) -> str:
@@ -119,7 +123,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
     )
     wait_for_health(gateway.address)
     channel = grpc.insecure_channel(gateway.address)
-    yield Traced(receiver, hosts, gateway, gateway_pb2_grpc.GatewayStub(channel))
+    yield Traced(receiver, hosts, gateway, gateway_pb2_grpc.GatewayStub(channel), env)
     channel.close()
     for process in (gateway, *hosts):
         if process.process.poll() is None:
@@ -225,3 +229,52 @@ def test_a_failover_shows_both_attempts_in_one_trace(traced: Traced) -> None:
     # The second host loaded the model for this request: the load is in the trace too.
     assert by_name["generate m"].parent_id == served.span_id
     assert by_name["load m"].service == "airouter-modelhost"
+
+
+def test_openrouter_calls_and_the_http_edge_are_traced(traced: Traced, tmp_path: Path) -> None:
+    """A gateway whose openrouter/ models go to a local fake upstream (retried once on 429),
+    asked over its HTTP edge with the client's own traceparent."""
+    loop = LoopThread()
+    upstream = FakeOpenRouter()
+    loop.run(upstream.start())
+    key = tmp_path / "key"
+    key.write_text(API_KEY)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'modelhosts = ["{traced.hosts[1].address}"]\n'
+        f'openrouter_base_url = "{upstream.base_url}"\nopenrouter_api_key_file = "{key}"\n'
+    )
+    gateway = ServerProcess("gateway", "serve", "--config", str(config), env=traced.env)
+    try:
+        wait_for_health(gateway.address)
+        http_port = next(r["http_port"] for r in gateway.log if r["event"] == "gateway_serving")
+        trace_id = "5b8aa5a2d2c872e8321cf37308d69df2"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v1/chat/completions",
+            data=json.dumps(
+                {
+                    "model": "openrouter/vendor/429-once",
+                    "messages": [{"role": "user", "content": "Hi"}],
+                }
+            ).encode(),
+            headers={
+                "Content-Type": "application/json",
+                "traceparent": f"00-{trace_id}-a3ce929d0e0e4736-01",
+            },
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        assert answer["choices"][0]["message"]["content"] == "Hello world"
+        spans = wait_for_spans(
+            traced.receiver,
+            trace_id,
+            {"chat openrouter/vendor/429-once", "openrouter vendor/429-once"},
+        )
+        by_name = {s.name: s for s in spans}
+        call = by_name["openrouter vendor/429-once"]
+        assert call.parent_id == by_name["chat openrouter/vendor/429-once"].span_id
+        assert call.events == ["retry"] and call.attributes["gen_ai.usage.output_tokens"] == 2
+        assert by_name["chat openrouter/vendor/429-once"].parent_id == "a3ce929d0e0e4736"
+    finally:
+        gateway.stop()
+        loop.run(upstream.stop())
+        loop.close()
