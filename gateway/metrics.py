@@ -40,9 +40,11 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.tokens = Counter(
-            f"{PREFIX}_tokens", "Prompt and generated tokens.", ["model", "kind"],
+            f"{PREFIX}_tokens",
+            "Prompt and generated tokens.",
+            ["model", "kind"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.ttft = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "Time to first token as the gateway saw it.",
