@@ -70,7 +70,14 @@ class HttpEdge:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=tls)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise OSError(
+                f"cannot listen on {listen} for the HTTP edge ({exc.strerror}); pick another "
+                "address with --http-listen (http_listen in gateway.toml)"
+            ) from exc
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self.port
 

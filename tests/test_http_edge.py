@@ -2,6 +2,7 @@
 chat and text completions, streaming, the model list, and errors as the SDK's own exceptions.
 Local models come from the session's modelhost; openrouter/ models from the fake upstream."""
 
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -122,7 +123,7 @@ def test_errors_arrive_as_the_sdks_exceptions(client: openai.OpenAI) -> None:
 
 
 def test_gateway_metrics_count_what_happened(client: openai.OpenAI) -> None:
-    """Runs last in this module: scrapes the counters the requests above moved."""
+    """Scrapes the counters the requests above moved."""
     url = str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
     text = urllib.request.urlopen(request, timeout=10).read().decode()
@@ -145,3 +146,17 @@ def test_gateway_metrics_count_what_happened(client: openai.OpenAI) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url, timeout=10)
     assert refused.value.code == 401
+
+
+def test_a_taken_http_address_is_refused_with_the_flag_to_change(stack: Stack) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = GatewayConfig(
+            listen="127.0.0.1:0", http_listen=address, modelhosts=[stack.host_address]
+        )
+        with pytest.raises(OSError) as info:
+            stack.loop.run(start_gateway(config))
+    assert f"cannot listen on {address} for the HTTP edge" in str(info.value)
+    assert "--http-listen" in str(info.value)
