@@ -3,6 +3,7 @@ on ephemeral loopback ports, in a background event loop."""
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,14 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
+
+
+def wait_until(condition, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    """Polls condition() until it is true; fails the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def wait_for_health(address: str, timeout: float = 30) -> None:

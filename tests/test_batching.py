@@ -13,7 +13,7 @@ from airouter.v1 import generate_pb2
 from modelhost.engine import Engine
 from modelhost.generation import EngineRequest, Event, Finish, FinishReason, Rejected, Sampling
 from modelhost.llama import ContextSettings, LlamaModel
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_until
 from tests.streaming import collect, host_request
 
 GREEDY = {"temperature": 0.0}
@@ -27,13 +27,6 @@ MARKERS = [
 
 def generate(stack: Stack, **fields):  # type: ignore[no-untyped-def]
     return collect(stack.host_stub.Generate(host_request(**fields), timeout=120))
-
-
-def wait_until(condition, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_sixteen_concurrent_streams_each_get_their_own_text(stack: Stack) -> None:
@@ -73,7 +66,7 @@ def test_cancelled_streams_slot_serves_the_next_request_at_once(stack: Stack) ->
     running = stub.Generate(host_request(model="gemma-one-slot", prompt="A", max_tokens=400))
     next(running)  # holds the only slot
     waiting = stub.Generate(host_request(model="gemma-one-slot", prompt="B", max_tokens=4))
-    wait_until(lambda: engine.load().queued == 1)
+    wait_until(lambda: engine.load().queued == 1, timeout=10)
     time.sleep(0.3)
     cancelled_at = time.perf_counter()
     running.cancel()
@@ -93,7 +86,7 @@ def test_queue_full_error_names_the_queue_length(stack: Stack) -> None:
     running = stub.Generate(host_request(model="gemma-one-slot", prompt="A", max_tokens=300))
     next(running)
     waiting = stub.Generate(host_request(model="gemma-one-slot", prompt="B", max_tokens=2))
-    wait_until(lambda: engine.load().queued == 1)
+    wait_until(lambda: engine.load().queued == 1, timeout=10)
     with pytest.raises(grpc.RpcError) as info:
         collect(stub.Generate(host_request(model="gemma-one-slot", prompt="C")))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -235,7 +228,7 @@ def test_a_request_the_sampler_cannot_take_fails_alone(fragile_engine: Engine) -
     # Values the service refuses before they reach the engine; the engine copes anyway.
     fragile_engine.submit(engine_request(received, [2, 1596], top_k=-5))
     fragile_engine.submit(engine_request(received, [2, 1596], temperature=0.0))
-    wait_until(lambda: len([e for e in received if isinstance(e, Finish)]) == 2)
+    wait_until(lambda: len([e for e in received if isinstance(e, Finish)]) == 2, timeout=10)
     first, *_, last = received
     assert isinstance(first, Finish) and first.reason is FinishReason.ERROR
     assert "cannot sample with these settings" in first.error
@@ -250,8 +243,8 @@ def test_an_engine_that_failed_refuses_new_requests_instead_of_hanging(
     # A token that is not an integer cannot enter a llama_batch: a fault inside the decode
     # loop, which stops the engine thread.
     fragile_engine.submit(engine_request(received, [2, "not a token"]))
-    wait_until(lambda: fragile_engine.failure is not None)
-    wait_until(lambda: bool(received))
+    wait_until(lambda: fragile_engine.failure is not None, timeout=10)
+    wait_until(lambda: bool(received), timeout=10)
     [finish] = received
     assert isinstance(finish, Finish) and finish.reason is FinishReason.ERROR
     with pytest.raises(Unavailable) as info:

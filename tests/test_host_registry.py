@@ -14,7 +14,7 @@ from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from gateway.hosts import HostPool
 from modelhost.config import HostConfig, embedded_model_config
 from modelhost.server import RunningHost, start_host
-from tests.conftest import LoopThread, wait_for_health
+from tests.conftest import LoopThread, wait_for_health, wait_until
 from tests.processes import ServerProcess
 from tests.streaming import collect, gateway_request
 
@@ -32,13 +32,6 @@ def loop() -> Iterator[LoopThread]:
     loop = LoopThread()
     yield loop
     loop.close()
-
-
-def wait_until(condition, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_a_name_with_several_addresses_is_one_host_per_address(loop: LoopThread) -> None:
@@ -59,10 +52,12 @@ def test_a_name_with_several_addresses_is_one_host_per_address(loop: LoopThread)
     try:
         loop.run(pool.start())
         both = {f"127.0.0.1:{first.port}", f"127.0.0.2:{first.port}"}
-        wait_until(lambda: {h.address for h in pool.routable()} == both)
+        wait_until(lambda: {h.address for h in pool.routable()} == both, timeout=20)
         # The service scales down to one address: the other host is retired.
         answers["modelhosts.test"] = ["127.0.0.2"]
-        wait_until(lambda: [h.address for h in pool.hosts] == [f"127.0.0.2:{first.port}"])
+        wait_until(
+            lambda: [h.address for h in pool.hosts] == [f"127.0.0.2:{first.port}"], timeout=20
+        )
         # A resolver failure keeps the last answer rather than dropping every host.
         del answers["modelhosts.test"]
         time.sleep(0.5)
@@ -96,12 +91,14 @@ def test_sighup_reloads_the_hosts_without_dropping_a_stream(
         next(stream)
         config.write_text(f'modelhosts = ["{new_address}"]\n')
         gateway.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: listed() == [new_address])
+        wait_until(lambda: listed() == [new_address], timeout=20)
         result = collect(stream)
         assert result.finished.host == old_address
         assert result.finished.reason == generate_pb2.FINISH_REASON_LENGTH
         assert result.finished.usage.completion_tokens == 150
-        wait_until(lambda: bool(stub.ListModels(gateway_pb2.GatewayListModelsRequest()).models))
+        wait_until(
+            lambda: bool(stub.ListModels(gateway_pb2.GatewayListModelsRequest()).models), timeout=20
+        )
         again = collect(stub.Generate(gateway_request(prompt="Hi", max_tokens=2), timeout=60))
         assert again.finished.host == new_address
         # A config that no longer parses is refused and the hosts stay as they were.

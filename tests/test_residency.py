@@ -21,7 +21,7 @@ from modelhost.config import HostConfig, ModelConfig, embedded_model_config
 from modelhost.generation import EngineRequest, Sampling
 from modelhost.gguf_header import read_gguf_header
 from modelhost.server import RunningHost, start_host
-from tests.conftest import LoopThread
+from tests.conftest import LoopThread, wait_until
 from tests.streaming import collect, host_request
 
 READY = generate_pb2.MODEL_STATE_READY
@@ -77,13 +77,6 @@ def running_host(models: list[ModelConfig], **host_settings: object) -> Iterator
         channel.close()
         loop.run(server.stop(0))
         loop.close()
-
-
-def wait_until(condition, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import structlog.testing
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from gateway.config import GatewayConfig
 from gateway.server import RunningGateway, start_gateway
-from tests.conftest import LoopThread, wait_for_health
+from tests.conftest import LoopThread, wait_for_health, wait_until
 from tests.processes import ServerProcess, free_port_address
 from tests.streaming import collect, gateway_request
 
@@ -97,12 +97,6 @@ class Cluster:
         by_address = {h.address: h.state for h in listed}
         return {name: by_address[h.address] for name, h in self.hosts.items()}
 
-    def wait_for(self, condition, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, "condition not met in time"
-            time.sleep(0.1)
-
     def model_state_on(self, host: str, model: str) -> int:
         listed = self.stub.ListHosts(gateway_pb2.ListHostsRequest(), timeout=10).hosts
         info = next(h for h in listed if h.address == self.hosts[host].address)
@@ -129,9 +123,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     )
     channel = grpc.insecure_channel(f"127.0.0.1:{gateway.port}")
     cluster = Cluster(hosts, loop, gateway, gateway_pb2_grpc.GatewayStub(channel))
-    cluster.wait_for(
-        lambda: cluster.model_state_on("B", "shared") == generate_pb2.MODEL_STATE_READY
-    )
+    wait_until(lambda: cluster.model_state_on("B", "shared") == generate_pb2.MODEL_STATE_READY)
     yield cluster
     channel.close()
     loop.run(gateway.stop(0))
@@ -207,29 +199,29 @@ def test_killing_a_host_fails_over_before_the_first_token_and_errors_after_it(
     assert results[0].finished.host == c.address  # type: ignore[attr-defined]
     failovers = [e for e in logs if e["event"] == "host_failover"]
     assert [e["host"] for e in failovers] == [b.address]
-    cluster.wait_for(lambda: cluster.host_states()["B"] in (DOWN, COOLING_DOWN), timeout=5)
+    wait_until(lambda: cluster.host_states()["B"] in (DOWN, COOLING_DOWN), timeout=5)
     # B comes back on its address and rejoins (after a probe generation if it cooled down).
     b.start()
-    cluster.wait_for(lambda: cluster.host_states()["B"] == UP, timeout=60)
+    wait_until(lambda: cluster.host_states()["B"] == UP, timeout=60)
     assert cluster.generate("failover").finished.host in (b.address, c.address)
 
 
 def test_a_flapping_host_cools_down_and_rejoins_after_a_probe(cluster: Cluster) -> None:
     c = cluster.hosts["C"]
     for _ in range(3):
-        cluster.wait_for(lambda: cluster.host_states()["C"] in (UP, COOLING_DOWN), timeout=30)
+        wait_until(lambda: cluster.host_states()["C"] in (UP, COOLING_DOWN), timeout=30)
         if cluster.host_states()["C"] == COOLING_DOWN:
             break
         c.kill()
-        cluster.wait_for(lambda: cluster.host_states()["C"] != UP, timeout=10)
+        wait_until(lambda: cluster.host_states()["C"] != UP, timeout=10)
         c.start()
-    cluster.wait_for(lambda: cluster.host_states()["C"] == COOLING_DOWN, timeout=30)
+    wait_until(lambda: cluster.host_states()["C"] == COOLING_DOWN, timeout=30)
     listed = cluster.stub.ListHosts(gateway_pb2.ListHostsRequest(), timeout=10).hosts
     info = next(h for h in listed if h.address == c.address)
     assert "failures within" in info.state_detail
     # While it cools down nothing is routed to it, though it is up again.
     assert cluster.generate("shared").finished.host != c.address
-    cluster.wait_for(lambda: cluster.host_states()["C"] == UP, timeout=60)
+    wait_until(lambda: cluster.host_states()["C"] == UP, timeout=60)
 
 
 def test_a_draining_host_finishes_its_streams_and_gets_no_new_ones(cluster: Cluster) -> None:
@@ -240,15 +232,15 @@ def test_a_draining_host_finishes_its_streams_and_gets_no_new_ones(cluster: Clus
     next(stream)
     assert a.process is not None
     a.process.process.send_signal(signal.SIGTERM)
-    cluster.wait_for(lambda: cluster.host_states()["A"] == DRAINING, timeout=10)
+    wait_until(lambda: cluster.host_states()["A"] == DRAINING, timeout=10)
     assert cluster.generate("shared").finished.host != a.address
     finished = collect(stream).finished
     assert finished.reason == generate_pb2.FINISH_REASON_LENGTH and finished.host == a.address
     assert a.process.process.wait(timeout=60) == 0
-    cluster.wait_for(lambda: cluster.host_states()["A"] == DOWN, timeout=10)
+    wait_until(lambda: cluster.host_states()["A"] == DOWN, timeout=10)
     with pytest.raises(grpc.RpcError) as info:
         cluster.generate("capability:code")
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "served only by hosts that are not available" in info.value.details()
     a.start()
-    cluster.wait_for(lambda: cluster.host_states()["A"] == UP, timeout=30)
+    wait_until(lambda: cluster.host_states()["A"] == UP, timeout=30)
