@@ -10,8 +10,10 @@ W3C trace context crosses gRPC in the call metadata (`traceparent`, `tracestate`
 holds the gateway's request, its routing and attempts, and the host's handling.
 """
 
+import argparse
 import os
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -53,6 +55,26 @@ def configure_tracing(service_name: str, otlp_endpoint: str | None = None) -> An
     return provider
 
 
+def add_tracing_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--otlp-endpoint",
+        help="OTLP/gRPC endpoint for traces, e.g. http://localhost:4317 "
+        "(default $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
+    )
+
+
+@contextmanager
+def tracing_for(service_name: str, otlp_endpoint: str | None) -> Iterator[None]:
+    """Tracing for the life of a server process; the spans still buffered are sent at the
+    end."""
+    provider = configure_tracing(service_name, otlp_endpoint)
+    try:
+        yield
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
 def inject_metadata(metadata: Iterable[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying the current trace context, after `metadata`."""
     carrier: dict[str, str] = {}
@@ -76,6 +98,24 @@ def add_trace_ids(
         event.setdefault("trace_id", format(span_context.trace_id, "032x"))
         event.setdefault("span_id", format(span_context.span_id, "016x"))
     return event
+
+
+def request_span(
+    tracer: trace.Tracer,
+    request: Any,
+    carrier: Iterable[tuple[str, Any]] | None,
+    name: str | None = None,
+) -> Any:
+    """The server span of a generate request, continuing the caller's trace context from
+    `carrier` (gRPC metadata or HTTP headers), with its GenAI request attributes. Named
+    `<operation> <model>` unless `name` says otherwise."""
+    operation = "chat" if request.HasField("chat") else "text_completion"
+    return tracer.start_as_current_span(
+        name or f"{operation} {request.model}",
+        kind=trace.SpanKind.SERVER,
+        context=extract_context(carrier),
+        attributes=request_attributes(operation, request),
+    )
 
 
 def request_attributes(operation: str, request: Any) -> dict[str, Any]:

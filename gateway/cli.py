@@ -12,7 +12,7 @@ from airouter import grpc_server
 from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
 from airouter.security import SecurityError, add_security_flags, security_flags
-from airouter.tracing import configure_tracing
+from airouter.tracing import add_tracing_flag, tracing_for
 from gateway.config import DEFAULT_LISTEN, DEFAULT_MODELHOST, GatewayConfig, load_gateway_config
 from gateway.server import RunningGateway, start_gateway
 
@@ -38,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
     add_security_flags(serve)
     serve.add_argument("--modelhost-ca", type=Path, help="CA of the modelhosts' certificates")
-    serve.add_argument(
-        "--otlp-endpoint",
-        help="OTLP/gRPC endpoint for traces, e.g. http://localhost:4317 "
-        "(default $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
-    )
+    add_tracing_flag(serve)
     serve.add_argument("--log-level", default="info")
     return parser
 
@@ -51,12 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     configure_logging(args.log_level)
-    tracer_provider = configure_tracing("airouter-gateway", args.otlp_endpoint)
-    try:
+    with tracing_for("airouter-gateway", args.otlp_endpoint):
         return _run(args)
-    finally:
-        if tracer_provider is not None:
-            tracer_provider.shutdown()  # sends the spans still buffered
 
 
 def _run(args: argparse.Namespace) -> int:

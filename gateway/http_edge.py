@@ -131,13 +131,7 @@ class HttpEdge:
         except json.JSONDecodeError as exc:
             return _error("INVALID_ARGUMENT", f"the body is not JSON: {exc}")
         generate, stream, include_usage = parse_request(body, chat=chat)
-        operation = "chat" if chat else "text_completion"
-        with _tracer.start_as_current_span(
-            f"{operation} {generate.model}",
-            kind=trace.SpanKind.SERVER,
-            context=tracing.extract_context(request.headers.items()),
-        ) as span:
-            span.set_attributes(tracing.request_attributes(operation, generate))
+        with tracing.request_span(_tracer, generate, request.headers.items()) as span:
             responses = self._metrics.relayed(self._pool, generate, None, self._cloud)
             async with aclosing(responses):
                 ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

@@ -49,13 +49,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
-        operation = "chat" if request.HasField("chat") else "text_completion"
-        with _tracer.start_as_current_span(
-            f"{operation} {request.model}",
-            kind=trace.SpanKind.SERVER,
-            context=tracing.extract_context(context.invocation_metadata()),
-        ) as span:
-            span.set_attributes(tracing.request_attributes(operation, request))
+        with tracing.request_span(_tracer, request, context.invocation_metadata()) as span:
             stream = self._metrics.relayed(
                 self._pool, request, context.time_remaining(), self._cloud
             )

@@ -11,7 +11,7 @@ from airouter import grpc_server
 from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
 from airouter.security import SecurityError, add_security_flags, security_flags
-from airouter.tracing import configure_tracing
+from airouter.tracing import add_tracing_flag, tracing_for
 from modelhost.config import DEFAULT_LISTEN, load_config
 from modelhost.device import DEVICES, DeviceError, resolve_device
 from modelhost.server import start_host
@@ -31,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-budget", help="memory the models may use, e.g. 6GiB (default: all but 15%%)"
     )
     add_security_flags(serve)
-    serve.add_argument(
-        "--otlp-endpoint",
-        help="OTLP/gRPC endpoint for traces, e.g. http://localhost:4317 "
-        "(default $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing)",
-    )
+    add_tracing_flag(serve)
     serve.add_argument("--log-level", default="info")
     return parser
 
@@ -44,12 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     configure_logging(args.log_level)
-    tracer_provider = configure_tracing("airouter-modelhost", args.otlp_endpoint)
-    try:
+    with tracing_for("airouter-modelhost", args.otlp_endpoint):
         return _run(args)
-    finally:
-        if tracer_provider is not None:
-            tracer_provider.shutdown()  # sends the spans still buffered
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -42,13 +42,9 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
     async def Generate(
         self, request: model_host_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[model_host_pb2.GenerateResponse]:
-        operation = "chat" if request.HasField("chat") else "text_completion"
-        with _tracer.start_as_current_span(
-            f"generate {request.model}",
-            kind=trace.SpanKind.SERVER,
-            context=tracing.extract_context(context.invocation_metadata()),
-        ) as span:
-            span.set_attributes(tracing.request_attributes(operation, request))
+        metadata = context.invocation_metadata()
+        name = f"generate {request.model}"
+        with tracing.request_span(_tracer, request, metadata, name) as span:
             spec = spec_from_pb(request)
             events = self._service.generate(spec, context.time_remaining())
             async with aclosing(events):
