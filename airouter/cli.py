@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from airouter.labels import enum_label
 from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
 from airouter.v1 import (
     gateway_pb2,
@@ -241,7 +242,7 @@ def format_hosts(hosts: list[gateway_pb2.HostInfo]) -> str:
         f"{'QUEUE':>5} {'TOK/S':>7}  RESIDENT"
     ]
     for host in hosts:
-        state = gateway_pb2.HostState.Name(host.state).removeprefix("HOST_STATE_").lower()
+        state = enum_label(gateway_pb2.HostState, host.state)
         if not host.HasField("status"):
             lines.append(f"{host.address:<22} {state:<12} {host.state_detail}")
             continue
@@ -307,7 +308,7 @@ def format_status(status: host_status_pb2.HostStatus) -> str:
 
 
 def _state_name(state: int) -> str:
-    return generate_pb2.ModelState.Name(state).removeprefix("MODEL_STATE_").lower()
+    return enum_label(generate_pb2.ModelState, state)
 
 
 if __name__ == "__main__":

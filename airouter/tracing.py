@@ -19,6 +19,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from airouter.labels import enum_label
 from airouter.v1 import generate_pb2
 
 GEN_AI_OPERATION = "gen_ai.operation.name"
@@ -130,12 +131,12 @@ def request_attributes(operation: str, request: Any) -> dict[str, Any]:
 
 def finish_attributes(finished: Any) -> dict[str, Any]:
     """GenAI attributes of a stream's Finished message."""
-    reason = generate_pb2.FinishReason.Name(finished.reason).removeprefix("FINISH_REASON_")
+    reason = enum_label(generate_pb2.FinishReason, finished.reason)
     attributes: dict[str, Any] = {
         GEN_AI_RESPONSE_MODEL: finished.model,
         GEN_AI_INPUT_TOKENS: finished.usage.prompt_tokens,
         GEN_AI_OUTPUT_TOKENS: finished.usage.completion_tokens,
-        GEN_AI_FINISH_REASONS: [reason.lower()],
+        GEN_AI_FINISH_REASONS: [reason],
     }
     if finished.host:
         attributes["airouter.host"] = finished.host

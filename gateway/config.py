@@ -17,6 +17,8 @@ DEFAULT_MODELHOST = "127.0.0.1:50051"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 MODELHOST_TOKEN_ENV = "AIROUTER_MODELHOST_TOKEN"
 OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
+# Models named openrouter/<vendor>/<model> go to the OpenAI-compatible upstream.
+OPENROUTER_PREFIX = "openrouter/"
 Policy: TypeAlias = Literal["local_only", "local_first", "cloud_only"]
 
 
@@ -52,7 +54,7 @@ class GatewayConfig(ServerSecurity):
     @model_validator(mode="after")
     def _cloud_models_are_openrouter_models(self) -> "GatewayConfig":
         for name, cloud in self.cloud_models.items():
-            if not cloud.startswith("openrouter/"):
+            if not cloud.startswith(OPENROUTER_PREFIX):
                 raise ValueError(
                     f"cloud_models[{name!r}] is {cloud!r}; name an openrouter/<vendor>/<model>"
                 )

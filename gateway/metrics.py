@@ -4,27 +4,22 @@ import time
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from airouter.errors import AirouterError
 from airouter.grpc_server import status_for
+from airouter.labels import enum_label
+from airouter.prometheus import request_histograms
 from airouter.v1 import gateway_pb2, generate_pb2
+from gateway.config import OPENROUTER_PREFIX
 from gateway.hosts import HostPool, HostState
 from gateway.openai_protocol import OpenAIUpstream
-from gateway.relay import CloudRouting, relay_generate
+from gateway.relay import UPSTREAM_HOST, CloudRouting, relay_generate
 
 PREFIX = "airouter_gateway"
-_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_REASONS = {
-    generate_pb2.FINISH_REASON_STOP: "stop",
-    generate_pb2.FINISH_REASON_LENGTH: "length",
-    generate_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    generate_pb2.FINISH_REASON_ERROR: "error",
-}
 
 
 class GatewayMetrics:
@@ -45,20 +40,7 @@ class GatewayMetrics:
             ["model", "kind"],
             registry=self.registry,
         )
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "Time to first token as the gateway saw it.",
-            ["model"],
-            buckets=_TTFT_BUCKETS,
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            f"{PREFIX}_request_seconds",
-            "Whole request time as the gateway saw it.",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.ttft, self.latency = request_histograms(PREFIX, "gateway", self.registry)
         self.failovers = Counter(
             f"{PREFIX}_failovers",
             "Attempts that failed before the first token and moved to the next host.",
@@ -104,17 +86,17 @@ class GatewayMetrics:
         except AirouterError as exc:
             code = status_for(exc).name.lower()
             self.requests.labels(model, "", code).inc()
-            if model.startswith("openrouter/"):
+            if model.startswith(OPENROUTER_PREFIX):
                 self.upstream_errors.labels(code).inc()
             raise
 
     def _finished(self, model: str, f: generate_pb2.Finished, started: float) -> None:
-        outcome = _REASONS.get(f.reason, "stop")
+        outcome = enum_label(generate_pb2.FinishReason, f.reason)
         self.requests.labels(model, f.host, outcome).inc()
         self.tokens.labels(model, "prompt").inc(f.usage.prompt_tokens)
         self.tokens.labels(model, "completion").inc(f.usage.completion_tokens)
         self.latency.labels(model).observe(time.perf_counter() - started)
-        if f.host == "openrouter" and f.reason == generate_pb2.FINISH_REASON_ERROR:
+        if f.host == UPSTREAM_HOST and f.reason == generate_pb2.FINISH_REASON_ERROR:
             self.upstream_errors.labels("mid_stream").inc()
 
 

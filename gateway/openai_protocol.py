@@ -34,7 +34,7 @@ from airouter.errors import (
     Unauthenticated,
     Unavailable,
 )
-from airouter.v1 import gateway_pb2
+from airouter.v1 import gateway_pb2, generate_pb2
 
 _log = structlog.get_logger()
 
@@ -253,7 +253,13 @@ HTTP_FOR_STATUS: dict[str, tuple[int, str]] = {
     "UNAVAILABLE": (503, "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "timeout"),
 }
-FINISH_REASON_NAMES = {1: "stop", 2: "length", 3: "stop", 4: "error"}  # FinishReason values
+# OpenAI's finish reasons; it has none for a cancelled stream, which ends as "stop".
+FINISH_REASON_NAMES = {
+    generate_pb2.FINISH_REASON_STOP: "stop",
+    generate_pb2.FINISH_REASON_LENGTH: "length",
+    generate_pb2.FINISH_REASON_CANCELLED: "stop",
+    generate_pb2.FINISH_REASON_ERROR: "error",
+}
 _SAMPLING_FIELDS = {
     "temperature": float,
     "top_p": float,

@@ -25,6 +25,7 @@ from airouter.errors import (
 )
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway import router
+from gateway.config import OPENROUTER_PREFIX
 from gateway.hosts import HostPool
 from gateway.openai_protocol import OpenAIUpstream, UpstreamStreamError
 
@@ -300,7 +301,8 @@ def _error_finish(host: str, why: str) -> gateway_pb2.GatewayGenerateResponse:
     )
 
 
-OPENROUTER_PREFIX = "openrouter/"
+# What Finished.host says of a request the upstream served.
+UPSTREAM_HOST = "openrouter"
 _FINISH_REASONS = {
     "stop": generate_pb2.FINISH_REASON_STOP,
     "length": generate_pb2.FINISH_REASON_LENGTH,
@@ -341,7 +343,7 @@ async def _upstream_stream(
 ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
     started = time.monotonic()
     first_token_ms = 0.0
-    finish = generate_pb2.Finished(reason=generate_pb2.FINISH_REASON_STOP, host="openrouter")
+    finish = generate_pb2.Finished(reason=generate_pb2.FINISH_REASON_STOP, host=UPSTREAM_HOST)
     sent = False
     try:
         async for chunk in upstream.stream(path, body, deadline):

@@ -10,27 +10,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from airouter.errors import AirouterError
 from airouter.grpc_server import status_for
+from airouter.labels import enum_label
+from airouter.prometheus import request_histograms
 from airouter.v1 import generate_pb2, host_status_pb2
 from modelhost.generation import Finish
 
 PREFIX = "airouter_modelhost"
 _STATES = {
-    value: name.removeprefix("MODEL_STATE_").lower()
-    for name, value in generate_pb2.ModelState.items()
+    value: enum_label(generate_pb2.ModelState, value)
+    for value in generate_pb2.ModelState.values()
     if value != generate_pb2.MODEL_STATE_UNSPECIFIED
 }
-
-
-# Seconds: from a fast TTFT on a GPU to a long generation on a CPU.
-_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class RequestMetrics:
@@ -48,20 +45,7 @@ class RequestMetrics:
         self.tokens = Counter(
             f"{PREFIX}_tokens", "Prompt and generated tokens.", ["model", "kind"], registry=registry
         )
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "Time to first token, queue included.",
-            ["model"],
-            buckets=_TTFT_BUCKETS,
-            registry=registry,
-        )
-        self.latency = Histogram(
-            f"{PREFIX}_request_seconds",
-            "Whole request time, queue included.",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
+        self.ttft, self.latency = request_histograms(PREFIX, "host", registry)
 
     def finished(self, finish: Finish) -> None:
         model = finish.model
