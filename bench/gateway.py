@@ -8,12 +8,15 @@ that sends `--tokens` deltas without waiting), and a `gateway serve` process rou
 For 1 and 64 concurrent streams, interleaved round by round, it measures TTFT directly to the
 upstream and through the gateway (the difference is what the gateway adds), and the gateway
 process's CPU time (user + system, from psutil, in 10 ms ticks: hence many tokens per
-request) per relayed token.
+request) per relayed token. Beside it runs the floor: a bare grpc.aio process that passes the
+same stream's bytes through with no parsing, routing, metrics or tracing, so the table shows
+how much of the gateway's cost is its own and how much is the gRPC stack's per message.
 """
 
 import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -36,6 +39,7 @@ from tests.processes import ServerProcess
 
 MODEL = "fast"
 SERVICE = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
 class FastHost(model_host_pb2_grpc.ModelHostServicer):
@@ -103,6 +107,49 @@ def serve_fast_host() -> int:
     return started[0]
 
 
+async def serve_passthrough(upstream: str) -> None:
+    """The floor: Gateway.Generate relaying the upstream's Generate as raw bytes."""
+
+    def same(data: bytes) -> bytes:
+        return data
+
+    channel = grpc.aio.insecure_channel(upstream)
+    upstream_generate = channel.unary_stream(
+        f"/{SERVICE}/Generate", request_serializer=same, response_deserializer=same
+    )
+
+    async def generate(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for message in upstream_generate(request):
+            yield message
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                GATEWAY_SERVICE,
+                {
+                    "Generate": grpc.unary_stream_rpc_method_handler(
+                        generate, request_deserializer=same, response_serializer=same
+                    )
+                },
+            )
+        ]
+    )
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    await server.start()
+    await server.wait_for_termination()
+
+
+def start_passthrough(upstream: str) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.gateway", "--passthrough-for", upstream],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    return process, f"127.0.0.1:{process.stdout.readline().strip()}"
+
+
 async def measure(address: str, via_gateway: bool, streams: int, tokens: int) -> list[float]:
     """TTFT of `streams` concurrent requests, in seconds; checks every token arrived."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -133,27 +180,45 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--passthrough-for", help=argparse.SUPPRESS)  # the floor's process
     args = parser.parse_args()
+    if args.passthrough_for:
+        asyncio.run(serve_passthrough(args.passthrough_for))
+        return
 
     upstream = f"127.0.0.1:{serve_fast_host()}"
     gateway = ServerProcess("gateway", "serve", "--modelhost", upstream)
-    gateway_cpu = psutil.Process(gateway.process.pid)
+    passthrough, passthrough_address = start_passthrough(upstream)
+    relays = {
+        "gateway": (gateway.address, psutil.Process(gateway.process.pid)),
+        "passthrough": (passthrough_address, psutil.Process(passthrough.pid)),
+    }
     ttft: dict[tuple[str, int], list[float]] = {}
-    cpu_per_token: dict[int, list[float]] = {s: [] for s in args.streams}
+    cpu_per_token: dict[tuple[str, int], list[float]] = {}
+
+    def relayed(name: str, streams: int, tokens: int) -> list[float]:
+        """TTFTs through one relay, and its CPU per token recorded."""
+        address, process = relays[name]
+        before = sum(process.cpu_times()[:2])
+        firsts = asyncio.run(measure(address, True, streams, tokens))
+        spent = sum(process.cpu_times()[:2]) - before
+        cpu_per_token.setdefault((name, streams), []).append(spent / (streams * tokens))
+        return firsts
+
     try:
-        asyncio.run(measure(gateway.address, True, 8, 16))  # warm up: connections, routing
+        for name in relays:  # warm up: connections, routing
+            relayed(name, 8, 16)
+        cpu_per_token.clear()
         for _ in range(args.rounds):
             for streams in args.streams:
                 direct = asyncio.run(measure(upstream, False, streams, args.tokens))
-                before = sum(gateway_cpu.cpu_times()[:2])
-                relayed = asyncio.run(measure(gateway.address, True, streams, args.tokens))
-                spent = sum(gateway_cpu.cpu_times()[:2]) - before
-                cpu_per_token[streams].append(spent / (streams * args.tokens))
                 ttft.setdefault(("direct", streams), []).extend(direct)
-                ttft.setdefault(("gateway", streams), []).extend(relayed)
+                for name in relays:
+                    ttft.setdefault((name, streams), []).extend(relayed(name, streams, args.tokens))
             print(f"round {_ + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         gateway.stop()
+        passthrough.kill()
 
     print(
         f"\nGateway overhead against an upstream that streams {args.tokens} tokens as fast as "
@@ -161,22 +226,25 @@ def main() -> None:
     )
     print(
         "| streams | TTFT direct p50 ms | TTFT via gateway p50 ms | added p50 ms "
-        "| TTFT direct p99 ms | TTFT via gateway p99 ms | added p99 ms | gateway CPU per token us |"
+        "| TTFT direct p99 ms | TTFT via gateway p99 ms | added p99 ms | gateway CPU per token us "
+        "| bare grpc.aio relay CPU per token us | gateway / bare |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cpu = {key: statistics.median(values) * 1e6 for key, values in cpu_per_token.items()}
     for streams in args.streams:
         d, g = ttft["direct", streams], ttft["gateway", streams]
         p = {q: (np.percentile(d, q) * 1e3, np.percentile(g, q) * 1e3) for q in (50, 99)}
-        cpu = statistics.median(cpu_per_token[streams]) * 1e6
+        ours, bare = cpu["gateway", streams], cpu["passthrough", streams]
         print(
             f"| {streams} | {p[50][0]:.2f} | {p[50][1]:.2f} | {p[50][1] - p[50][0]:.2f} "
-            f"| {p[99][0]:.2f} | {p[99][1]:.2f} | {p[99][1] - p[99][0]:.2f} | {cpu:.1f} |"
+            f"| {p[99][0]:.2f} | {p[99][1]:.2f} | {p[99][1] - p[99][0]:.2f} | {ours:.1f} "
+            f"| {bare:.1f} | {ours / bare:.2f} |"
         )
     print()
     one = min(args.streams)
     d, g = ttft["direct", one], ttft["gateway", one]
     added = (np.percentile(g, 50) - np.percentile(d, 50)) * 1e3
-    worst_cpu = max(statistics.median(v) for v in cpu_per_token.values()) * 1e6
+    worst_cpu = max(cpu["gateway", streams] for streams in args.streams)
     print(f"{'P1 TTFT added by the gateway, p50 (ms)':<44} {added:8.2f}  (goal <= 5)")
     print(f"{'P5 gateway CPU per relayed token (us)':<44} {worst_cpu:8.1f}  (goal <= 50)")
 
