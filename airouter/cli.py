@@ -6,6 +6,8 @@ airouter models                              the models the gateway can reach
 airouter status --modelhost HOST:PORT [--watch]
                                              a modelhost's memory, models and load
 airouter hosts                               one line per host the gateway knows
+airouter batch submit requests.jsonl --wait -o results.jsonl
+                                             an OpenAI batch file, run across the hosts
 """
 
 import argparse
@@ -20,6 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from airouter.batch_cli import add_batch_commands, run_batch
 from airouter.labels import enum_label
 from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
 from airouter.v1 import (
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     hosts.add_argument("--json", action="store_true")
 
+    add_batch_commands(commands)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "status":
@@ -100,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             if args.command == "generate":
                 return _generate(stub, args)
+            if args.command == "batch":
+                return run_batch(stub, args)
             return _models(stub, args)
     except grpc.RpcError as exc:
         print(f"airouter: {exc.code().name}: {exc.details()}", file=sys.stderr)

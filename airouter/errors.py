@@ -17,6 +17,10 @@ class NotFound(AirouterError):
     """The request names something (a model, a batch) that does not exist."""
 
 
+class AlreadyExists(AirouterError):
+    """The request would create something (a batch) whose id is taken."""
+
+
 class FailedPrecondition(AirouterError):
     """The request is well formed but cannot be served in the system's current state."""
 

@@ -19,6 +19,7 @@ _log = structlog.get_logger()
 STATUS_FOR_ERROR: dict[type[errors.AirouterError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -87,13 +88,18 @@ def new_server(
     service_names: Iterable[str],
     credentials: Credentials | None = None,
     admin_methods: Iterable[str] = (),
+    max_message_bytes: int | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with token checks (when credentials carry tokens), the error
-    interceptor, health (SERVING at once) and reflection."""
+    interceptor, health (SERVING at once) and reflection; requests up to max_message_bytes
+    (gRPC's default 4 MiB when None)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [DomainErrorInterceptor()]
     if credentials is not None and credentials.authenticates:
         interceptors.insert(0, AuthInterceptor(credentials, set(admin_methods)))
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+    options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+    if max_message_bytes is not None:
+        options.append(("grpc.max_receive_message_length", max_message_bytes))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)

@@ -13,6 +13,7 @@ from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
 from airouter.security import SecurityError, add_security_flags, security_flags
 from airouter.tracing import add_tracing_flag, tracing_for
+from gateway.batch_store import StoreLocked
 from gateway.config import DEFAULT_LISTEN, DEFAULT_MODELHOST, GatewayConfig, load_gateway_config
 from gateway.server import RunningGateway, start_gateway
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT of the OpenAI-compatible HTTP edge (default 127.0.0.1:8080)",
     )
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
+    serve.add_argument(
+        "--batch-db",
+        type=Path,
+        help="SQLite file of the batches (default $XDG_STATE_HOME/airouter/batches.sqlite3)",
+    )
     add_security_flags(serve)
     serve.add_argument("--modelhost-ca", type=Path, help="CA of the modelhosts' certificates")
     add_tracing_flag(serve)
@@ -58,12 +64,13 @@ def _run(args: argparse.Namespace) -> int:
         "http_listen": args.http_listen,
         "shutdown_grace_s": args.shutdown_grace,
         "modelhost_ca": args.modelhost_ca,
+        "batch_db": args.batch_db,
         **security_flags(args),
     }
     try:
         config = load_gateway_config(args.config, **flags)
         asyncio.run(_serve(config, args.config, flags))
-    except (ConfigError, SecurityError) as exc:
+    except (ConfigError, SecurityError, StoreLocked) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

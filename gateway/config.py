@@ -4,6 +4,7 @@ On SIGHUP the gateway reads the file again and adds or retires hosts to match `m
 other settings take effect at the next start.
 """
 
+import os
 from pathlib import Path
 from typing import Literal, TypeAlias
 
@@ -20,6 +21,12 @@ OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
 # Models named openrouter/<vendor>/<model> go to the OpenAI-compatible upstream.
 OPENROUTER_PREFIX = "openrouter/"
 Policy: TypeAlias = Literal["local_only", "local_first", "cloud_only"]
+
+
+def default_batch_db() -> Path:
+    """$XDG_STATE_HOME/airouter/batches.sqlite3 (~/.local/state when unset)."""
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "airouter" / "batches.sqlite3"
 
 
 class GatewayConfig(ServerSecurity):
@@ -50,6 +57,11 @@ class GatewayConfig(ServerSecurity):
     model_policies: dict[str, Policy] = Field(default_factory=dict)
     # The cloud model (openrouter/<vendor>/<model>) each requested model falls back to.
     cloud_models: dict[str, str] = Field(default_factory=dict)
+    # Batches are kept in this SQLite file (one gateway per file); attempts per item, and
+    # the time one attempt may take.
+    batch_db: Path = Field(default_factory=default_batch_db)
+    batch_max_attempts: int = Field(default=4, ge=1)
+    batch_item_timeout_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _cloud_models_are_openrouter_models(self) -> "GatewayConfig":

@@ -1,7 +1,8 @@
 """Prometheus metrics of the gateway, served at /metrics on its HTTP listener."""
 
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections import Counter as Tally
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing
 
 from prometheus_client import CollectorRegistry, Counter
@@ -54,6 +55,12 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.registry.register(_Live(pool, upstream))
+
+    def watch_batches(
+        self, item_states: Callable[[], Tally[str]], retries: Callable[[], int]
+    ) -> None:
+        """Batch items by state and retried attempts, read at each scrape."""
+        self.registry.register(_BatchItems(item_states, retries))
 
     def relayed(
         self,
@@ -118,3 +125,23 @@ class _Live(Collector):
         for state in HostState:
             hosts.add_metric([state.value], states.count(state))
         yield hosts
+
+
+class _BatchItems(Collector):
+    def __init__(self, item_states: Callable[[], Tally[str]], retries: Callable[[], int]) -> None:
+        self._item_states = item_states
+        self._retries = retries
+
+    def collect(self) -> Iterator[Metric]:
+        items = GaugeMetricFamily(
+            f"{PREFIX}_batch_items", "Items of the stored batches by state.", labels=["state"]
+        )
+        states = self._item_states()
+        for state in ("pending", "running", "succeeded", "failed", "cancelled"):
+            items.add_metric([state], states[state])
+        yield items
+        yield CounterMetricFamily(
+            f"{PREFIX}_batch_item_retries",
+            "Batch item attempts that failed and were tried again.",
+            value=self._retries(),
+        )

@@ -10,6 +10,7 @@ from grpc_health.v1 import health
 from airouter import grpc_server
 from airouter.security import Credentials, channel_credentials, read_secret
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.batches import BatchRunner
 from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfig
 from gateway.hosts import HostPool
 from gateway.http_edge import HttpEdge
@@ -19,6 +20,8 @@ from gateway.relay import CloudRouting
 from gateway.servicer import GatewayServicer
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+# A batch arrives in one message: room for 50000 items of a few hundred bytes each.
+MAX_MESSAGE_BYTES = 64 << 20
 
 _log = structlog.get_logger()
 
@@ -32,6 +35,7 @@ class RunningGateway:
     port: int
     pool: HostPool
     upstream: OpenAIUpstream
+    batches: BatchRunner
     http: HttpEdge | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -39,10 +43,12 @@ class RunningGateway:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the HTTP edge, the host channels and the upstream session, once the gRPC
-        server has stopped."""
+        """Closes the HTTP edge, the batches (items still running run again at the next
+        start), the host channels and the upstream session, once the gRPC server has
+        stopped."""
         if self.http is not None:
             await self.http.close()
+        await self.batches.close()
         await self.pool.close()
         await self.upstream.close()
 
@@ -83,14 +89,35 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     cloud = CloudRouting(
         upstream, config.default_policy, dict(config.model_policies), dict(config.cloud_models)
     )
-    server, health_servicer = grpc_server.new_server([SERVICE_NAME], credentials)
+    server, health_servicer = grpc_server.new_server(
+        [SERVICE_NAME], credentials, max_message_bytes=MAX_MESSAGE_BYTES
+    )
     metrics = GatewayMetrics(pool, upstream)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pool, cloud, metrics), server)
-    port = grpc_server.bind(server, config.listen, credentials.tls)
+    batches = BatchRunner(
+        config.batch_db,
+        pool,
+        metrics,
+        cloud,
+        max_attempts=config.batch_max_attempts,
+        item_timeout_s=config.batch_item_timeout_s,
+    )
+    try:
+        await batches.start()
+    except BaseException:
+        await upstream.close()
+        raise
+    servicer = GatewayServicer(pool, cloud, metrics, batches)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+    try:
+        port = grpc_server.bind(server, config.listen, credentials.tls)
+    except OSError:
+        await batches.close()
+        await upstream.close()
+        raise
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
     await pool.start()
-    gateway = RunningGateway(server, health_servicer, port, pool, upstream)
+    gateway = RunningGateway(server, health_servicer, port, pool, upstream, batches)
     if config.http_listen:
         warning = credentials.check_exposure(config.http_listen, "gateway HTTP edge")
         if warning:

@@ -8,6 +8,7 @@ from opentelemetry import trace
 
 from airouter import tracing
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from gateway.batches import BatchRunner
 from gateway.hosts import Host, HostPool, HostState
 from gateway.metrics import GatewayMetrics
 from gateway.relay import CloudRouting, HostError
@@ -39,12 +40,15 @@ HOST_STATE_TO_PB = {
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    """Routes Generate to a host and merges ListModels across hosts."""
+    """Routes Generate to a host, merges ListModels across hosts, and takes batches."""
 
-    def __init__(self, pool: HostPool, cloud: CloudRouting, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, pool: HostPool, cloud: CloudRouting, metrics: GatewayMetrics, batches: BatchRunner
+    ) -> None:
         self._pool = pool
         self._cloud = cloud
         self._metrics = metrics
+        self._batches = batches
 
     async def Generate(
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
@@ -73,6 +77,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.ListHostsResponse:
         await self._pool.first_contact(FIRST_CONTACT_WAIT_S)
         return gateway_pb2.ListHostsResponse(hosts=[host_info_pb(h) for h in self._pool.hosts])
+
+    async def SubmitBatch(
+        self, request: gateway_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.SubmitBatchResponse:
+        batch = await self._batches.submit(request, context.invocation_metadata())
+        return gateway_pb2.SubmitBatchResponse(batch=batch)
+
+    async def GetBatch(
+        self, request: gateway_pb2.GetBatchRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetBatchResponse:
+        return gateway_pb2.GetBatchResponse(batch=self._batches.get(request.batch_id))
+
+    async def ListBatches(
+        self, request: gateway_pb2.ListBatchesRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListBatchesResponse:
+        return gateway_pb2.ListBatchesResponse(batches=self._batches.all())
+
+    async def StreamBatchResults(
+        self, request: gateway_pb2.StreamBatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.StreamBatchResultsResponse]:
+        results = self._batches.results(request.batch_id, request.after_sequence)
+        async for result, counts in results:
+            yield gateway_pb2.StreamBatchResultsResponse(result=result, counts=counts)
+
+    async def CancelBatch(
+        self, request: gateway_pb2.CancelBatchRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.CancelBatchResponse:
+        return gateway_pb2.CancelBatchResponse(batch=await self._batches.cancel(request.batch_id))
 
 
 async def list_models(pool: HostPool) -> gateway_pb2.GatewayListModelsResponse:

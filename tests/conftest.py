@@ -2,6 +2,7 @@
 on ephemeral loopback ports, in a background event loop."""
 
 import asyncio
+import tempfile
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -22,6 +23,15 @@ T = TypeVar("T")
 
 # Small contexts keep the too-long-prompt tests cheap.
 CONTEXT = 512
+
+
+def gateway_config(modelhosts: list[str], **fields: Any) -> GatewayConfig:
+    """An in-process gateway's config: any free port, no HTTP edge unless asked for, and a
+    batches database of its own."""
+    fields.setdefault("listen", "127.0.0.1:0")
+    fields.setdefault("http_listen", None)
+    fields.setdefault("batch_db", Path(tempfile.mkdtemp(prefix="airouter-")) / "batches.sqlite3")
+    return GatewayConfig(modelhosts=modelhosts, **fields)
 
 
 class LoopThread:
@@ -108,13 +118,7 @@ def host_config() -> HostConfig:
 def stack() -> Iterator[Stack]:
     loop = LoopThread()
     host = loop.run(start_host(host_config(), "cpu"))
-    gateway = loop.run(
-        start_gateway(
-            GatewayConfig(
-                http_listen=None, listen="127.0.0.1:0", modelhosts=[f"127.0.0.1:{host.port}"]
-            )
-        )
-    )
+    gateway = loop.run(start_gateway(gateway_config([f"127.0.0.1:{host.port}"])))
     stack = Stack(loop, host, gateway)
     wait_for_health(stack.host_address)
     wait_for_health(stack.gateway_address)

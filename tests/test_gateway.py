@@ -10,13 +10,12 @@ import pytest
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from airouter.v1.model_host_pb2 import ListModelsRequest
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
-from gateway.config import GatewayConfig
 from gateway.relay import merged_responses
 from gateway.server import start_gateway
 from modelhost.config import HostConfig, ModelConfig
 from modelhost.generation import Delta, Finish, FinishReason, Timings, merge_deltas
 from modelhost.server import start_host
-from tests.conftest import Stack, host_config
+from tests.conftest import Stack, gateway_config, host_config
 from tests.processes import free_port_address
 from tests.streaming import collect, gateway_request, host_request
 
@@ -26,9 +25,7 @@ class ExtraGateway:
 
     def __init__(self, stack: Stack, hosts: list[str]) -> None:
         self._stack = stack
-        self.running = stack.loop.run(
-            start_gateway(GatewayConfig(http_listen=None, listen="127.0.0.1:0", modelhosts=hosts))
-        )
+        self.running = stack.loop.run(start_gateway(gateway_config(hosts)))
         self._channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
         self.stub = gateway_pb2_grpc.GatewayStub(self._channel)
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.config import GatewayConfig
 from gateway.server import start_gateway
-from tests.conftest import Stack
+from tests.conftest import Stack, gateway_config
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 
 TOKEN = "http-edge-token-3d9"
@@ -26,10 +25,9 @@ def client(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[o
     (directory / "openrouter-key").write_text(API_KEY)
     upstream = FakeOpenRouter()
     stack.loop.run(upstream.start())
-    config = GatewayConfig(
-        listen="127.0.0.1:0",
+    config = gateway_config(
+        [stack.host_address],
         http_listen="127.0.0.1:0",
-        modelhosts=[stack.host_address],
         token_file=directory / "token",
         openrouter_base_url=upstream.base_url,
         openrouter_api_key_file=directory / "openrouter-key",
@@ -153,9 +151,7 @@ def test_a_taken_http_address_is_refused_with_the_flag_to_change(stack: Stack) -
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        config = GatewayConfig(
-            listen="127.0.0.1:0", http_listen=address, modelhosts=[stack.host_address]
-        )
+        config = gateway_config([stack.host_address], http_listen=address)
         with pytest.raises(OSError) as info:
             stack.loop.run(start_gateway(config))
     assert f"cannot listen on {address} for the HTTP edge" in str(info.value)

@@ -19,10 +19,9 @@ from airouter.errors import (
     Unavailable,
 )
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
-from gateway.config import GatewayConfig
 from gateway.openai_protocol import Chunk, OpenAIUpstream, UpstreamSettings, UpstreamStreamError
 from gateway.server import start_gateway
-from tests.conftest import LoopThread
+from tests.conftest import LoopThread, gateway_config
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 from tests.processes import free_port_address
 from tests.streaming import collect, gateway_request
@@ -173,10 +172,8 @@ def cloud_gateway(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     loop.run(server.start())
     key = tmp_path_factory.mktemp("key") / "openrouter-key"
     key.write_text(API_KEY)
-    config = GatewayConfig(
-        http_listen=None,
-        listen="127.0.0.1:0",
-        modelhosts=[free_port_address()],
+    config = gateway_config(
+        [free_port_address()],
         openrouter_base_url=server.base_url,
         openrouter_api_key_file=key,
         default_policy="local_first",

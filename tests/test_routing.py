@@ -15,9 +15,8 @@ import pytest
 import structlog.testing
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
-from gateway.config import GatewayConfig
 from gateway.server import RunningGateway, start_gateway
-from tests.conftest import LoopThread, wait_for_health, wait_until
+from tests.conftest import LoopThread, gateway_config, wait_for_health, wait_until
 from tests.processes import ServerProcess, free_port_address
 from tests.streaming import collect, gateway_request
 
@@ -112,15 +111,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         config.write_text(text)
         hosts[name] = Host(name, config)
     loop = LoopThread()
-    gateway = loop.run(
-        start_gateway(
-            GatewayConfig(
-                http_listen=None,
-                listen="127.0.0.1:0",
-                modelhosts=[h.address for h in hosts.values()],
-            )
-        )
-    )
+    gateway = loop.run(start_gateway(gateway_config([h.address for h in hosts.values()])))
     channel = grpc.insecure_channel(f"127.0.0.1:{gateway.port}")
     cluster = Cluster(hosts, loop, gateway, gateway_pb2_grpc.GatewayStub(channel))
     wait_until(lambda: cluster.model_state_on("B", "shared") == generate_pb2.MODEL_STATE_READY)

@@ -21,11 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from airouter.security import SecurityError
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, model_host_pb2
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
-from gateway.config import GatewayConfig
 from gateway.server import start_gateway
 from modelhost.config import HostConfig, embedded_model_config
 from modelhost.server import start_host
-from tests.conftest import LoopThread
+from tests.conftest import LoopThread, gateway_config
 from tests.processes import BIN
 from tests.streaming import collect, gateway_request, host_request
 
@@ -124,10 +123,8 @@ def servers(pki: PKI) -> Iterator[Servers]:
     )
     gateway = loop.run(
         start_gateway(
-            GatewayConfig(
-                http_listen=None,
-                listen="127.0.0.1:0",
-                modelhosts=[f"127.0.0.1:{mtls_host.port}"],
+            gateway_config(
+                [f"127.0.0.1:{mtls_host.port}"],
                 modelhost_ca=pki.path("ca.pem"),
                 modelhost_cert=pki.path("client.pem"),
                 modelhost_key=pki.path("client.key"),
@@ -247,10 +244,8 @@ def test_a_gateway_with_a_wrong_host_token_shows_the_host_down_and_why(
 ) -> None:
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-the-token")
-    config = GatewayConfig(
-        http_listen=None,
-        listen="127.0.0.1:0",
-        modelhosts=[servers.host_address],
+    config = gateway_config(
+        [servers.host_address],
         modelhost_ca=pki.path("ca.pem"),
         modelhost_token_file=wrong,
     )

@@ -27,17 +27,21 @@ from airouter.v1 import host_status_pb2 as airouter_dot_v1_dot_host__status__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61irouter/v1/gateway.proto\x12\x0b\x61irouter.v1\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1d\x61irouter/v1/host_status.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\x16GatewayGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.airouter.v1.ChatMessagesH\x00\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.airouter.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.airouter.v1.StoppingCriteria\x12\x1a\n\x12min_context_length\x18\x07 \x01(\r\x12\x32\n\x0erouting_policy\x18\x08 \x01(\x0e\x32\x1a.airouter.v1.RoutingPolicyB\x07\n\x05input\"w\n\x17GatewayGenerateResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.airouter.v1.TokenDeltaH\x00\x12)\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x15.airouter.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x18GatewayListModelsRequest\"^\n\x19GatewayListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.airouter.v1.ModelInfo\x12\x19\n\x11unreachable_hosts\x18\x02 \x03(\t\"\x12\n\x10ListHostsRequest\"9\n\x11ListHostsResponse\x12$\n\x05hosts\x18\x01 \x03(\x0b\x32\x15.airouter.v1.HostInfo\"\xce\x01\n\x08HostInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.airouter.v1.HostState\x12\x14\n\x0cstate_detail\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0b\x32\x17.airouter.v1.HostStatus\x12/\n\x0bstate_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12requests_in_flight\x18\x06 \x01(\r*\x8d\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_LOCAL_ONLY\x10\x01\x12\x1e\n\x1aROUTING_POLICY_LOCAL_FIRST\x10\x02\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x03*\x85\x01\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rHOST_STATE_UP\x10\x01\x12\x13\n\x0fHOST_STATE_DOWN\x10\x02\x12\x1b\n\x17HOST_STATE_COOLING_DOWN\x10\x03\x12\x17\n\x13HOST_STATE_DRAINING\x10\x04\x32\x8b\x02\n\x07Gateway\x12W\n\x08Generate\x12#.airouter.v1.GatewayGenerateRequest\x1a$.airouter.v1.GatewayGenerateResponse0\x01\x12[\n\nListModels\x12%.airouter.v1.GatewayListModelsRequest\x1a&.airouter.v1.GatewayListModelsResponse\x12J\n\tListHosts\x12\x1d.airouter.v1.ListHostsRequest\x1a\x1e.airouter.v1.ListHostsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61irouter/v1/gateway.proto\x12\x0b\x61irouter.v1\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1d\x61irouter/v1/host_status.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\x16GatewayGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.airouter.v1.ChatMessagesH\x00\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.airouter.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.airouter.v1.StoppingCriteria\x12\x1a\n\x12min_context_length\x18\x07 \x01(\r\x12\x32\n\x0erouting_policy\x18\x08 \x01(\x0e\x32\x1a.airouter.v1.RoutingPolicyB\x07\n\x05input\"w\n\x17GatewayGenerateResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.airouter.v1.TokenDeltaH\x00\x12)\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x15.airouter.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x18GatewayListModelsRequest\"^\n\x19GatewayListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.airouter.v1.ModelInfo\x12\x19\n\x11unreachable_hosts\x18\x02 \x03(\t\"\x12\n\x10ListHostsRequest\"9\n\x11ListHostsResponse\x12$\n\x05hosts\x18\x01 \x03(\x0b\x32\x15.airouter.v1.HostInfo\"\xce\x01\n\x08HostInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.airouter.v1.HostState\x12\x14\n\x0cstate_detail\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0b\x32\x17.airouter.v1.HostStatus\x12/\n\x0bstate_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12requests_in_flight\x18\x06 \x01(\r\"T\n\tBatchItem\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.airouter.v1.GatewayGenerateRequest\"M\n\x12SubmitBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.airouter.v1.BatchItem\"8\n\x13SubmitBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"5\n\x10GetBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"\x14\n\x12ListBatchesRequest\":\n\x13ListBatchesResponse\x12#\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x12.airouter.v1.Batch\"E\n\x19StreamBatchResultsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"t\n\x1aStreamBatchResultsResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.airouter.v1.BatchItemResult\x12(\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x18.airouter.v1.BatchCounts\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"8\n\x13\x43\x61ncelBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"t\n\x0b\x42\x61tchCounts\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x11\n\tsucceeded\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x11\n\tcancelled\x18\x06 \x01(\r\"\xc6\x01\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.airouter.v1.BatchState\x12(\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x18.airouter.v1.BatchCounts\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x01\n\x0f\x42\x61tchItemResult\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.airouter.v1.BatchItemState\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\'\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x15.airouter.v1.Finished\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\x0c\n\x04\x63hat\x18\n \x01(\x08*\x8d\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_LOCAL_ONLY\x10\x01\x12\x1e\n\x1aROUTING_POLICY_LOCAL_FIRST\x10\x02\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x03*\x85\x01\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rHOST_STATE_UP\x10\x01\x12\x13\n\x0fHOST_STATE_DOWN\x10\x02\x12\x1b\n\x17HOST_STATE_COOLING_DOWN\x10\x03\x12\x17\n\x13HOST_STATE_DRAINING\x10\x04*\x98\x01\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x41TCH_STATE_IN_PROGRESS\x10\x01\x12\x19\n\x15\x42\x41TCH_STATE_COMPLETED\x10\x02\x12\x1a\n\x16\x42\x41TCH_STATE_CANCELLING\x10\x03\x12\x19\n\x15\x42\x41TCH_STATE_CANCELLED\x10\x04*\xcb\x01\n\x0e\x42\x61tchItemState\x12 \n\x1c\x42\x41TCH_ITEM_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x42\x41TCH_ITEM_STATE_PENDING\x10\x01\x12\x1c\n\x18\x42\x41TCH_ITEM_STATE_RUNNING\x10\x02\x12\x1e\n\x1a\x42\x41TCH_ITEM_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17\x42\x41TCH_ITEM_STATE_FAILED\x10\x04\x12\x1e\n\x1a\x42\x41TCH_ITEM_STATE_CANCELLED\x10\x05\x32\xb3\x05\n\x07Gateway\x12W\n\x08Generate\x12#.airouter.v1.GatewayGenerateRequest\x1a$.airouter.v1.GatewayGenerateResponse0\x01\x12[\n\nListModels\x12%.airouter.v1.GatewayListModelsRequest\x1a&.airouter.v1.GatewayListModelsResponse\x12J\n\tListHosts\x12\x1d.airouter.v1.ListHostsRequest\x1a\x1e.airouter.v1.ListHostsResponse\x12P\n\x0bSubmitBatch\x12\x1f.airouter.v1.SubmitBatchRequest\x1a .airouter.v1.SubmitBatchResponse\x12G\n\x08GetBatch\x12\x1c.airouter.v1.GetBatchRequest\x1a\x1d.airouter.v1.GetBatchResponse\x12P\n\x0bListBatches\x12\x1f.airouter.v1.ListBatchesRequest\x1a .airouter.v1.ListBatchesResponse\x12g\n\x12StreamBatchResults\x12&.airouter.v1.StreamBatchResultsRequest\x1a\'.airouter.v1.StreamBatchResultsResponse0\x01\x12P\n\x0b\x43\x61ncelBatch\x12\x1f.airouter.v1.CancelBatchRequest\x1a .airouter.v1.CancelBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airouter.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTINGPOLICY']._serialized_start=980
-  _globals['_ROUTINGPOLICY']._serialized_end=1121
-  _globals['_HOSTSTATE']._serialized_start=1124
-  _globals['_HOSTSTATE']._serialized_end=1257
+  _globals['_ROUTINGPOLICY']._serialized_start=2229
+  _globals['_ROUTINGPOLICY']._serialized_end=2370
+  _globals['_HOSTSTATE']._serialized_start=2373
+  _globals['_HOSTSTATE']._serialized_end=2506
+  _globals['_BATCHSTATE']._serialized_start=2509
+  _globals['_BATCHSTATE']._serialized_end=2661
+  _globals['_BATCHITEMSTATE']._serialized_start=2664
+  _globals['_BATCHITEMSTATE']._serialized_end=2867
   _globals['_GATEWAYGENERATEREQUEST']._serialized_start=135
   _globals['_GATEWAYGENERATEREQUEST']._serialized_end=444
   _globals['_GATEWAYGENERATERESPONSE']._serialized_start=446
@@ -52,6 +56,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTHOSTSRESPONSE']._serialized_end=768
   _globals['_HOSTINFO']._serialized_start=771
   _globals['_HOSTINFO']._serialized_end=977
-  _globals['_GATEWAY']._serialized_start=1260
-  _globals['_GATEWAY']._serialized_end=1527
+  _globals['_BATCHITEM']._serialized_start=979
+  _globals['_BATCHITEM']._serialized_end=1063
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=1065
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=1142
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1144
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1200
+  _globals['_GETBATCHREQUEST']._serialized_start=1202
+  _globals['_GETBATCHREQUEST']._serialized_end=1237
+  _globals['_GETBATCHRESPONSE']._serialized_start=1239
+  _globals['_GETBATCHRESPONSE']._serialized_end=1292
+  _globals['_LISTBATCHESREQUEST']._serialized_start=1294
+  _globals['_LISTBATCHESREQUEST']._serialized_end=1314
+  _globals['_LISTBATCHESRESPONSE']._serialized_start=1316
+  _globals['_LISTBATCHESRESPONSE']._serialized_end=1374
+  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_start=1376
+  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_end=1445
+  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_start=1447
+  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_end=1563
+  _globals['_CANCELBATCHREQUEST']._serialized_start=1565
+  _globals['_CANCELBATCHREQUEST']._serialized_end=1603
+  _globals['_CANCELBATCHRESPONSE']._serialized_start=1605
+  _globals['_CANCELBATCHRESPONSE']._serialized_end=1661
+  _globals['_BATCHCOUNTS']._serialized_start=1663
+  _globals['_BATCHCOUNTS']._serialized_end=1779
+  _globals['_BATCH']._serialized_start=1782
+  _globals['_BATCH']._serialized_end=1980
+  _globals['_BATCHITEMRESULT']._serialized_start=1983
+  _globals['_BATCHITEMRESULT']._serialized_end=2226
+  _globals['_GATEWAY']._serialized_start=2870
+  _globals['_GATEWAY']._serialized_end=3561
 # @@protoc_insertion_point(module_scope)

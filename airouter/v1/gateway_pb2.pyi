@@ -26,6 +26,23 @@ class HostState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOST_STATE_DOWN: _ClassVar[HostState]
     HOST_STATE_COOLING_DOWN: _ClassVar[HostState]
     HOST_STATE_DRAINING: _ClassVar[HostState]
+
+class BatchState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BATCH_STATE_UNSPECIFIED: _ClassVar[BatchState]
+    BATCH_STATE_IN_PROGRESS: _ClassVar[BatchState]
+    BATCH_STATE_COMPLETED: _ClassVar[BatchState]
+    BATCH_STATE_CANCELLING: _ClassVar[BatchState]
+    BATCH_STATE_CANCELLED: _ClassVar[BatchState]
+
+class BatchItemState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BATCH_ITEM_STATE_UNSPECIFIED: _ClassVar[BatchItemState]
+    BATCH_ITEM_STATE_PENDING: _ClassVar[BatchItemState]
+    BATCH_ITEM_STATE_RUNNING: _ClassVar[BatchItemState]
+    BATCH_ITEM_STATE_SUCCEEDED: _ClassVar[BatchItemState]
+    BATCH_ITEM_STATE_FAILED: _ClassVar[BatchItemState]
+    BATCH_ITEM_STATE_CANCELLED: _ClassVar[BatchItemState]
 ROUTING_POLICY_UNSPECIFIED: RoutingPolicy
 ROUTING_POLICY_LOCAL_ONLY: RoutingPolicy
 ROUTING_POLICY_LOCAL_FIRST: RoutingPolicy
@@ -35,6 +52,17 @@ HOST_STATE_UP: HostState
 HOST_STATE_DOWN: HostState
 HOST_STATE_COOLING_DOWN: HostState
 HOST_STATE_DRAINING: HostState
+BATCH_STATE_UNSPECIFIED: BatchState
+BATCH_STATE_IN_PROGRESS: BatchState
+BATCH_STATE_COMPLETED: BatchState
+BATCH_STATE_CANCELLING: BatchState
+BATCH_STATE_CANCELLED: BatchState
+BATCH_ITEM_STATE_UNSPECIFIED: BatchItemState
+BATCH_ITEM_STATE_PENDING: BatchItemState
+BATCH_ITEM_STATE_RUNNING: BatchItemState
+BATCH_ITEM_STATE_SUCCEEDED: BatchItemState
+BATCH_ITEM_STATE_FAILED: BatchItemState
+BATCH_ITEM_STATE_CANCELLED: BatchItemState
 
 class GatewayGenerateRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping", "min_context_length", "routing_policy")
@@ -101,3 +129,129 @@ class HostInfo(_message.Message):
     state_since: _timestamp_pb2.Timestamp
     requests_in_flight: int
     def __init__(self, address: _Optional[str] = ..., state: _Optional[_Union[HostState, str]] = ..., state_detail: _Optional[str] = ..., status: _Optional[_Union[_host_status_pb2.HostStatus, _Mapping]] = ..., state_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests_in_flight: _Optional[int] = ...) -> None: ...
+
+class BatchItem(_message.Message):
+    __slots__ = ("custom_id", "request")
+    CUSTOM_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    custom_id: str
+    request: GatewayGenerateRequest
+    def __init__(self, custom_id: _Optional[str] = ..., request: _Optional[_Union[GatewayGenerateRequest, _Mapping]] = ...) -> None: ...
+
+class SubmitBatchRequest(_message.Message):
+    __slots__ = ("batch_id", "items")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    items: _containers.RepeatedCompositeFieldContainer[BatchItem]
+    def __init__(self, batch_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ...) -> None: ...
+
+class SubmitBatchResponse(_message.Message):
+    __slots__ = ("batch",)
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    batch: Batch
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+
+class GetBatchRequest(_message.Message):
+    __slots__ = ("batch_id",)
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    def __init__(self, batch_id: _Optional[str] = ...) -> None: ...
+
+class GetBatchResponse(_message.Message):
+    __slots__ = ("batch",)
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    batch: Batch
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+
+class ListBatchesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListBatchesResponse(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[Batch]
+    def __init__(self, batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ...) -> None: ...
+
+class StreamBatchResultsRequest(_message.Message):
+    __slots__ = ("batch_id", "after_sequence")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    after_sequence: int
+    def __init__(self, batch_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class StreamBatchResultsResponse(_message.Message):
+    __slots__ = ("result", "counts")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    result: BatchItemResult
+    counts: BatchCounts
+    def __init__(self, result: _Optional[_Union[BatchItemResult, _Mapping]] = ..., counts: _Optional[_Union[BatchCounts, _Mapping]] = ...) -> None: ...
+
+class CancelBatchRequest(_message.Message):
+    __slots__ = ("batch_id",)
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    def __init__(self, batch_id: _Optional[str] = ...) -> None: ...
+
+class CancelBatchResponse(_message.Message):
+    __slots__ = ("batch",)
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    batch: Batch
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+
+class BatchCounts(_message.Message):
+    __slots__ = ("total", "pending", "running", "succeeded", "failed", "cancelled")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    pending: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    def __init__(self, total: _Optional[int] = ..., pending: _Optional[int] = ..., running: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("id", "state", "counts", "created_at", "finished_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: BatchState
+    counts: BatchCounts
+    created_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[BatchState, str]] = ..., counts: _Optional[_Union[BatchCounts, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class BatchItemResult(_message.Message):
+    __slots__ = ("custom_id", "index", "sequence", "state", "text", "finished", "error_code", "error_message", "attempts", "chat")
+    CUSTOM_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    custom_id: str
+    index: int
+    sequence: int
+    state: BatchItemState
+    text: str
+    finished: _generate_pb2.Finished
+    error_code: str
+    error_message: str
+    attempts: int
+    chat: bool
+    def __init__(self, custom_id: _Optional[str] = ..., index: _Optional[int] = ..., sequence: _Optional[int] = ..., state: _Optional[_Union[BatchItemState, str]] = ..., text: _Optional[str] = ..., finished: _Optional[_Union[_generate_pb2.Finished, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., attempts: _Optional[int] = ..., chat: _Optional[bool] = ...) -> None: ...

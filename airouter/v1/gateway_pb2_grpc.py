@@ -51,6 +51,31 @@ class GatewayStub:
                 request_serializer=airouter_dot_v1_dot_gateway__pb2.ListHostsRequest.SerializeToString,
                 response_deserializer=airouter_dot_v1_dot_gateway__pb2.ListHostsResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/airouter.v1.Gateway/SubmitBatch',
+                request_serializer=airouter_dot_v1_dot_gateway__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_gateway__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/airouter.v1.Gateway/GetBatch',
+                request_serializer=airouter_dot_v1_dot_gateway__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_gateway__pb2.GetBatchResponse.FromString,
+                _registered_method=True)
+        self.ListBatches = channel.unary_unary(
+                '/airouter.v1.Gateway/ListBatches',
+                request_serializer=airouter_dot_v1_dot_gateway__pb2.ListBatchesRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_gateway__pb2.ListBatchesResponse.FromString,
+                _registered_method=True)
+        self.StreamBatchResults = channel.unary_stream(
+                '/airouter.v1.Gateway/StreamBatchResults',
+                request_serializer=airouter_dot_v1_dot_gateway__pb2.StreamBatchResultsRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_gateway__pb2.StreamBatchResultsResponse.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/airouter.v1.Gateway/CancelBatch',
+                request_serializer=airouter_dot_v1_dot_gateway__pb2.CancelBatchRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_gateway__pb2.CancelBatchResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -80,6 +105,43 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBatch(self, request, context):
+        """Stores a batch of generation requests durably, then runs them across the hosts in the
+        background; answers once the batch is on disk. Retrying with the same batch_id is safe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """One batch's state and counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBatches(self, request, context):
+        """Every batch the gateway has stored, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamBatchResults(self, request, context):
+        """Streams a batch's results in the order they finished: those stored already, then each
+        new one as it finishes; ends when every item has its result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """Stops a batch: items not started are cancelled, running ones are stopped on their hosts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +159,31 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListHosts,
                     request_deserializer=airouter_dot_v1_dot_gateway__pb2.ListHostsRequest.FromString,
                     response_serializer=airouter_dot_v1_dot_gateway__pb2.ListHostsResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=airouter_dot_v1_dot_gateway__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_gateway__pb2.SubmitBatchResponse.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=airouter_dot_v1_dot_gateway__pb2.GetBatchRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_gateway__pb2.GetBatchResponse.SerializeToString,
+            ),
+            'ListBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatches,
+                    request_deserializer=airouter_dot_v1_dot_gateway__pb2.ListBatchesRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_gateway__pb2.ListBatchesResponse.SerializeToString,
+            ),
+            'StreamBatchResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamBatchResults,
+                    request_deserializer=airouter_dot_v1_dot_gateway__pb2.StreamBatchResultsRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_gateway__pb2.StreamBatchResultsResponse.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=airouter_dot_v1_dot_gateway__pb2.CancelBatchRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_gateway__pb2.CancelBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +269,141 @@ class Gateway:
             '/airouter.v1.Gateway/ListHosts',
             airouter_dot_v1_dot_gateway__pb2.ListHostsRequest.SerializeToString,
             airouter_dot_v1_dot_gateway__pb2.ListHostsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/SubmitBatch',
+            airouter_dot_v1_dot_gateway__pb2.SubmitBatchRequest.SerializeToString,
+            airouter_dot_v1_dot_gateway__pb2.SubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/GetBatch',
+            airouter_dot_v1_dot_gateway__pb2.GetBatchRequest.SerializeToString,
+            airouter_dot_v1_dot_gateway__pb2.GetBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/ListBatches',
+            airouter_dot_v1_dot_gateway__pb2.ListBatchesRequest.SerializeToString,
+            airouter_dot_v1_dot_gateway__pb2.ListBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatchResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/airouter.v1.Gateway/StreamBatchResults',
+            airouter_dot_v1_dot_gateway__pb2.StreamBatchResultsRequest.SerializeToString,
+            airouter_dot_v1_dot_gateway__pb2.StreamBatchResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/CancelBatch',
+            airouter_dot_v1_dot_gateway__pb2.CancelBatchRequest.SerializeToString,
+            airouter_dot_v1_dot_gateway__pb2.CancelBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

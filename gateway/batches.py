@@ -1,0 +1,526 @@
+"""Batches: stored before they are acknowledged, then run across the hosts in the background.
+
+Items are pulled as slots free up: an item of a model starts while the hosts where that model
+is resident have more slots than this gateway keeps busy there, so every host takes work in
+proportion to its slots, interactive requests keep their share, and a model that is resident
+nowhere gets one item (which loads it) before the rest follow. A failed attempt is retried
+with jittered exponential backoff; an item whose model is unknown or whose request is invalid
+fails at once. A result is on disk before anyone sees it, and items without one run again
+after a restart, so a gateway killed mid-batch loses no result and repeats none.
+
+Each attempt is a trace of its own whose root span links to the batch's span: a batch of
+thousands of items stays readable in Jaeger.
+"""
+
+import asyncio
+import random
+import re
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from airouter import tracing
+from airouter.errors import (
+    AirouterError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from airouter.grpc_server import status_for
+from airouter.v1 import gateway_pb2, generate_pb2
+from gateway import router
+from gateway.batch_store import FINAL_ITEM_STATES, BatchStore, PendingItem, StoredBatch
+from gateway.config import OPENROUTER_PREFIX
+from gateway.hosts import HostPool
+from gateway.metrics import GatewayMetrics
+from gateway.relay import CloudRouting, HostError
+
+_log = structlog.get_logger()
+_tracer = trace.get_tracer("airouter.gateway")
+T = TypeVar("T")
+
+MAX_ITEMS = 50_000
+BATCH_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Waiting before attempt n+1: first, cap (seconds), jittered +-50%.
+RETRY_BACKOFF_S = (1.0, 60.0)
+# Items of openrouter/ models in flight per batch model: the upstream's own limits apply.
+CLOUD_CONCURRENCY = 8
+# How often the dispatcher looks at the hosts again while items wait for a slot.
+DISPATCH_POLL_S = 0.5
+# Failures another attempt may well get past; any other is the item's own.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+_SUCCEEDED = gateway_pb2.BATCH_ITEM_STATE_SUCCEEDED
+_FAILED = gateway_pb2.BATCH_ITEM_STATE_FAILED
+_CANCELLED = gateway_pb2.BATCH_ITEM_STATE_CANCELLED
+_IN_PROGRESS = gateway_pb2.BATCH_STATE_IN_PROGRESS
+_CANCELLING = gateway_pb2.BATCH_STATE_CANCELLING
+
+
+@dataclass(eq=False)
+class _Item:
+    batch: "_Batch"
+    index: int
+    custom_id: str
+    request: gateway_pb2.GatewayGenerateRequest
+    attempts: int
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Batch:
+    stored: StoredBatch
+    finals: Counter[int] = field(default_factory=Counter)  # items with a result, by state
+    # Items ready to run, per requested model, in batch order.
+    pending: dict[str, deque[_Item]] = field(default_factory=dict)
+    retrying: set[_Item] = field(default_factory=set)  # waiting out their backoff
+    running: set[_Item] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.stored.id
+
+    @property
+    def active(self) -> bool:
+        return self.stored.state in (_IN_PROGRESS, _CANCELLING)
+
+    def counts(self) -> gateway_pb2.BatchCounts:
+        running, done = len(self.running), sum(self.finals.values())
+        return gateway_pb2.BatchCounts(
+            total=self.stored.total,
+            pending=self.stored.total - running - done,
+            running=running,
+            succeeded=self.finals[_SUCCEEDED],
+            failed=self.finals[_FAILED],
+            cancelled=self.finals[_CANCELLED],
+        )
+
+    def pb(self) -> gateway_pb2.Batch:
+        batch = gateway_pb2.Batch(id=self.id, state=self.stored.state, counts=self.counts())
+        batch.created_at.FromNanoseconds(int(self.stored.created_at * 1e9))
+        if self.stored.finished_at is not None:
+            batch.finished_at.FromNanoseconds(int(self.stored.finished_at * 1e9))
+        return batch
+
+    def link(self) -> list[trace.Link]:
+        if not self.stored.trace_id:
+            return []
+        context = trace.SpanContext(
+            int(self.stored.trace_id, 16),
+            int(self.stored.span_id, 16),
+            is_remote=True,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+        )
+        return [trace.Link(context, {"airouter.batch.id": self.id})]
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class BatchRunner:
+    """The gateway's batches: stored in the SQLite file at `path`, run through the same
+    routing and relay as interactive requests."""
+
+    def __init__(
+        self,
+        path: Path,
+        pool: HostPool,
+        metrics: GatewayMetrics,
+        cloud: CloudRouting,
+        max_attempts: int = 4,
+        item_timeout_s: float = 600.0,
+    ) -> None:
+        self._path = path
+        self._pool = pool
+        self._metrics = metrics
+        self._cloud = cloud
+        self._max_attempts = max_attempts
+        self._item_timeout_s = item_timeout_s
+        self._batches: dict[str, _Batch] = {}  # oldest first: older batches run first
+        self._running_by_model: Counter[str] = Counter()
+        self._retries: list[tuple[float, _Item]] = []
+        self._wake = asyncio.Event()
+        # SQLite runs on a thread of its own, one statement at a time, off the event loop.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch-db")
+        self._store: BatchStore | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self.retries = 0  # attempts that failed and were tried again
+        metrics.watch_batches(self._item_states, lambda: self.retries)
+
+    async def start(self) -> None:
+        """Opens the database (StoreLocked when another gateway has it) and resumes the
+        batches that were running when the gateway last stopped."""
+        self._store = await self._db(BatchStore, self._path)
+        resumed = 0
+        for stored in reversed(await self._db(self._store.batches)):
+            batch = _Batch(stored)
+            states = await self._db(self._store.item_states, stored.id)
+            batch.finals.update({s: n for s, n in states.items() if s in FINAL_ITEM_STATES})
+            self._batches[stored.id] = batch
+            if batch.active:
+                for pending in await self._db(self._store.unfinished_items, stored.id):
+                    self._enqueue(batch, pending)
+                resumed += 1
+        for batch in list(self._batches.values()):
+            if batch.stored.state == _CANCELLING:
+                await self._cancel_items(batch)
+        if resumed:
+            _log.info("batches_resumed", batches=resumed, path=str(self._path))
+        self._dispatcher = asyncio.create_task(self._dispatch())
+
+    async def close(self) -> None:
+        """Stops dispatching and the running items (they run again at the next start)."""
+        tasks = [i.task for b in self._batches.values() for i in b.running if i.task]
+        if self._dispatcher is not None:
+            tasks.append(self._dispatcher)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._store is not None:
+            await self._db(self._store.close)
+        self._executor.shutdown()
+
+    async def submit(
+        self, request: gateway_pb2.SubmitBatchRequest, carrier: Any = None
+    ) -> gateway_pb2.Batch:
+        """Stores the batch (its span continues the caller's trace from `carrier`) and
+        returns it once it is on disk."""
+        batch_id = request.batch_id or f"batch_{uuid.uuid4().hex}"
+        _validate(batch_id, request.items)
+        assert self._store is not None
+        existing = self._batches.get(batch_id)
+        if existing is not None:
+            ids = await self._db(self._store.custom_ids, batch_id)
+            if ids != [item.custom_id for item in request.items]:
+                raise AlreadyExists(
+                    f"batch {batch_id!r} exists with other items; choose another batch_id"
+                )
+            return existing.pb()  # the same submit again: nothing more to do
+        with _tracer.start_as_current_span(
+            f"batch {batch_id}",
+            context=tracing.extract_context(carrier),
+            attributes={"airouter.batch.id": batch_id, "airouter.batch.items": len(request.items)},
+        ) as span:
+            context = span.get_span_context()
+            trace_id, span_id = "", ""
+            if context.is_valid:
+                trace_id, span_id = (
+                    format(context.trace_id, "032x"),
+                    format(context.span_id, "016x"),
+                )
+            stored = await self._db(
+                self._store.add_batch, batch_id, list(request.items), trace_id, span_id
+            )
+        batch = self._batches[batch_id] = _Batch(stored)
+        for index, item in enumerate(request.items):
+            self._enqueue(batch, PendingItem(index, item.custom_id, item.request, 0))
+        _log.info("batch_submitted", batch_id=batch_id, items=len(request.items))
+        self._wake.set()
+        return batch.pb()
+
+    def get(self, batch_id: str) -> gateway_pb2.Batch:
+        return self._batch(batch_id).pb()
+
+    def all(self) -> list[gateway_pb2.Batch]:
+        return [b.pb() for b in reversed(self._batches.values())]
+
+    async def cancel(self, batch_id: str) -> gateway_pb2.Batch:
+        batch = self._batch(batch_id)
+        if batch.stored.state == gateway_pb2.BATCH_STATE_COMPLETED:
+            raise FailedPrecondition(f"batch {batch_id!r} has already completed; nothing to cancel")
+        if batch.active:
+            assert self._store is not None
+            batch.stored.state = _CANCELLING
+            await self._db(self._store.set_state, batch_id, _CANCELLING)
+            await self._cancel_items(batch)
+            _log.info("batch_cancelled", batch_id=batch_id, **_counts_log(batch))
+        return batch.pb()
+
+    async def results(
+        self, batch_id: str, after_sequence: int
+    ) -> AsyncIterator[tuple[gateway_pb2.BatchItemResult, gateway_pb2.BatchCounts]]:
+        """The batch's results after `after_sequence`, then each new one, until the last."""
+        batch = self._batch(batch_id)
+        assert self._store is not None
+        while True:
+            changed = batch.changed
+            page = await self._db(self._store.results, batch_id, after_sequence, 256)
+            for result in page:
+                after_sequence = result.sequence
+                yield result, batch.counts()
+            if page:
+                continue
+            if not batch.active and after_sequence >= batch.stored.last_sequence:
+                return
+            await changed.wait()
+
+    def _batch(self, batch_id: str) -> _Batch:
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            raise NotFound(f"no batch {batch_id!r}; `airouter batch list` shows the batches")
+        return batch
+
+    def _enqueue(self, batch: _Batch, pending: PendingItem) -> None:
+        item = _Item(batch, pending.index, pending.custom_id, pending.request, pending.attempts)
+        batch.pending.setdefault(item.request.model, deque()).append(item)
+
+    async def _dispatch(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            while self._retries and self._retries[0][0] <= now:
+                _, item = self._retries.pop(0)
+                item.batch.retrying.discard(item)
+                item.batch.pending.setdefault(item.request.model, deque()).appendleft(item)
+            waiting = False
+            for batch in list(self._batches.values()):
+                for model, queue in list(batch.pending.items()):
+                    while queue and self._room(model, queue[0].request):
+                        self._start(queue.popleft())
+                        # Let the item reach its host, so the next decision counts it there.
+                        await asyncio.sleep(0)
+                    waiting = waiting or bool(queue)
+            timeout = DISPATCH_POLL_S if waiting else None
+            if self._retries:
+                due = self._retries[0][0] - time.monotonic()
+                timeout = max(min(timeout or due, due), 0.0)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _room(self, model: str, request: gateway_pb2.GatewayGenerateRequest) -> bool:
+        """Whether another item of `model` may start now."""
+        running = self._running_by_model[model]
+        if model.startswith(OPENROUTER_PREFIX) or self._cloud.policy(request) == "cloud_only":
+            return running < CLOUD_CONCURRENCY
+        try:
+            ranked = router.candidates(self._pool.hosts, model, request.min_context_length)
+        except Unavailable:
+            return False  # no host is up: the items wait for one rather than fail
+        except (NotFound, InvalidArgument):
+            return True  # the item fails at once with the reason
+        slots = busy = 0
+        for candidate in ranked:
+            name = candidate.model.name
+            status = candidate.host.model_status(name)
+            if status is not None and status.state == generate_pb2.MODEL_STATE_READY:
+                slots += max(status.slots, 1)
+                busy += candidate.host.in_flight.get(name, 0)
+        if not slots:
+            return running == 0  # resident nowhere: one item loads it, the rest follow
+        others = max(busy - running, 0)  # interactive requests keep their slots
+        return running + others < slots
+
+    def _start(self, item: _Item) -> None:
+        item.batch.running.add(item)
+        self._running_by_model[item.request.model] += 1
+        item.task = asyncio.create_task(self._run(item))
+
+    async def _run(self, item: _Item) -> None:
+        batch = item.batch
+        item.attempts += 1
+        request = gateway_pb2.GatewayGenerateRequest()
+        request.CopyFrom(item.request)
+        request.request_id = f"{batch.id}-{item.index}-{item.attempts}"
+        texts: list[str] = []
+        finished: generate_pb2.Finished | None = None
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            with _tracer.start_as_current_span(
+                f"batch_item {item.custom_id}",
+                context=otel_context.Context(),  # a trace of its own, linked to the batch
+                links=batch.link(),
+                attributes={
+                    "airouter.batch.id": batch.id,
+                    "airouter.batch.custom_id": item.custom_id,
+                    "airouter.batch.index": item.index,
+                    "airouter.attempt": item.attempts,
+                    **tracing.request_attributes(
+                        "chat" if request.HasField("chat") else "text_completion", request
+                    ),
+                },
+            ) as span:
+                try:
+                    stream = self._metrics.relayed(
+                        self._pool, request, self._item_timeout_s, self._cloud
+                    )
+                    async with aclosing(stream):
+                        async for response in stream:
+                            if response.HasField("token"):
+                                texts.append(response.token.text)
+                            else:
+                                finished = response.finished
+                except AirouterError as exc:
+                    code, message = status_for(exc), str(exc)
+                except HostError as exc:
+                    code, message = exc.code, exc.details
+                if code == grpc.StatusCode.OK:
+                    if finished is None:
+                        code, message = grpc.StatusCode.UNAVAILABLE, "the stream ended early"
+                    elif finished.reason == generate_pb2.FINISH_REASON_ERROR:
+                        code, message = grpc.StatusCode.UNAVAILABLE, finished.error_message
+                    else:
+                        span.set_attributes(tracing.finish_attributes(finished))
+                if code != grpc.StatusCode.OK:
+                    span.set_status(trace.StatusCode.ERROR, f"{code.name}: {message}")
+        finally:
+            batch.running.discard(item)
+            self._running_by_model[item.request.model] -= 1
+            self._wake.set()
+        result = gateway_pb2.BatchItemResult(
+            custom_id=item.custom_id,
+            index=item.index,
+            attempts=item.attempts,
+            chat=request.HasField("chat"),
+        )
+        if code == grpc.StatusCode.OK:
+            assert finished is not None
+            result.state, result.text = _SUCCEEDED, "".join(texts)
+            result.finished.CopyFrom(finished)
+        elif (
+            code in _RETRYABLE
+            and item.attempts < self._max_attempts
+            and batch.stored.state == _IN_PROGRESS
+        ):
+            await self._retry_later(item, code, message)
+            return
+        else:
+            result.state, result.error_code, result.error_message = _FAILED, code.name, message
+            _log.warning(
+                "batch_item_failed",
+                batch_id=batch.id,
+                custom_id=item.custom_id,
+                code=code.name,
+                error=message,
+                attempts=item.attempts,
+            )
+        await asyncio.shield(self._record(batch, [result]))
+
+    async def _retry_later(self, item: _Item, code: grpc.StatusCode, message: str) -> None:
+        assert self._store is not None
+        first, cap = RETRY_BACKOFF_S
+        delay = min(first * 2 ** (item.attempts - 1), cap) * random.uniform(0.5, 1.5)
+        _log.info(
+            "batch_item_retry",
+            batch_id=item.batch.id,
+            custom_id=item.custom_id,
+            code=code.name,
+            error=message,
+            attempt=item.attempts,
+            in_s=round(delay, 2),
+        )
+        self.retries += 1
+        item.batch.retrying.add(item)
+        self._retries.append((time.monotonic() + delay, item))
+        self._retries.sort(key=lambda entry: entry[0])
+        await asyncio.shield(
+            self._db(self._store.record_attempt_failed, item.batch.id, item.index, item.attempts)
+        )
+
+    async def _cancel_items(self, batch: _Batch) -> None:
+        """Stops the batch's running items and records every item without a result as
+        cancelled; the store closes the batch."""
+        running = [i for i in batch.running if i.task is not None]
+        for item in running:
+            assert item.task is not None
+            item.task.cancel()
+        await asyncio.gather(*(i.task for i in running if i.task), return_exceptions=True)
+        waiting = [i for queue in batch.pending.values() for i in queue]
+        waiting += [*batch.retrying, *running]
+        batch.pending.clear()
+        batch.retrying.clear()
+        self._retries = [(due, i) for due, i in self._retries if i.batch is not batch]
+        results = [
+            gateway_pb2.BatchItemResult(
+                custom_id=item.custom_id,
+                index=item.index,
+                state=_CANCELLED,
+                attempts=item.attempts,
+                chat=item.request.HasField("chat"),
+                error_code=grpc.StatusCode.CANCELLED.name,
+                error_message="the batch was cancelled before this item finished",
+            )
+            for item in sorted(waiting, key=lambda i: i.index)
+        ]
+        await asyncio.shield(self._record(batch, results))
+
+    async def _record(self, batch: _Batch, results: list[gateway_pb2.BatchItemResult]) -> None:
+        """Commits the results, then counts and announces those that were new."""
+        assert self._store is not None
+        stored = await self._db(self._store.record_results, batch.id, results)
+        batch.finals.update(r.state for r in stored)
+        if stored:
+            batch.stored.last_sequence = stored[-1].sequence
+        if sum(batch.finals.values()) == batch.stored.total and batch.active:
+            refreshed = await self._db(self._store.batch, batch.id)
+            assert refreshed is not None
+            batch.stored = refreshed
+            _log.info("batch_finished", batch_id=batch.id, **_counts_log(batch))
+        batch.notify()
+
+    def _item_states(self) -> Counter[str]:
+        """Items of every stored batch by state, for /metrics."""
+        totals: Counter[str] = Counter()
+        for batch in self._batches.values():
+            counts = batch.counts()
+            for name in ("pending", "running", "succeeded", "failed", "cancelled"):
+                totals[name] += getattr(counts, name)
+        return totals
+
+    async def _db(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+
+
+def _validate(batch_id: str, items: Any) -> None:
+    if not BATCH_ID.fullmatch(batch_id):
+        raise InvalidArgument(
+            f"batch_id {batch_id!r}: use 1 to 64 letters, digits, '_', '.' or '-', or leave it "
+            "empty for the gateway to choose"
+        )
+    if not items:
+        raise InvalidArgument("the batch has no items; send at least one")
+    if len(items) > MAX_ITEMS:
+        raise InvalidArgument(
+            f"the batch has {len(items)} items; split it into batches of at most {MAX_ITEMS}"
+        )
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"items[{i}]"
+        if not item.custom_id:
+            raise InvalidArgument(f"{where}.custom_id is empty; give every item a unique one")
+        if item.custom_id in seen:
+            raise InvalidArgument(
+                f"{where}.custom_id {item.custom_id!r} is used twice; custom_ids must be unique"
+            )
+        seen.add(item.custom_id)
+        request = item.request
+        if not request.model:
+            raise InvalidArgument(f"{where}.request.model is empty; name a model")
+        if not request.prompt and not request.chat.messages:
+            raise InvalidArgument(f"{where}.request has neither a prompt nor chat messages")
+
+
+def _counts_log(batch: _Batch) -> dict[str, int]:
+    counts = batch.counts()
+    return {"succeeded": counts.succeeded, "failed": counts.failed, "cancelled": counts.cancelled}
