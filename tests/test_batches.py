@@ -293,7 +293,9 @@ def test_cli_runs_an_openai_batch_file(stack: Stack, tmp_path: Path, capsys) -> 
         ]
     )
     assert code == 1  # one item failed
-    out = {json.loads(line)["custom_id"]: json.loads(line) for line in output.read_text().splitlines()}
+    out = {
+        json.loads(line)["custom_id"]: json.loads(line) for line in output.read_text().splitlines()
+    }
     assert out["chat-1"]["response"]["status_code"] == 200
     assert out["chat-1"]["response"]["body"]["object"] == "chat.completion"
     assert out["chat-1"]["response"]["body"]["usage"]["completion_tokens"] >= 1

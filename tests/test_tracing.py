@@ -15,7 +15,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from airouter.v1 import gateway_pb2_grpc, generate_pb2
+from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from tests.conftest import LoopThread, wait_for_health
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 from tests.processes import ServerProcess
@@ -36,6 +36,7 @@ class Span:
     attributes: dict[str, object]
     events: list[str]
     error: bool
+    links: list[tuple[str, str]]  # (trace_id, span_id) of each linked span
 
 
 def _value(value: AnyValue) -> object:
@@ -72,6 +73,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                                 attributes={a.key: _value(a.value) for a in s.attributes},
                                 events=[e.name for e in s.events],
                                 error=s.status.code == s.status.STATUS_CODE_ERROR,
+                                links=[(k.trace_id.hex(), k.span_id.hex()) for k in s.links],
                             )
                         )
         return trace_service_pb2.ExportTraceServiceResponse()
@@ -79,6 +81,10 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def trace(self, trace_id: str) -> list[Span]:
         with self._lock:
             return [s for s in self.spans if s.trace_id == trace_id]
+
+    def named(self, name: str) -> list[Span]:
+        with self._lock:
+            return [s for s in self.spans if s.name == name]
 
 
 @dataclass
@@ -278,3 +284,53 @@ def test_openrouter_calls_and_the_http_edge_are_traced(traced: Traced, tmp_path:
         gateway.stop()
         loop.run(upstream.stop())
         loop.close()
+
+
+def test_batch_items_are_traces_of_their_own_linked_to_the_batch(traced: Traced) -> None:
+    items = [
+        gateway_pb2.BatchItem(
+            custom_id=f"traced-{i}", request=gateway_request(model="m", prompt="Hi", max_tokens=2)
+        )
+        for i in range(2)
+    ]
+    batch = traced.stub.SubmitBatch(
+        gateway_pb2.SubmitBatchRequest(batch_id="traced", items=items),
+        metadata=[("traceparent", CLIENT_TRACEPARENT)],
+    ).batch
+    finished = list(
+        traced.stub.StreamBatchResults(
+            gateway_pb2.StreamBatchResultsRequest(batch_id=batch.id), timeout=60
+        )
+    )
+    hosts = {m.result.custom_id: m.result.finished.host for m in finished}
+    assert len(hosts) == 2
+    batch_span = next(
+        s
+        for s in wait_for_spans(traced.receiver, CLIENT_TRACE_ID, {"batch traced"})
+        if s.name == "batch traced"
+    )
+    assert batch_span.parent_id == CLIENT_TRACEPARENT.split("-")[2]
+    assert batch_span.attributes["airouter.batch.items"] == 2
+    deadline = time.monotonic() + 20
+    while (
+        len(
+            item_spans := [
+                s for s in traced.receiver.spans if s.name.startswith("batch_item traced-")
+            ]
+        )
+        < 2
+    ):
+        assert time.monotonic() < deadline, "the item spans never arrived"
+        time.sleep(0.1)
+    for item in item_spans:
+        # Not nested under the batch: a trace of its own, linked to the batch's span.
+        assert item.trace_id != CLIENT_TRACE_ID and item.parent_id == ""
+        assert item.links == [(CLIENT_TRACE_ID, batch_span.span_id)]
+        assert item.attributes["airouter.batch.id"] == "traced"
+        assert item.attributes["gen_ai.usage.output_tokens"] == 2
+        host = hosts[str(item.attributes["airouter.batch.custom_id"])]
+        spans = wait_for_spans(traced.receiver, item.trace_id, {"route", "generate m"})
+        by_name = {s.name: s for s in spans}
+        assert by_name["route"].parent_id == item.span_id
+        assert by_name[f"attempt {host}"].parent_id == item.span_id
+        assert by_name["generate m"].parent_id == by_name[f"attempt {host}"].span_id
