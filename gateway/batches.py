@@ -164,6 +164,7 @@ class BatchRunner:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch-db")
         self._store: BatchStore | None = None
         self._dispatcher: asyncio.Task[None] | None = None
+        self._draining = False
         self.retries = 0  # attempts that failed and were tried again
         metrics.watch_batches(self._item_states, lambda: self.retries)
 
@@ -187,6 +188,16 @@ class BatchRunner:
         if resumed:
             _log.info("batches_resumed", batches=resumed, path=str(self._path))
         self._dispatcher = asyncio.create_task(self._dispatch())
+
+    def drain(self) -> None:
+        """Shutdown begins: no item starts any more, and result streams end with UNAVAILABLE
+        so their clients resume (after_sequence) with the next gateway instead of holding
+        the shutdown's grace period."""
+        self._draining = True
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        for batch in self._batches.values():
+            batch.notify()
 
     async def close(self) -> None:
         """Stops dispatching and the running items (they run again at the next start)."""
@@ -263,6 +274,11 @@ class BatchRunner:
         batch = self._batch(batch_id)
         assert self._store is not None
         while True:
+            if self._draining:
+                raise Unavailable(
+                    "the gateway is shutting down; ask again for the results after sequence "
+                    f"{after_sequence} once it is back"
+                )
             changed = batch.changed
             page = await self._db(self._store.results, batch_id, after_sequence, 256)
             for result in page:

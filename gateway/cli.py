@@ -93,7 +93,11 @@ async def _serve(config: GatewayConfig, path: Path | None, flags: dict[str, obje
         signal.SIGHUP, lambda: asyncio.ensure_future(_reload(gateway, path, flags))
     )
     await grpc_server.serve_until_signalled(
-        gateway.server, gateway.health, config.shutdown_grace_s, gateway.close
+        gateway.server,
+        gateway.health,
+        config.shutdown_grace_s,
+        gateway.close,
+        on_draining=gateway.batches.drain,
     )
 
 

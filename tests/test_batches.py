@@ -2,6 +2,7 @@
 filled but never overfilled, retries, cancellation, and a gateway killed mid-batch."""
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -349,3 +350,35 @@ def _sample(metrics: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def test_shutdown_ends_result_streams_so_clients_resume_with_the_next_gateway(
+    stack: Stack, tmp_path: Path
+) -> None:
+    database = str(tmp_path / "batches.sqlite3")
+    args = ("gateway", "serve", "--modelhost", stack.host_address, "--batch-db", database)
+    gateway = ServerProcess(*args, "--shutdown-grace", "60")
+    channel = grpc.insecure_channel(gateway.address)
+    stub = gateway_pb2_grpc.GatewayStub(channel)
+    batch = submit(stub, items(6, model="gemma-one-slot", max_tokens=24, ignore_eos=True))
+    stream = stub.StreamBatchResults(
+        gateway_pb2.StreamBatchResultsRequest(batch_id=batch.id), timeout=120
+    )
+    first = next(stream).result
+    started = time.monotonic()
+    assert gateway.stop() == 0
+    assert time.monotonic() - started < 30  # the open result stream did not hold the grace
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"after sequence {first.sequence}" in info.value.details()
+    channel.close()
+
+    restarted = ServerProcess(*args)
+    try:
+        with grpc.insecure_channel(restarted.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            rest = results(stub, batch.id, after=first.sequence)
+    finally:
+        restarted.stop()
+    assert sorted(m.result.index for m in rest) == sorted(set(range(6)) - {first.index})
