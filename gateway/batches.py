@@ -419,18 +419,20 @@ class BatchRunner:
             and item.attempts < self._max_attempts
             and batch.stored.state == _IN_PROGRESS
         ):
-            await self._retry_later(item, code, message)
+            with trace.use_span(span):  # its log line carries the attempt's trace id
+                await self._retry_later(item, code, message)
             return
         else:
             result.state, result.error_code, result.error_message = _FAILED, code.name, message
-            _log.warning(
-                "batch_item_failed",
-                batch_id=batch.id,
-                custom_id=item.custom_id,
-                code=code.name,
-                error=message,
-                attempts=item.attempts,
-            )
+            with trace.use_span(span):
+                _log.warning(
+                    "batch_item_failed",
+                    batch_id=batch.id,
+                    custom_id=item.custom_id,
+                    code=code.name,
+                    error=message,
+                    attempts=item.attempts,
+                )
         await asyncio.shield(self._record(batch, [result]))
 
     async def _retry_later(self, item: _Item, code: grpc.StatusCode, message: str) -> None:
