@@ -10,6 +10,8 @@ import fcntl
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,8 +196,8 @@ class BatchStore:
         closes the batch when its last item is done; returns those stored (with sequence)."""
         stored = []
         with self._transaction():
-            (last,) = self._db.execute(
-                "SELECT last_sequence FROM batches WHERE id = ?", (batch_id,)
+            last, total = self._db.execute(
+                "SELECT last_sequence, total FROM batches WHERE id = ?", (batch_id,)
             ).fetchone()
             for result in results:
                 result.sequence = last + 1
@@ -215,10 +217,7 @@ class BatchStore:
                     last += 1
                     stored.append(result)
             self._db.execute("UPDATE batches SET last_sequence = ? WHERE id = ?", (last, batch_id))
-            (left,) = self._db.execute(
-                "SELECT COUNT(*) FROM items WHERE batch_id = ? AND sequence IS NULL", (batch_id,)
-            ).fetchone()
-            if not left:
+            if last == total:  # every item holds one sequence number: this was the last
                 self._db.execute(
                     "UPDATE batches SET finished_at = ?, state = CASE state WHEN ? THEN ? "
                     "ELSE ? END WHERE id = ?",
@@ -246,18 +245,13 @@ class BatchStore:
         )
         return [gateway_pb2.BatchItemResult.FromString(row[0]) for row in rows]
 
-    def _transaction(self) -> "_Transaction":
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
         self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        self._db.execute("ROLLBACK" if kind else "COMMIT")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
