@@ -96,9 +96,20 @@ def add_trace_ids(
     traced request."""
     span_context = trace.get_current_span().get_span_context()
     if span_context.is_valid:
-        event.setdefault("trace_id", format(span_context.trace_id, "032x"))
-        event.setdefault("span_id", format(span_context.span_id, "016x"))
+        trace_id, span_id = hex_ids(span_context)
+        event.setdefault("trace_id", trace_id)
+        event.setdefault("span_id", span_id)
     return event
+
+
+def hex_ids(span_context: trace.SpanContext) -> tuple[str, str]:
+    """The trace and span id as W3C writes them (32 and 16 hex digits)."""
+    return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
+
+
+def operation(request: Any) -> str:
+    """The GenAI operation of a generate request: chat or text_completion."""
+    return "chat" if request.HasField("chat") else "text_completion"
 
 
 def request_span(
@@ -110,18 +121,20 @@ def request_span(
     """The server span of a generate request, continuing the caller's trace context from
     `carrier` (gRPC metadata or HTTP headers), with its GenAI request attributes. Named
     `<operation> <model>` unless `name` says otherwise."""
-    operation = "chat" if request.HasField("chat") else "text_completion"
     return tracer.start_as_current_span(
-        name or f"{operation} {request.model}",
+        name or f"{operation(request)} {request.model}",
         kind=trace.SpanKind.SERVER,
         context=extract_context(carrier),
-        attributes=request_attributes(operation, request),
+        attributes=request_attributes(request),
     )
 
 
-def request_attributes(operation: str, request: Any) -> dict[str, Any]:
+def request_attributes(request: Any) -> dict[str, Any]:
     """GenAI attributes of a generate request (the gateway's or the host's message)."""
-    attributes: dict[str, Any] = {GEN_AI_OPERATION: operation, GEN_AI_REQUEST_MODEL: request.model}
+    attributes: dict[str, Any] = {
+        GEN_AI_OPERATION: operation(request),
+        GEN_AI_REQUEST_MODEL: request.model,
+    }
     if request.stopping.HasField("max_tokens"):
         attributes[GEN_AI_MAX_TOKENS] = request.stopping.max_tokens
     if request.sampling.HasField("temperature"):

@@ -71,6 +71,8 @@ _RETRYABLE = {
 _SUCCEEDED = gateway_pb2.BATCH_ITEM_STATE_SUCCEEDED
 _FAILED = gateway_pb2.BATCH_ITEM_STATE_FAILED
 _CANCELLED = gateway_pb2.BATCH_ITEM_STATE_CANCELLED
+# The item states as BatchCounts names them: pending, running, succeeded, ...
+_ITEM_STATES = [f.name for f in gateway_pb2.BatchCounts.DESCRIPTOR.fields if f.name != "total"]
 _IN_PROGRESS = gateway_pb2.BATCH_STATE_IN_PROGRESS
 _CANCELLING = gateway_pb2.BATCH_STATE_CANCELLING
 
@@ -182,8 +184,7 @@ class BatchRunner:
                 for pending in await self._db(self._store.unfinished_items, stored.id):
                     self._enqueue(batch, pending)
                 resumed += 1
-        for batch in list(self._batches.values()):
-            if batch.stored.state == _CANCELLING:
+            if batch.stored.state == _CANCELLING:  # cancelled just before the gateway stopped
                 await self._cancel_items(batch)
         if resumed:
             _log.info("batches_resumed", batches=resumed, path=str(self._path))
@@ -233,12 +234,7 @@ class BatchRunner:
             attributes={"airouter.batch.id": batch_id, "airouter.batch.items": len(request.items)},
         ) as span:
             context = span.get_span_context()
-            trace_id, span_id = "", ""
-            if context.is_valid:
-                trace_id, span_id = (
-                    format(context.trace_id, "032x"),
-                    format(context.span_id, "016x"),
-                )
+            trace_id, span_id = tracing.hex_ids(context) if context.is_valid else ("", "")
             stored = await self._db(
                 self._store.add_batch, batch_id, list(request.items), trace_id, span_id
             )
@@ -372,9 +368,7 @@ class BatchRunner:
                     "airouter.batch.custom_id": item.custom_id,
                     "airouter.batch.index": item.index,
                     "airouter.attempt": item.attempts,
-                    **tracing.request_attributes(
-                        "chat" if request.HasField("chat") else "text_completion", request
-                    ),
+                    **tracing.request_attributes(request),
                 },
             ) as span:
                 try:
@@ -498,12 +492,13 @@ class BatchRunner:
         batch.notify()
 
     def _item_states(self) -> Counter[str]:
-        """Items of every stored batch by state, for /metrics."""
-        totals: Counter[str] = Counter()
+        """Items of every stored batch by state (BatchCounts' fields but total), for
+        /metrics."""
+        totals: Counter[str] = Counter({state: 0 for state in _ITEM_STATES})
         for batch in self._batches.values():
             counts = batch.counts()
-            for name in ("pending", "running", "succeeded", "failed", "cancelled"):
-                totals[name] += getattr(counts, name)
+            for state in _ITEM_STATES:
+                totals[state] += getattr(counts, state)
         return totals
 
     async def _db(self, call: Callable[..., T], *args: Any) -> T:

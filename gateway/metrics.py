@@ -136,9 +136,8 @@ class _BatchItems(Collector):
         items = GaugeMetricFamily(
             f"{PREFIX}_batch_items", "Items of the stored batches by state.", labels=["state"]
         )
-        states = self._item_states()
-        for state in ("pending", "running", "succeeded", "failed", "cancelled"):
-            items.add_metric([state], states[state])
+        for state, count in self._item_states().items():
+            items.add_metric([state], count)
         yield items
         yield CounterMetricFamily(
             f"{PREFIX}_batch_item_retries",
