@@ -5,6 +5,7 @@ import asyncio
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +57,16 @@ def wait_until(condition, timeout: float = 30) -> None:  # type: ignore[no-untyp
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def scrape_metrics(request: "str | urllib.request.Request") -> dict[str, float]:
+    """A Prometheus /metrics page as {'name{labels}': value}."""
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def wait_for_health(address: str, timeout: float = 30) -> None:

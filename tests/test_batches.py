@@ -3,7 +3,6 @@ filled but never overfilled, retries, cancellation, and a gateway killed mid-bat
 
 import json
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -11,7 +10,7 @@ import pytest
 
 from airouter import cli
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import Stack, wait_until
+from tests.conftest import Stack, scrape_metrics, wait_until
 from tests.processes import ServerProcess, free_port_address
 from tests.streaming import collect, gateway_request
 
@@ -250,8 +249,8 @@ def test_items_that_fail_on_a_dying_host_are_retried_and_counted(tmp_path: Path)
         host.stop()
     assert [first.result.state, *(r.state for r in rest)] == [SUCCEEDED] * 12
     assert max(r.attempts for r in rest) >= 2
-    assert _sample(metrics, "airouter_gateway_batch_item_retries_total") >= 1
-    assert _sample(metrics, 'airouter_gateway_batch_items{state="succeeded"}') == 12
+    assert metrics["airouter_gateway_batch_item_retries_total"] >= 1
+    assert metrics['airouter_gateway_batch_items{state="succeeded"}'] == 12
     assert any(r["event"] == "batch_item_retry" for r in gateway.log)
 
 
@@ -339,17 +338,9 @@ def test_cli_refuses_a_bad_batch_file_naming_the_line(
     assert message in capsys.readouterr().err
 
 
-def _scrape(gateway: ServerProcess) -> str:
+def _scrape(gateway: ServerProcess) -> dict[str, float]:
     port = next(r["http_port"] for r in gateway.log if r["event"] == "gateway_serving")
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def _sample(metrics: str, name: str) -> float:
-    for line in metrics.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
+    return scrape_metrics(f"http://127.0.0.1:{port}/metrics")
 
 
 def test_shutdown_ends_result_streams_so_clients_resume_with_the_next_gateway(

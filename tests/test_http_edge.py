@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from gateway.server import start_gateway
-from tests.conftest import Stack, gateway_config
+from tests.conftest import Stack, gateway_config, scrape_metrics
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 
 TOKEN = "http-edge-token-3d9"
@@ -124,12 +124,7 @@ def test_gateway_metrics_count_what_happened(client: openai.OpenAI) -> None:
     """Scrapes the counters the requests above moved."""
     url = str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
-    text = urllib.request.urlopen(request, timeout=10).read().decode()
-    values = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    values = scrape_metrics(request)
 
     def total(prefix: str) -> float:
         return sum(v for k, v in values.items() if k.startswith(prefix))

@@ -4,7 +4,6 @@ of its own to the host, under memory budgets that fit only some of them."""
 import shutil
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from modelhost.config import HostConfig, ModelConfig, embedded_model_config
 from modelhost.generation import EngineRequest, Sampling
 from modelhost.gguf_header import read_gguf_header
 from modelhost.server import RunningHost, start_host
-from tests.conftest import LoopThread, wait_until
+from tests.conftest import LoopThread, scrape_metrics, wait_until
 from tests.streaming import collect, host_request
 
 READY = generate_pb2.MODEL_STATE_READY
@@ -291,19 +290,11 @@ def test_metrics_endpoint_reports_the_status_figures(tmp_path: Path) -> None:
         assert host.server.metrics is not None
         url = f"http://127.0.0.1:{host.server.metrics.port}/metrics"
 
-        def scrape() -> dict[str, float]:
-            text = urllib.request.urlopen(url, timeout=10).read().decode()
-            return {
-                line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line and not line.startswith("#")
-            }
-
-        before = scrape()
+        before = scrape_metrics(url)
         assert before['airouter_modelhost_model_state{model="a",state="not_loaded"}'] == 1
         assert before["airouter_modelhost_loads_total"] == 0
         host.generate("a", max_tokens=8, ignore_eos=True)
-        after = scrape()
+        after = scrape_metrics(url)
         assert after['airouter_modelhost_model_state{model="a",state="ready"}'] == 1
         assert after["airouter_modelhost_loads_total"] == 1
         assert after["airouter_modelhost_cache_misses_total"] == 1
@@ -315,7 +306,7 @@ def test_metrics_endpoint_reports_the_status_figures(tmp_path: Path) -> None:
         assert after['airouter_modelhost_request_seconds_count{model="a"}'] == 1
         with pytest.raises(grpc.RpcError):
             host.generate("broken")
-        refused = scrape()
+        refused = scrape_metrics(url)
         assert (
             refused['airouter_modelhost_requests_total{model="broken",outcome="unavailable"}'] == 1
         )
