@@ -65,20 +65,20 @@ def run_batch(
         stub = gateway_pb2_grpc.GatewayStub(channel)
         started = time.perf_counter()
         stub.SubmitBatch(gateway_pb2.SubmitBatchRequest(batch_id=batch_id, items=items))
-        results = []
-        request = gateway_pb2.StreamBatchResultsRequest(batch_id=batch_id)
-        for message in stub.StreamBatchResults(request, timeout=3600):
-            results.append(message.result)
-            if stop_after is not None and len(results) >= stop_after:
-                break
+        results = read_results(stub, batch_id, stop_after)
         return time.perf_counter() - started, results
 
 
-def all_results(gateway: ServerProcess, batch_id: str) -> list[gateway_pb2.BatchItemResult]:
-    with grpc.insecure_channel(gateway.address) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        request = gateway_pb2.StreamBatchResultsRequest(batch_id=batch_id)
-        return [m.result for m in stub.StreamBatchResults(request, timeout=3600)]
+def read_results(
+    stub: gateway_pb2_grpc.GatewayStub, batch_id: str, stop_after: int | None = None
+) -> list[gateway_pb2.BatchItemResult]:
+    results = []
+    request = gateway_pb2.StreamBatchResultsRequest(batch_id=batch_id)
+    for message in stub.StreamBatchResults(request, timeout=3600):
+        results.append(message.result)
+        if stop_after is not None and len(results) >= stop_after:
+            break
+    return results
 
 
 def main() -> None:
@@ -106,7 +106,8 @@ def main() -> None:
         gateway = ServerProcess(
             "gateway", "serve", "--modelhost", host.address, "--batch-db", database
         )
-        after = all_results(gateway, "bench-kill")
+        with grpc.insecure_channel(gateway.address) as channel:
+            after = read_results(gateway_pb2_grpc.GatewayStub(channel), "bench-kill")
     finally:
         gateway.stop()
         host.stop()
