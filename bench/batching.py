@@ -1,13 +1,15 @@
 """Continuous batching under load: served throughput and latency against the raw ceiling.
 
     python -m bench.batching [--tokens 64] [--rounds 3] [--streams 1 4 8 16 64]
+                             [--device cpu|cuda|metal] [--config models.toml]
 
 Starts a modelhost and a gateway as separate processes, as a user starts them (the embedded
-model, its default 8 slots), and sends N concurrent greedy gRPC streams to the host directly
-and through the gateway. In the same run, between the served measurements so that noise hits
-every setup alike, it measures the ceiling: raw batched llama_decode in-process on the same
-prompts with the cheapest possible token choice (argmax), at the same batch size (N streams
-on S slots run at most S at a time, so their ceiling is the batch-S rate).
+model, its default 8 slots; or the first model of --config), and sends N concurrent greedy
+gRPC streams to the host directly and through the gateway. In the same run, between the
+served measurements so that noise hits every setup alike, it measures the ceiling: raw batched
+llama_decode in-process on the same prompts with the cheapest possible token choice (argmax),
+at the same batch size (N streams on S slots run at most S at a time, so their ceiling is the
+batch-S rate).
 
 Prints per setup and concurrency: aggregate tok/s, its ratio to the ceiling, TTFT and request
 latency p50/p99, p99 latency against the ideal one (every request served at the ceiling rate,
@@ -30,7 +32,7 @@ import llama_cpp
 import numpy as np
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, model_host_pb2, model_host_pb2_grpc
-from modelhost.config import ModelConfig, embedded_model_config
+from modelhost.config import ModelConfig, embedded_model_config, load_config
 from modelhost.llama import ContextSettings, LlamaModel, default_threads
 from tests.processes import ServerProcess
 
@@ -89,7 +91,9 @@ class Served:
     failures: int = 0
 
 
-async def served_decode(address: str, setup: str, streams: int, tokens: int, out: Served) -> None:
+async def served_decode(
+    address: str, setup: str, model: str, streams: int, tokens: int, out: Served
+) -> None:
     """`streams` concurrent greedy requests of `tokens` tokens each over one channel."""
     async with grpc.aio.insecure_channel(address) as channel:
         make: Callable[..., Any]
@@ -101,7 +105,7 @@ async def served_decode(address: str, setup: str, streams: int, tokens: int, out
             make = model_host_pb2.GenerateRequest
 
         async def one(i: int) -> int:
-            request = make(model="gemma-3-270m", prompt=prompt_for(i))
+            request = make(model=model, prompt=prompt_for(i))
             request.sampling.temperature = 0.0
             request.stopping.max_tokens = tokens
             request.stopping.ignore_eos = True
@@ -137,24 +141,32 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16, 64])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "metal"))
+    parser.add_argument("--config", type=Path, help="models.toml; its first model is measured")
     args = parser.parse_args()
 
-    config: ModelConfig = embedded_model_config()  # what `modelhost serve` runs with no config
+    host_args = ["modelhost", "serve", "--device", args.device]
+    if args.config:
+        config: ModelConfig = load_config(args.config).models[0]
+        host_args += ["--config", str(args.config)]
+    else:
+        config = embedded_model_config()  # what `modelhost serve` runs with no config
     slots = config.slots
     model = LlamaModel(
         config.gguf_path(Path.home() / ".cache" / "airouter"),
-        gpu_layers=0,
+        gpu_layers=0 if args.device == "cpu" else -1,
         settings=ContextSettings(
             slots, config.context_length, config.batch_tokens, default_threads()
         ),
     )
-    host = ServerProcess("modelhost", "serve", "--device", "cpu")
+    host = ServerProcess(*host_args)
     gateway = ServerProcess("gateway", "serve", "--modelhost", host.address)
     batch_sizes = sorted({min(s, slots) for s in args.streams})
     ceiling: dict[int, list[float]] = {b: [] for b in batch_sizes}
     served = {(setup, s): Served() for setup in SETUPS for s in args.streams}
     try:
-        asyncio.run(served_decode(gateway.address, "gateway", slots, 8, Served()))  # warm up
+        # Warm up: the first requests wait for the model to load.
+        asyncio.run(served_decode(gateway.address, "gateway", config.name, slots, 8, Served()))
         for b in batch_sizes:
             raw_decode(model, b, 8)
         for round_ in range(args.rounds):
@@ -165,7 +177,14 @@ def main() -> None:
                 for setup in SETUPS:
                     address = gateway.address if setup == "gateway" else host.address
                     asyncio.run(
-                        served_decode(address, setup, streams, args.tokens, served[setup, streams])
+                        served_decode(
+                            address,
+                            setup,
+                            config.name,
+                            streams,
+                            args.tokens,
+                            served[setup, streams],
+                        )
                     )
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     finally:
@@ -175,9 +194,9 @@ def main() -> None:
 
     ceil = {b: statistics.median(v) for b, v in ceiling.items()}
     print(
-        f"\nGemma 3 270M Q4_K_M, {slots} slots, {args.tokens} greedy tokens per request, "
-        f"{default_threads()} threads, {args.rounds} interleaved rounds (medians; percentiles "
-        "over every request)\n"
+        f"\n{config.name} on {args.device}, {slots} slots, {args.tokens} greedy tokens per "
+        f"request, {default_threads()} threads, {args.rounds} interleaved rounds (medians; "
+        "percentiles over every request)\n"
     )
     print(
         "| streams | setup | tok/s | ceiling tok/s | / ceiling | TTFT p50 ms | TTFT p99 ms "

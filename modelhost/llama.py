@@ -25,15 +25,17 @@ KV_CACHE_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}
 # llama.cpp reports each buffer it allocates while loading, e.g.
 # "load_tensors:   CPU_Mapped model buffer size =   241.41 MiB" or
 # "llama_kv_cache:      CUDA0 KV buffer size =   576.00 MiB"; a model's measured footprint is
-# their sum. Loads are serialised so the lines of one load are not mixed with another's.
+# their sum. "load_tensors: offloaded 19/19 layers to GPU" says how much of it a GPU holds.
+# Loads are serialised so the lines of one load are not mixed with another's.
 _BUFFER_LINE = re.compile(r"(\S+)\s+(?:\w+ )?buffer size\s*=\s*([\d.]+) MiB")
+_OFFLOADED_LINE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 _load_lock = threading.Lock()
 _buffer_lines: list[str] | None = None
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    if _buffer_lines is not None and b"buffer size" in text:
+    if _buffer_lines is not None and (b"buffer size" in text or b"layers to GPU" in text):
         _buffer_lines.append(text.decode("utf-8", "replace"))
     if _GGML_LOG_LEVEL_WARN <= level < _GGML_LOG_LEVEL_CONT:
         _log.warning("llama_cpp", message=text.decode("utf-8", "replace").strip())
@@ -86,10 +88,14 @@ class LlamaModel:
                 lines, _buffer_lines = _buffer_lines, None
         # Bytes llama.cpp allocated, by buffer type: "CPU", "CPU_Mapped", "CUDA0", ...
         self.buffers: dict[str, int] = {}
-        for match in map(_BUFFER_LINE.search, lines):
-            if match:
+        # Layers on the GPU and layers in all, as "19/19"; None on a build without GPU offload.
+        self.offloaded_layers: str | None = None
+        for line in lines:
+            if match := _BUFFER_LINE.search(line):
                 name, mib = match.group(1), float(match.group(2))
                 self.buffers[name] = self.buffers.get(name, 0) + int(mib * (1 << 20))
+            elif match := _OFFLOADED_LINE.search(line):
+                self.offloaded_layers = f"{match.group(1)}/{match.group(2)}"
 
     def _load(
         self,

@@ -360,6 +360,9 @@ class Residency:
                 estimated=format_bytes(resident.estimated_bytes),
                 measured=format_bytes(resident.measured_bytes),
                 context_per_request=engine.context_per_request,
+                # Where the model went: e.g. offloaded 19/19, buffers CUDA0 and CPU_Mapped.
+                offloaded_layers=model.offloaded_layers,
+                buffers={name: format_bytes(n) for name, n in model.buffers.items()},
             )
         finally:
             resident._settled.set()
