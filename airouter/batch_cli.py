@@ -15,10 +15,10 @@ from typing import IO
 import grpc
 from google.protobuf import json_format
 
+from airouter.batch_file import batch_output, read_batch_file
 from airouter.errors import InvalidArgument
 from airouter.labels import enum_label
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.openai_protocol import batch_item, batch_output
 
 # A results stream that drops (the gateway restarts) is resumed for this long.
 RESUME_FOR_S = 60.0
@@ -74,17 +74,6 @@ def run_batch(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> i
     batch = stub.CancelBatch(gateway_pb2.CancelBatchRequest(batch_id=args.batch_id)).batch
     print(format_batch(batch))
     return 0
-
-
-def read_batch_file(path: Path) -> list[gateway_pb2.BatchItem]:
-    items = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                items.append(batch_item(line, number))
-    if not items:
-        raise InvalidArgument("the file holds no requests")
-    return items
 
 
 def write_results(stub: gateway_pb2_grpc.GatewayStub, batch_id: str, output: Path | None) -> int:

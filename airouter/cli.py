@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import json_format
 
 from airouter.batch_cli import add_batch_commands, run_batch
-from airouter.labels import enum_label
+from airouter.labels import enum_label, format_bytes
 from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
 from airouter.v1 import (
     gateway_pb2,
@@ -33,7 +33,6 @@ from airouter.v1 import (
     model_host_pb2,
     model_host_pb2_grpc,
 )
-from modelhost.memory import format_bytes
 
 DEFAULT_GATEWAY = "127.0.0.1:50050"
 DEFAULT_MODELHOST = "127.0.0.1:50051"

@@ -16,25 +16,15 @@ from airouter.security import AuthInterceptor, Credentials
 
 _log = structlog.get_logger()
 
-STATUS_FOR_ERROR: dict[type[errors.AirouterError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-}
-
 
 def status_for(error: errors.AirouterError) -> grpc.StatusCode:
-    """The gRPC status code of a domain error (its nearest listed base class)."""
-    for cls in type(error).__mro__:
-        if cls in STATUS_FOR_ERROR:
-            return STATUS_FOR_ERROR[cls]
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status code of a domain error: the status of the same name."""
+    return grpc.StatusCode[error.code]
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> errors.AirouterError:
+    """The domain error for a failed call to another airouter server."""
+    return errors.error_for_code(exc.code().name, exc.details() or exc.code().name)
 
 
 class DomainErrorInterceptor(grpc.aio.ServerInterceptor):

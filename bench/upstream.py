@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.openai_protocol import OpenAIUpstream, UpstreamSettings
+from gateway.upstream import OpenAIUpstream, UpstreamSettings
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 
 BODY = {"model": "vendor/ok", "messages": [{"role": "user", "content": "Hi"}]}

@@ -153,11 +153,12 @@ class BatchStore:
         ).fetchall()
         return [StoredBatch(*row) for row in rows]
 
-    def custom_ids(self, batch_id: str) -> list[str]:
+    def items(self, batch_id: str) -> list[tuple[str, bytes]]:
+        """Each item's custom_id and stored request, in batch order."""
         rows = self._db.execute(
-            "SELECT custom_id FROM items WHERE batch_id = ? ORDER BY idx", (batch_id,)
+            "SELECT custom_id, request FROM items WHERE batch_id = ? ORDER BY idx", (batch_id,)
         )
-        return [row[0] for row in rows]
+        return [(row[0], bytes(row[1])) for row in rows]
 
     def item_states(self, batch_id: str) -> dict[int, int]:
         """How many of the batch's items are in each state."""

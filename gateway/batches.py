@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -34,19 +33,21 @@ from airouter import tracing
 from airouter.errors import (
     AirouterError,
     AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
-from airouter.grpc_server import status_for
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway import router
 from gateway.batch_store import FINAL_ITEM_STATES, BatchStore, PendingItem, StoredBatch
 from gateway.config import OPENROUTER_PREFIX
-from gateway.hosts import HostPool
 from gateway.metrics import GatewayMetrics
-from gateway.relay import CloudRouting, HostError
+from gateway.service import GatewayService, validate
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -61,13 +62,9 @@ CLOUD_CONCURRENCY = 8
 # How often the dispatcher looks at the hosts again while items wait for a slot.
 DISPATCH_POLL_S = 0.5
 # Failures another attempt may well get past; any other is the item's own.
-_RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-}
+_RETRYABLE = (Unavailable, ResourceExhausted, DeadlineExceeded, Internal)
+# The largest sequence SQLite's INTEGER holds: an after_sequence beyond it is past the end.
+_MAX_SEQUENCE = (1 << 63) - 1
 _SUCCEEDED = gateway_pb2.BATCH_ITEM_STATE_SUCCEEDED
 _FAILED = gateway_pb2.BATCH_ITEM_STATE_FAILED
 _CANCELLED = gateway_pb2.BATCH_ITEM_STATE_CANCELLED
@@ -138,6 +135,14 @@ class _Batch:
         self.changed.set()
         self.changed = asyncio.Event()
 
+    def take_waiting(self) -> list["_Item"]:
+        """Removes and returns the items that wait to start (queued or backing off)."""
+        waiting = [i for queue in self.pending.values() for i in queue]
+        waiting += self.retrying
+        self.pending.clear()
+        self.retrying.clear()
+        return waiting
+
 
 class BatchRunner:
     """The gateway's batches: stored in the SQLite file at `path`, run through the same
@@ -146,16 +151,15 @@ class BatchRunner:
     def __init__(
         self,
         path: Path,
-        pool: HostPool,
+        service: GatewayService,
         metrics: GatewayMetrics,
-        cloud: CloudRouting,
         max_attempts: int = 4,
         item_timeout_s: float = 600.0,
     ) -> None:
         self._path = path
-        self._pool = pool
-        self._metrics = metrics
-        self._cloud = cloud
+        self._service = service
+        self._pool = service.pool
+        self._cloud = service.cloud
         self._max_attempts = max_attempts
         self._item_timeout_s = item_timeout_s
         self._batches: dict[str, _Batch] = {}  # oldest first: older batches run first
@@ -167,6 +171,9 @@ class BatchRunner:
         self._store: BatchStore | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._draining = False
+        # Submits one at a time: two with one batch_id must not both store it.
+        self._submitting = asyncio.Lock()
+        self._recording: set[asyncio.Task[None]] = set()
         self.retries = 0  # attempts that failed and were tried again
         metrics.watch_batches(self._item_states, lambda: self.retries)
 
@@ -185,7 +192,7 @@ class BatchRunner:
                     self._enqueue(batch, pending)
                 resumed += 1
             if batch.stored.state == _CANCELLING:  # cancelled just before the gateway stopped
-                await self._cancel_items(batch)
+                await self._cancel_items(batch, batch.take_waiting())
         if resumed:
             _log.info("batches_resumed", batches=resumed, path=str(self._path))
         self._dispatcher = asyncio.create_task(self._dispatch())
@@ -219,11 +226,18 @@ class BatchRunner:
         returns it once it is on disk."""
         batch_id = request.batch_id or f"batch_{uuid.uuid4().hex}"
         _validate(batch_id, request.items)
+        async with self._submitting:
+            return await self._store_batch(batch_id, request, carrier)
+
+    async def _store_batch(
+        self, batch_id: str, request: gateway_pb2.SubmitBatchRequest, carrier: Any
+    ) -> gateway_pb2.Batch:
         assert self._store is not None
         existing = self._batches.get(batch_id)
         if existing is not None:
-            ids = await self._db(self._store.custom_ids, batch_id)
-            if ids != [item.custom_id for item in request.items]:
+            kept = await self._db(self._store.items, batch_id)
+            sent = [(i.custom_id, i.request.SerializeToString()) for i in request.items]
+            if kept != sent:
                 raise AlreadyExists(
                     f"batch {batch_id!r} exists with other items; choose another batch_id"
                 )
@@ -257,9 +271,12 @@ class BatchRunner:
             raise FailedPrecondition(f"batch {batch_id!r} has already completed; nothing to cancel")
         if batch.active:
             assert self._store is not None
+            # Nothing of the batch may start from here on: the dispatcher runs between awaits.
             batch.stored.state = _CANCELLING
+            waiting = batch.take_waiting()
+            self._retries = [(due, i) for due, i in self._retries if i.batch is not batch]
             await self._db(self._store.set_state, batch_id, _CANCELLING)
-            await self._cancel_items(batch)
+            await self._cancel_items(batch, waiting)
             _log.info("batch_cancelled", batch_id=batch_id, **_counts_log(batch))
         return batch.pb()
 
@@ -269,6 +286,7 @@ class BatchRunner:
         """The batch's results after `after_sequence`, then each new one, until the last."""
         batch = self._batch(batch_id)
         assert self._store is not None
+        after_sequence = min(after_sequence, _MAX_SEQUENCE)
         while True:
             if self._draining:
                 raise Unavailable(
@@ -307,7 +325,15 @@ class BatchRunner:
             waiting = False
             for batch in list(self._batches.values()):
                 for model, queue in list(batch.pending.items()):
-                    while queue and self._room(model, queue[0].request):
+                    while queue and batch.stored.state == _IN_PROGRESS:
+                        item = queue[0]
+                        try:
+                            if not self._room(model, item.request):
+                                break
+                        except Exception as exc:  # one bad item must not stop every batch
+                            queue.popleft()
+                            self._fail_now(item, exc)
+                            continue
                         self._start(queue.popleft())
                         # Let the item reach its host, so the next decision counts it there.
                         await asyncio.sleep(0)
@@ -344,6 +370,25 @@ class BatchRunner:
         others = max(busy - running, 0)  # interactive requests keep their slots
         return running + others < slots
 
+    def _fail_now(self, item: _Item, exc: Exception) -> None:
+        """Fails an item that the dispatcher could not even place, and goes on."""
+        _log.exception("batch_item_unplaceable", batch_id=item.batch.id, custom_id=item.custom_id)
+        result = gateway_pb2.BatchItemResult(
+            custom_id=item.custom_id,
+            index=item.index,
+            state=_FAILED,
+            attempts=item.attempts,
+            chat=item.request.HasField("chat"),
+            error_code=Internal.code,
+            error_message=f"the gateway could not dispatch this item: {exc!r}",
+        )
+        self._spawn_record(item.batch, [result])
+
+    def _spawn_record(self, batch: "_Batch", results: list[gateway_pb2.BatchItemResult]) -> None:
+        task = asyncio.create_task(self._record(batch, results))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
     def _start(self, item: _Item) -> None:
         item.batch.running.add(item)
         self._running_by_model[item.request.model] += 1
@@ -357,7 +402,7 @@ class BatchRunner:
         request.request_id = f"{batch.id}-{item.index}-{item.attempts}"
         texts: list[str] = []
         finished: generate_pb2.Finished | None = None
-        code, message = grpc.StatusCode.OK, ""
+        error: AirouterError | None = None
         try:
             with _tracer.start_as_current_span(
                 f"batch_item {item.custom_id}",
@@ -372,9 +417,7 @@ class BatchRunner:
                 },
             ) as span:
                 try:
-                    stream = self._metrics.relayed(
-                        self._pool, request, self._item_timeout_s, self._cloud
-                    )
+                    stream = self._service.generate(request, self._item_timeout_s)
                     async with aclosing(stream):
                         async for response in stream:
                             if response.HasField("token"):
@@ -382,18 +425,16 @@ class BatchRunner:
                             else:
                                 finished = response.finished
                 except AirouterError as exc:
-                    code, message = status_for(exc), str(exc)
-                except HostError as exc:
-                    code, message = exc.code, exc.details
-                if code == grpc.StatusCode.OK:
+                    error = exc
+                if error is None:
                     if finished is None:
-                        code, message = grpc.StatusCode.UNAVAILABLE, "the stream ended early"
+                        error = Unavailable("the stream ended early")
                     elif finished.reason == generate_pb2.FINISH_REASON_ERROR:
-                        code, message = grpc.StatusCode.UNAVAILABLE, finished.error_message
+                        error = Unavailable(finished.error_message)
                     else:
                         span.set_attributes(tracing.finish_attributes(finished))
-                if code != grpc.StatusCode.OK:
-                    span.set_status(trace.StatusCode.ERROR, f"{code.name}: {message}")
+                if error is not None:
+                    span.set_status(trace.StatusCode.ERROR, f"{error.code}: {error}")
         finally:
             batch.running.discard(item)
             self._running_by_model[item.request.model] -= 1
@@ -404,32 +445,32 @@ class BatchRunner:
             attempts=item.attempts,
             chat=request.HasField("chat"),
         )
-        if code == grpc.StatusCode.OK:
+        if error is None:
             assert finished is not None
             result.state, result.text = _SUCCEEDED, "".join(texts)
             result.finished.CopyFrom(finished)
         elif (
-            code in _RETRYABLE
+            isinstance(error, _RETRYABLE)
             and item.attempts < self._max_attempts
             and batch.stored.state == _IN_PROGRESS
         ):
             with trace.use_span(span):  # its log line carries the attempt's trace id
-                await self._retry_later(item, code, message)
+                await self._retry_later(item, error)
             return
         else:
-            result.state, result.error_code, result.error_message = _FAILED, code.name, message
+            result.state, result.error_code, result.error_message = _FAILED, error.code, str(error)
             with trace.use_span(span):
                 _log.warning(
                     "batch_item_failed",
                     batch_id=batch.id,
                     custom_id=item.custom_id,
-                    code=code.name,
-                    error=message,
+                    code=error.code,
+                    error=str(error),
                     attempts=item.attempts,
                 )
         await asyncio.shield(self._record(batch, [result]))
 
-    async def _retry_later(self, item: _Item, code: grpc.StatusCode, message: str) -> None:
+    async def _retry_later(self, item: _Item, error: AirouterError) -> None:
         assert self._store is not None
         first, cap = RETRY_BACKOFF_S
         delay = min(first * 2 ** (item.attempts - 1), cap) * random.uniform(0.5, 1.5)
@@ -437,8 +478,8 @@ class BatchRunner:
             "batch_item_retry",
             batch_id=item.batch.id,
             custom_id=item.custom_id,
-            code=code.name,
-            error=message,
+            code=error.code,
+            error=str(error),
             attempt=item.attempts,
             in_s=round(delay, 2),
         )
@@ -450,19 +491,15 @@ class BatchRunner:
             self._db(self._store.record_attempt_failed, item.batch.id, item.index, item.attempts)
         )
 
-    async def _cancel_items(self, batch: _Batch) -> None:
-        """Stops the batch's running items and records every item without a result as
-        cancelled; the store closes the batch."""
+    async def _cancel_items(self, batch: _Batch, waiting: list[_Item]) -> None:
+        """Stops the batch's running items and records them and the `waiting` ones (taken
+        from the queues already) as cancelled; the store closes the batch."""
         running = [i for i in batch.running if i.task is not None]
         for item in running:
             assert item.task is not None
             item.task.cancel()
         await asyncio.gather(*(i.task for i in running if i.task), return_exceptions=True)
-        waiting = [i for queue in batch.pending.values() for i in queue]
-        waiting += [*batch.retrying, *running]
-        batch.pending.clear()
-        batch.retrying.clear()
-        self._retries = [(due, i) for due, i in self._retries if i.batch is not batch]
+        waiting = [*waiting, *running]
         results = [
             gateway_pb2.BatchItemResult(
                 custom_id=item.custom_id,
@@ -470,7 +507,7 @@ class BatchRunner:
                 state=_CANCELLED,
                 attempts=item.attempts,
                 chat=item.request.HasField("chat"),
-                error_code=grpc.StatusCode.CANCELLED.name,
+                error_code=Cancelled.code,
                 error_message="the batch was cancelled before this item finished",
             )
             for item in sorted(waiting, key=lambda i: i.index)
@@ -527,11 +564,10 @@ def _validate(batch_id: str, items: Any) -> None:
                 f"{where}.custom_id {item.custom_id!r} is used twice; custom_ids must be unique"
             )
         seen.add(item.custom_id)
-        request = item.request
-        if not request.model:
-            raise InvalidArgument(f"{where}.request.model is empty; name a model")
-        if not request.prompt and not request.chat.messages:
-            raise InvalidArgument(f"{where}.request has neither a prompt nor chat messages")
+        try:
+            validate(item.request)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{where}.request: {exc}") from None
 
 
 def _counts_log(batch: _Batch) -> dict[str, int]:

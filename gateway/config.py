@@ -40,6 +40,12 @@ class GatewayConfig(ServerSecurity):
     dns_refresh_s: float = Field(default=30.0, gt=0)
     # Seconds in-flight streams get to finish after SIGTERM/SIGINT.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # Seconds an attempt waits for a host's first message (a token, or the end) before the
+    # request fails over to the next host, within the client's deadline. It covers a cold
+    # model's load and a wait in the host's queue, so it is generous.
+    first_message_timeout_s: float = Field(default=60.0, gt=0)
+    # The deadline of an HTTP request (OpenAI clients send none).
+    http_request_timeout_s: float = Field(default=600.0, gt=0)
     # TLS to the modelhosts: the CA that signed their certificates, and this gateway's own
     # certificate and key when they require mutual TLS.
     modelhost_ca: Path | None = None

@@ -1,28 +1,37 @@
-"""The modelhosts the gateway knows, each with a live view kept by one WatchStatus stream.
+"""The links to the modelhosts the gateway knows, each with a live view kept by one
+WatchStatus stream; the host's standing (up, down, cooling down, draining) is gateway.standing's.
 
 On (re)connecting, a host's catalog (names, aliases, capabilities, context) comes from
 ListModels; from then on its WatchStatus stream says which models are resident and how busy
-they are. A broken stream marks the host down at once and it reconnects with jittered
-exponential backoff. A host that keeps failing requests cools down and rejoins only after a
-real one-token generation succeeds on it.
+they are. A broken stream, or one that sends nothing for WATCHDOG_INTERVALS of its interval (a
+host that vanished without a TCP reset: a closed lid, a paused VM, a pulled cable), marks the
+host down at once, and it reconnects with jittered exponential backoff. gRPC keepalive on every
+channel notices a dead peer under an idle or a busy stream alike. A host that keeps failing
+requests cools down and rejoins only after a real one-token generation succeeds on it.
+
+The link speaks gRPC; what leaves it are gateway messages and the domain errors of
+airouter.errors.
 """
 
 import asyncio
-import enum
 import ipaddress
 import random
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import structlog
 
+from airouter import tracing
+from airouter.errors import AirouterError
+from airouter.grpc_server import error_from_rpc
 from airouter.security import bearer
 from airouter.v1 import gateway_pb2, generate_pb2, host_status_pb2, model_host_pb2
+from gateway.standing import HostState, Standing
 
 _log = structlog.get_logger()
 
@@ -30,22 +39,20 @@ _log = structlog.get_logger()
 LIST_TIMEOUT_S = 2.0
 # The most time between two status updates a host sends.
 WATCH_INTERVAL_MS = 1000
+# A status stream silent for this many intervals is a host that vanished.
+WATCHDOG_INTERVALS = 3
 # Reconnecting to a host that is down: first wait, cap (seconds), jittered +-50%.
 RECONNECT_BACKOFF_S = (0.25, 15.0)
-# This many failures within the window send a host to cool down, for a first period that
-# doubles each time the probe after it fails, up to the cap (seconds).
-COOLDOWN_FAILURES = 3
-COOLDOWN_WINDOW_S = 30.0
-COOLDOWN_S = (5.0, 300.0)
 # A retired host's streams get this long to finish before its channel closes.
 RETIRE_GRACE_S = 3600.0
-
-
-class HostState(enum.Enum):
-    UP = "up"
-    DOWN = "down"
-    COOLING_DOWN = "cooling_down"
-    DRAINING = "draining"
+# HTTP/2 pings on every gateway->host channel: one after 10 s without traffic, and the link is
+# dead when its answer takes over 5 s. The hosts accept a ping every 5 s (grpc_server).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 @dataclass
@@ -56,14 +63,8 @@ class Host:
     channel: grpc.aio.Channel
     models: list[generate_pb2.ModelInfo] = field(default_factory=list)
     status: host_status_pb2.HostStatus | None = None
-    state: HostState = HostState.DOWN
-    detail: str = "not contacted yet"
-    state_since: float = field(default_factory=time.time)
-    contacted: bool = False  # the gateway has tried to reach it at least once
+    standing: Standing = field(default_factory=lambda: Standing(since=time.monotonic()))
     in_flight: dict[str, int] = field(default_factory=dict)  # relayed requests per model
-    failures: deque[float] = field(default_factory=deque)
-    cooldown_s: float = COOLDOWN_S[0]
-    cooldown_until: float = 0.0
     metadata: tuple[tuple[str, str], ...] = ()  # sent with every call: the bearer token
 
     def __post_init__(self) -> None:
@@ -86,8 +87,42 @@ class Host:
         )
 
     @property
+    def state(self) -> HostState:
+        return self.standing.state
+
+    @property
+    def detail(self) -> str:
+        return self.standing.detail
+
+    @property
     def routable(self) -> bool:
-        return self.state is HostState.UP
+        return self.standing.routable
+
+    @property
+    def contacted(self) -> bool:
+        return self.standing.contacted
+
+    @property
+    def state_since(self) -> float:
+        """When the host entered its state, as wall-clock seconds."""
+        return time.time() - (time.monotonic() - self.standing.since)
+
+    async def stream(
+        self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
+    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        """The host's Generate stream for the request, token deltas that pile up merged; a
+        failure is raised as the domain error of its status. Closing the generator cancels
+        the call, which stops the host's decoding."""
+        call = self.generate(
+            request, timeout=time_left_s, metadata=tracing.inject_metadata(self.metadata)
+        )
+        try:
+            async for response in merged_responses(call):
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()  # no-op once finished
 
     def model_status(self, name: str) -> host_status_pb2.ModelStatus | None:
         if self.status is None:
@@ -125,7 +160,9 @@ class HostPool:
         self.entries = list(dict.fromkeys(entries))
         self.hosts: list[Host] = []
         # (address, the DNS name it was found under) -> channel
-        self._channel = channel or (lambda address, _name: grpc.aio.insecure_channel(address))
+        self._channel = channel or (
+            lambda address, _name: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
         self._metadata = bearer(token)
         self._resolver = resolver
         self._dns_refresh_s = dns_refresh_s
@@ -134,6 +171,9 @@ class HostPool:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
+        # A SIGHUP reload and a DNS refresh reconcile one at a time, so neither reverts the
+        # other's host list.
+        self._reconciling = asyncio.Lock()
 
     async def start(self) -> None:
         await self.reconcile()
@@ -153,6 +193,10 @@ class HostPool:
     async def reconcile(self, entries: list[str] | None = None) -> None:
         """Makes the pool match the entries (the configured ones when None): new addresses
         get a host, addresses no entry stands for any more are retired."""
+        async with self._reconciling:
+            await self._reconcile(entries)
+
+    async def _reconcile(self, entries: list[str] | None) -> None:
         if entries is not None:
             self.entries = list(dict.fromkeys(entries))
         wanted: dict[str, str | None] = {}  # address -> the name it stands for, if expanded
@@ -240,12 +284,12 @@ class HostPool:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _set_state(self, host: Host, state: HostState, detail: str = "") -> None:
-        if host.state is not state:
-            log = _log.warning if state in (HostState.DOWN, HostState.COOLING_DOWN) else _log.info
-            log("host_" + state.value, host=host.address, detail=detail)
-            host.state_since = time.time()
-        host.state, host.detail = state, detail
+    def _changed_standing(self, host: Host, before: HostState) -> None:
+        """Logs a change of the host's state and tells the waiters."""
+        if host.state is not before:
+            bad = host.state in (HostState.DOWN, HostState.COOLING_DOWN)
+            log = _log.warning if bad else _log.info
+            log("host_" + host.state.value, host=host.address, detail=host.detail)
         self._notify()
 
     # --- failures and cool-down ------------------------------------------------------
@@ -253,19 +297,9 @@ class HostPool:
     def record_failure(self, host: Host, why: str) -> None:
         """A request failed on the host for a reason of the host's; enough of them within
         the window and the host cools down."""
-        now = time.monotonic()
-        host.failures.append(now)
-        while host.failures and now - host.failures[0] > COOLDOWN_WINDOW_S:
-            host.failures.popleft()
-        if len(host.failures) >= COOLDOWN_FAILURES and host.state is not HostState.COOLING_DOWN:
-            host.failures.clear()
-            host.cooldown_until = now + host.cooldown_s
-            self._set_state(
-                host,
-                HostState.COOLING_DOWN,
-                f"{COOLDOWN_FAILURES} failures within {COOLDOWN_WINDOW_S:.0f} s, the last: "
-                f"{why}; probing again in {host.cooldown_s:.0f} s",
-            )
+        before = host.state
+        if host.standing.failed(time.monotonic(), why):
+            self._changed_standing(host, before)
 
     async def _probe(self, host: Host) -> bool:
         """A real one-token generation on the host's first ready model (or first model)."""
@@ -277,24 +311,21 @@ class HostPool:
         request.stopping.max_tokens = 1
         request.sampling.temperature = 0.0
         try:
-            async for response in host.generate(request, timeout=30, metadata=host.metadata):
+            async for response in host.stream(request, 30.0):
                 if response.HasField("finished"):
                     return response.finished.reason != generate_pb2.FINISH_REASON_ERROR
-        except grpc.aio.AioRpcError as exc:
-            _log.info("host_probe_failed", host=host.address, code=exc.code().name)
+        except AirouterError as exc:
+            _log.info("host_probe_failed", host=host.address, error=str(exc))
         return False
 
     async def _end_cooldown(self, host: Host) -> None:
         """Waits out the cool-down, then probes until a generation succeeds."""
         while host.state is HostState.COOLING_DOWN:
-            await asyncio.sleep(max(host.cooldown_until - time.monotonic(), 0))
-            if await self._probe(host):
-                host.cooldown_s = COOLDOWN_S[0]
-                self._set_state(host, HostState.UP, "a probe generation succeeded")
+            await asyncio.sleep(host.standing.probe_in(time.monotonic()))
+            succeeded = await self._probe(host)
+            if host.standing.probed(time.monotonic(), succeeded=succeeded):
+                self._changed_standing(host, HostState.COOLING_DOWN)
                 return
-            host.cooldown_s = min(host.cooldown_s * 2, COOLDOWN_S[1])
-            host.cooldown_until = time.monotonic() + host.cooldown_s
-            host.detail = f"the probe generation failed; probing again in {host.cooldown_s:.0f} s"
 
     # --- the watch loop --------------------------------------------------------------
 
@@ -309,6 +340,7 @@ class HostPool:
     async def _follow(self, host: Host, cooldown: list[asyncio.Task[None]]) -> None:
         """Keeps the host's view current for as long as it is in the pool."""
         backoff = RECONNECT_BACKOFF_S[0]
+        silence_s = WATCHDOG_INTERVALS * WATCH_INTERVAL_MS / 1000
         while True:
             try:
                 catalog = await host.list_models(
@@ -321,32 +353,87 @@ class HostPool:
                     model_host_pb2.WatchStatusRequest(interval_ms=WATCH_INTERVAL_MS),
                     metadata=host.metadata,
                 )
-                async for update in stream:
-                    host.status, host.contacted = update.status, True
-                    backoff = RECONNECT_BACKOFF_S[0]
-                    if host.state is HostState.COOLING_DOWN:
-                        if not cooldown or cooldown[-1].done():
+                try:
+                    while True:
+                        # The watchdog: a host sends an update at least every interval.
+                        async with asyncio.timeout(silence_s):
+                            update = await stream.read()
+                        if update is grpc.aio.EOF:
+                            break
+                        host.status = update.status
+                        backoff = RECONNECT_BACKOFF_S[0]
+                        before = host.state
+                        host.standing.updated(time.monotonic(), draining=update.status.draining)
+                        if host.state is HostState.COOLING_DOWN and (
+                            not cooldown or cooldown[-1].done()
+                        ):
                             cooldown.append(asyncio.create_task(self._end_cooldown(host)))
-                        self._notify()
-                    elif update.status.draining:
-                        self._set_state(host, HostState.DRAINING, "the host is shutting down")
-                    else:
-                        self._set_state(host, HostState.UP)
-                if host.state is HostState.DRAINING:
-                    # Its last update said so; it is down once it stops answering.
-                    await asyncio.sleep(backoff)
-                    continue
-                why = "the host ended its status stream"
+                        self._changed_standing(host, before)
+                except TimeoutError:
+                    why = f"no status update for {silence_s:.0f} s; the host stopped answering"
+                else:
+                    if host.state is HostState.DRAINING:
+                        # Its last update said so; it is down once it stops answering.
+                        await asyncio.sleep(backoff)
+                        continue
+                    why = "the host ended its status stream"
+                finally:
+                    stream.cancel()
             except grpc.aio.AioRpcError as exc:
                 why = f"{exc.code().name}: {exc.details()}"
             host.status = None
-            host.contacted = True
-            if host.state is HostState.UP:
-                self.record_failure(host, why)  # a flapping host cools down
-            if host.state is not HostState.COOLING_DOWN:
-                self._set_state(host, HostState.DOWN, why)
+            before = host.state
+            host.standing.lost(time.monotonic(), why)
+            self._changed_standing(host, before)
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
+
+
+async def merged_responses(
+    call: grpc.aio.UnaryStreamCall,
+) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    """The call's messages, read by a task of their own. Token deltas that arrive while earlier
+    ones are still being written to the client go out as one message: a host that streams
+    faster than the client takes tokens costs fewer writes, and nothing waits when it does not.
+    Raises the call's error after the messages that came before it."""
+    pending: deque[gateway_pb2.GatewayGenerateResponse] = deque()
+    arrived = asyncio.Event()
+    failure: list[grpc.aio.AioRpcError] = []
+    done = False
+
+    async def read() -> None:
+        nonlocal done
+        try:
+            async for response in call:
+                pending.append(response)
+                arrived.set()
+        except grpc.aio.AioRpcError as exc:
+            failure.append(exc)
+        finally:
+            done = True
+            arrived.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            await arrived.wait()
+            arrived.clear()
+            while pending:
+                response = pending.popleft()
+                if response.HasField("token") and pending and pending[0].HasField("token"):
+                    texts, count = [response.token.text], response.token.token_count
+                    while pending and pending[0].HasField("token"):
+                        token = pending.popleft().token
+                        texts.append(token.text)
+                        count += token.token_count
+                    response.token.text, response.token.token_count = "".join(texts), count
+                yield response
+            if done and not pending:
+                if failure:
+                    raise failure[0]
+                return
+    finally:
+        reader.cancel()
 
 
 def _name_of(entry: str) -> str:

@@ -1,6 +1,8 @@
 """The gateway's OpenAI-compatible HTTP edge (aiohttp): /v1/chat/completions, /v1/completions
-and /v1/models, streaming (SSE) or not, over the same routing as the gRPC Generate: local
-hosts, OpenRouter models, failover. Same tokens as gRPC; errors in OpenAI's JSON shape.
+and /v1/models, streaming (SSE) or not, a thin adapter over the gateway's service core, like
+the gRPC Generate: local hosts, OpenRouter models, failover. Same tokens as gRPC; errors in
+OpenAI's JSON shape. Each request has a deadline (request_timeout_s), and a client that leaves
+cancels its request on the host, streamed or not.
 """
 
 import json
@@ -18,11 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from airouter import tracing
 from airouter.errors import AirouterError, Unauthenticated
-from airouter.grpc_server import status_for
-from airouter.security import Credentials, accepts_token
-from gateway.hosts import HostPool
-from gateway.metrics import GatewayMetrics
-from gateway.openai_protocol import (
+from airouter.openai_api import (
     FINISH_REASON_NAMES,
     chunk_json,
     completion_json,
@@ -31,8 +29,9 @@ from gateway.openai_protocol import (
     sse,
     usage_json,
 )
-from gateway.relay import CloudRouting, HostError
-from gateway.servicer import list_models
+from airouter.security import Credentials, accepts_token
+from gateway.metrics import GatewayMetrics
+from gateway.service import GatewayService
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -48,15 +47,15 @@ def _error(status_name: str, message: str) -> web.Response:
 class HttpEdge:
     def __init__(
         self,
-        pool: HostPool,
-        cloud: CloudRouting,
+        service: GatewayService,
         credentials: Credentials,
         metrics: GatewayMetrics,
+        request_timeout_s: float = 600.0,
     ) -> None:
-        self._pool = pool
-        self._cloud = cloud
+        self._service = service
         self._metrics = metrics
         self._credentials = credentials
+        self._request_timeout_s = request_timeout_s
         self.app = web.Application(middlewares=[self._errors, self._auth])
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_post("/v1/completions", self._completions)
@@ -67,7 +66,9 @@ class HttpEdge:
 
     async def start(self, listen: str, tls: ssl.SSLContext | None) -> int:
         host, _, port = listen.rpartition(":")
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its handler, and with it the
+        # host's generation (aiohttp lets handlers run on by default).
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=tls)
         try:
@@ -90,9 +91,7 @@ class HttpEdge:
         try:
             return await handler(request)
         except AirouterError as exc:
-            return _error(status_for(exc).name, str(exc))
-        except HostError as exc:
-            return _error(exc.code.name, exc.details)
+            return _error(exc.code, str(exc))
         except web.HTTPException as exc:
             return _error("NOT_FOUND" if exc.status == 404 else "INVALID_ARGUMENT", exc.reason)
 
@@ -112,7 +111,7 @@ class HttpEdge:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _models(self, request: web.Request) -> web.Response:
-        listed = await list_models(self._pool)
+        listed = await self._service.list_models()
         data = [
             {"id": m.name, "object": "model", "created": 0, "owned_by": "airouter"}
             for m in listed.models
@@ -127,12 +126,14 @@ class HttpEdge:
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
-            body: Any = await request.json()
+            body: Any = json.loads((await request.read()).decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            return _error("INVALID_ARGUMENT", f"the body is not UTF-8 (byte {exc.start})")
         except json.JSONDecodeError as exc:
             return _error("INVALID_ARGUMENT", f"the body is not JSON: {exc}")
         generate, stream, include_usage = parse_request(body, chat=chat)
         with tracing.request_span(_tracer, generate, request.headers.items()) as span:
-            responses = self._metrics.relayed(self._pool, generate, None, self._cloud)
+            responses = self._service.generate(generate, self._request_timeout_s)
             async with aclosing(responses):
                 ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
                 created = int(time.time())

@@ -1,9 +1,7 @@
 """Prometheus metrics of the gateway, served at /metrics on its HTTP listener."""
 
-import time
 from collections import Counter as Tally
-from collections.abc import AsyncGenerator, Callable, Iterator
-from contextlib import aclosing
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -11,20 +9,21 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from airouter.errors import AirouterError
-from airouter.grpc_server import status_for
 from airouter.labels import enum_label
 from airouter.prometheus import request_histograms
-from airouter.v1 import gateway_pb2, generate_pb2
+from airouter.v1 import generate_pb2
 from gateway.config import OPENROUTER_PREFIX
-from gateway.hosts import HostPool, HostState
-from gateway.openai_protocol import OpenAIUpstream
-from gateway.relay import UPSTREAM_HOST, CloudRouting, relay_generate
+from gateway.hosts import HostPool
+from gateway.standing import HostState
+from gateway.upstream import UPSTREAM_HOST, OpenAIUpstream
 
 PREFIX = "airouter_gateway"
 
 
 class GatewayMetrics:
-    """Per-request figures and the hosts' states, in one registry."""
+    """Per-request figures and the hosts' states, in one registry. It observes the request
+    path (gateway.service's RequestObserver); model labels are names the gateway resolved,
+    so a client cannot create series by inventing names."""
 
     def __init__(self, pool: HostPool, upstream: OpenAIUpstream) -> None:
         self.registry = CollectorRegistry()
@@ -62,49 +61,28 @@ class GatewayMetrics:
         """Batch items by state and retried attempts, read at each scrape."""
         self.registry.register(_BatchItems(item_states, retries))
 
-    def relayed(
-        self,
-        pool: HostPool,
-        request: gateway_pb2.GatewayGenerateRequest,
-        time_left_s: float | None,
-        cloud: CloudRouting | None,
-    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
-        """relay_generate, counted."""
-        relayed = relay_generate(pool, request, time_left_s, cloud, on_failover=self._failed_over)
-        return self._measure(request.model, relayed)
+    # --- RequestObserver (gateway.service) ---------------------------------------------
 
-    def _failed_over(self, host: str) -> None:
-        self.failovers.labels(host).inc()
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
 
-    async def _measure(
-        self, model: str, stream: AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]
-    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
-        started = time.perf_counter()
-        first = True
-        try:
-            async with aclosing(stream):  # a client leaving cancels the host call at once
-                async for response in stream:
-                    if first and response.HasField("token"):
-                        self.ttft.labels(model).observe(time.perf_counter() - started)
-                        first = False
-                    if response.HasField("finished"):
-                        self._finished(model, response.finished, started)
-                    yield response
-        except AirouterError as exc:
-            code = status_for(exc).name.lower()
-            self.requests.labels(model, "", code).inc()
-            if model.startswith(OPENROUTER_PREFIX):
-                self.upstream_errors.labels(code).inc()
-            raise
-
-    def _finished(self, model: str, f: generate_pb2.Finished, started: float) -> None:
+    def finished(self, model: str, f: generate_pb2.Finished, seconds: float) -> None:
         outcome = enum_label(generate_pb2.FinishReason, f.reason)
         self.requests.labels(model, f.host, outcome).inc()
         self.tokens.labels(model, "prompt").inc(f.usage.prompt_tokens)
         self.tokens.labels(model, "completion").inc(f.usage.completion_tokens)
-        self.latency.labels(model).observe(time.perf_counter() - started)
+        self.latency.labels(model).observe(seconds)
         if f.host == UPSTREAM_HOST and f.reason == generate_pb2.FINISH_REASON_ERROR:
             self.upstream_errors.labels("mid_stream").inc()
+
+    def refused(self, model: str, error: AirouterError) -> None:
+        code = error.code.lower()
+        self.requests.labels(model, "", code).inc()
+        if model.startswith(OPENROUTER_PREFIX):
+            self.upstream_errors.labels(code).inc()
+
+    def failed_over(self, host: str) -> None:
+        self.failovers.labels(host).inc()
 
 
 class _Live(Collector):

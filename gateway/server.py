@@ -12,12 +12,12 @@ from airouter.security import Credentials, channel_credentials, read_secret
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.batches import BatchRunner
 from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfig
-from gateway.hosts import HostPool
+from gateway.hosts import CHANNEL_OPTIONS, HostPool
 from gateway.http_edge import HttpEdge
 from gateway.metrics import GatewayMetrics
-from gateway.openai_protocol import OpenAIUpstream, UpstreamSettings
-from gateway.relay import CloudRouting
+from gateway.service import CloudRouting, GatewayService
 from gateway.servicer import GatewayServicer
+from gateway.upstream import OpenAIUpstream, UpstreamSettings
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 # A batch arrives in one message: room for 50000 items of a few hundred bytes each.
@@ -64,7 +64,9 @@ def host_pool(config: GatewayConfig) -> HostPool:
 
     def secure(address: str, server_name: str | None = None) -> grpc.aio.Channel:
         # Hosts behind one DNS name are dialled by address; their certificates name the name.
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        options: list[tuple[str, str | int]] = [*CHANNEL_OPTIONS]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         return grpc.aio.secure_channel(address, tls, options=options)
 
     return HostPool(
@@ -93,11 +95,11 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         [SERVICE_NAME], credentials, max_message_bytes=MAX_MESSAGE_BYTES
     )
     metrics = GatewayMetrics(pool, upstream)
+    service = GatewayService(pool, cloud, metrics, config.first_message_timeout_s)
     batches = BatchRunner(
         config.batch_db,
-        pool,
+        service,
         metrics,
-        cloud,
         max_attempts=config.batch_max_attempts,
         item_timeout_s=config.batch_item_timeout_s,
     )
@@ -106,7 +108,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     except BaseException:
         await upstream.close()
         raise
-    servicer = GatewayServicer(pool, cloud, metrics, batches)
+    servicer = GatewayServicer(service, batches)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     try:
         port = grpc_server.bind(server, config.listen, credentials.tls)
@@ -122,7 +124,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         warning = credentials.check_exposure(config.http_listen, "gateway HTTP edge")
         if warning:
             _log.warning("serving_without_protection", detail=warning)
-        gateway.http = HttpEdge(pool, cloud, credentials, metrics)
+        gateway.http = HttpEdge(service, credentials, metrics, config.http_request_timeout_s)
         try:
             await gateway.http.start(config.http_listen, http_tls(config))
         except OSError:

@@ -43,10 +43,6 @@ def reserve_bytes(text: str, total: int) -> int:
     return parse_size(text)
 
 
-def format_bytes(n: float) -> str:
-    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / MIB:.0f} MiB"
-
-
 @dataclass(frozen=True)
 class DeviceMemory:
     total: int

@@ -28,11 +28,12 @@ from airouter.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from airouter.labels import format_bytes
 from modelhost.config import ModelConfig
 from modelhost.engine import Engine
 from modelhost.gguf_header import GGUFHeader, read_gguf_header
 from modelhost.llama import ContextSettings, LlamaModel
-from modelhost.memory import MemoryProbe, estimate_footprint, format_bytes
+from modelhost.memory import MemoryProbe, estimate_footprint
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.modelhost")

@@ -9,11 +9,12 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
 from airouter import grpc_server
+from airouter.labels import format_bytes
 from airouter.security import Credentials
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import HostConfig
 from modelhost.llama import default_threads
-from modelhost.memory import MemoryProbe, format_bytes, parse_size, reserve_bytes
+from modelhost.memory import MemoryProbe, parse_size, reserve_bytes
 from modelhost.metrics import MetricsServer, RequestMetrics, start_metrics_server
 from modelhost.residency import Residency
 from modelhost.servicer import ModelHostServicer, host_status_pb

@@ -100,6 +100,20 @@ def test_resubmitting_the_same_batch_id_is_safe_and_other_items_are_refused(stac
             "model is empty",
         ),
         (items(1), "no spaces please", "letters, digits"),
+        (
+            [
+                gateway_pb2.BatchItem(
+                    custom_id="a",
+                    request=gateway_pb2.GatewayGenerateRequest(
+                        model="gemma-3-270m",
+                        prompt="x",
+                        routing_policy=99,  # type: ignore[arg-type]
+                    ),
+                )
+            ],
+            "",
+            "items[0].request: routing_policy 99 is unknown",
+        ),
     ],
 )
 def test_bad_batches_are_refused_naming_the_problem(
@@ -322,6 +336,16 @@ def test_cli_runs_an_openai_batch_file(stack: Stack, tmp_path: Path, capsys) -> 
             '{"custom_id": "a", "url": "/v1/completions", "body": {"model": "m"}}',
             "line 1: body: prompt: required",
         ),
+        (
+            '{"custom_id": "a", "url": "/v1/chat/completions", "body": {"model": "m", '
+            '"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}}',
+            "line 1: body: messages[0].content: part 0: text must be a string",
+        ),
+        (
+            '{"custom_id": "a", "url": "/v1/completions", '
+            '"body": {"model": "m", "prompt": "x", "max_tokens": true}}',
+            "line 1: body: max_tokens: Input should be a valid integer",
+        ),
     ],
 )
 def test_cli_refuses_a_bad_batch_file_naming_the_line(
@@ -336,6 +360,34 @@ def test_cli_refuses_a_bad_batch_file_naming_the_line(
     code = cli.main(["--gateway", stack.gateway_address, "batch", "submit", str(requests)])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_file_that_is_not_utf8_naming_the_line(
+    stack: Stack,
+    tmp_path: Path,
+    capsys,  # type: ignore[no-untyped-def]
+) -> None:
+    requests = tmp_path / "requests.jsonl"
+    good = b'{"custom_id": "a", "url": "/v1/completions", "body": {"model": "m", "prompt": "x"}}'
+    requests.write_bytes(good + b"\n" + good.replace(b"x", b"\xff") + b"\n")
+    code = cli.main(["--gateway", stack.gateway_address, "batch", "submit", str(requests)])
+    assert code == 2
+    assert "line 2: not UTF-8" in capsys.readouterr().err
+
+
+def test_results_after_any_sequence_end_cleanly(stack: Stack) -> None:
+    stub = stack.gateway_stub
+    batch_id = submit(stub, items(1)).id
+    wait_until(
+        lambda: (
+            stub.GetBatch(gateway_pb2.GetBatchRequest(batch_id=batch_id)).batch.state
+            == gateway_pb2.BATCH_STATE_COMPLETED
+        ),
+        120,
+    )
+    for after in ((1 << 63) - 1, 1 << 63, (1 << 64) - 1):
+        request = gateway_pb2.StreamBatchResultsRequest(batch_id=batch_id, after_sequence=after)
+        assert list(stub.StreamBatchResults(request, timeout=30)) == []
 
 
 def _scrape(gateway: ServerProcess) -> dict[str, float]:

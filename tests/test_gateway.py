@@ -10,7 +10,7 @@ import pytest
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from airouter.v1.model_host_pb2 import ListModelsRequest
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
-from gateway.relay import merged_responses
+from gateway.hosts import merged_responses
 from gateway.server import start_gateway
 from modelhost.config import HostConfig, ModelConfig
 from modelhost.generation import Delta, Finish, FinishReason, Timings, merge_deltas

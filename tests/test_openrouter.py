@@ -19,8 +19,8 @@ from airouter.errors import (
     Unavailable,
 )
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
-from gateway.openai_protocol import Chunk, OpenAIUpstream, UpstreamSettings, UpstreamStreamError
 from gateway.server import start_gateway
+from gateway.upstream import Chunk, OpenAIUpstream, UpstreamSettings, UpstreamStreamError
 from tests.conftest import LoopThread, gateway_config
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 from tests.processes import free_port_address

@@ -1,0 +1,83 @@
+"""The OpenAI batch file format: one JSON request per input line ({custom_id, method, url,
+body}), one result per output line ({id, custom_id, response, error})."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from airouter.errors import InvalidArgument
+from airouter.openai_api import completion_json, error_json, parse_request
+from airouter.v1 import gateway_pb2
+
+# The endpoints a batch line may name, and whether each is a chat.
+BATCH_URLS = {"/v1/chat/completions": True, "/v1/completions": False}
+
+
+def read_batch_file(path: Path) -> list[gateway_pb2.BatchItem]:
+    """Every request of the file; InvalidArgument names the first bad line and its field."""
+    items = []
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(
+                    f"line {number}: not UTF-8 (byte {exc.start}); save the file as UTF-8"
+                ) from None
+            if line.strip():
+                items.append(batch_item(line, number))
+    if not items:
+        raise InvalidArgument("the file holds no requests")
+    return items
+
+
+def batch_item(line: str, number: int) -> gateway_pb2.BatchItem:
+    """One line of a batch input file as a batch item; InvalidArgument names the line and the
+    field."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"line {number}: not JSON ({exc.msg})") from None
+    if not isinstance(entry, dict):
+        raise InvalidArgument(f"line {number}: must be a JSON object")
+    custom_id = entry.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise InvalidArgument(f"line {number}: custom_id: required, a non-empty string")
+    if entry.get("method", "POST") != "POST":
+        raise InvalidArgument(f"line {number}: method: only POST is supported")
+    url = entry.get("url")
+    if url not in BATCH_URLS:
+        raise InvalidArgument(f"line {number}: url {url!r}: use {' or '.join(BATCH_URLS)}")
+    try:
+        request, _, _ = parse_request(entry.get("body"), chat=BATCH_URLS[url])
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"line {number}: body: {exc}") from None
+    return gateway_pb2.BatchItem(custom_id=custom_id, request=request)
+
+
+def batch_output(
+    result: gateway_pb2.BatchItemResult, batch_id: str, created: int
+) -> dict[str, Any]:
+    """One line of a batch output file for an item's result."""
+    line: dict[str, Any] = {
+        "id": f"batch_req_{batch_id}_{result.index}",
+        "custom_id": result.custom_id,
+        "response": None,
+        "error": None,
+    }
+    request_id = f"{batch_id}-{result.index}-{result.attempts}"
+    if result.state == gateway_pb2.BATCH_ITEM_STATE_SUCCEEDED:
+        body = completion_json(
+            chat=result.chat,
+            id=request_id,
+            created=created,
+            text=result.text,
+            finished=result.finished,
+        )
+        line["response"] = {"status_code": 200, "request_id": request_id, "body": body}
+    elif result.state == gateway_pb2.BATCH_ITEM_STATE_CANCELLED:
+        line["error"] = {"code": "batch_cancelled", "message": result.error_message}
+    else:
+        status, body = error_json(result.error_code, result.error_message)
+        line["response"] = {"status_code": status, "request_id": request_id, "body": body}
+    return line

@@ -1,0 +1,225 @@
+"""The OpenAI HTTP API as airouter speaks it: request schemas (pydantic, so a wrong type is a
+400 naming the field) and the JSON shapes of completions, chunks, usage and errors. Used by the
+gateway's HTTP edge and by batch files; it knows nothing of transports.
+"""
+
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from airouter.errors import InvalidArgument
+from airouter.v1 import gateway_pb2, generate_pb2
+
+# Strict: JSON true is no number and 1.0 no integer. Bounds are the protocol's field sizes.
+_UINT32 = (1 << 32) - 1
+StrictText = Annotated[str, Field(strict=True)]
+Probability = Annotated[float, Field(strict=True, ge=0, le=1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: Annotated[bool, Field(strict=True)] = False
+
+
+class _CompletionParams(BaseModel):
+    """What chat and text completions share. Fields airouter does not use are ignored, as
+    OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(strict=True, min_length=1)]
+    temperature: Annotated[float, Field(strict=True, ge=0)] | None = None
+    top_p: Probability | None = None
+    top_k: Annotated[int, Field(strict=True, ge=0, le=_UINT32)] | None = None
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, Field(strict=True, gt=0)] | None = None
+    seed: Annotated[int, Field(strict=True, ge=0, le=(1 << 64) - 1)] | None = None
+    max_tokens: Annotated[int, Field(strict=True, ge=1, le=_UINT32)] | None = None
+    max_completion_tokens: Annotated[int, Field(strict=True, ge=1, le=_UINT32)] | None = None
+    stop: str | list[StrictText] | None = None
+    stream: Annotated[bool, Field(strict=True)] = False
+    stream_options: StreamOptions | None = None
+    # The caller's end user: a conversation's affinity hint for routing.
+    user: Annotated[str, Field(strict=True)] | None = None
+
+    def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
+        request = gateway_pb2.GatewayGenerateRequest(model=self.model)
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(request.sampling, name, value)
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        if max_tokens is not None:
+            request.stopping.max_tokens = max_tokens
+        if self.stop is not None:
+            request.stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop)
+        return request
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Annotated[str, Field(strict=True, min_length=1)]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_of_parts(cls, value: Any) -> Any:
+        """A list of content parts becomes its text; other part types cannot be served."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ValueError(f"part {i}: only text parts ({{'type': 'text'}}) are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i}: text must be a string")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ChatCompletionRequest(_CompletionParams):
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+
+    def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
+        request = super().to_request()
+        for message in self.messages:
+            request.chat.messages.add(role=message.role, content=message.content)
+        return request
+
+
+class CompletionRequest(_CompletionParams):
+    # A string, or a list of exactly one (the legacy API allowed several prompts per call).
+    prompt: str | Annotated[list[StrictText], Field(min_length=1, max_length=1)]
+
+    def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
+        request = super().to_request()
+        request.prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return request
+
+
+def parse_request(
+    body: Any, *, chat: bool
+) -> tuple[gateway_pb2.GatewayGenerateRequest, bool, bool]:
+    """A gateway request from an OpenAI chat or text completion body; returns it with whether
+    to stream and whether to send usage in the stream. InvalidArgument names the field."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    schema = ChatCompletionRequest if chat else CompletionRequest
+    try:
+        parsed = schema.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidArgument(describe(exc)) from None
+    return parsed.to_request(), parsed.stream, parsed.include_usage
+
+
+def describe(exc: ValidationError) -> str:
+    """The first problem of a validation error as `field.path[0]: what is wrong`."""
+    error = exc.errors(include_url=False)[0]
+    path = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("str", "list[str]", "function-before[_text_of_parts(), str]"):
+            continue  # pydantic's name for a branch of a union, not a field
+        else:
+            path += f".{part}" if path else str(part)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        message = "required"
+    elif error["type"] == "too_short":
+        message = "required, with at least one item"
+    return f"{path}: {message}" if path else message
+
+
+# gRPC status name -> (HTTP status, OpenAI error type), as the OpenAI API and its SDKs expect.
+HTTP_FOR_STATUS: dict[str, tuple[int, str]] = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "FAILED_PRECONDITION": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "ALREADY_EXISTS": (409, "invalid_request_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "CANCELLED": (499, "cancelled"),
+    "UNAVAILABLE": (503, "service_unavailable"),
+    "DEADLINE_EXCEEDED": (504, "timeout"),
+}
+# OpenAI's finish reasons; it has none for a cancelled stream, which ends as "stop".
+FINISH_REASON_NAMES = {
+    generate_pb2.FINISH_REASON_STOP: "stop",
+    generate_pb2.FINISH_REASON_LENGTH: "length",
+    generate_pb2.FINISH_REASON_CANCELLED: "stop",
+    generate_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+def error_json(status_name: str, message: str) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI-shaped error body for a status name."""
+    http_status, kind = HTTP_FOR_STATUS.get(status_name, (500, "server_error"))
+    return http_status, {
+        "error": {"message": message, "type": kind, "param": None, "code": status_name.lower()}
+    }
+
+
+def chunk_json(
+    *, chat: bool, id: str, created: int, model: str, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    """One streamed chunk, chat (`delta`) or text completion (`text`) shaped."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
+    if chat:
+        choice["delta"] = {"role": "assistant", "content": text} if text else {}
+    else:
+        choice["text"] = text
+    return {
+        "id": id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_json(finished: generate_pb2.Finished) -> dict[str, Any]:
+    usage = finished.usage
+    body: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+    if usage.cached_prompt_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_prompt_tokens}
+    if usage.cost_usd:
+        body["cost"] = usage.cost_usd
+    return body
+
+
+def completion_json(
+    *, chat: bool, id: str, created: int, text: str, finished: generate_pb2.Finished
+) -> dict[str, Any]:
+    """A whole (non-streamed) completion."""
+    reason = FINISH_REASON_NAMES.get(finished.reason, "stop")
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": finished.model,
+        "choices": [choice],
+        "usage": usage_json(finished),
+    }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()

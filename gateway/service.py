@@ -1,0 +1,391 @@
+"""The gateway's one request path: resolve -> route -> attempt -> relay -> finish.
+
+The gRPC servicer, the HTTP edge and the batch runner are adapters over GatewayService: they
+turn their transport's request into a GatewayGenerateRequest, iterate `generate`, and turn
+its messages and domain errors (airouter.errors) back into their transport's. Metrics observe
+the path through a RequestObserver; tracing spans are opened here.
+
+Before the first message a host that is down, full, silent past its first-message budget, or
+that ends the request with an error and no token, is skipped for the next candidate, within the
+caller's deadline; after it, a failure ends the stream with FINISH_REASON_ERROR naming the cause.
+"""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from opentelemetry import trace
+
+from airouter.errors import (
+    AirouterError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from airouter.v1 import gateway_pb2, generate_pb2
+from gateway import router
+from gateway.config import OPENROUTER_PREFIX
+from gateway.hosts import Host, HostPool
+from gateway.upstream import OpenAIUpstream, relay_upstream
+
+_log = structlog.get_logger()
+_tracer = trace.get_tracer("airouter.gateway")
+
+# How long a request waits for a host to become available before it fails.
+STARTUP_WAIT_S = 3.0
+# How long a listing right after start waits for hosts to be tried.
+FIRST_CONTACT_WAIT_S = 3.0
+# Errors before the first token after which another host may well succeed.
+_FAILOVER_ERRORS = (Unavailable, ResourceExhausted, Internal)
+# Candidates in this tier or worse are saturated or must evict: local_first prefers the cloud.
+_SATURATED_TIER = 3
+# The label of a model name no host or cloud model answers to: clients choose names, and
+# each would otherwise be a series of its own in /metrics.
+UNKNOWN_MODEL = "(unknown)"
+OTHER_CLOUD_MODEL = f"{OPENROUTER_PREFIX}(other)"
+
+_POLICY_NAMES = {
+    gateway_pb2.ROUTING_POLICY_LOCAL_ONLY: "local_only",
+    gateway_pb2.ROUTING_POLICY_LOCAL_FIRST: "local_first",
+    gateway_pb2.ROUTING_POLICY_CLOUD_ONLY: "cloud_only",
+}
+# When hosts disagree on a model's state, the merged entry shows the most usable one.
+_STATE_RANK = {
+    state: rank
+    for rank, state in enumerate(
+        [
+            generate_pb2.MODEL_STATE_READY,
+            generate_pb2.MODEL_STATE_LOADING,
+            generate_pb2.MODEL_STATE_NOT_LOADED,
+            generate_pb2.MODEL_STATE_UNLOADING,
+            generate_pb2.MODEL_STATE_ERROR,
+        ]
+    )
+}
+
+
+@dataclass(frozen=True)
+class CloudRouting:
+    """Where requests may run: the upstream for openrouter/ models, and which requests go
+    there by policy (local_only, local_first, cloud_only) and to which cloud model."""
+
+    upstream: OpenAIUpstream
+    default_policy: str = "local_only"
+    model_policies: dict[str, str] = field(default_factory=dict)
+    cloud_models: dict[str, str] = field(default_factory=dict)
+
+    def policy(self, request: gateway_pb2.GatewayGenerateRequest) -> str:
+        if request.routing_policy:
+            return _POLICY_NAMES[request.routing_policy]
+        return self.model_policies.get(request.model, self.default_policy)
+
+
+class RequestObserver(Protocol):
+    """What the request path reports as it goes (metrics implement it)."""
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+    def finished(self, model: str, finished: generate_pb2.Finished, seconds: float) -> None: ...
+    def refused(self, model: str, error: AirouterError) -> None: ...
+    def failed_over(self, host: str) -> None: ...
+
+
+class GatewayService:
+    def __init__(
+        self,
+        pool: HostPool,
+        cloud: CloudRouting,
+        observer: RequestObserver,
+        first_message_s: float = 30.0,
+    ) -> None:
+        self.pool = pool
+        self.cloud = cloud
+        self.observer = observer
+        # The most an attempt waits for a host's first message before the next host is tried.
+        self.first_message_s = first_message_s
+
+    async def generate(
+        self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
+    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        """The stream of the host (or the cloud) that serves the request; raises a domain
+        error when it cannot be served before a first message."""
+        started = time.perf_counter()
+        label = self.model_label(request.model)
+        first = True
+        try:
+            validate(request)
+            async for response in self._serve(request, time_left_s):
+                if first and response.HasField("token"):
+                    self.observer.first_token(label, time.perf_counter() - started)
+                    first = False
+                if response.HasField("finished"):
+                    self.observer.finished(label, response.finished, time.perf_counter() - started)
+                yield response
+        except AirouterError as exc:
+            self.observer.refused(label, exc)
+            raise
+
+    def model_label(self, requested: str) -> str:
+        """The requested name as /metrics may show it: a name some host, alias or configured
+        cloud model answers to; else OTHER_CLOUD_MODEL for an openrouter/ name, UNKNOWN_MODEL
+        for the rest."""
+        if requested.startswith(OPENROUTER_PREFIX):
+            known = requested in self.cloud.cloud_models.values()
+            return requested if known else OTHER_CLOUD_MODEL
+        else:
+            known = requested in self.cloud.cloud_models or any(
+                router.matches(m, requested) for h in self.pool.hosts for m in h.models
+            )
+        return requested if known else UNKNOWN_MODEL
+
+    async def _serve(
+        self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
+    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        deadline = None if time_left_s is None else time.monotonic() + time_left_s
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        requested = request.model
+        log = _log.bind(request_id=request.request_id, model=requested)
+        cloud = self.cloud
+        policy = cloud.policy(request)
+        fallback = cloud.cloud_models.get(requested)
+        if requested.startswith(OPENROUTER_PREFIX) or policy == "cloud_only":
+            if not requested.startswith(OPENROUTER_PREFIX):
+                if fallback is None:
+                    raise FailedPrecondition(
+                        f"{requested!r} is to run in the cloud but has no cloud model; add it "
+                        "to cloud_models in gateway.toml, or ask for routing_policy local_only"
+                    )
+                request.model = fallback
+            async for response in relay_upstream(cloud.upstream, request, deadline):
+                yield response
+            return
+        local_first = policy == "local_first" and fallback is not None
+        try:
+            ranked = await self._route(request, deadline, log)
+            if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
+                raise ResourceExhausted("every host that serves it is saturated")
+            async for response in self._attempts(request, ranked, deadline, log):
+                yield response
+            return
+        except (Unavailable, NotFound, ResourceExhausted) as exc:
+            # _attempts raises these only before a first message was sent.
+            if not local_first:
+                raise
+            log.info("cloud_fallback", cloud_model=fallback, reason=str(exc))
+            trace.get_current_span().add_event("cloud_fallback", {"airouter.reason": str(exc)})
+        assert fallback is not None
+        request.model = fallback
+        async for response in relay_upstream(cloud.upstream, request, deadline):
+            yield response
+
+    async def _route(
+        self, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None, log: Any
+    ) -> list[router.Candidate]:
+        """The ranked candidates, traced and logged with the choice and why."""
+        with _tracer.start_as_current_span("route") as span:
+            ranked = await self._candidates(request, deadline)
+            described = [c.describe() for c in ranked]
+            span.set_attributes(
+                {
+                    "airouter.route.chosen": ranked[0].host.address,
+                    "airouter.route.model": ranked[0].model.name,
+                    "airouter.route.reason": ranked[0].reason,
+                    "airouter.route.candidates": described,
+                }
+            )
+            log.info(
+                "route_chosen",
+                host=ranked[0].host.address,
+                served_model=ranked[0].model.name,
+                reason=ranked[0].reason,
+                candidates=described,
+            )
+        return ranked
+
+    async def _candidates(
+        self, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None
+    ) -> list[router.Candidate]:
+        """The ranked candidates. While some host has not been contacted yet (the gateway has
+        just started) a request nothing can serve waits for the pool's view to change, within
+        its deadline and at most STARTUP_WAIT_S."""
+        give_up = time.monotonic() + STARTUP_WAIT_S
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        while True:
+            try:
+                return router.candidates(self.pool.hosts, request.model, request.min_context_length)
+            except (Unavailable, NotFound):
+                left = give_up - time.monotonic()
+                if left <= 0 or all(h.contacted for h in self.pool.hosts):
+                    raise
+                await self.pool.wait_for_change(left)
+
+    async def _attempts(
+        self,
+        request: gateway_pb2.GatewayGenerateRequest,
+        ranked: list[router.Candidate],
+        deadline: float | None,
+        log: Any,
+    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        """Tries the candidates in order until one streams."""
+        requested = request.model
+        failures: list[str] = []
+        last: AirouterError = Unavailable("no host was tried")
+        for attempt, candidate in enumerate(ranked, start=1):
+            host, name = candidate.host, candidate.model.name
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise DeadlineExceeded(
+                    f"the deadline passed before a host could serve {requested!r}; tried: "
+                    f"{'; '.join(failures) or 'none'}"
+                )
+            request.model = name  # a host knows its models by name, not by capability
+            with _tracer.start_as_current_span(
+                f"attempt {host.address}",
+                kind=trace.SpanKind.CLIENT,
+                attributes={"server.address": host.address, "airouter.attempt": attempt},
+            ) as span:
+                try:
+                    async for response in self._relay(host, name, request, left, span):
+                        yield response
+                    return
+                except _FailedOver as exc:
+                    why = f"{host.address} ({exc.cause.code}: {exc.cause})"
+                    span.set_status(trace.StatusCode.ERROR, why)
+                    log.warning("host_failover", host=host.address, error=str(exc.cause))
+                    self.observer.failed_over(host.address)
+                    failures.append(why)
+                    last = exc.cause
+        if isinstance(last, ResourceExhausted):
+            raise ResourceExhausted(
+                f"every host that serves {requested!r} is full: {'; '.join(failures)}"
+            )
+        if isinstance(last, DeadlineExceeded):
+            raise DeadlineExceeded(f"no host answered {requested!r} in time: {'; '.join(failures)}")
+        raise Unavailable(f"no host could serve {requested!r}; tried: {'; '.join(failures)}")
+
+    async def _relay(
+        self,
+        host: Host,
+        name: str,
+        request: gateway_pb2.GatewayGenerateRequest,
+        time_left_s: float | None,
+        span: trace.Span,
+    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        """One attempt on one host. Raises _FailedOver when the next host should be tried,
+        another domain error when the request is the caller's to fix; after the first message
+        every failure becomes an `error` finish."""
+        budget: float | None = self.first_message_s
+        if time_left_s is not None and time_left_s <= self.first_message_s:
+            budget = None  # the caller's deadline comes first: the host's call ends with it
+        stream = host.stream(request, time_left_s)
+        host.in_flight[name] = host.in_flight.get(name, 0) + 1
+        try:
+            try:
+                async with asyncio.timeout(budget):
+                    first = await anext(stream)
+            except TimeoutError:
+                self.pool.record_failure(host, "no first message in time")
+                raise _FailedOver(
+                    DeadlineExceeded(f"no first message within {self.first_message_s:.0f} s")
+                ) from None
+            except StopAsyncIteration:
+                self.pool.record_failure(host, "a stream ended without a message")
+                raise _FailedOver(Internal("the host ended the stream without a message")) from None
+            except _FAILOVER_ERRORS as exc:
+                if isinstance(exc, Unavailable | Internal):
+                    self.pool.record_failure(host, f"{exc.code}: {exc}")
+                raise _FailedOver(exc) from None
+            if first.HasField("finished") and first.finished.reason == _ERROR:
+                # Failed before any token (decode failure, engine crash): another host may not.
+                self.pool.record_failure(host, first.finished.error_message)
+                raise _FailedOver(Internal(first.finished.error_message or "generation failed"))
+            message: gateway_pb2.GatewayGenerateResponse | None = first
+            while message is not None:
+                if message.HasField("finished"):
+                    message.finished.host = host.address
+                    yield message
+                    return
+                yield message
+                try:
+                    message = await anext(stream)
+                except StopAsyncIteration:
+                    message = None
+                except AirouterError as exc:
+                    _log.warning("host_failed_mid_stream", host=host.address, error=str(exc))
+                    self.pool.record_failure(host, f"failed mid-stream: {exc.code}")
+                    span.set_status(trace.StatusCode.ERROR, str(exc))
+                    yield _error_finish(host.address, f"failed mid-stream: {exc}")
+                    return
+            self.pool.record_failure(host, "a stream ended without a result")
+            span.set_status(trace.StatusCode.ERROR, "no result")
+            yield _error_finish(host.address, "ended the stream without a result")
+        finally:
+            host.in_flight[name] -= 1
+            await stream.aclose()  # cancels the host's call if the client left
+
+    async def list_models(self) -> gateway_pb2.GatewayListModelsResponse:
+        """The models of the available hosts, merged by name with their live state."""
+        pool = self.pool
+        await pool.first_contact(FIRST_CONTACT_WAIT_S)
+        merged: dict[str, generate_pb2.ModelInfo] = {}
+        for host in pool.routable():
+            for model in host.models:
+                state = host.state_of(model.name) or model.state
+                status = host.model_status(model.name)
+                detail = status.state_detail if status else ""
+                entry = merged.get(model.name)
+                if entry is None:
+                    entry = merged[model.name] = generate_pb2.ModelInfo()
+                    entry.CopyFrom(model)
+                    del entry.hosts[:]
+                    entry.state, entry.state_detail = state, detail
+                elif _STATE_RANK.get(state, 9) < _STATE_RANK.get(entry.state, 9):
+                    entry.state, entry.state_detail = state, detail
+                entry.hosts.append(host.address)
+                if state == generate_pb2.MODEL_STATE_READY:
+                    entry.resident_hosts.append(host.address)
+        return gateway_pb2.GatewayListModelsResponse(
+            models=[merged[name] for name in sorted(merged)],
+            unreachable_hosts=[h.address for h in pool.hosts if not h.routable],
+        )
+
+
+class _FailedOver(Exception):
+    """An attempt failed before its first message in a way another host may not."""
+
+    def __init__(self, cause: AirouterError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+_ERROR = generate_pb2.FINISH_REASON_ERROR
+
+
+def validate(request: gateway_pb2.GatewayGenerateRequest) -> None:
+    """Refuses what no host could serve, cheaply and before any routing."""
+    if not request.model:
+        raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
+    if request.routing_policy and request.routing_policy not in _POLICY_NAMES:
+        raise InvalidArgument(
+            f"routing_policy {request.routing_policy} is unknown; use one of "
+            + ", ".join(gateway_pb2.RoutingPolicy.Name(p) for p in _POLICY_NAMES)
+        )
+    if not request.prompt and not request.chat.messages:
+        raise InvalidArgument("the request has neither a prompt nor chat messages")
+
+
+def _error_finish(host: str, why: str) -> gateway_pb2.GatewayGenerateResponse:
+    return gateway_pb2.GatewayGenerateResponse(
+        finished=generate_pb2.Finished(
+            reason=generate_pb2.FINISH_REASON_ERROR, error_message=f"host {host} {why}", host=host
+        )
+    )

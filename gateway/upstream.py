@@ -1,0 +1,357 @@
+"""The upstream client: OpenRouter or any OpenAI-compatible base URL, streamed into the
+gateway's messages.
+
+One pooled `aiohttp.ClientSession` per gateway process (keep-alive, per-host connection
+limits, a DNS cache), opened at start and closed at shutdown. Completions stream over
+server-sent events: `data:` lines carry JSON chunks, lines starting with `:` are keep-alive
+comments (OpenRouter sends `: OPENROUTER PROCESSING`), `data: [DONE]` ends the stream, a
+chunk holding `error` is a failure in mid-stream, and so is a stream that ends without
+`[DONE]` or a finish reason, or an event that is not JSON: the stream then ends with an `error`
+finish naming the cause, never a silent `stop`. Before the first token, connection errors
+and 408/429/502/503 are retried with jittered exponential backoff (honouring `Retry-After`)
+within the request's deadline; 400/401/402/403 come back at once with the upstream's message.
+The API key is sent only in the Authorization header: never logged, never traced.
+"""
+
+import asyncio
+import json
+import random
+import ssl
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from opentelemetry import trace
+
+from airouter import tracing
+from airouter.errors import (
+    AirouterError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from airouter.v1 import gateway_pb2, generate_pb2
+from gateway.config import OPENROUTER_PREFIX
+
+_log = structlog.get_logger()
+_tracer = trace.get_tracer("airouter.gateway")
+
+DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+# Transient: a timeout, rate limiting, or a server-side failure (5xx).
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+# Statuses that are the request's (or the account's) own: no retry.
+_ERROR_FOR_STATUS: dict[int, type[AirouterError]] = {
+    400: InvalidArgument,
+    401: Unauthenticated,
+    402: ResourceExhausted,  # out of credits
+    403: PermissionDenied,  # e.g. moderation
+    404: NotFound,
+}
+
+
+class UpstreamStreamError(Exception):
+    """The upstream failed after the first token; the stream must end with an error."""
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    api_key: str | None
+    base_url: str = DEFAULT_BASE_URL
+    max_attempts: int = 4
+    backoff_s: tuple[float, float] = (0.5, 8.0)  # first retry delay, cap
+    connections_per_host: int = 32
+    connect_timeout_s: float = 10.0
+    ca_file: Path | None = None  # trust this CA (a private upstream); else the system's
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of a completion, in the gateway's terms."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    model: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: float | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+class OpenAIUpstream:
+    """Streams completions from an OpenAI-compatible API over one pooled session."""
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+        self.retries = 0  # calls retried before their first token, for /metrics
+
+    async def start(self) -> None:
+        tls: ssl.SSLContext | bool = True
+        if self.settings.ca_file is not None:
+            tls = ssl.create_default_context(cafile=str(self.settings.ca_file))
+        connector = aiohttp.TCPConnector(
+            ssl=tls,
+            limit=0,  # no global cap; the per-host one bounds a single upstream
+            limit_per_host=self.settings.connections_per_host,
+            ttl_dns_cache=300,
+            keepalive_timeout=60,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def stream(
+        self, path: str, body: dict[str, Any], deadline: float | None
+    ) -> AsyncIterator[Chunk]:
+        """POSTs body (streaming) to base_url + path and yields its chunks. Raises a domain
+        error before the first chunk, UpstreamStreamError after it."""
+        if self._session is None:
+            raise Unavailable("the upstream client is not started")
+        if not self.settings.api_key:
+            raise Unauthenticated(
+                "no API key for the upstream: set OPENROUTER_API_KEY or openrouter_api_key_file"
+            )
+        url = self.settings.base_url.rstrip("/") + path
+        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        headers = {"Authorization": f"Bearer {self.settings.api_key}"}
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                timeout = aiohttp.ClientTimeout(total=_left(deadline))
+                async with self._session.post(
+                    url, json=payload, headers=headers, timeout=timeout
+                ) as response:
+                    if response.status != 200:
+                        message = await _error_message(response)
+                        if response.status not in RETRY_STATUSES:
+                            cls = _ERROR_FOR_STATUS.get(response.status, Unavailable)
+                            raise cls(f"upstream answered {response.status}: {message}")
+                        retry_after = _retry_after(response.headers.get("Retry-After"))
+                        why = f"{response.status}: {message}"
+                    else:
+                        async for chunk in _chunks(response):
+                            yield chunk
+                        return
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the deadline passed waiting for the upstream ({url})"
+                ) from None
+            except aiohttp.ClientConnectionError as exc:
+                why = f"connection failed: {exc}"
+            delay = retry_after if retry_after is not None else self._backoff(attempt)
+            left = _left(deadline)
+            if attempt >= self.settings.max_attempts or (left is not None and delay >= left):
+                raise Unavailable(f"upstream {url} failed after {attempt} attempts; last: {why}")
+            _log.warning("upstream_retry", attempt=attempt, reason=why, delay_s=round(delay, 2))
+            trace.get_current_span().add_event(
+                "retry", {"attempt": attempt, "reason": why, "delay_s": delay}
+            )
+            self.retries += 1
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        first, cap = self.settings.backoff_s
+        return min(first * 2 ** (attempt - 1), cap) * random.uniform(0.5, 1.5)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (seconds form; an HTTP date counts as unknown)."""
+    try:
+        return max(float(value), 0.0) if value else None
+    except ValueError:
+        return None
+
+
+async def _error_message(response: aiohttp.ClientResponse) -> str:
+    text = await response.text()
+    try:
+        error = json.loads(text).get("error", {})
+        return str(error.get("message") or text)
+    except (ValueError, AttributeError):
+        return text.strip()[:500] or response.reason or "no message"
+
+
+async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
+    """The SSE events of a 200 response as Chunks, up to `[DONE]`. A dropped connection, an
+    error event, an event that is not a JSON object, or an end without `[DONE]` raises
+    UpstreamStreamError once something was yielded (a domain error before)."""
+    yielded = False
+
+    def failed(why: str) -> Exception:
+        if yielded:
+            return UpstreamStreamError(f"{why} mid-stream")
+        return Unavailable(f"upstream {why}")
+
+    try:
+        async for data in sse_data(response.content):
+            if data == "[DONE]":
+                return
+            try:
+                event = json.loads(data)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):
+                raise failed(f"sent an event that is not a JSON object ({data[:80]!r})")
+            if "error" in event:
+                error = event["error"]
+                message = error.get("message", "") if isinstance(error, dict) else str(error)
+                raise failed(f"error: {message};")
+            yield _chunk(event)
+            yielded = True
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        if yielded:
+            raise UpstreamStreamError(f"the upstream connection broke mid-stream: {exc}") from exc
+        raise
+    raise failed("ended the stream without [DONE]")
+
+
+async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The `data` of each server-sent event; comments (keep-alives) and other fields are
+    skipped, multi-line data is joined with newlines."""
+    lines: list[str] = []
+    async for raw in content:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if lines:
+                yield "\n".join(lines)
+                lines = []
+        elif line.startswith("data:"):
+            lines.append(line[5:].removeprefix(" "))
+    if lines:
+        yield "\n".join(lines)
+
+
+def _chunk(event: dict[str, Any]) -> Chunk:
+    chunk = Chunk(model=str(event.get("model", "")), raw=event)
+    choices = event.get("choices") or []
+    if choices:
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        chunk.text = delta.get("content") or choice.get("text") or ""
+        chunk.finish_reason = choice.get("finish_reason")
+    usage = event.get("usage")
+    if usage:
+        chunk.prompt_tokens = usage.get("prompt_tokens")
+        chunk.completion_tokens = usage.get("completion_tokens")
+        chunk.cost = usage.get("cost")
+    return chunk
+
+
+# What Finished.host says of a request the upstream served.
+UPSTREAM_HOST = "openrouter"
+_FINISH_REASONS = {
+    "stop": generate_pb2.FINISH_REASON_STOP,
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+    "error": generate_pb2.FINISH_REASON_ERROR,
+}
+
+
+async def relay_upstream(
+    upstream: OpenAIUpstream, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None
+) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    """Streams an `openrouter/<vendor>/<model>` request from the OpenAI-compatible upstream,
+    in the gateway's messages. Errors before the first token are raised (mapped from the
+    upstream's status); after it the stream ends with FINISH_REASON_ERROR."""
+    path, body = openai_body(request)
+    where = f"upstream {upstream.settings.base_url}"
+    with _tracer.start_as_current_span(
+        f"openrouter {body['model']}",
+        kind=trace.SpanKind.CLIENT,
+        attributes={"server.address": upstream.settings.base_url, "url.path": path},
+    ) as span:
+        stream = _upstream_stream(upstream, request, deadline, path, body, where)
+        async with aclosing(stream):  # a client leaving closes the upstream response at once
+            async for response in stream:
+                if response.HasField("finished"):
+                    span.set_attributes(tracing.finish_attributes(response.finished))
+                    if response.finished.error_message:
+                        span.set_status(trace.StatusCode.ERROR, response.finished.error_message)
+                yield response
+
+
+async def _upstream_stream(
+    upstream: OpenAIUpstream,
+    request: gateway_pb2.GatewayGenerateRequest,
+    deadline: float | None,
+    path: str,
+    body: dict[str, Any],
+    where: str,
+) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    started = time.monotonic()
+    first_token_ms = 0.0
+    finish = generate_pb2.Finished(host=UPSTREAM_HOST)
+    sent = False
+    try:
+        async for chunk in upstream.stream(path, body, deadline):
+            if chunk.model:
+                finish.model = chunk.model
+            if chunk.text:
+                if not sent:
+                    first_token_ms = (time.monotonic() - started) * 1e3
+                sent = True
+                yield gateway_pb2.GatewayGenerateResponse(
+                    token=generate_pb2.TokenDelta(text=chunk.text, token_count=1)
+                )
+            if chunk.finish_reason:
+                finish.reason = _FINISH_REASONS.get(
+                    chunk.finish_reason, generate_pb2.FINISH_REASON_STOP
+                )
+            if chunk.prompt_tokens is not None:
+                finish.usage.prompt_tokens = chunk.prompt_tokens
+                finish.usage.completion_tokens = chunk.completion_tokens or 0
+                finish.usage.cost_usd = chunk.cost or 0.0
+        if not finish.reason:
+            raise UpstreamStreamError("the stream ended without a finish reason")
+    except (UpstreamStreamError, AirouterError) as exc:
+        if not sent:
+            if isinstance(exc, AirouterError):
+                raise
+            raise Unavailable(f"{where}: {exc}") from None
+        finish.reason = generate_pb2.FINISH_REASON_ERROR
+        finish.error_message = f"{where} failed mid-stream: {exc}"
+    total_ms = (time.monotonic() - started) * 1e3
+    finish.timings.time_to_first_token_ms = first_token_ms
+    finish.timings.total_ms = total_ms
+    yield gateway_pb2.GatewayGenerateResponse(finished=finish)
+
+
+def openai_body(request: gateway_pb2.GatewayGenerateRequest) -> tuple[str, dict[str, Any]]:
+    """The OpenAI API path and JSON body for a gateway request: chat messages go to
+    /chat/completions, a raw prompt to /completions."""
+    body: dict[str, Any] = {"model": request.model.removeprefix(OPENROUTER_PREFIX)}
+    if request.HasField("chat"):
+        path = "/chat/completions"
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    else:
+        path = "/completions"
+        body["prompt"] = request.prompt
+    sampling = request.sampling
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+        if sampling.HasField(name):
+            body[name] = getattr(sampling, name)
+    if request.stopping.HasField("max_tokens"):
+        body["max_tokens"] = request.stopping.max_tokens
+    if request.stopping.stop:
+        body["stop"] = list(request.stopping.stop)
+    return path, body

@@ -1,0 +1,139 @@
+"""The batch runner's decisions against a fake host and a fake request path: a cancel stops
+every item that has not started, one item that cannot be placed fails alone, concurrent
+submits of one batch_id never collide."""
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airouter.errors import AlreadyExists
+from airouter.v1 import gateway_pb2, generate_pb2
+from gateway.batches import BatchRunner
+from gateway.hosts import HostPool
+from gateway.metrics import GatewayMetrics
+from gateway.service import CloudRouting, GatewayService
+from gateway.upstream import OpenAIUpstream, UpstreamSettings
+from tests.test_service import MODEL, Observer, fake_host, plays
+
+
+class FakeService(GatewayService):
+    """The request path replaced: each request waits for `release`, then answers."""
+
+    def __init__(self, pool: HostPool, cloud: CloudRouting) -> None:
+        super().__init__(pool, cloud, Observer())
+        self.started: list[str] = []
+        self.release = asyncio.Event()
+        self.any_started = asyncio.Event()
+
+    async def generate(
+        self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
+    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        self.started.append(request.prompt)
+        self.any_started.set()
+        await self.release.wait()
+        yield gateway_pb2.GatewayGenerateResponse(token=generate_pb2.TokenDelta(text="ok"))
+        yield gateway_pb2.GatewayGenerateResponse(
+            finished=generate_pb2.Finished(reason=generate_pb2.FINISH_REASON_STOP, model=MODEL)
+        )
+
+
+def batch(count: int, model: str = MODEL) -> gateway_pb2.SubmitBatchRequest:
+    return gateway_pb2.SubmitBatchRequest(
+        batch_id="b1",
+        items=[
+            gateway_pb2.BatchItem(
+                custom_id=f"i{i}",
+                request=gateway_pb2.GatewayGenerateRequest(model=model, prompt=f"p{i}"),
+            )
+            for i in range(count)
+        ],
+    )
+
+
+def with_runner(
+    tmp_path: Path, body: Callable[[BatchRunner, FakeService], Awaitable[Any]], slots: int = 1
+) -> Any:
+    async def run() -> Any:
+        host = fake_host("a:1", plays())
+        assert host.status is not None
+        host.status.models[0].slots = slots
+        host.status.models[0].slots_busy = 0
+        pool = HostPool([])
+        pool.hosts = [host]
+        upstream = OpenAIUpstream(UpstreamSettings(api_key=None))
+        cloud = CloudRouting(upstream)
+        service = FakeService(pool, cloud)
+        runner = BatchRunner(tmp_path / "batches.sqlite3", service, GatewayMetrics(pool, upstream))
+        await runner.start()
+        try:
+            return await body(runner, service)
+        finally:
+            service.release.set()
+            await runner.close()
+
+    return asyncio.run(run())
+
+
+async def settle(runner: BatchRunner, batch_id: str) -> gateway_pb2.Batch:
+    async with asyncio.timeout(10):
+        while True:
+            got = runner.get(batch_id)
+            if got.state in (gateway_pb2.BATCH_STATE_COMPLETED, gateway_pb2.BATCH_STATE_CANCELLED):
+                return got
+            await asyncio.sleep(0.01)
+
+
+def test_a_cancel_lets_no_waiting_item_start(tmp_path: Path) -> None:
+    async def body(runner: BatchRunner, service: FakeService) -> None:
+        await runner.submit(batch(3))
+        async with asyncio.timeout(5):
+            await service.any_started.wait()
+        assert service.started == ["p0"]  # one slot: one item runs
+        await runner.cancel("b1")
+        service.release.set()
+        done = await settle(runner, "b1")
+        await asyncio.sleep(0.1)  # a dispatcher that woke late would start one now
+        assert service.started == ["p0"]
+        assert done.counts.cancelled == 3 and done.counts.pending == 0
+
+    with_runner(tmp_path, body)
+
+
+def test_an_item_that_cannot_be_placed_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    room = BatchRunner._room
+
+    def boom(self: BatchRunner, model: str, request: gateway_pb2.GatewayGenerateRequest) -> bool:
+        if request.prompt == "p1":
+            raise KeyError("something no validation foresaw")
+        return room(self, model, request)
+
+    monkeypatch.setattr(BatchRunner, "_room", boom)
+
+    async def body(runner: BatchRunner, service: FakeService) -> None:
+        service.release.set()
+        await runner.submit(batch(4))
+        done = await settle(runner, "b1")
+        assert done.counts.succeeded == 3 and done.counts.failed == 1
+        results = [r async for r, _ in runner.results("b1", 0)]
+        failed = [r for r in results if r.state == gateway_pb2.BATCH_ITEM_STATE_FAILED]
+        assert [r.custom_id for r in failed] == ["i1"]
+        assert failed[0].error_code == "INTERNAL" and "KeyError" in failed[0].error_message
+
+    with_runner(tmp_path, body, slots=4)
+
+
+def test_concurrent_submits_of_one_batch_id_store_it_once(tmp_path: Path) -> None:
+    async def body(runner: BatchRunner, service: FakeService) -> None:
+        first, second = await asyncio.gather(runner.submit(batch(2)), runner.submit(batch(2)))
+        assert first.id == second.id == "b1"
+        other = batch(2)
+        other.items[1].request.prompt = "different"  # same custom_ids, other content
+        results = await asyncio.gather(runner.submit(other), return_exceptions=True)
+        assert isinstance(results[0], AlreadyExists)
+
+    with_runner(tmp_path, body)

@@ -1,0 +1,256 @@
+"""The gateway's service core against fake hosts: failover before the first message (errors,
+an error finish with no token, silence past the first-message budget), truthful endings after
+it, refusals that cost nothing, and the labels its observer sees."""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from airouter.errors import (
+    AirouterError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from airouter.v1 import gateway_pb2, generate_pb2, host_status_pb2
+from gateway.hosts import Host, HostPool
+from gateway.service import UNKNOWN_MODEL, CloudRouting, GatewayService
+from gateway.standing import HostState
+from gateway.upstream import OpenAIUpstream, UpstreamSettings
+
+MODEL = "m"
+Script = Callable[[gateway_pb2.GatewayGenerateRequest], AsyncIterator[Any]]
+
+
+class _Channel:
+    """Enough of a grpc.aio.Channel for a Host that never calls it."""
+
+    def unary_stream(self, *_: Any, **__: Any) -> None:
+        return None
+
+    def unary_unary(self, *_: Any, **__: Any) -> None:
+        return None
+
+
+@dataclass
+class Observer:
+    events: list[tuple[str, Any]] = field(default_factory=list)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.events.append(("first_token", model))
+
+    def finished(self, model: str, finished: generate_pb2.Finished, seconds: float) -> None:
+        self.events.append(("finished", (model, finished.reason, finished.host)))
+
+    def refused(self, model: str, error: AirouterError) -> None:
+        self.events.append(("refused", (model, error.code)))
+
+    def failed_over(self, host: str) -> None:
+        self.events.append(("failed_over", host))
+
+
+def token(text: str) -> gateway_pb2.GatewayGenerateResponse:
+    return gateway_pb2.GatewayGenerateResponse(token=generate_pb2.TokenDelta(text=text))
+
+
+def finish(
+    reason: int = generate_pb2.FINISH_REASON_STOP, error: str = ""
+) -> gateway_pb2.GatewayGenerateResponse:
+    return gateway_pb2.GatewayGenerateResponse(
+        finished=generate_pb2.Finished(reason=reason, error_message=error, model=MODEL)
+    )
+
+
+def fake_host(address: str, script: Script, *, free_slots: int = 1) -> Host:
+    """An up host serving MODEL, ready; `script` plays its Generate stream."""
+    host = Host(address, _Channel())  # type: ignore[arg-type]
+    host.models = [generate_pb2.ModelInfo(name=MODEL, context_length=4096)]
+    host.status = host_status_pb2.HostStatus(
+        models=[
+            host_status_pb2.ModelStatus(
+                name=MODEL,
+                state=generate_pb2.MODEL_STATE_READY,
+                slots=4,
+                slots_busy=4 - free_slots,
+            )
+        ]
+    )
+    host.standing.updated(0.0, draining=False)
+    calls: list[gateway_pb2.GatewayGenerateRequest] = []
+
+    async def stream(
+        request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
+    ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
+        calls.append(request)
+        async for message in script(request):
+            yield message
+
+    host.stream = stream  # type: ignore[method-assign]
+    host.calls = calls  # type: ignore[attr-defined]
+    return host
+
+
+def plays(*messages: Any, hang: bool = False) -> Script:
+    """A host that sends `messages` (an exception among them is raised there)."""
+
+    async def script(_: gateway_pb2.GatewayGenerateRequest) -> AsyncIterator[Any]:
+        for message in messages:
+            if isinstance(message, Exception):
+                raise message
+            yield message
+        if hang:
+            await asyncio.sleep(3600)
+
+    return script
+
+
+def serve(
+    hosts: list[Host],
+    request: gateway_pb2.GatewayGenerateRequest | None = None,
+    *,
+    first_message_s: float = 5.0,
+    time_left_s: float | None = 10.0,
+) -> tuple[list[gateway_pb2.GatewayGenerateResponse], AirouterError | None, Observer]:
+    """Runs one request through a service over `hosts` (the first is ranked first)."""
+    observer = Observer()
+
+    async def run() -> tuple[list[gateway_pb2.GatewayGenerateResponse], AirouterError | None]:
+        pool = HostPool([])
+        pool.hosts = hosts
+        upstream = OpenAIUpstream(UpstreamSettings(api_key=None))
+        service = GatewayService(pool, CloudRouting(upstream), observer, first_message_s)
+        out: list[gateway_pb2.GatewayGenerateResponse] = []
+        try:
+            async for message in service.generate(
+                request or gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="Hi"),
+                time_left_s,
+            ):
+                out.append(message)
+        except AirouterError as exc:
+            return out, exc
+        return out, None
+
+    out, error = asyncio.run(run())
+    return out, error, observer
+
+
+def ordered(first: Host, *rest: Host) -> list[Host]:
+    """Hosts ranked with `first` first: it has a free slot, the rest are busy (a lower tier,
+    so the router's random pick between equals does not apply)."""
+    for host in rest:
+        assert host.status is not None
+        host.status.models[0].slots_busy = host.status.models[0].slots
+    return [first, *rest]
+
+
+def test_a_host_that_refuses_before_its_first_message_fails_over_to_the_next() -> None:
+    a = fake_host("a:1", plays(Unavailable("the host is shutting down")))
+    b = fake_host("b:1", plays(token("Hel"), token("lo"), finish()))
+    out, error, observer = serve(ordered(a, b))
+    assert error is None
+    assert "".join(m.token.text for m in out if m.HasField("token")) == "Hello"
+    assert out[-1].finished.host == "b:1"
+    assert ("failed_over", "a:1") in observer.events
+    assert ("finished", (MODEL, generate_pb2.FINISH_REASON_STOP, "b:1")) in observer.events
+    assert len(a.standing.failures) == 1  # counts toward a's cool-down
+
+
+def test_an_error_finish_before_any_token_fails_over_and_counts_toward_cool_down() -> None:
+    a = fake_host("a:1", plays(finish(generate_pb2.FINISH_REASON_ERROR, "llama_decode -1")))
+    b = fake_host("b:1", plays(token("ok"), finish()))
+    hosts = ordered(a, b)
+    for _ in range(3):
+        out, error, _ = serve(hosts)
+        assert error is None and out[-1].finished.host == "b:1"
+    assert a.state is HostState.COOLING_DOWN
+    assert "llama_decode -1" in a.detail
+
+
+def test_a_silent_host_fails_over_within_the_first_message_budget() -> None:
+    a = fake_host("a:1", plays(hang=True))
+    b = fake_host("b:1", plays(token("ok"), finish()))
+    out, error, observer = serve(ordered(a, b), first_message_s=0.05)
+    assert error is None and out[-1].finished.host == "b:1"
+    assert ("failed_over", "a:1") in observer.events
+
+
+def test_every_host_silent_ends_with_deadline_exceeded_naming_them() -> None:
+    a = fake_host("a:1", plays(hang=True))
+    b = fake_host("b:1", plays(hang=True))
+    _, error, _ = serve(ordered(a, b), first_message_s=0.05)
+    assert error is not None and error.code == "DEADLINE_EXCEEDED"
+    assert "a:1" in str(error) and "b:1" in str(error)
+
+
+def test_a_failure_mid_stream_ends_with_an_error_finish_naming_the_cause() -> None:
+    a = fake_host("a:1", plays(token("Hel"), Unavailable("Socket closed")))
+    b = fake_host("b:1", plays(token("never"), finish()))
+    out, error, _ = serve(ordered(a, b))
+    assert error is None
+    assert out[0].token.text == "Hel"
+    assert out[-1].finished.reason == generate_pb2.FINISH_REASON_ERROR
+    assert "a:1" in out[-1].finished.error_message
+    assert "Socket closed" in out[-1].finished.error_message
+    assert not b.calls  # no second host after a token was sent
+
+
+def test_a_stream_that_ends_without_a_result_is_not_a_success() -> None:
+    a = fake_host("a:1", plays(token("Hel")))
+    out, error, _ = serve([a])
+    assert error is None
+    assert out[-1].finished.reason == generate_pb2.FINISH_REASON_ERROR
+    assert "without a result" in out[-1].finished.error_message
+
+
+def test_the_request_s_own_error_is_not_failed_over() -> None:
+    a = fake_host("a:1", plays(InvalidArgument("the prompt has 9000 tokens; the context 4096")))
+    b = fake_host("b:1", plays(token("never"), finish()))
+    _, error, observer = serve(ordered(a, b))
+    assert isinstance(error, InvalidArgument) and "9000 tokens" in str(error)
+    assert not b.calls
+    assert ("refused", (MODEL, "INVALID_ARGUMENT")) in observer.events
+
+
+def test_every_host_full_is_resource_exhausted() -> None:
+    a = fake_host("a:1", plays(ResourceExhausted("queue full")))
+    b = fake_host("b:1", plays(ResourceExhausted("queue full")))
+    _, error, _ = serve(ordered(a, b))
+    assert isinstance(error, ResourceExhausted) and "a:1" in str(error)
+    assert not a.standing.failures  # a full host is healthy
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x", routing_policy=99), "99"),  # type: ignore[arg-type]
+        (gateway_pb2.GatewayGenerateRequest(prompt="x"), "model is empty"),
+        (gateway_pb2.GatewayGenerateRequest(model=MODEL), "neither a prompt"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_host_is_asked(
+    request_: gateway_pb2.GatewayGenerateRequest, needle: str
+) -> None:
+    a = fake_host("a:1", plays(token("never"), finish()))
+    _, error, _ = serve([a], request_)
+    assert isinstance(error, InvalidArgument) and needle in str(error)
+    assert not a.calls
+
+
+def test_an_unknown_model_name_is_counted_under_one_label() -> None:
+    a = fake_host("a:1", plays(token("never"), finish()))
+    for name in ("x" * 10_000, "another-made-up-name"):
+        _, error, observer = serve([a], gateway_pb2.GatewayGenerateRequest(model=name, prompt="x"))
+        assert isinstance(error, NotFound)
+        assert observer.events == [("refused", (UNKNOWN_MODEL, "NOT_FOUND"))]
+
+
+def test_no_host_up_is_unavailable_with_each_host_s_state() -> None:
+    a = fake_host("a:1", plays())
+    a.standing.lost(1.0, "no status update for 3 s")
+    _, error, _ = serve([a], time_left_s=0.1)
+    assert isinstance(error, Unavailable)
+    assert "a:1: down (no status update for 3 s)" in str(error)
