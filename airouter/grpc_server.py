@@ -17,6 +17,18 @@ from airouter.security import AuthInterceptor, Credentials
 _log = structlog.get_logger()
 
 
+# HTTP/2 keepalive on both servers: a ping after 20 s without traffic, and a peer that does
+# not answer within 10 s is gone (a gateway that vanished stops holding the host's requests);
+# clients may ping every 5 s, as the gateway's host channels do every 10 s.
+SERVER_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 def status_for(error: errors.AirouterError) -> grpc.StatusCode:
     """The gRPC status code of a domain error: the status of the same name."""
     return grpc.StatusCode[error.code]
@@ -86,7 +98,7 @@ def new_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [DomainErrorInterceptor()]
     if credentials is not None and credentials.authenticates:
         interceptors.insert(0, AuthInterceptor(credentials, set(admin_methods)))
-    options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+    options: list[tuple[str, int]] = [("grpc.so_reuseport", 0), *SERVER_KEEPALIVE]
     if max_message_bytes is not None:
         options.append(("grpc.max_receive_message_length", max_message_bytes))
     server = grpc.aio.server(interceptors=interceptors, options=options)

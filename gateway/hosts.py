@@ -27,7 +27,7 @@ import grpc
 import structlog
 
 from airouter import tracing
-from airouter.errors import AirouterError
+from airouter.errors import AirouterError, Unavailable
 from airouter.grpc_server import error_from_rpc
 from airouter.security import bearer
 from airouter.v1 import gateway_pb2, generate_pb2, host_status_pb2, model_host_pb2
@@ -66,6 +66,8 @@ class Host:
     standing: Standing = field(default_factory=lambda: Standing(since=time.monotonic()))
     in_flight: dict[str, int] = field(default_factory=dict)  # relayed requests per model
     metadata: tuple[tuple[str, str], ...] = ()  # sent with every call: the bearer token
+    # The Generate calls in flight, each with why it was dropped ("" while it runs).
+    calls: dict[grpc.aio.UnaryStreamCall, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         # The gateway's request and response messages mirror the host's field for field, so
@@ -116,13 +118,25 @@ class Host:
         call = self.generate(
             request, timeout=time_left_s, metadata=tracing.inject_metadata(self.metadata)
         )
+        self.calls[call] = ""
         try:
             async for response in merged_responses(call):
                 yield response
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
+            if not self.calls.get(call):
+                raise error_from_rpc(exc) from None
         finally:
+            dropped = self.calls.pop(call, "")
             call.cancel()  # no-op once finished
+        if dropped:
+            raise Unavailable(f"host {self.address} stopped answering: {dropped}")
+
+    def drop_calls(self, why: str) -> None:
+        """Ends the calls in flight: the host is gone, though its TCP connection may linger
+        (nothing reset it), so they would otherwise wait for their deadline."""
+        for call in list(self.calls):
+            self.calls[call] = why
+            call.cancel()
 
     def model_status(self, name: str) -> host_status_pb2.ModelStatus | None:
         if self.status is None:
@@ -370,7 +384,8 @@ class HostPool:
                             cooldown.append(asyncio.create_task(self._end_cooldown(host)))
                         self._changed_standing(host, before)
                 except TimeoutError:
-                    why = f"no status update for {silence_s:.0f} s; the host stopped answering"
+                    why = f"no status update for {silence_s:.0f} s"
+                    host.drop_calls(why)
                 else:
                     if host.state is HostState.DRAINING:
                         # Its last update said so; it is down once it stops answering.

@@ -7,6 +7,9 @@ included, for the tests of the upstream client. The model name picks the behavio
     vendor/reset-once     closes the connection before answering the first time, then ok
     vendor/error-mid      one chunk, then an error event
     vendor/reset-mid      one chunk, then the connection drops
+    vendor/truncated      one chunk, then the response ends: no finish reason, no [DONE]
+    vendor/no-finish      the whole text and [DONE], but no chunk with a finish reason
+    vendor/garbled        one chunk, then an event that is not JSON
     vendor/slow           waits 5 s before the first byte
     vendor/401, /402, /403, /400   that status with an OpenRouter-style error body
 """
@@ -82,6 +85,15 @@ class FakeOpenRouter:
             return response
         if behaviour == "reset-mid":
             request.transport.close()
+            return response
+        if behaviour == "truncated":
+            return response
+        if behaviour == "garbled":
+            await response.write(b'data: {"choices": [{"delta\n\n')
+            return response
+        if behaviour == "no-finish":
+            await _event(response, _delta(model, " world"))
+            await response.write(b"data: [DONE]\n\n")
             return response
         await response.write(b": OPENROUTER PROCESSING\n\n")
         await _event(response, _delta(model, " world"))

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from gateway.server import start_gateway
-from tests.conftest import Stack, gateway_config, scrape_metrics
+from tests.conftest import Stack, gateway_config, scrape_metrics, wait_until
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 
 TOKEN = "http-edge-token-3d9"
@@ -181,6 +181,19 @@ def test_a_body_that_is_not_utf8_or_not_json_is_a_400(client: openai.OpenAI) -> 
     assert status == 400 and "not UTF-8" in answer["error"]["message"]
     status, answer = post(client, "/completions", b"{model")
     assert status == 400 and "not JSON" in answer["error"]["message"]
+
+
+def test_a_client_that_gives_up_cancels_its_generations(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """The SDK's own timeout and retries on a long non-streamed completion: each attempt it
+    abandons stops decoding on the host, instead of holding a slot to the end."""
+    impatient = client.with_options(timeout=1.0, max_retries=2)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(
+            model="gemma-3-270m", prompt="Once upon a time", max_tokens=400, temperature=0
+        )
+    wait_until(lambda: stack.engine("gemma-3-270m").load().slots_busy == 0, timeout=3)
 
 
 def test_gateway_metrics_count_what_happened(client: openai.OpenAI) -> None:

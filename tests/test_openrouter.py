@@ -101,8 +101,18 @@ def test_the_requests_own_errors_are_not_retried(status: str, error: type, messa
     assert with_upstream(test) == 1
 
 
-@pytest.mark.parametrize("behaviour", ["error-mid", "reset-mid"])
-def test_a_failure_after_the_first_token_ends_the_stream_with_an_error(behaviour: str) -> None:
+@pytest.mark.parametrize(
+    ("behaviour", "needle"),
+    [
+        ("error-mid", "provider crashed"),
+        ("reset-mid", "broke mid-stream"),
+        ("truncated", "ended the stream without [DONE] mid-stream"),
+        ("garbled", "sent an event that is not a JSON object"),
+    ],
+)
+def test_a_failure_after_the_first_token_ends_the_stream_with_an_error(
+    behaviour: str, needle: str
+) -> None:
     async def test(upstream: OpenAIUpstream, server: FakeOpenRouter) -> tuple[list[str], str]:
         texts: list[str] = []
         body = {"model": f"vendor/{behaviour}", "messages": [{"role": "user", "content": "Hi"}]}
@@ -113,7 +123,7 @@ def test_a_failure_after_the_first_token_ends_the_stream_with_an_error(behaviour
 
     texts, message = with_upstream(test)
     assert texts == ["Hello"]
-    assert ("provider crashed" if behaviour == "error-mid" else "broke mid-stream") in message
+    assert needle in message
 
 
 def test_a_slow_first_byte_beyond_the_deadline_is_deadline_exceeded() -> None:
@@ -217,12 +227,20 @@ def test_openrouter_errors_keep_their_meaning_through_the_gateway(cloud_gateway)
         with pytest.raises(grpc.RpcError) as info:
             collect(stub.Generate(gateway_request(model=model, prompt="Hi"), timeout=30))
         assert info.value.code() == code and "upstream answered" in info.value.details()
-    broken = collect(
-        stub.Generate(gateway_request(model="openrouter/vendor/error-mid", prompt="Hi"))
-    )
-    assert broken.text == "Hello"
-    assert broken.finished.reason == generate_pb2.FINISH_REASON_ERROR
-    assert "provider crashed" in broken.finished.error_message
+    # Every stream ends truthfully: an upstream that fails, stops short or garbles after the
+    # first token ends with an error finish naming why, never a silent "stop".
+    for behaviour, needle in [
+        ("error-mid", "provider crashed"),
+        ("truncated", "without [DONE]"),
+        ("no-finish", "without a finish reason"),
+        ("garbled", "not a JSON object"),
+    ]:
+        broken = collect(
+            stub.Generate(gateway_request(model=f"openrouter/vendor/{behaviour}", prompt="Hi"))
+        )
+        assert broken.text.startswith("Hello")
+        assert broken.finished.reason == generate_pb2.FINISH_REASON_ERROR, behaviour
+        assert needle in broken.finished.error_message
 
 
 def test_local_first_falls_back_to_the_cloud_model_when_no_host_can_serve(cloud_gateway) -> None:  # type: ignore[no-untyped-def]
