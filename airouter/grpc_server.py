@@ -133,21 +133,29 @@ async def serve_until_signalled(
     health_servicer: health.aio.HealthServicer,
     grace_s: float,
     on_stopped: Callable[[], Awaitable[None]] | None = None,
-    on_draining: Callable[[], None] | None = None,
+    on_draining: Callable[[], Awaitable[None] | None] | None = None,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then reports NOT_SERVING, stops accepting RPCs and
     lets in-flight ones finish within grace_s before cancelling them. on_draining runs first,
-    so long-lived streams (WatchStatus) can end instead of holding the grace period."""
+    so long-lived streams (WatchStatus) can end instead of holding the grace period; when it
+    returns an awaitable (the service's own drain), that is awaited within the grace period
+    before the server stops."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     _log.info("shutdown_started", grace_s=grace_s)
-    if on_draining is not None:
-        on_draining()
+    deadline = loop.time() + grace_s
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_s)
+    if on_draining is not None:
+        drained = on_draining()
+        if drained is not None:
+            try:
+                await asyncio.wait_for(drained, grace_s)
+            except TimeoutError:
+                _log.warning("shutdown_grace_passed", grace_s=grace_s)
+    await server.stop(max(deadline - loop.time(), 0))
     if on_stopped is not None:
         await on_stopped()
     _log.info("shutdown_finished")

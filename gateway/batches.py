@@ -207,7 +207,7 @@ class BatchRunner:
         for batch in self._batches.values():
             batch.notify()
 
-    async def close(self) -> None:
+    async def stop_items(self) -> None:
         """Stops dispatching and the running items (they run again at the next start)."""
         tasks = [i.task for b in self._batches.values() for i in b.running if i.task]
         if self._dispatcher is not None:
@@ -215,6 +215,10 @@ class BatchRunner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stops the items and closes the database."""
+        await self.stop_items()
         if self._store is not None:
             await self._db(self._store.close)
         self._executor.shutdown()

@@ -97,7 +97,7 @@ async def _serve(config: GatewayConfig, path: Path | None, flags: dict[str, obje
         gateway.health,
         config.shutdown_grace_s,
         gateway.close,
-        on_draining=gateway.batches.drain,
+        on_draining=gateway.drain,
     )
 
 

@@ -35,8 +35,17 @@ class RunningGateway:
     port: int
     pool: HostPool
     upstream: OpenAIUpstream
+    service: GatewayService
     batches: BatchRunner
     http: HttpEdge | None = None
+
+    async def drain(self) -> None:
+        """Shutdown begins: batches stop taking items, new requests are refused on both
+        listeners, and this returns once the accepted ones have finished."""
+        self.batches.drain()
+        self.service.drain()
+        await self.batches.stop_items()  # they run again at the next start
+        await self.service.drained()
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.server.stop(grace_s)
@@ -119,7 +128,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
     await pool.start()
-    gateway = RunningGateway(server, health_servicer, port, pool, upstream, batches)
+    gateway = RunningGateway(server, health_servicer, port, pool, upstream, service, batches)
     if config.http_listen:
         warning = credentials.check_exposure(config.http_listen, "gateway HTTP edge")
         if warning:

@@ -110,6 +110,19 @@ class GatewayService:
         self.observer = observer
         # The most an attempt waits for a host's first message before the next host is tried.
         self.first_message_s = first_message_s
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def drain(self) -> None:
+        """Shutdown begins: new requests are refused (UNAVAILABLE, HTTP 503), so clients go
+        to another gateway; those accepted finish, whether streaming or waiting for a host."""
+        self.draining = True
+
+    async def drained(self) -> None:
+        """Returns once no request is in flight."""
+        await self._idle.wait()
 
     async def generate(
         self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
@@ -119,7 +132,11 @@ class GatewayService:
         started = time.perf_counter()
         label = self.model_label(request.model)
         first = True
+        self._in_flight += 1
+        self._idle.clear()
         try:
+            if self.draining:
+                raise Unavailable("the gateway is shutting down; send the request to another")
             validate(request)
             async for response in self._serve(request, time_left_s):
                 if first and response.HasField("token"):
@@ -131,6 +148,10 @@ class GatewayService:
         except AirouterError as exc:
             self.observer.refused(label, exc)
             raise
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     def model_label(self, requested: str) -> str:
         """The requested name as /metrics may show it: a name some host, alias or configured

@@ -1,7 +1,12 @@
 """The gateway relaying to real modelhosts over gRPC."""
 
 import asyncio
+import json
+import signal
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -16,7 +21,7 @@ from modelhost.config import HostConfig, ModelConfig
 from modelhost.generation import Delta, Finish, FinishReason, Timings, merge_deltas
 from modelhost.server import start_host
 from tests.conftest import Stack, gateway_config, host_config
-from tests.processes import free_port_address
+from tests.processes import ServerProcess, free_port_address
 from tests.streaming import collect, gateway_request, host_request
 
 
@@ -226,3 +231,42 @@ def test_merge_deltas_joins_runs_of_deltas_only() -> None:
     finish = Finish(FinishReason.LENGTH, 3, 3, Timings())
     merged = merge_deltas([Delta("a", 1), Delta("b", 1), finish, Delta("c", 1)])
     assert merged == [Delta("ab", 2), finish, Delta("c", 1)]
+
+
+def test_a_draining_gateway_finishes_what_it_accepted_and_refuses_the_rest(stack: Stack) -> None:
+    """SIGTERM with 8 streams on a 4-slot model, 4 of them still waiting for a token: all 8
+    finish; new requests on both listeners are refused so clients go elsewhere."""
+    gateway = ServerProcess("gateway", "serve", "--modelhost", stack.host_address)
+    http_port = next(r["http_port"] for r in gateway.log if r["event"] == "gateway_serving")
+    request = gateway_request(prompt="Once", max_tokens=24, ignore_eos=True, temperature=0.0)
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            collect(stub.Generate(gateway_request(prompt="Hi", max_tokens=1), timeout=30))
+            with ThreadPoolExecutor(8) as pool:
+                streams = [
+                    pool.submit(lambda: collect(stub.Generate(request, timeout=60)))
+                    for _ in range(8)
+                ]
+                time.sleep(0.3)
+                gateway.process.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                with pytest.raises(grpc.RpcError) as refused:
+                    collect(stub.Generate(request, timeout=10))
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in refused.value.details()
+                body = json.dumps({"model": "gemma-3-270m", "prompt": "Hi"}).encode()
+                post = urllib.request.Request(
+                    f"http://127.0.0.1:{http_port}/v1/completions", data=body
+                )
+                with pytest.raises(urllib.error.HTTPError) as busy:
+                    urllib.request.urlopen(post, timeout=10)
+                assert busy.value.code == 503
+                results = [s.result() for s in streams]
+        for result in results:
+            assert result.finished.reason == generate_pb2.FINISH_REASON_LENGTH
+            assert result.finished.usage.completion_tokens == 24
+        assert gateway.process.wait(timeout=30) == 0
+    finally:
+        if gateway.process.poll() is None:
+            gateway.kill()
