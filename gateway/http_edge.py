@@ -31,7 +31,7 @@ from airouter.openai_api import (
 )
 from airouter.security import Credentials, accepts_token
 from gateway.metrics import GatewayMetrics
-from gateway.service import GatewayService
+from gateway.service import MAX_GENERATE_BYTES, GatewayService
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -56,7 +56,9 @@ class HttpEdge:
         self._metrics = metrics
         self._credentials = credentials
         self._request_timeout_s = request_timeout_s
-        self.app = web.Application(middlewares=[self._errors, self._auth])
+        self.app = web.Application(
+            middlewares=[self._errors, self._auth], client_max_size=MAX_GENERATE_BYTES
+        )
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_get("/v1/models", self._models)
@@ -92,6 +94,9 @@ class HttpEdge:
             return await handler(request)
         except AirouterError as exc:
             return _error(exc.code, str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            limit = MAX_GENERATE_BYTES >> 20
+            return _error("INVALID_ARGUMENT", f"the body is larger than {limit} MiB; send less")
         except web.HTTPException as exc:
             return _error("NOT_FOUND" if exc.status == 404 else "INVALID_ARGUMENT", exc.reason)
 

@@ -39,6 +39,9 @@ from gateway.upstream import OpenAIUpstream, relay_upstream
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
 
+# The largest Generate request: what a host accepts (gRPC's default message size). Only
+# SubmitBatch may be larger (the gateway server's limit).
+MAX_GENERATE_BYTES = 4 << 20
 # How long a request waits for a host to become available before it fails.
 STARTUP_WAIT_S = 3.0
 # How long a listing right after start waits for hosts to be tried.
@@ -402,6 +405,12 @@ def validate(request: gateway_pb2.GatewayGenerateRequest) -> None:
         )
     if not request.prompt and not request.chat.messages:
         raise InvalidArgument("the request has neither a prompt nor chat messages")
+    size = request.ByteSize()
+    if size > MAX_GENERATE_BYTES:
+        raise InvalidArgument(
+            f"the request is {size / (1 << 20):.1f} MiB; a generate request may be at most "
+            f"{MAX_GENERATE_BYTES >> 20} MiB"
+        )
 
 
 def _error_finish(host: str, why: str) -> gateway_pb2.GatewayGenerateResponse:

@@ -79,7 +79,7 @@ class GenerationService:
         time_left_s: float | None,
     ) -> AsyncGenerator[Delta | Finish, None]:
         name = resident.config.name
-
+        refuse_what_cannot_fit(spec, model, engine.context_per_request, name)
         text = spec.prompt
         if spec.messages:
             text = await asyncio.to_thread(model.apply_chat_template, spec.messages)
@@ -139,3 +139,26 @@ class GenerationService:
             if not finished:
                 engine.cancel(request)
                 log.info("generation_cancelled")
+
+
+def refuse_what_cannot_fit(
+    spec: GenerationSpec, model: LlamaModel, context: int, name: str
+) -> None:
+    """Refuses, before templating and tokenizing (which cost seconds for megabytes), a request
+    whose prompt cannot fit the context whatever its tokens: each message takes at least one
+    token, and no token stands for more bytes than the vocabulary's longest."""
+    messages = spec.messages or []
+    if len(messages) > context:
+        raise InvalidArgument(
+            f"{len(messages)} messages cannot fit model {name!r}'s context of {context} "
+            "tokens (each takes at least one); send fewer"
+        )
+    if model.longest_token_bytes is None:
+        return  # the vocabulary scan after the load is still running
+    size = len((spec.prompt or "").encode()) + sum(len(c.encode()) for _, c in messages)
+    if size > context * model.longest_token_bytes:
+        raise InvalidArgument(
+            f"the prompt is {size} bytes, more than model {name!r}'s context of {context} "
+            f"tokens can hold (its longest token is {model.longest_token_bytes} bytes); "
+            "send less"
+        )

@@ -270,3 +270,12 @@ def test_a_draining_gateway_finishes_what_it_accepted_and_refuses_the_rest(stack
     finally:
         if gateway.process.poll() is None:
             gateway.kill()
+
+
+def test_an_oversized_request_is_refused_at_the_gateway_naming_the_limit(stack: Stack) -> None:
+    """Never sent to each host in turn (each would refuse it as too large, RESOURCE_EXHAUSTED)
+    nor to the cloud."""
+    with pytest.raises(grpc.RpcError) as error:
+        collect(stack.gateway_stub.Generate(gateway_request(prompt="x" * (5 << 20)), timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 4 MiB" in error.value.details()

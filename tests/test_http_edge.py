@@ -181,6 +181,9 @@ def test_a_body_that_is_not_utf8_or_not_json_is_a_400(client: openai.OpenAI) -> 
     assert status == 400 and "not UTF-8" in answer["error"]["message"]
     status, answer = post(client, "/completions", b"{model")
     assert status == 400 and "not JSON" in answer["error"]["message"]
+    huge = json.dumps({"model": "gemma-3-270m", "prompt": "x" * (5 << 20)}).encode()
+    status, answer = post(client, "/completions", huge)
+    assert status == 400 and "larger than 4 MiB" in answer["error"]["message"]
 
 
 def test_a_client_that_gives_up_cancels_its_generations(

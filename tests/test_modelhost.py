@@ -14,7 +14,7 @@ from airouter.v1 import generate_pb2, model_host_pb2
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from modelhost.config import HostConfig, embedded_model_config
 from modelhost.server import start_host
-from tests.conftest import CONTEXT, Stack
+from tests.conftest import CONTEXT, Stack, wait_until
 from tests.streaming import collect, host_request
 
 GREEDY = {"temperature": 0.0}
@@ -226,6 +226,21 @@ def test_prompt_longer_than_the_context_is_invalid_with_both_lengths(stack: Stac
     error = rpc_error(stack.host_stub.Generate(host_request(prompt=" ".join(["word"] * 2000))))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "2001 tokens" in error.details() and f"context of {CONTEXT} tokens" in error.details()
+
+
+def test_what_cannot_fit_is_refused_before_it_is_tokenized(stack: Stack) -> None:
+    """20,000 tiny messages or 3 MB of text cost seconds of templating and tokenizing; they
+    are refused at once from their count and size."""
+    generate(stack, prompt="hi", max_tokens=1)  # loaded, vocabulary scanned
+    wait_until(lambda: stack.host.residency.resolve("gemma-3-270m").model.longest_token_bytes, 10)
+    started = time.monotonic()
+    error = rpc_error(stack.host_stub.Generate(host_request(messages=[("user", "a")] * 20_000)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "20000 messages cannot fit" in error.details()
+    error = rpc_error(stack.host_stub.Generate(host_request(prompt="<start_of_turn>" * 200_000)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the prompt is 3000000 bytes" in error.details()
+    assert time.monotonic() - started < 1.0
 
 
 def test_bad_stop_strings_and_chat_roles_are_invalid(stack: Stack) -> None:

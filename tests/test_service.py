@@ -229,6 +229,10 @@ def test_every_host_full_is_resource_exhausted() -> None:
         (gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x", routing_policy=99), "99"),  # type: ignore[arg-type]
         (gateway_pb2.GatewayGenerateRequest(prompt="x"), "model is empty"),
         (gateway_pb2.GatewayGenerateRequest(model=MODEL), "neither a prompt"),
+        (
+            gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x" * (5 << 20)),
+            "the request is 5.0 MiB; a generate request may be at most 4 MiB",
+        ),
     ],
 )
 def test_bad_requests_are_refused_before_any_host_is_asked(
