@@ -91,6 +91,18 @@ class Credentials:
         return f"{server} serves {where} without {' and '.join(missing)}"
 
 
+def check_unprotected_listener(listen: str, what: str, insecure: bool) -> None:
+    """Raises SecurityError for a listener that has no TLS or token of its own (/metrics) on
+    a non-loopback address, unless insecure."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if not _is_loopback(host) and not insecure:
+        raise SecurityError(
+            f"refusing to serve {what} on {listen}: it has no TLS or token, so anyone who can "
+            "reach it could read it. Listen on 127.0.0.1 (and scrape through a proxy), or pass "
+            "--insecure to accept the risk"
+        )
+
+
 def read_secret(path: Path | None, env: str) -> str | None:
     """A token from its file (stripped) or else from the environment variable."""
     if path is not None:

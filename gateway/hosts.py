@@ -65,7 +65,8 @@ class Host:
     status: host_status_pb2.HostStatus | None = None
     standing: Standing = field(default_factory=lambda: Standing(since=time.monotonic()))
     in_flight: dict[str, int] = field(default_factory=dict)  # relayed requests per model
-    metadata: tuple[tuple[str, str], ...] = ()  # sent with every call: the bearer token
+    # Sent with every call: the bearer token, so never in a repr.
+    metadata: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # The Generate calls in flight, each with why it was dropped ("" while it runs).
     calls: dict[grpc.aio.UnaryStreamCall, str] = field(default_factory=dict, repr=False)
 

@@ -86,8 +86,11 @@ def host_pool(config: GatewayConfig) -> HostPool:
 async def start_gateway(config: GatewayConfig) -> RunningGateway:
     """Starts serving; hosts are contacted in the background."""
     credentials = Credentials(config)
-    warning = credentials.check_exposure(config.listen, "gateway")
-    if warning:
+    # Both listeners are checked before anything starts, so a refusal leaves nothing running.
+    warnings = [credentials.check_exposure(config.listen, "gateway")]
+    if config.http_listen:
+        warnings.append(credentials.check_exposure(config.http_listen, "gateway HTTP edge"))
+    for warning in filter(None, warnings):
         _log.warning("serving_without_protection", detail=warning)
     pool = host_pool(config)
     upstream = OpenAIUpstream(
@@ -130,9 +133,6 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     await pool.start()
     gateway = RunningGateway(server, health_servicer, port, pool, upstream, service, batches)
     if config.http_listen:
-        warning = credentials.check_exposure(config.http_listen, "gateway HTTP edge")
-        if warning:
-            _log.warning("serving_without_protection", detail=warning)
         gateway.http = HttpEdge(service, credentials, metrics, config.http_request_timeout_s)
         try:
             await gateway.http.start(config.http_listen, http_tls(config))

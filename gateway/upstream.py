@@ -64,7 +64,7 @@ class UpstreamStreamError(Exception):
 
 @dataclass(frozen=True)
 class UpstreamSettings:
-    api_key: str | None
+    api_key: str | None = field(repr=False)  # a secret: never in a repr or a log
     base_url: str = DEFAULT_BASE_URL
     max_attempts: int = 4
     backoff_s: tuple[float, float] = (0.5, 8.0)  # first retry delay, cap

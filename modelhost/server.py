@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from airouter import grpc_server
 from airouter.labels import format_bytes
-from airouter.security import Credentials
+from airouter.security import Credentials, check_unprotected_listener
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import HostConfig
 from modelhost.llama import default_threads
@@ -54,6 +54,8 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
     in the background."""
     credentials = Credentials(config)
     warning = credentials.check_exposure(config.listen, "modelhost")
+    if config.metrics_listen:
+        check_unprotected_listener(config.metrics_listen, "/metrics", config.insecure)
     if warning:
         _log.warning("serving_without_protection", detail=warning)
     probe = MemoryProbe(device)

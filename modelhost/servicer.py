@@ -32,6 +32,9 @@ MODEL_STATE_TO_PB = {
     ModelState.ERROR: generate_pb2.MODEL_STATE_ERROR,
 }
 
+# The shortest WatchStatus interval a client may ask for.
+MIN_WATCH_INTERVAL_MS = 100
+
 
 class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
     """Translates ModelHost RPCs; all model work happens in GenerationService and the engine."""
@@ -87,7 +90,8 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         self, request: model_host_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[model_host_pb2.WatchStatusResponse]:
         residency = self._service.residency
-        interval_s = (request.interval_ms or 1000) / 1000
+        # At most 10 updates a second, whatever a client asks for.
+        interval_s = max(request.interval_ms or 1000, MIN_WATCH_INTERVAL_MS) / 1000
         while True:
             changed = residency.next_change()
             yield model_host_pb2.WatchStatusResponse(status=host_status_pb(residency))

@@ -354,3 +354,16 @@ def test_a_model_whose_engine_failed_is_reloaded_by_the_next_request() -> None:
         assert "decoding stopped after an error" in host.model("a").state_detail
         assert host.generate("a").finished.usage.completion_tokens == 2
         assert host.model("a").state == READY and host.status().cache.loads == 2
+
+
+def test_watch_status_sends_at_most_ten_updates_a_second() -> None:
+    """A client asking for an update every millisecond gets one every 100 ms."""
+    with running_host([small("a")]) as host:
+        watch = host.stub.WatchStatus(model_host_pb2.WatchStatusRequest(interval_ms=1))
+        started, updates = time.monotonic(), 0
+        for _ in watch:
+            updates += 1
+            if time.monotonic() - started >= 1.0:
+                break
+        watch.cancel()
+        assert updates <= 12

@@ -1,6 +1,7 @@
 """TLS, mutual TLS, bearer tokens and the loopback rule, on real servers with real
 certificates made for the test (a CA, server and client certificates, and a stranger CA)."""
 
+import asyncio
 import datetime
 import ipaddress
 import os
@@ -18,10 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from airouter.security import SecurityError
+from airouter.security import SecurityError, bearer
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, model_host_pb2
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
+from gateway.hosts import Host
 from gateway.server import start_gateway
+from gateway.upstream import UpstreamSettings
 from modelhost.config import HostConfig, embedded_model_config
 from modelhost.server import start_host
 from tests.conftest import LoopThread, gateway_config
@@ -276,6 +279,15 @@ def test_listening_beyond_loopback_unprotected_is_refused(servers: Servers) -> N
         timeout=60,
     )
     assert done.returncode == 2 and "refusing to listen on 0.0.0.0:0" in done.stderr
+    # The HTTP edge the same way: one line, nothing left running, no traceback.
+    done = subprocess.run(
+        [str(BIN / "gateway"), "serve", "--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "refusing to listen on 0.0.0.0:0" in done.stderr
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
 
 
 def test_insecure_allows_it_and_says_so(servers: Servers) -> None:
@@ -314,3 +326,27 @@ def test_the_cli_speaks_tls_and_sends_the_token(pki: PKI, servers: Servers) -> N
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     hosts = airouter("hosts", token=TOKEN)
     assert hosts.returncode == 0 and servers.mtls_host_address in hosts.stdout
+
+
+def test_metrics_beyond_loopback_need_insecure(servers: Servers) -> None:
+    """/metrics has no TLS or token of its own."""
+    with pytest.raises(SecurityError) as info:
+        servers.loop.run(start_host(small_host_config(metrics_listen="0.0.0.0:0"), "cpu"))
+    assert "refusing to serve /metrics on 0.0.0.0:0" in str(info.value)
+    assert "--insecure" in str(info.value)
+    config = small_host_config(metrics_listen="0.0.0.0:0", listen="127.0.0.1:0", insecure=True)
+    config.models[0].preload = False
+    host = servers.loop.run(start_host(config, "cpu"))
+    assert host.metrics is not None and host.metrics.port
+    servers.loop.run(host.stop(0))
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    settings = UpstreamSettings(api_key="sk-or-secret-1")
+    assert "sk-or-secret-1" not in repr(settings)
+
+    async def host_repr() -> str:
+        async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
+            return repr(Host("h:1", channel, metadata=bearer("host-secret-2")))
+
+    assert "host-secret-2" not in asyncio.run(host_repr())
