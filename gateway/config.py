@@ -63,6 +63,13 @@ class GatewayConfig(ServerSecurity):
     model_policies: dict[str, Policy] = Field(default_factory=dict)
     # The cloud model (openrouter/<vendor>/<model>) each requested model falls back to.
     cloud_models: dict[str, str] = Field(default_factory=dict)
+    # Cloud spending is the operator's: under local_only, the openrouter/ models clients may
+    # still name (shell-style patterns, e.g. "openrouter/meta-llama/*"); cloud_models are
+    # always allowed.
+    cloud_allowed_models: list[str] = Field(default_factory=list)
+    # Whether a request's routing_policy may override the operator's (asking for local_only
+    # is always honoured: it spends nothing).
+    allow_policy_override: bool = False
     # Batches are kept in this SQLite file (one gateway per file); attempts per item, and
     # the time one attempt may take.
     batch_db: Path = Field(default_factory=default_batch_db)

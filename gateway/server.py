@@ -101,7 +101,12 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     )
     await upstream.start()
     cloud = CloudRouting(
-        upstream, config.default_policy, dict(config.model_policies), dict(config.cloud_models)
+        upstream,
+        config.default_policy,
+        dict(config.model_policies),
+        dict(config.cloud_models),
+        tuple(config.cloud_allowed_models),
+        config.allow_policy_override,
     )
     server, health_servicer = grpc_server.new_server(
         [SERVICE_NAME], credentials, max_message_bytes=MAX_MESSAGE_BYTES

@@ -11,6 +11,7 @@ caller's deadline; after it, a failure ends the stream with FINISH_REASON_ERROR 
 """
 
 import asyncio
+import fnmatch
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -27,6 +28,7 @@ from airouter.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
@@ -78,17 +80,38 @@ _STATE_RANK = {
 @dataclass(frozen=True)
 class CloudRouting:
     """Where requests may run: the upstream for openrouter/ models, and which requests go
-    there by policy (local_only, local_first, cloud_only) and to which cloud model."""
+    there by policy (local_only, local_first, cloud_only) and to which cloud model.
+
+    Cloud spending is the operator's to allow: under a local_only policy a client may name
+    only the openrouter/ models that allowed_models admits (shell-style patterns) or that
+    cloud_models names; and the operator's policy wins over a request's routing_policy unless
+    allow_policy_override, except that a request may always ask for local_only."""
 
     upstream: OpenAIUpstream
     default_policy: str = "local_only"
     model_policies: dict[str, str] = field(default_factory=dict)
     cloud_models: dict[str, str] = field(default_factory=dict)
+    allowed_models: tuple[str, ...] = ()
+    allow_policy_override: bool = False
 
     def policy(self, request: gateway_pb2.GatewayGenerateRequest) -> str:
-        if request.routing_policy:
-            return _POLICY_NAMES[request.routing_policy]
-        return self.model_policies.get(request.model, self.default_policy)
+        operator = self.model_policies.get(request.model, self.default_policy)
+        if not request.routing_policy:
+            return operator
+        asked = _POLICY_NAMES[request.routing_policy]
+        return asked if asked == "local_only" or self.allow_policy_override else operator
+
+    def check_allowed(self, model: str, policy: str) -> None:
+        """Raises PermissionDenied when a client names an openrouter/ model the operator has
+        not allowed."""
+        if policy != "local_only" or model in self.cloud_models.values():
+            return
+        if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.allowed_models):
+            return
+        raise PermissionDenied(
+            f"{model!r} runs in the cloud, and this gateway's policy for it is local_only; the "
+            "operator can admit it with cloud_allowed_models in gateway.toml"
+        )
 
 
 class RequestObserver(Protocol):
@@ -180,6 +203,8 @@ class GatewayService:
         cloud = self.cloud
         policy = cloud.policy(request)
         fallback = cloud.cloud_models.get(requested)
+        if requested.startswith(OPENROUTER_PREFIX):
+            cloud.check_allowed(requested, policy)
         if requested.startswith(OPENROUTER_PREFIX) or policy == "cloud_only":
             if not requested.startswith(OPENROUTER_PREFIX):
                 if fallback is None:

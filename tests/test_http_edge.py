@@ -33,6 +33,7 @@ def client(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[o
         token_file=directory / "token",
         openrouter_base_url=upstream.base_url,
         openrouter_api_key_file=directory / "openrouter-key",
+        cloud_allowed_models=["openrouter/vendor/*"],
     )
     gateway = stack.loop.run(start_gateway(config))
     assert gateway.http is not None

@@ -187,6 +187,7 @@ def cloud_gateway(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         openrouter_base_url=server.base_url,
         openrouter_api_key_file=key,
         default_policy="local_first",
+        allow_policy_override=True,
         model_policies={"capability:code": "cloud_only"},
         cloud_models={
             "gemma-3-270m": "openrouter/vendor/ok",

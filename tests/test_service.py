@@ -13,6 +13,7 @@ from airouter.errors import (
     AirouterError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
@@ -114,6 +115,7 @@ def serve(
     *,
     first_message_s: float = 5.0,
     time_left_s: float | None = 10.0,
+    **cloud: Any,
 ) -> tuple[list[gateway_pb2.GatewayGenerateResponse], AirouterError | None, Observer]:
     """Runs one request through a service over `hosts` (the first is ranked first)."""
     observer = Observer()
@@ -122,7 +124,8 @@ def serve(
         pool = HostPool([])
         pool.hosts = hosts
         upstream = OpenAIUpstream(UpstreamSettings(api_key=None))
-        service = GatewayService(pool, CloudRouting(upstream), observer, first_message_s)
+        routing = CloudRouting(upstream, **cloud)
+        service = GatewayService(pool, routing, observer, first_message_s)
         out: list[gateway_pb2.GatewayGenerateResponse] = []
         try:
             async for message in service.generate(
@@ -258,3 +261,40 @@ def test_no_host_up_is_unavailable_with_each_host_s_state() -> None:
     _, error, _ = serve([a], time_left_s=0.1)
     assert isinstance(error, Unavailable)
     assert "a:1: down (no status update for 3 s)" in str(error)
+
+
+def cloud_request(model: str, policy: int = 0) -> gateway_pb2.GatewayGenerateRequest:
+    return gateway_pb2.GatewayGenerateRequest(model=model, prompt="x", routing_policy=policy)  # type: ignore[arg-type]
+
+
+# The fake upstream is never started: a request that passes the operator's gate fails there.
+NOT_STARTED = "the upstream client is not started"
+
+
+def test_an_operator_local_only_forbids_cloud_models_it_has_not_allowed() -> None:
+    a = fake_host("a:1", plays(token("local"), finish()))
+    _, error, _ = serve([a], cloud_request("openrouter/openai/gpt-5"))
+    assert isinstance(error, PermissionDenied) and "cloud_allowed_models" in str(error)
+    allowed = {"allowed_models": ("openrouter/meta-llama/*",)}
+    _, error, _ = serve([a], cloud_request("openrouter/meta-llama/llama-4"), **allowed)
+    assert isinstance(error, Unavailable) and NOT_STARTED in str(error)
+    _, error, _ = serve([a], cloud_request("openrouter/openai/gpt-5"), **allowed)
+    assert isinstance(error, PermissionDenied)
+    # A cloud model the operator chose as a fallback is allowed by that choice.
+    fallback = {"cloud_models": {MODEL: "openrouter/openai/gpt-5"}}
+    _, error, _ = serve([a], cloud_request("openrouter/openai/gpt-5"), **fallback)
+    assert isinstance(error, Unavailable) and NOT_STARTED in str(error)
+
+
+def test_the_operator_s_policy_wins_over_the_request_s_unless_it_allows_overrides() -> None:
+    a = fake_host("a:1", plays(token("local"), finish()))
+    cloud_only = cloud_request(MODEL, gateway_pb2.ROUTING_POLICY_CLOUD_ONLY)
+    routing = {"cloud_models": {MODEL: "openrouter/openai/gpt-5"}}
+    out, error, _ = serve([a], cloud_only, **routing)
+    assert error is None and out[-1].finished.host == "a:1"  # stayed local
+    _, error, _ = serve([a], cloud_only, allow_policy_override=True, **routing)
+    assert isinstance(error, Unavailable) and NOT_STARTED in str(error)  # went to the cloud
+    # Asking for local_only spends nothing: always honoured.
+    local_only = cloud_request(MODEL, gateway_pb2.ROUTING_POLICY_LOCAL_ONLY)
+    out, error, _ = serve([a], local_only, default_policy="cloud_only", **routing)
+    assert error is None and out[-1].finished.host == "a:1"

@@ -249,6 +249,7 @@ def test_openrouter_calls_and_the_http_edge_are_traced(traced: Traced, tmp_path:
     config.write_text(
         f'modelhosts = ["{traced.hosts[1].address}"]\n'
         f'openrouter_base_url = "{upstream.base_url}"\nopenrouter_api_key_file = "{key}"\n'
+        'cloud_allowed_models = ["openrouter/vendor/*"]\n'
     )
     gateway = ServerProcess("gateway", "serve", "--config", str(config), env=traced.env)
     try:
