@@ -232,6 +232,22 @@ class BatchStore:
                 )
         return stored
 
+    def delete_finished_before(self, cutoff: float) -> list[str]:
+        """Deletes the batches (and their items) that finished before `cutoff` (epoch
+        seconds); returns their ids."""
+        with self._transaction():
+            ids = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT id FROM batches WHERE finished_at IS NOT NULL AND finished_at < ?",
+                    (cutoff,),
+                )
+            ]
+            for batch_id in ids:
+                self._db.execute("DELETE FROM items WHERE batch_id = ?", (batch_id,))
+                self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+        return ids
+
     def set_state(self, batch_id: str, state: int) -> None:
         with self._transaction():
             self._db.execute("UPDATE batches SET state = ? WHERE id = ?", (state, batch_id))

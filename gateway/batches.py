@@ -59,6 +59,8 @@ BATCH_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 RETRY_BACKOFF_S = (1.0, 60.0)
 # Items of openrouter/ models in flight per batch model: the upstream's own limits apply.
 CLOUD_CONCURRENCY = 8
+# How often finished batches past their retention are looked for.
+PRUNE_EVERY_S = 3600.0
 # How often the dispatcher looks at the hosts again while items wait for a slot.
 DISPATCH_POLL_S = 0.5
 # Failures another attempt may well get past; any other is the item's own.
@@ -82,6 +84,21 @@ class _Item:
     request: gateway_pb2.GatewayGenerateRequest
     attempts: int
     task: asyncio.Task[None] | None = None
+
+    def result(
+        self, error: AirouterError | None = None, state: "gateway_pb2.BatchItemState" = _FAILED
+    ) -> gateway_pb2.BatchItemResult:
+        """The item's result record; with an error, failed (or `state`) with its code."""
+        result = gateway_pb2.BatchItemResult(
+            custom_id=self.custom_id,
+            index=self.index,
+            attempts=self.attempts,
+            chat=self.request.HasField("chat"),
+        )
+        if error is not None:
+            result.state = state
+            result.error_code, result.error_message = error.code, str(error)
+        return result
 
 
 @dataclass(eq=False)
@@ -155,6 +172,7 @@ class BatchRunner:
         metrics: GatewayMetrics,
         max_attempts: int = 4,
         item_timeout_s: float = 600.0,
+        retention_s: float = 7 * 86400.0,
     ) -> None:
         self._path = path
         self._service = service
@@ -162,7 +180,14 @@ class BatchRunner:
         self._cloud = service.cloud
         self._max_attempts = max_attempts
         self._item_timeout_s = item_timeout_s
-        self._batches: dict[str, _Batch] = {}  # oldest first: older batches run first
+        self._retention_s = retention_s
+        self._batches: dict[str, _Batch] = {}  # every stored batch, oldest first
+        # The batches in progress or cancelling, oldest first (older batches run first): the
+        # dispatcher and /metrics walk these, not the finished ones.
+        self._active: dict[str, _Batch] = {}
+        # Items of the finished batches by state, for /metrics.
+        self._settled: Counter[str] = Counter()
+        self._pruner: asyncio.Task[None] | None = None
         self._running_by_model: Counter[str] = Counter()
         self._retries: list[tuple[float, _Item]] = []
         self._wake = asyncio.Event()
@@ -187,6 +212,7 @@ class BatchRunner:
             states = await self._db(self._store.item_states, stored.id)
             batch.finals.update({s: n for s, n in states.items() if s in FINAL_ITEM_STATES})
             self._batches[stored.id] = batch
+            self._track(batch)
             if batch.active:
                 for pending in await self._db(self._store.unfinished_items, stored.id):
                     self._enqueue(batch, pending)
@@ -196,6 +222,35 @@ class BatchRunner:
         if resumed:
             _log.info("batches_resumed", batches=resumed, path=str(self._path))
         self._dispatcher = asyncio.create_task(self._dispatch())
+        self._pruner = asyncio.create_task(self._prune_forever())
+
+    def _track(self, batch: "_Batch") -> None:
+        """Files a batch as active, or counts it as settled once it has finished."""
+        if batch.active:
+            self._active[batch.id] = batch
+            return
+        self._active.pop(batch.id, None)
+        counts = batch.counts()
+        self._settled.update({s: getattr(counts, s) for s in _ITEM_STATES})
+
+    async def _prune_forever(self) -> None:
+        """Deletes finished batches older than the retention period, now and every hour."""
+        while True:
+            await self.prune()
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+    async def prune(self) -> None:
+        assert self._store is not None
+        deleted = await self._db(
+            self._store.delete_finished_before, time.time() - self._retention_s
+        )
+        for batch_id in deleted:
+            batch = self._batches.pop(batch_id, None)
+            if batch is not None:
+                counts = batch.counts()
+                self._settled.subtract({s: getattr(counts, s) for s in _ITEM_STATES})
+        if deleted:
+            _log.info("batches_deleted", batches=len(deleted), retention_s=self._retention_s)
 
     def drain(self) -> None:
         """Shutdown begins: no item starts any more, and result streams end with UNAVAILABLE
@@ -209,9 +264,8 @@ class BatchRunner:
 
     async def stop_items(self) -> None:
         """Stops dispatching and the running items (they run again at the next start)."""
-        tasks = [i.task for b in self._batches.values() for i in b.running if i.task]
-        if self._dispatcher is not None:
-            tasks.append(self._dispatcher)
+        tasks = [i.task for b in self._active.values() for i in b.running if i.task]
+        tasks += [t for t in (self._dispatcher, self._pruner) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -257,6 +311,7 @@ class BatchRunner:
                 self._store.add_batch, batch_id, list(request.items), trace_id, span_id
             )
         batch = self._batches[batch_id] = _Batch(stored)
+        self._track(batch)
         for index, item in enumerate(request.items):
             self._enqueue(batch, PendingItem(index, item.custom_id, item.request, 0))
         _log.info("batch_submitted", batch_id=batch_id, items=len(request.items))
@@ -327,7 +382,7 @@ class BatchRunner:
                 item.batch.retrying.discard(item)
                 item.batch.pending.setdefault(item.request.model, deque()).appendleft(item)
             waiting = False
-            for batch in list(self._batches.values()):
+            for batch in list(self._active.values()):
                 for model, queue in list(batch.pending.items()):
                     while queue and batch.stored.state == _IN_PROGRESS:
                         item = queue[0]
@@ -377,16 +432,8 @@ class BatchRunner:
     def _fail_now(self, item: _Item, exc: Exception) -> None:
         """Fails an item that the dispatcher could not even place, and goes on."""
         _log.exception("batch_item_unplaceable", batch_id=item.batch.id, custom_id=item.custom_id)
-        result = gateway_pb2.BatchItemResult(
-            custom_id=item.custom_id,
-            index=item.index,
-            state=_FAILED,
-            attempts=item.attempts,
-            chat=item.request.HasField("chat"),
-            error_code=Internal.code,
-            error_message=f"the gateway could not dispatch this item: {exc!r}",
-        )
-        self._spawn_record(item.batch, [result])
+        error = Internal(f"the gateway could not dispatch this item: {exc!r}")
+        self._spawn_record(item.batch, [item.result(error)])
 
     def _spawn_record(self, batch: "_Batch", results: list[gateway_pb2.BatchItemResult]) -> None:
         task = asyncio.create_task(self._record(batch, results))
@@ -443,12 +490,7 @@ class BatchRunner:
             batch.running.discard(item)
             self._running_by_model[item.request.model] -= 1
             self._wake.set()
-        result = gateway_pb2.BatchItemResult(
-            custom_id=item.custom_id,
-            index=item.index,
-            attempts=item.attempts,
-            chat=request.HasField("chat"),
-        )
+        result = item.result(error)
         if error is None:
             assert finished is not None
             result.state, result.text = _SUCCEEDED, "".join(texts)
@@ -462,7 +504,6 @@ class BatchRunner:
                 await self._retry_later(item, error)
             return
         else:
-            result.state, result.error_code, result.error_message = _FAILED, error.code, str(error)
             with trace.use_span(span):
                 _log.warning(
                     "batch_item_failed",
@@ -504,18 +545,8 @@ class BatchRunner:
             item.task.cancel()
         await asyncio.gather(*(i.task for i in running if i.task), return_exceptions=True)
         waiting = [*waiting, *running]
-        results = [
-            gateway_pb2.BatchItemResult(
-                custom_id=item.custom_id,
-                index=item.index,
-                state=_CANCELLED,
-                attempts=item.attempts,
-                chat=item.request.HasField("chat"),
-                error_code=Cancelled.code,
-                error_message="the batch was cancelled before this item finished",
-            )
-            for item in sorted(waiting, key=lambda i: i.index)
-        ]
+        cancelled = Cancelled("the batch was cancelled before this item finished")
+        results = [i.result(cancelled, _CANCELLED) for i in sorted(waiting, key=lambda i: i.index)]
         await asyncio.shield(self._record(batch, results))
 
     async def _record(self, batch: _Batch, results: list[gateway_pb2.BatchItemResult]) -> None:
@@ -529,6 +560,7 @@ class BatchRunner:
             refreshed = await self._db(self._store.batch, batch.id)
             assert refreshed is not None
             batch.stored = refreshed
+            self._track(batch)
             _log.info("batch_finished", batch_id=batch.id, **_counts_log(batch))
         batch.notify()
 
@@ -536,7 +568,8 @@ class BatchRunner:
         """Items of every stored batch by state (BatchCounts' fields but total), for
         /metrics."""
         totals: Counter[str] = Counter({state: 0 for state in _ITEM_STATES})
-        for batch in self._batches.values():
+        totals.update(self._settled)
+        for batch in self._active.values():
             counts = batch.counts()
             for state in _ITEM_STATES:
                 totals[state] += getattr(counts, state)

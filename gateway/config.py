@@ -75,6 +75,8 @@ class GatewayConfig(ServerSecurity):
     batch_db: Path = Field(default_factory=default_batch_db)
     batch_max_attempts: int = Field(default=4, ge=1)
     batch_item_timeout_s: float = Field(default=600.0, gt=0)
+    # Finished batches (and their results) are deleted after this many seconds.
+    batch_retention_s: float = Field(default=7 * 86400.0, gt=0)
 
     @model_validator(mode="after")
     def _cloud_models_are_openrouter_models(self) -> "GatewayConfig":

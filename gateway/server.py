@@ -119,6 +119,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         metrics,
         max_attempts=config.batch_max_attempts,
         item_timeout_s=config.batch_item_timeout_s,
+        retention_s=config.batch_retention_s,
     )
     try:
         await batches.start()

@@ -42,7 +42,8 @@ class ModelConfig(BaseModel):
     # A llama.cpp built-in template name ("gemma", "chatml", ...) or a template, for models
     # whose GGUF carries none; unset: the GGUF's own.
     chat_template: str | None = None
-    # Requests that may wait for a slot before new ones get RESOURCE_EXHAUSTED.
+    # Requests that may wait for a slot before new ones get RESOURCE_EXHAUSTED (0: none may
+    # wait; a request that takes a free slot is never refused).
     max_queue: int = Field(default=256, ge=0)
     # KV cache element types; quantized types hold more context in the same memory.
     cache_type_k: KVCacheType = "f16"

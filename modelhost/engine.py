@@ -115,14 +115,18 @@ class Engine:
         )
 
     def submit(self, request: EngineRequest) -> None:
-        """Queues a request; raises ResourceExhausted when the queue is full."""
+        """Queues a request; raises ResourceExhausted when it would have to wait for a slot
+        and max_queue requests already do. One that will take a free slot is never refused;
+        max_queue = 0 means no waiting."""
         with self._lock:
             if self.failure is not None:
                 raise Unavailable(
                     f"model {self._name!r} stopped decoding after an error ({self.failure}); "
                     "unload and load it again (UnloadModel, LoadModel), or retry on another host"
                 )
-            if self._queued >= self._max_queue:
+            # Submitted requests take the free slots first; the rest wait.
+            waiting = self._queued + len(self._running) - self._slots
+            if waiting >= 0 and waiting >= self._max_queue:
                 raise ResourceExhausted(
                     f"the queue of model {self._name!r} is full: {self._queued} requests wait "
                     f"for its {self._slots} slots, the most its max_queue allows; retry later "

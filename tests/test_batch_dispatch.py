@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from airouter.errors import AlreadyExists
+from airouter.errors import AlreadyExists, NotFound
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway.batches import BatchRunner
 from gateway.hosts import HostPool
@@ -54,7 +54,10 @@ def batch(count: int, model: str = MODEL) -> gateway_pb2.SubmitBatchRequest:
 
 
 def with_runner(
-    tmp_path: Path, body: Callable[[BatchRunner, FakeService], Awaitable[Any]], slots: int = 1
+    tmp_path: Path,
+    body: Callable[[BatchRunner, FakeService], Awaitable[Any]],
+    slots: int = 1,
+    **settings: Any,
 ) -> Any:
     async def run() -> Any:
         host = fake_host("a:1", plays())
@@ -66,7 +69,8 @@ def with_runner(
         upstream = OpenAIUpstream(UpstreamSettings(api_key=None))
         cloud = CloudRouting(upstream)
         service = FakeService(pool, cloud)
-        runner = BatchRunner(tmp_path / "batches.sqlite3", service, GatewayMetrics(pool, upstream))
+        metrics = GatewayMetrics(pool, upstream)
+        runner = BatchRunner(tmp_path / "batches.sqlite3", service, metrics, **settings)
         await runner.start()
         try:
             return await body(runner, service)
@@ -137,3 +141,19 @@ def test_concurrent_submits_of_one_batch_id_store_it_once(tmp_path: Path) -> Non
         assert isinstance(results[0], AlreadyExists)
 
     with_runner(tmp_path, body)
+
+
+def test_finished_batches_are_deleted_after_their_retention(tmp_path: Path) -> None:
+    async def body(runner: BatchRunner, service: FakeService) -> None:
+        service.release.set()
+        await runner.submit(batch(2))
+        await settle(runner, "b1")
+        assert runner._item_states()["succeeded"] == 2
+        await asyncio.sleep(0.3)
+        await runner.prune()
+        with pytest.raises(NotFound):
+            runner.get("b1")
+        assert runner._item_states()["succeeded"] == 0
+        assert runner.all() == []
+
+    with_runner(tmp_path, body, retention_s=0.2)

@@ -367,3 +367,19 @@ def test_watch_status_sends_at_most_ten_updates_a_second() -> None:
                 break
         watch.cancel()
         assert updates <= 12
+
+
+def test_max_queue_zero_means_no_waiting_not_no_requests() -> None:
+    """Two slots and max_queue = 0: two requests run at once, a third is refused."""
+    with running_host([small("a", slots=2, max_queue=0, preload=True)]) as host:
+        wait_until(lambda: host.states()["a"] == READY, 60)
+        first = host.stub.Generate(host_request(model="a", prompt="A", max_tokens=200))
+        second = host.stub.Generate(host_request(model="a", prompt="B", max_tokens=200))
+        assert next(first).HasField("token") and next(second).HasField("token")
+        with pytest.raises(grpc.RpcError) as info:
+            host.generate("a")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.cancel()
+        second.cancel()
+        wait_until(lambda: host.status().models[0].slots_busy == 0, 10)
+        assert host.generate("a").finished.usage.completion_tokens == 2

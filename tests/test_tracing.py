@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
-from tests.conftest import LoopThread, wait_for_health
+from tests.conftest import LoopThread, wait_for_health, wait_until
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 from tests.processes import ServerProcess
 from tests.streaming import collect, gateway_request
@@ -197,8 +197,14 @@ def test_one_trace_holds_gateway_routing_host_and_engine_spans(traced: Traced) -
     # Log lines inside the request carry its trace id, in both processes.
     route_logs = [r for r in traced.gateway.log if r.get("event") == "route_chosen"]
     assert any(r.get("trace_id") == CLIENT_TRACE_ID for r in route_logs)
-    host_logs = [r for r in traced.hosts[0].log if r.get("event") == "generation_finished"]
-    assert any(r.get("trace_id") == CLIENT_TRACE_ID for r in host_logs)
+    # The host logs the end of a generation after its last message is sent: wait for it.
+    wait_until(
+        lambda: any(
+            r.get("event") == "generation_finished" and r.get("trace_id") == CLIENT_TRACE_ID
+            for r in list(traced.hosts[0].log)
+        ),
+        10,
+    )
 
 
 def test_a_failover_shows_both_attempts_in_one_trace(traced: Traced) -> None:
