@@ -89,9 +89,14 @@ async def _serve(config: GatewayConfig, path: Path | None, flags: dict[str, obje
         modelhosts=config.modelhosts,
         tls=config.tls_cert is not None,
     )
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGHUP, lambda: asyncio.ensure_future(_reload(gateway, path, flags))
-    )
+    reloads: set[asyncio.Task[None]] = set()  # referenced until done, or the loop may drop them
+
+    def reload() -> None:
+        task = asyncio.create_task(_reload(gateway, path, flags))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     await grpc_server.serve_until_signalled(
         gateway.server,
         gateway.health,

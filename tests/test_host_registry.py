@@ -1,6 +1,7 @@
 """Hosts joining and leaving at run time: names that resolve to several addresses (a
 Kubernetes headless service) and config reloads on SIGHUP, which never drop a stream."""
 
+import asyncio
 import signal
 import socket
 import time
@@ -111,3 +112,31 @@ def test_sighup_reloads_the_hosts_without_dropping_a_stream(
         assert gateway.stop() == 0
         for host in (old, new):
             loop.run(host.stop(0))
+
+
+def test_a_reload_during_a_slow_dns_refresh_is_not_reverted() -> None:
+    """A DNS refresh still resolving the old entries when a SIGHUP reload applies new ones
+    must not put the old host list back when it finishes."""
+
+    async def scenario() -> list[str]:
+        slow = asyncio.Event()
+
+        async def resolver(name: str, port: str) -> list[tuple[object, ...]]:
+            if name == "old.test":
+                await slow.wait()  # the refresh is stuck in DNS
+            ip = "127.0.0.3" if name == "old.test" else "127.0.0.4"
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(port)))]
+
+        pool = HostPool(["127.0.0.5:1"], resolver=resolver)
+        pool.entries = ["old.test:1"]
+        refresh = asyncio.create_task(pool.reconcile())  # the periodic refresh, old entries
+        await asyncio.sleep(0.01)
+        reload = asyncio.create_task(pool.reconcile(["new.test:1"]))  # SIGHUP
+        await asyncio.sleep(0.01)
+        slow.set()
+        await asyncio.gather(refresh, reload)
+        addresses = [h.address for h in pool.hosts]
+        await pool.close()
+        return addresses
+
+    assert asyncio.run(scenario()) == ["new.test:1"]
