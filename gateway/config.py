@@ -44,8 +44,10 @@ class GatewayConfig(ServerSecurity):
     # request fails over to the next host, within the client's deadline. It covers a cold
     # model's load and a wait in the host's queue, so it is generous.
     first_message_timeout_s: float = Field(default=60.0, gt=0)
-    # The deadline of an HTTP request (OpenAI clients send none).
+    # The deadline of an HTTP request (OpenAI clients send none), and the most seconds a new
+    # HTTP connection may take to send its first request's headers.
     http_request_timeout_s: float = Field(default=600.0, gt=0)
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
     # TLS to the modelhosts: the CA that signed their certificates, and this gateway's own
     # certificate and key when they require mutual TLS.
     modelhost_ca: Path | None = None

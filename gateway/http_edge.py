@@ -5,6 +5,7 @@ OpenAI's JSON shape. Each request has a deadline (request_timeout_s), and a clie
 cancels its request on the host, streamed or not.
 """
 
+import asyncio
 import json
 import ssl
 import time
@@ -37,6 +38,14 @@ _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Seconds an idle keep-alive connection stays open.
+KEEPALIVE_S = 75.0
+
+
+def _close_if_no_request(handler: Any) -> None:
+    # _request_count: requests whose headers the connection has parsed (aiohttp's own count).
+    if getattr(handler, "_request_count", 1) == 0 and handler.transport is not None:
+        handler.transport.close()
 
 
 def _error(status_name: str, message: str) -> web.Response:
@@ -51,11 +60,14 @@ class HttpEdge:
         credentials: Credentials,
         metrics: GatewayMetrics,
         request_timeout_s: float = 600.0,
+        header_timeout_s: float = 10.0,
     ) -> None:
         self._service = service
         self._metrics = metrics
         self._credentials = credentials
         self._request_timeout_s = request_timeout_s
+        self._header_timeout_s = header_timeout_s
+        self._listener: asyncio.Server | None = None
         self.app = web.Application(
             middlewares=[self._errors, self._auth], client_max_size=MAX_GENERATE_BYTES
         )
@@ -69,22 +81,37 @@ class HttpEdge:
     async def start(self, listen: str, tls: ssl.SSLContext | None) -> int:
         host, _, port = listen.rpartition(":")
         # handler_cancellation: a client that disconnects cancels its handler, and with it the
-        # host's generation (aiohttp lets handlers run on by default).
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        # host's generation (aiohttp lets handlers run on by default). An idle keep-alive
+        # connection closes after KEEPALIVE_S (aiohttp's default is an hour).
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handler_cancellation=True, keepalive_timeout=KEEPALIVE_S
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=tls)
         try:
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                self._connection, host.strip("[]"), int(port), ssl=tls, reuse_address=True
+            )
         except OSError as exc:
             await self._runner.cleanup()
             raise OSError(
                 f"cannot listen on {listen} for the HTTP edge ({exc.strerror}); pick another "
                 "address with --http-listen (http_listen in gateway.toml)"
             ) from exc
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._listener.sockets[0].getsockname()[1]
         return self.port
 
+    def _connection(self) -> asyncio.Protocol:
+        """A new connection's protocol, closed if its first request's headers have not all
+        arrived within the header timeout: aiohttp itself would wait for them forever, so a
+        client sending a byte at a time (slowloris) could hold connections open at will."""
+        assert self._runner is not None and self._runner.server is not None
+        handler = self._runner.server()
+        asyncio.get_running_loop().call_later(self._header_timeout_s, _close_if_no_request, handler)
+        return handler
+
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -139,7 +139,13 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     await pool.start()
     gateway = RunningGateway(server, health_servicer, port, pool, upstream, service, batches)
     if config.http_listen:
-        gateway.http = HttpEdge(service, credentials, metrics, config.http_request_timeout_s)
+        gateway.http = HttpEdge(
+            service,
+            credentials,
+            metrics,
+            config.http_request_timeout_s,
+            config.http_header_timeout_s,
+        )
         try:
             await gateway.http.start(config.http_listen, http_tls(config))
         except OSError:

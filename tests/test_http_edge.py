@@ -4,6 +4,7 @@ Local models come from the session's modelhost; openrouter/ models from the fake
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -234,3 +235,36 @@ def test_a_taken_http_address_is_refused_with_the_flag_to_change(stack: Stack) -
             stack.loop.run(start_gateway(config))
     assert f"cannot listen on {address} for the HTTP edge" in str(info.value)
     assert "--http-listen" in str(info.value)
+
+
+def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Stack) -> None:
+    """Slowloris: the connection closes once the header timeout passes; others are served."""
+    config = gateway_config([stack.host_address], http_listen="127.0.0.1:0")
+    config.http_header_timeout_s = 1.0
+    gateway = stack.loop.run(start_gateway(config))
+    assert gateway.http is not None
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.http.port), timeout=10) as slow:
+            started = time.monotonic()
+            closed = False
+            for byte in b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 20:
+                try:
+                    slow.sendall(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                slow.settimeout(0.2)
+                try:
+                    if slow.recv(1024) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+            assert closed, "the server kept a connection whose headers never ended"
+            assert time.monotonic() - started < 3.0
+        models = urllib.request.urlopen(
+            f"http://127.0.0.1:{gateway.http.port}/v1/models", timeout=10
+        )
+        assert models.status == 200
+    finally:
+        stack.loop.run(gateway.stop(0))
