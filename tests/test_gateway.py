@@ -279,3 +279,12 @@ def test_an_oversized_request_is_refused_at_the_gateway_naming_the_limit(stack: 
         collect(stack.gateway_stub.Generate(gateway_request(prompt="x" * (5 << 20)), timeout=30))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 4 MiB" in error.value.details()
+
+
+def test_an_unknown_enum_value_is_invalid_argument_not_unknown(stack: Stack) -> None:
+    request = gateway_request(prompt="Hi", max_tokens=1)
+    request.routing_policy = 99  # type: ignore[assignment]
+    with pytest.raises(grpc.RpcError) as error:
+        collect(stack.gateway_stub.Generate(request, timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "routing_policy 99 is unknown" in error.value.details()
