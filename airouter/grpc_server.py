@@ -122,9 +122,15 @@ async def mark_serving(
 def bind(server: grpc.aio.Server, address: str, tls: grpc.ServerCredentials | None = None) -> int:
     """Listens on address (HOST:PORT, port 0 for any free one), with TLS when given, and
     returns the bound port."""
-    port = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
+    why = (
+        f"cannot listen on {address}: the address is in use or invalid; pick another with --listen"
+    )
+    try:
+        port = server.add_secure_port(address, tls) if tls else server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        raise OSError(why) from None
     if port == 0:
-        raise OSError(f"cannot listen on {address}: the address is in use or invalid")
+        raise OSError(why)
     return port
 
 

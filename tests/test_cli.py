@@ -185,3 +185,22 @@ def test_a_config_that_is_not_toml_says_so(tmp_path: Path) -> None:
     config, done = serve_with_config(tmp_path, "[[models]\n")
     assert done.returncode == 2
     assert f"{config}: not valid TOML" in done.stderr
+
+
+def test_a_taken_grpc_port_is_one_line_naming_the_address_and_the_flag(servers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    host, gateway = servers
+    gateway_flags = ["--http-listen", "127.0.0.1:0", "--batch-db", str(tmp_path / "b.sqlite3")]
+    for program, address, extra in [
+        ("modelhost", host.address, []),
+        ("gateway", gateway.address, gateway_flags),
+    ]:
+        done = subprocess.run(
+            [str(BIN / program), "serve", "--listen", address, *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        assert f"{program}: cannot listen on {address}" in done.stderr
+        assert "pick another with --listen" in done.stderr
+        assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
