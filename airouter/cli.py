@@ -1,5 +1,6 @@
-"""`airouter`: talk to a gateway from the shell.
+"""`airouter`: run and talk to airouter from the shell.
 
+airouter up                                  a modelhost and a gateway here (Ctrl-C stops)
 airouter generate "Why is the sky blue?"     tokens as they arrive
 airouter generate --json "..."               one JSON object per event
 airouter models                              the models the gateway can reach
@@ -25,6 +26,7 @@ from google.protobuf import json_format
 from airouter.batch_cli import add_batch_commands, run_batch
 from airouter.labels import enum_label, format_bytes
 from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
+from airouter.up import add_up_command, run_up
 from airouter.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
@@ -36,7 +38,12 @@ from airouter.v1 import (
 
 DEFAULT_GATEWAY = "127.0.0.1:50050"
 DEFAULT_MODELHOST = "127.0.0.1:50051"
-DEFAULT_MODEL = "gemma-3-270m"
+# The zero-config host's models: an instruct model for chat turns, a base model for --raw.
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_RAW_MODEL = "gemma-3-270m"
+# Enough for an answer in a few seconds on a laptop CPU; --max-tokens 0 lifts it (the rest of
+# the model's context).
+DEFAULT_MAX_TOKENS = 256
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +70,17 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = commands.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=DEFAULT_MODEL)
-    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument(
+        "--model",
+        help=f"model, alias or capability:<tag> (default {DEFAULT_CHAT_MODEL}; with --raw "
+        f"{DEFAULT_RAW_MODEL})",
+    )
+    gen.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="most tokens to generate (default %(default)s; 0: up to the context's end)",
+    )
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
@@ -93,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     hosts.add_argument("--json", action="store_true")
 
     add_batch_commands(commands)
+    add_up_command(commands)
 
     args = parser.parse_args(argv)
+    if args.command == "up":
+        return run_up(args)
     try:
         if args.command == "status":
             return _status(args)
@@ -118,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int:
+    model = args.model or (DEFAULT_RAW_MODEL if args.raw else DEFAULT_CHAT_MODEL)
     request = gateway_pb2.GatewayGenerateRequest(
-        model=args.model,
+        model=model,
         sampling=generate_pb2.SamplingParameters(temperature=args.temperature, seed=args.seed),
-        stopping=generate_pb2.StoppingCriteria(max_tokens=args.max_tokens, stop=args.stop),
+        stopping=generate_pb2.StoppingCriteria(max_tokens=args.max_tokens or None, stop=args.stop),
     )
     if args.raw:
         request.prompt = args.prompt
@@ -152,13 +172,16 @@ def _models(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int
     if args.json:
         print(json.dumps(json_format.MessageToDict(response), indent=2))
         return 0
-    print(f"{'MODEL':<24} {'STATE':<11} {'CONTEXT':>7} {'SLOTS':>5}  {'CAPABILITIES':<18} HOSTS")
+    print(
+        f"{'MODEL':<24} {'ALIASES':<14} {'STATE':<11} {'CONTEXT':>7} {'SLOTS':>5}  "
+        f"{'CAPABILITIES':<14} HOSTS"
+    )
     for m in response.models:
         state = _state_name(m.state)
         hosts = ", ".join(h + (" (resident)" if h in m.resident_hosts else "") for h in m.hosts)
         print(
-            f"{m.name:<24} {state:<11} {m.context_length:>7} {m.slots:>5}  "
-            f"{','.join(m.capabilities):<18} {hosts}"
+            f"{m.name:<24} {','.join(m.aliases) or '-':<14} {state:<11} {m.context_length:>7} "
+            f"{m.slots:>5}  {','.join(m.capabilities):<14} {hosts}"
         )
     for host in response.unreachable_hosts:
         print(f"(unreachable: {host})", file=sys.stderr)

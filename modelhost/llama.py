@@ -49,6 +49,21 @@ def _init_backend() -> None:
         _backend_ready = True
 
 
+def build_features() -> dict[str, list[str]]:
+    """What this llama.cpp was built with, per backend: {"CPU": ["AVX2", "FMA", ...], ...}
+    from llama_print_system_info ("CPU : SSE3 = 1 | AVX2 = 1 | ... |")."""
+    _init_backend()
+    features: dict[str, list[str]] = {}
+    backend = "?"
+    for part in llama_cpp.llama_print_system_info().decode("utf-8", "replace").split("|"):
+        name, _, value = part.strip().partition(" = ")
+        if " : " in name:
+            backend, _, name = name.partition(" : ")
+        if value.strip() == "1":
+            features.setdefault(backend.strip(), []).append(name.strip())
+    return features
+
+
 def supports_gpu_offload() -> bool:
     """Whether this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
     return bool(llama_cpp.llama_supports_gpu_offload())

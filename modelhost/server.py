@@ -13,7 +13,7 @@ from airouter.labels import format_bytes
 from airouter.security import Credentials, check_unprotected_listener
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import HostConfig
-from modelhost.llama import default_threads
+from modelhost.llama import build_features, default_threads, supports_gpu_offload
 from modelhost.memory import MemoryProbe, parse_size, reserve_bytes
 from modelhost.metrics import MetricsServer, RequestMetrics, start_metrics_server
 from modelhost.residency import Residency
@@ -58,6 +58,9 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
         check_unprotected_listener(config.metrics_listen, "/metrics", config.insecure)
     if warning:
         _log.warning("serving_without_protection", detail=warning)
+    # Which instruction sets llama.cpp was built for: a build with -march=native on one CPU
+    # (or AMX on a Xeon) crashes in llama_decode on another; this says what to rebuild.
+    _log.info("llama_cpp_build", features=build_features(), gpu_offload=supports_gpu_offload())
     probe = MemoryProbe(device)
     budget = memory_budget(config, probe)
     _log.info("memory_budget", device=device, budget=format_bytes(budget))

@@ -14,7 +14,7 @@ import pytest
 from airouter.v1 import gateway_pb2_grpc, generate_pb2
 from modelhost.device import cuda_devices
 from tests.conftest import wait_for_health
-from tests.processes import BIN, ServerProcess
+from tests.processes import BIN, ServerProcess, free_port_address
 from tests.streaming import collect, gateway_request
 
 
@@ -59,9 +59,9 @@ def test_airouter_generate_json_ends_with_the_finish_event(servers) -> None:  # 
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert all("token" in e for e in events[:-1]) and len(events) >= 2
     finished = events[-1]["finished"]
-    assert finished["reason"] == "FINISH_REASON_LENGTH"
-    assert finished["usage"]["completionTokens"] == 6
-    assert finished["model"] == "gemma-3-270m"
+    assert finished["reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
+    assert 0 < finished["usage"]["completionTokens"] <= 6
+    assert finished["model"] == "smollm2-135m-instruct"  # a chat turn goes to the chat model
 
 
 def test_airouter_models_lists_the_default_model(servers) -> None:  # type: ignore[no-untyped-def]
@@ -105,7 +105,9 @@ def test_airouter_hosts_lists_the_gateways_hosts(servers) -> None:  # type: igno
     done = airouter(gateway, "hosts")
     assert done.returncode == 0, done.stderr
     row = next(line for line in done.stdout.splitlines() if line.startswith(host.address))
-    assert " up " in row and "cpu" in row and "gemma-3-270m" in row and "/8" in row
+    assert " up " in row and "cpu" in row and "gemma-3-270m" in row
+    # Gemma's 8 slots, and SmolLM2's 4 once it has loaded too.
+    assert "/8 " in row or "/12 " in row
 
 
 def test_airouter_hosts_asks_modelhosts_directly_and_shows_down_ones(servers) -> None:  # type: ignore[no-untyped-def]
@@ -133,7 +135,10 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones() -> None:
                 collect(stub.Generate(gateway_request(prompt="hi", max_tokens=1), timeout=10))
         assert rest.finished.reason == generate_pb2.FINISH_REASON_LENGTH
         assert rest.finished.usage.completion_tokens == 40
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Once its last stream has ended the gateway stops its server; a request racing that
+        # stop is turned away by grpc itself, usually UNAVAILABLE, CANCELLED when it reached the
+        # server in the same instant. Refusals during the drain: tests/test_gateway.py.
+        assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert gateway.process.wait(timeout=60) == 0
         assert host.process.wait(timeout=60) == 0
     finally:
@@ -204,3 +209,61 @@ def test_a_taken_grpc_port_is_one_line_naming_the_address_and_the_flag(servers, 
         assert f"{program}: cannot listen on {address}" in done.stderr
         assert "pick another with --listen" in done.stderr
         assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
+
+
+def test_airouter_up_then_generate_answers_from_the_instruct_model_and_ctrl_c_stops_both() -> None:
+    """The README's first hour: `airouter up`, then `airouter generate "..."` gets a short
+    answer from the chat model, and Ctrl-C (SIGINT to the terminal's process group) stops
+    the modelhost and the gateway cleanly."""
+    gateway, host, http = free_port_address(), free_port_address(), free_port_address()
+    up = subprocess.Popen(
+        [
+            str(BIN / "airouter"),
+            "up",
+            "--listen",
+            gateway,
+            "--modelhost-listen",
+            host,
+            "--http-listen",
+            http,
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        wait_for_health(gateway)
+        started = time.monotonic()
+        done = subprocess.run(
+            [str(BIN / "airouter"), "--gateway", gateway, "generate", "Say hello in one word."],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip()
+        assert time.monotonic() - started < 30  # the default max_tokens keeps it short
+        listed = subprocess.run(
+            [str(BIN / "airouter"), "--gateway", gateway, "models"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "smollm2-135m-instruct" in listed.stdout and "smollm2" in listed.stdout
+        assert "gemma-3-270m" in listed.stdout and "gemma3-270m" in listed.stdout
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+        _, log = up.communicate(timeout=10)
+        assert log.count('"shutdown_finished"') == 2
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+
+
+def test_the_modelhost_logs_what_its_llama_cpp_was_built_for(servers) -> None:  # type: ignore[no-untyped-def]
+    host, _ = servers
+    [build] = [r for r in host.log if r["event"] == "llama_cpp_build"]
+    assert "AVX2" in build["features"]["CPU"]  # CI's build names its instruction sets
+    assert build["gpu_offload"] is False

@@ -288,3 +288,24 @@ def test_an_unknown_enum_value_is_invalid_argument_not_unknown(stack: Stack) -> 
         collect(stack.gateway_stub.Generate(request, timeout=30))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "routing_policy 99 is unknown" in error.value.details()
+
+
+def test_a_request_sent_before_its_host_listens_waits_for_it(stack: Stack, extra_gateway) -> None:  # type: ignore[no-untyped-def]
+    """`airouter up` starts the host and the gateway together: a request that arrives first
+    waits for the host within its deadline instead of an immediate UNAVAILABLE."""
+    address = free_port_address()
+    gateway = extra_gateway([address])
+    time.sleep(0.5)  # the gateway has tried the host and found nothing listening
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(
+            lambda: collect(
+                gateway.stub.Generate(gateway_request(prompt="Hi", max_tokens=2), timeout=30)
+            )
+        )
+        time.sleep(1.0)
+        config = host_config().model_copy(update={"listen": address})
+        host = stack.loop.run(start_host(config, "cpu"))
+        try:
+            assert reply.result(timeout=30).finished.usage.completion_tokens == 2
+        finally:
+            stack.loop.run(host.stop(0))
