@@ -4,7 +4,8 @@ gateway's HTTP edge and by batch files; it knows nothing of transports.
 """
 
 import json
-from typing import Annotated, Any
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -43,6 +44,12 @@ class _CompletionParams(BaseModel):
     stream_options: StreamOptions | None = None
     # The caller's end user: a conversation's affinity hint for routing.
     user: Annotated[str, Field(strict=True)] | None = None
+    # What airouter cannot do is refused, never silently ignored: one choice per request, and
+    # no log probabilities yet.
+    n: Literal[1] | None = None
+    logprobs: Literal[False] | None = None
+    top_logprobs: Literal[0] | None = None
+    echo: Literal[False] | None = None
 
     def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
         request = gateway_pb2.GatewayGenerateRequest(model=self.model)
@@ -96,7 +103,17 @@ class ChatCompletionRequest(_CompletionParams):
 
 class CompletionRequest(_CompletionParams):
     # A string, or a list of exactly one (the legacy API allowed several prompts per call).
-    prompt: str | Annotated[list[StrictText], Field(min_length=1, max_length=1)]
+    prompt: str | list[StrictText]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError(
+                f"a list of {len(value)} prompts; send one prompt per request (as a string, or "
+                "a list of one)"
+            )
+        return value
 
     def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
         request = super().to_request()
@@ -126,7 +143,9 @@ def describe(exc: ValidationError) -> str:
     for part in error["loc"]:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("str", "list[str]", "function-before[_text_of_parts(), str]"):
+        elif part in ("str", "list[str]", "function-before[_text_of_parts(), str]") or str(
+            part
+        ).startswith("literal["):
             continue  # pydantic's name for a branch of a union, not a field
         else:
             path += f".{part}" if path else str(part)
@@ -135,9 +154,18 @@ def describe(exc: ValidationError) -> str:
         message = "required"
     elif error["type"] == "too_short":
         message = "required, with at least one item"
+    elif error["type"] == "literal_error" and path in _UNSUPPORTED:
+        message = _UNSUPPORTED[path]
     return f"{path}: {message}" if path else message
 
 
+# Why a parameter airouter does not support is refused (never ignored).
+_UNSUPPORTED = {
+    "n": "only n = 1 is supported; send one request per choice",
+    "logprobs": "log probabilities are not supported yet; leave logprobs out",
+    "top_logprobs": "log probabilities are not supported yet; leave top_logprobs out",
+    "echo": "echo is not supported; the prompt is not returned",
+}
 # gRPC status name -> (HTTP status, OpenAI error type), as the OpenAI API and its SDKs expect.
 HTTP_FOR_STATUS: dict[str, tuple[int, str]] = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),
@@ -160,21 +188,53 @@ FINISH_REASON_NAMES = {
 }
 
 
-def error_json(status_name: str, message: str) -> tuple[int, dict[str, Any]]:
+# The gRPC request's field names as OpenAI's API names them, for messages that reach an HTTP
+# client (a host's "sampling.temperature is 9.0" is "temperature is 9.0" there).
+_OPENAI_NAMES = [
+    ("sampling.", ""),
+    ("stopping.max_tokens", "max_tokens"),
+    ("stopping.stop", "stop"),
+    ("chat.messages", "messages"),
+]
+_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*)(?::| is )")
+
+
+def openai_message(message: str) -> tuple[str, str | None]:
+    """A message in OpenAI's field names, and the field it is about (OpenAI's `param`)."""
+    for ours, theirs in _OPENAI_NAMES:
+        message = message.replace(ours, theirs)
+    field = _FIELD.match(message)
+    return message, field.group(1) if field else None
+
+
+def error_json(
+    status_name: str, message: str, param: str | None = None
+) -> tuple[int, dict[str, Any]]:
     """The HTTP status and OpenAI-shaped error body for a status name."""
     http_status, kind = HTTP_FOR_STATUS.get(status_name, (500, "server_error"))
     return http_status, {
-        "error": {"message": message, "type": kind, "param": None, "code": status_name.lower()}
+        "error": {"message": message, "type": kind, "param": param, "code": status_name.lower()}
     }
 
 
 def chunk_json(
-    *, chat: bool, id: str, created: int, model: str, text: str, finish_reason: str | None
+    *,
+    chat: bool,
+    id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    first: bool = False,
 ) -> dict[str, Any]:
-    """One streamed chunk, chat (`delta`) or text completion (`text`) shaped."""
+    """One streamed chunk, chat (`delta`) or text completion (`text`) shaped; a chat's first
+    delta carries the role, as OpenAI's do."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
     if chat:
-        choice["delta"] = {"role": "assistant", "content": text} if text else {}
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        choice["delta"] = delta
     else:
         choice["text"] = text
     return {

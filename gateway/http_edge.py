@@ -7,6 +7,7 @@ cancels its request on the host, streamed or not.
 
 import asyncio
 import json
+import re
 import ssl
 import time
 import uuid
@@ -20,12 +21,13 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from airouter import tracing
-from airouter.errors import AirouterError, Unauthenticated
+from airouter.errors import AirouterError, NotFound, Unauthenticated
 from airouter.openai_api import (
     FINISH_REASON_NAMES,
     chunk_json,
     completion_json,
     error_json,
+    openai_message,
     parse_request,
     sse,
     usage_json,
@@ -40,6 +42,12 @@ _tracer = trace.get_tracer("airouter.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Seconds an idle keep-alive connection stays open.
 KEEPALIVE_S = 75.0
+REQUEST_ID = web.RequestKey("request_id", str)
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _model_json(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "airouter"}
 
 
 def _close_if_no_request(handler: Any) -> None:
@@ -48,9 +56,11 @@ def _close_if_no_request(handler: Any) -> None:
         handler.transport.close()
 
 
-def _error(status_name: str, message: str) -> web.Response:
-    status, body = error_json(status_name, message)
-    return web.json_response(body, status=status)
+def _error(status_name: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An OpenAI-shaped error, in OpenAI's field names, naming the field (`param`)."""
+    text, param = openai_message(message)
+    status, body = error_json(status_name, text, param)
+    return web.json_response(body, status=status, headers=headers)
 
 
 class HttpEdge:
@@ -74,6 +84,7 @@ class HttpEdge:
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_get("/v1/models", self._models)
+        self.app.router.add_get("/v1/models/{model:.+}", self._model)
         self.app.router.add_get("/metrics", self._prometheus)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -117,13 +128,23 @@ class HttpEdge:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The id that the gateway's and the hosts' logs and traces use; a client's own
+        # x-request-id is kept when it is a sane one.
+        given = request.headers.get("x-request-id", "")
+        request[REQUEST_ID] = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
         try:
             return await handler(request)
         except AirouterError as exc:
-            return _error(exc.code, str(exc))
+            return _error(exc.code, str(exc), {"x-request-id": request[REQUEST_ID]})
         except web.HTTPRequestEntityTooLarge:
             limit = MAX_GENERATE_BYTES >> 20
             return _error("INVALID_ARGUMENT", f"the body is larger than {limit} MiB; send less")
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            _, body = error_json(
+                "INVALID_ARGUMENT", f"{request.method} is not allowed here; use {allowed}"
+            )
+            return web.json_response(body, status=405, headers={"Allow": allowed})
         except web.HTTPException as exc:
             return _error("NOT_FOUND" if exc.status == 404 else "INVALID_ARGUMENT", exc.reason)
 
@@ -144,11 +165,17 @@ class HttpEdge:
 
     async def _models(self, request: web.Request) -> web.Response:
         listed = await self._service.list_models()
-        data = [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": "airouter"}
-            for m in listed.models
-        ]
+        data = [_model_json(m.name) for m in listed.models]
         return web.json_response({"object": "list", "data": data})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: a model by name or alias (openrouter/ names included)."""
+        wanted = request.match_info["model"]
+        listed = await self._service.list_models()
+        for model in listed.models:
+            if wanted == model.name or wanted in model.aliases:
+                return web.json_response(_model_json(model.name))
+        raise NotFound(f"no model {wanted!r}; GET /v1/models lists them")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
@@ -164,6 +191,8 @@ class HttpEdge:
         except json.JSONDecodeError as exc:
             return _error("INVALID_ARGUMENT", f"the body is not JSON: {exc}")
         generate, stream, include_usage = parse_request(body, chat=chat)
+        generate.request_id = request[REQUEST_ID]
+        headers = {"x-request-id": generate.request_id}
         with tracing.request_span(_tracer, generate, request.headers.items()) as span:
             responses = self._service.generate(generate, self._request_timeout_s)
             async with aclosing(responses):
@@ -184,13 +213,18 @@ class HttpEdge:
                             created=created,
                             text="".join(texts),
                             finished=message.finished,
-                        )
+                        ),
+                        headers=headers,
                     )
                 out = web.StreamResponse(
-                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                    headers={
+                        "Content-Type": "text/event-stream",
+                        "Cache-Control": "no-cache",
+                        **headers,
+                    }
                 )
                 await out.prepare(request)
-                message, model = first, generate.model
+                message, model, opening = first, generate.model, True
                 while True:
                     if message.HasField("finished"):
                         finished = message.finished
@@ -208,6 +242,7 @@ class HttpEdge:
                             model=finished.model or model,
                             text="",
                             finish_reason=reason,
+                            first=opening,
                         )
                         await out.write(sse(last))
                         if include_usage:
@@ -222,6 +257,8 @@ class HttpEdge:
                         model=model,
                         text=message.token.text,
                         finish_reason=None,
+                        first=opening,
                     )
                     await out.write(sse(chunk))
+                    opening = False
                     message = await anext(responses)

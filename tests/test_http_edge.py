@@ -76,6 +76,8 @@ def test_chat_completion_stream_with_usage(client: openai.OpenAI) -> None:
     assert text and finishes[-1] in ("stop", "length") and set(finishes[:-1]) == {None}
     usage = chunks[-1].usage
     assert usage is not None and 0 < usage.completion_tokens <= 12
+    roles = [c.choices[0].delta.role for c in chunks if c.choices]
+    assert roles[0] == "assistant" and set(roles[1:]) == {None}  # the role comes once, first
 
 
 def test_text_completion_plain_and_streamed(client: openai.OpenAI) -> None:
@@ -113,7 +115,10 @@ def test_errors_arrive_as_the_sdks_exceptions(client: openai.OpenAI) -> None:
             messages=messages,  # type: ignore[arg-type]
             temperature=9,
         )
-    assert "sampling.temperature is 9.0" in bad.value.message
+    # The host's message, in OpenAI's field names, naming the field.
+    assert "temperature is 9.0" in bad.value.message
+    assert "sampling." not in bad.value.message
+    assert bad.value.param == "temperature"  # type: ignore[attr-defined]
     with pytest.raises(openai.BadRequestError) as empty:
         client.chat.completions.create(model="gemma-3-270m", messages=[])
     assert "messages: required" in empty.value.message
@@ -268,3 +273,49 @@ def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Stac
         assert models.status == 200
     finally:
         stack.loop.run(gateway.stop(0))
+
+
+def test_http_conventions_models_by_id_methods_request_ids_and_refusals(
+    client: openai.OpenAI,
+) -> None:
+    assert client.models.retrieve("gemma-3-270m").id == "gemma-3-270m"
+    assert client.models.retrieve("gemma3-270m").id == "gemma-3-270m"  # an alias
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    # A wrong method is 405 with Allow, in OpenAI's error shape.
+    url = str(client.base_url).removesuffix("/") + "/chat/completions"
+    wrong = urllib.request.Request(url, method="PUT", headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert error.value.code == 405 and "POST" in error.value.headers["Allow"]
+    assert "PUT is not allowed" in json.loads(error.value.read())["error"]["message"]
+    # Every answer carries the request id the logs and traces use; a client's own is kept.
+    raw = client.chat.completions.with_raw_response.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert len(raw.headers["x-request-id"]) == 32
+    mine = client.chat.completions.with_raw_response.create(
+        model="gemma-3-270m",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        extra_headers={"x-request-id": "my-trace-42"},
+    )
+    assert mine.headers["x-request-id"] == "my-trace-42"
+    # What airouter cannot do is refused with a 400 naming the field, never ignored.
+    for extra, needle in [
+        ({"n": 2}, "only n = 1"),
+        ({"logprobs": True}, "log probabilities are not supported"),
+        ({"top_logprobs": 5}, "log probabilities are not supported"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="gemma-3-270m",
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=2,
+                **extra,  # type: ignore[arg-type]
+            )
+        assert needle in refused.value.message
+        assert refused.value.param == next(iter(extra))  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as several:
+        client.completions.create(model="gemma-3-270m", prompt=["a", "b"], max_tokens=2)
+    assert "send one prompt per request" in several.value.message

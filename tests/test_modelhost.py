@@ -275,6 +275,20 @@ def test_health_and_reflection_are_served(stack: Stack) -> None:
         )
         names = {s.name for s in next(stream).list_services_response.service}
         assert {"airouter.v1.ModelHost", "grpc.health.v1.Health"} <= names
+        # v1, as newer grpcurl and IDE clients ask first: the same messages, another name.
+        v1 = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="airouter.v1.ModelHost"),
+        ]
+        listed, described = list(v1(iter(requests), timeout=10))
+        names = {s.name for s in listed.list_services_response.service}
+        assert {"airouter.v1.ModelHost", "grpc.reflection.v1.ServerReflection"} <= names
+        assert described.file_descriptor_response.file_descriptor_proto
 
 
 def test_chat_with_a_model_without_a_chat_template_is_a_failed_precondition(stack: Stack) -> None:
