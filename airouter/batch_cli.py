@@ -53,10 +53,11 @@ def run_batch(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> i
             print(f"airouter: {args.file}: {exc}", file=sys.stderr)
             return 2
         response = stub.SubmitBatch(gateway_pb2.SubmitBatchRequest(batch_id=args.id, items=items))
-        print(f"{response.batch.id}  {len(items)} items stored", file=sys.stderr)
         if not args.wait and args.output is None:
-            print(response.batch.id)
+            print(f"{len(items)} items stored", file=sys.stderr)
+            print(response.batch.id)  # the one line a script reads
             return 0
+        print(f"{response.batch.id}  {len(items)} items stored", file=sys.stderr)
         return write_results(stub, response.batch.id, args.output)
     if command == "results":
         return write_results(stub, args.batch_id, args.output)

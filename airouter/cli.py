@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--watch", action="store_true", help="redraw on every change")
     status.add_argument("--json", action="store_true")
 
-    hosts = commands.add_parser("hosts", help="one line per modelhost: memory, models, load")
+    hosts = commands.add_parser(
+        "hosts",
+        help="one line per modelhost: memory, models, load (exit 0: every host up; 1: some "
+        "host down, cooling down, draining or unreachable)",
+    )
     hosts.add_argument(
         "--modelhost",
         action="append",
@@ -221,10 +225,14 @@ def _status(args: argparse.Namespace) -> int:
             status = stub.GetStatus(model_host_pb2.GetStatusRequest(), timeout=10).status
             _print_status(status, args.json)
             return 0
+        redraw = sys.stdout.isatty() and not args.json
         for update in stub.WatchStatus(model_host_pb2.WatchStatusRequest()):
-            if not args.json:
+            if redraw:
                 print("\033[H\033[2J", end="")  # clear the terminal
+            elif not args.json:
+                print()  # a pipe or a file gets one table after another, no escapes
             _print_status(update.status, args.json)
+            sys.stdout.flush()
     return 0
 
 

@@ -55,7 +55,9 @@ class Standing:
         if draining:
             return self._enter(HostState.DRAINING, "the host is shutting down", now)
         self.ever_up = True
-        return self._enter(HostState.UP, "", now)
+        if self.state is HostState.UP:
+            return False
+        return self._enter(HostState.UP, "its status stream is live", now)
 
     def lost(self, now: float, why: str) -> bool:
         """The link to the host broke. Returns whether the state changed."""

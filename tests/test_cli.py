@@ -267,3 +267,33 @@ def test_the_modelhost_logs_what_its_llama_cpp_was_built_for(servers) -> None:  
     [build] = [r for r in host.log if r["event"] == "llama_cpp_build"]
     assert "AVX2" in build["features"]["CPU"]  # CI's build names its instruction sets
     assert build["gpu_offload"] is False
+
+
+def test_status_watch_into_a_pipe_writes_no_terminal_escapes(servers) -> None:  # type: ignore[no-untyped-def]
+    host, _ = servers
+    watch = subprocess.Popen(
+        [str(BIN / "airouter"), "status", "--modelhost", host.address, "--watch"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        lines = [watch.stdout.readline() for _ in range(12)]
+    finally:
+        watch.kill()
+        watch.wait()
+    assert any("gemma-3-270m" in line for line in lines)
+    assert not any("\x1b" in line for line in lines)
+
+
+def test_batch_submit_prints_the_batch_id_once(servers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _, gateway = servers
+    requests = tmp_path / "requests.jsonl"
+    line = {"custom_id": "a", "url": "/v1/completions", "body": {"model": "gemma-3-270m"}}
+    line["body"] |= {"prompt": "Hi", "max_tokens": 1}
+    requests.write_text(json.dumps(line) + "\n")
+    done = airouter(gateway, "batch", "submit", str(requests))
+    assert done.returncode == 0, done.stderr
+    batch_id = done.stdout.strip()
+    assert batch_id.startswith("batch_") and "\n" not in batch_id
+    assert batch_id not in done.stderr and "1 items stored" in done.stderr
