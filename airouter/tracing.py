@@ -139,6 +139,8 @@ def request_attributes(request: Any) -> dict[str, Any]:
         attributes[GEN_AI_MAX_TOKENS] = request.stopping.max_tokens
     if request.sampling.HasField("temperature"):
         attributes[GEN_AI_TEMPERATURE] = request.sampling.temperature
+    if request.request_id:  # the id in the logs and in the HTTP edge's x-request-id
+        attributes["airouter.request_id"] = request.request_id
     return attributes
 
 

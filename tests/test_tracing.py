@@ -275,7 +275,9 @@ def test_openrouter_calls_and_the_http_edge_are_traced(traced: Traced, tmp_path:
                 "traceparent": f"00-{trace_id}-a3ce929d0e0e4736-01",
             },
         )
-        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            request_id = response.headers["x-request-id"]
+            answer = json.loads(response.read())
         assert answer["choices"][0]["message"]["content"] == "Hello world"
         spans = wait_for_spans(
             traced.receiver,
@@ -287,6 +289,10 @@ def test_openrouter_calls_and_the_http_edge_are_traced(traced: Traced, tmp_path:
         assert call.parent_id == by_name["chat openrouter/vendor/429-once"].span_id
         assert call.events == ["retry"] and call.attributes["gen_ai.usage.output_tokens"] == 2
         assert by_name["chat openrouter/vendor/429-once"].parent_id == "a3ce929d0e0e4736"
+        # The id the client got in x-request-id is the request span's, and the logs'.
+        assert by_name["chat openrouter/vendor/429-once"].attributes["airouter.request_id"] == (
+            request_id
+        )
     finally:
         gateway.stop()
         loop.run(upstream.stop())
