@@ -52,6 +52,12 @@ class ModelConfig(BaseModel):
     # KV cache element types; quantized types hold more context in the same memory.
     cache_type_k: KVCacheType = "f16"
     cache_type_v: KVCacheType = "f16"
+    # Sliding-window models (Gemma 2/3, Cohere 2, gpt-oss, ...): false keeps only each
+    # sequence's last window of cells in those layers, as llama-server does (Gemma 3: about a
+    # sixth of the KV memory); a prefix is then reused only while its window is still held (a
+    # chat's next turn is; a system prompt shared with a long conversation may not be).
+    # true keeps them all, so any held prefix is reusable, at full-context memory.
+    full_swa_cache: bool = False
     # Never unloaded to make room or after keep_alive; only UnloadModel unloads it.
     pinned: bool = False
     # Seconds an idle model stays loaded: 0 unloads it right after use, -1 keeps it.

@@ -80,6 +80,7 @@ class ContextSettings:
     flash_attention: bool | None = None  # None lets llama.cpp decide
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    full_swa_cache: bool = False  # sliding-window layers keep every cell (see ModelConfig)
 
 
 class LlamaModel:
@@ -141,13 +142,14 @@ class LlamaModel:
         ctx_params.n_seq_max = settings.slots
         ctx_params.n_threads = settings.threads
         ctx_params.n_threads_batch = settings.threads
-        # One KV buffer shared by all slots: measured faster for batched decode on CPU, and it
-        # keeps the sliding-window layers' cache small. Each request is still held to
-        # context_per_slot tokens, so the slots together never outgrow it.
+        # One KV buffer shared by all slots: measured faster for batched decode on CPU. Each
+        # request is still held to context_per_slot tokens, so the slots together never
+        # outgrow it.
         ctx_params.kv_unified = True
         ctx_params.no_perf = True
         if settings.flash_attention is not None:
             ctx_params.flash_attn_type = 1 if settings.flash_attention else 0
+        ctx_params.swa_full = settings.full_swa_cache
         ctx_params.type_k = KV_CACHE_TYPES[settings.cache_type_k]
         ctx_params.type_v = KV_CACHE_TYPES[settings.cache_type_v]
         ctx = llama_cpp.llama_init_from_model(model, ctx_params)

@@ -88,10 +88,12 @@ def estimate_footprint(
     batch_tokens: int,
     cache_type_k: str,
     cache_type_v: str,
+    slots: int = 1,
+    full_swa_cache: bool = False,
 ) -> int:
     """Bytes a model will take on the budgeted device: its weights (the share of layers
-    offloaded there), its KV cache for every slot's context, and llama.cpp's compute and
-    output buffers."""
+    offloaded there), its KV cache for every slot's context (sliding-window layers only for
+    their window unless full_swa_cache), and llama.cpp's compute and output buffers."""
     layers = header.arch_int("block_count")
     embd = header.arch_int("embedding_length")
     heads = max(header.arch_int("attention.head_count", 1), 1)
@@ -99,14 +101,43 @@ def estimate_footprint(
     key_length = header.arch_int("attention.key_length", embd // heads)
     value_length = header.arch_int("attention.value_length", embd // heads)
     vocab = header.arch_int("vocab_size") or header.array_lengths.get("tokenizer.ggml.tokens", 0)
-    per_token = (
-        layers
-        * kv_heads
-        * (key_length * KV_TYPE_BYTES[cache_type_k] + value_length * KV_TYPE_BYTES[cache_type_v])
+    per_layer_token = kv_heads * (
+        key_length * KV_TYPE_BYTES[cache_type_k] + value_length * KV_TYPE_BYTES[cache_type_v]
     )
-    kv_cache = per_token * context_tokens
+    window = header.arch_int("attention.sliding_window")
+    swa_layers = sliding_layers(header, layers) if window and not full_swa_cache else 0
+    # llama.cpp's unified cache holds each sequence's window plus a batch, padded to 256.
+    swa_cells = min(context_tokens, -(-(window * slots + batch_tokens) // 256) * 256)
+    kv_cache = per_layer_token * ((layers - swa_layers) * context_tokens + swa_layers * swa_cells)
     # The graph's largest tensors are the output layer's logits for a batch (f32); the other
     # activations scale with the embedding width.
     compute = batch_tokens * (vocab + 16 * embd) * 4
     compute_share = 1.0 if on_device_share > 0 else 0.0
     return int((header.file_bytes + kv_cache) * on_device_share + compute * compute_share)
+
+
+# Every n-th layer attends to the whole context, the others to a sliding window, by
+# architecture, as llama.cpp's model code sets them when a GGUF does not say
+# (`<arch>.attention.sliding_window_pattern`).
+SWA_PATTERNS = {
+    "gemma2": 2,
+    "gemma3": 6,
+    "gemma3n": 5,
+    "gemma-embedding": 6,
+    "cohere2": 4,
+    "llama4": 4,
+    "exaone4": 4,
+    "olmo2": 4,
+    "gpt-oss": 2,
+}
+
+
+def sliding_layers(header: GGUFHeader, layers: int) -> int:
+    """How many of the model's layers use a sliding window; 0 when the architecture is not
+    known (the estimate then counts every layer's whole context, erring high)."""
+    pattern = header.arch_int("attention.sliding_window_pattern") or SWA_PATTERNS.get(
+        header.architecture, 0
+    )
+    if pattern <= 1:
+        return 0
+    return layers - layers // pattern

@@ -380,6 +380,8 @@ class Residency:
             batch_tokens=config.batch_tokens,
             cache_type_k=config.cache_type_k,
             cache_type_v=config.cache_type_v,
+            slots=config.slots,
+            full_swa_cache=config.full_swa_cache,
         )
 
     def _gpu_layers(self, config: ModelConfig) -> int:
@@ -444,6 +446,7 @@ class Residency:
                 flash_attention=config.flash_attention,
                 cache_type_k=config.cache_type_k,
                 cache_type_v=config.cache_type_v,
+                full_swa_cache=config.full_swa_cache,
             ),
             chat_template=config.chat_template,
         )

@@ -19,6 +19,8 @@ from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from modelhost.config import HostConfig, ModelConfig, embedded_model_config
 from modelhost.generation import EngineRequest, Sampling
 from modelhost.gguf_header import read_gguf_header
+from modelhost.llama import ContextSettings, LlamaModel
+from modelhost.memory import estimate_footprint
 from modelhost.server import RunningHost, start_host
 from tests.conftest import LoopThread, scrape_metrics, wait_until
 from tests.streaming import collect, host_request
@@ -383,3 +385,34 @@ def test_max_queue_zero_means_no_waiting_not_no_requests() -> None:
         second.cancel()
         wait_until(lambda: host.status().models[0].slots_busy == 0, 10)
         assert host.generate("a").finished.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_sliding_window_layers_keep_only_their_window_unless_asked(full: bool) -> None:
+    """Gemma 3 has 15 sliding-window layers of 18: by default they keep each sequence's last
+    512 cells, as llama-server does; full_swa_cache keeps the whole context. The estimate
+    from the GGUF header follows both within 3%."""
+    path = embedded_model_config().gguf_path(Path.home() / ".cache" / "airouter")
+    header = read_gguf_header(path)
+    estimate = estimate_footprint(
+        header,
+        on_device_share=1.0,
+        context_tokens=4 * 2048,
+        batch_tokens=256,
+        cache_type_k="f16",
+        cache_type_v="f16",
+        slots=4,
+        full_swa_cache=full,
+    )
+    model = LlamaModel(
+        path, gpu_layers=0, settings=ContextSettings(4, 2048, 256, 1, full_swa_cache=full)
+    )
+    try:
+        measured = model.device_bytes("cpu")
+    finally:
+        model.close()
+    assert abs(estimate / measured - 1) < 0.03
+    kv_full = 18 * 4 * 2048 * 1024  # layers x tokens x bytes per layer and token
+    kv_lean = (3 * 4 * 2048 + 15 * 2304) * 1024  # 15 layers hold 4 x 512 + 256, padded
+    other = measured - (kv_full if full else kv_lean)
+    assert 0 < other < 700 << 20  # the weights and compute buffers, the same both ways
