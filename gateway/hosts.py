@@ -14,6 +14,7 @@ airouter.errors.
 """
 
 import asyncio
+import contextlib
 import ipaddress
 import random
 import socket
@@ -49,6 +50,8 @@ RECONNECT_BACKOFF_S = (0.1, 15.0)
 # host is retried at least every STARTING_RETRY_S.
 STARTING_S = 30.0
 STARTING_RETRY_S = 0.5
+# After a stream's last message, how long its call gets to end by itself before it is cancelled.
+FINISH_WAIT_S = 1.0
 # A retired host's streams get this long to finish before its channel closes.
 RETIRE_GRACE_S = 3600.0
 # HTTP/2 pings on every gateway->host channel: one after 10 s without traffic, and the link is
@@ -126,15 +129,23 @@ class Host:
             request, timeout=time_left_s, metadata=tracing.inject_metadata(self.metadata)
         )
         self.calls[call] = ""
+        finished = False
         try:
-            async for response in merged_responses(call):
-                yield response
+            async with contextlib.aclosing(merged_responses(call)) as responses:
+                async for response in responses:
+                    finished = response.HasField("finished")
+                    yield response
         except grpc.aio.AioRpcError as exc:
             if not self.calls.get(call):
                 raise error_from_rpc(exc) from None
         finally:
             dropped = self.calls.pop(call, "")
-            call.cancel()  # no-op once finished
+            if finished:
+                # The last message is in: let the call end with its status rather than cancel
+                # it, which the host would see (and count) as a client that left.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(call.code(), FINISH_WAIT_S)
+            call.cancel()  # no-op once the call has ended
         if dropped:
             raise Unavailable(f"host {self.address} stopped answering: {dropped}")
 

@@ -15,6 +15,7 @@ import fnmatch
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -164,13 +165,16 @@ class GatewayService:
             if self.draining:
                 raise Unavailable("the gateway is shutting down; send the request to another")
             validate(request)
-            async for response in self._serve(request, time_left_s):
-                if first and response.HasField("token"):
-                    self.observer.first_token(label, time.perf_counter() - started)
-                    first = False
-                if response.HasField("finished"):
-                    self.observer.finished(label, response.finished, time.perf_counter() - started)
-                yield response
+            async with aclosing(self._serve(request, time_left_s)) as responses:
+                async for response in responses:
+                    if first and response.HasField("token"):
+                        self.observer.first_token(label, time.perf_counter() - started)
+                        first = False
+                    if response.HasField("finished"):
+                        self.observer.finished(
+                            label, response.finished, time.perf_counter() - started
+                        )
+                    yield response
         except AirouterError as exc:
             self.observer.refused(label, exc)
             raise
@@ -213,16 +217,18 @@ class GatewayService:
                         "to cloud_models in gateway.toml, or ask for routing_policy local_only"
                     )
                 request.model = fallback
-            async for response in relay_upstream(cloud.upstream, request, deadline):
-                yield response
+            async with aclosing(relay_upstream(cloud.upstream, request, deadline)) as responses:
+                async for response in responses:
+                    yield response
             return
         local_first = policy == "local_first" and fallback is not None
         try:
             ranked = await self._route(request, deadline, log)
             if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
                 raise ResourceExhausted("every host that serves it is saturated")
-            async for response in self._attempts(request, ranked, deadline, log):
-                yield response
+            async with aclosing(self._attempts(request, ranked, deadline, log)) as responses:
+                async for response in responses:
+                    yield response
             return
         except (Unavailable, NotFound, ResourceExhausted) as exc:
             # _attempts raises these only before a first message was sent.
@@ -232,8 +238,9 @@ class GatewayService:
             trace.get_current_span().add_event("cloud_fallback", {"airouter.reason": str(exc)})
         assert fallback is not None
         request.model = fallback
-        async for response in relay_upstream(cloud.upstream, request, deadline):
-            yield response
+        async with aclosing(relay_upstream(cloud.upstream, request, deadline)) as responses:
+            async for response in responses:
+                yield response
 
     async def _route(
         self, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None, log: Any
@@ -303,8 +310,9 @@ class GatewayService:
                 attributes={"server.address": host.address, "airouter.attempt": attempt},
             ) as span:
                 try:
-                    async for response in self._relay(host, name, request, left, span):
-                        yield response
+                    async with aclosing(self._relay(host, name, request, left, span)) as responses:
+                        async for response in responses:
+                            yield response
                     return
                 except _FailedOver as exc:
                     why = f"{host.address} ({exc.cause.code}: {exc.cause})"

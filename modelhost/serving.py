@@ -119,8 +119,9 @@ class GenerationService:
                     if isinstance(event, Rejected):
                         finished = True
                         raise event.error
-                    yield event
                     if isinstance(event, Finish):
+                        # Done before the last message goes out: a client that closes as soon
+                        # as it has it cancelled nothing, and the request is logged as finished.
                         finished = True
                         if event.completion_tokens:
                             self.residency.record_ttft(
@@ -135,6 +136,7 @@ class GenerationService:
                             ttft_ms=round(event.timings.time_to_first_token_ms, 1),
                             total_ms=round(event.timings.total_ms, 1),
                         )
+                    yield event
         finally:
             if not finished:
                 engine.cancel(request)

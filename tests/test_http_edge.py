@@ -3,6 +3,7 @@ chat and text completions, streaming, the model list, and errors as the SDK's ow
 Local models come from the session's modelhost; openrouter/ models from the fake upstream."""
 
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -19,6 +20,29 @@ from tests.conftest import Stack, gateway_config, scrape_metrics, wait_until
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 
 TOKEN = "http-edge-token-3d9"
+
+
+class _Tracebacks(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or record.levelno >= logging.ERROR:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks() -> Iterator[None]:
+    """Any traceback the gateway logs during a test fails it (OpenTelemetry's "Failed to
+    detach context" was logged on every request once)."""
+    handler = _Tracebacks()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not handler.records, [logging.Formatter().format(r) for r in handler.records]
 
 
 @pytest.fixture(scope="module")
