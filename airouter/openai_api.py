@@ -24,11 +24,21 @@ class StreamOptions(BaseModel):
     include_usage: Annotated[bool, Field(strict=True)] = False
 
 
-class _CompletionParams(BaseModel):
-    """What chat and text completions share. Fields airouter does not use are ignored, as
-    OpenAI-compatible servers do."""
+class _TextFormat(BaseModel):
+    """response_format: plain text only (no JSON mode or schemas yet)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+class _CompletionParams(BaseModel):
+    """What chat and text completions share: OpenAI's fields, the sampling extensions that
+    llama-server and vLLM users send (top_k, min_p, repetition_penalty, ignore_eos), and
+    OpenAI fields airouter cannot honour, accepted only at their neutral value. Any other field
+    is a 400 naming it: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(strict=True, min_length=1)]
     temperature: Annotated[float, Field(strict=True, ge=0)] | None = None
@@ -50,6 +60,20 @@ class _CompletionParams(BaseModel):
     logprobs: Literal[False] | None = None
     top_logprobs: Literal[0] | None = None
     echo: Literal[False] | None = None
+    # OpenAI's, at their neutral values only (what clients such as LangChain send by default).
+    presence_penalty: Literal[0] | None = None
+    frequency_penalty: Literal[0] | None = None
+    logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None
+    response_format: _TextFormat | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: Annotated[bool, Field(strict=True)] | None = None
+    # OpenAI's bookkeeping, which changes nothing here.
+    metadata: dict[str, Any] | None = None
+    store: Annotated[bool, Field(strict=True)] | None = None
+    service_tier: Annotated[str, Field(strict=True)] | None = None
+    # An extension: keep generating past end-of-generation tokens (benchmarks).
+    ignore_eos: Annotated[bool, Field(strict=True)] = False
 
     def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
         request = gateway_pb2.GatewayGenerateRequest(model=self.model)
@@ -62,6 +86,7 @@ class _CompletionParams(BaseModel):
             request.stopping.max_tokens = max_tokens
         if self.stop is not None:
             request.stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop)
+        request.stopping.ignore_eos = self.ignore_eos
         return request
 
     @property
@@ -156,12 +181,23 @@ def describe(exc: ValidationError) -> str:
         message = "required, with at least one item"
     elif error["type"] == "literal_error" and path in _UNSUPPORTED:
         message = _UNSUPPORTED[path]
+    elif error["type"] == "extra_forbidden":
+        message = (
+            "not a field airouter knows (OpenAI's, or the extensions top_k, min_p, "
+            "repetition_penalty, ignore_eos); check its spelling"
+        )
+    elif error["type"] == "too_long" and path in ("tools", "logit_bias"):
+        message = f"{path} are not supported yet; leave {path} out or empty"
     return f"{path}: {message}" if path else message
 
 
 # Why a parameter airouter does not support is refused (never ignored).
 _UNSUPPORTED = {
     "n": "only n = 1 is supported; send one request per choice",
+    "presence_penalty": "only 0 is supported; use repetition_penalty (an extension) instead",
+    "frequency_penalty": "only 0 is supported; use repetition_penalty (an extension) instead",
+    "response_format.type": "only {'type': 'text'} is supported (no JSON mode yet)",
+    "tool_choice": "tools are not supported yet; leave tool_choice out or 'none'",
     "logprobs": "log probabilities are not supported yet; leave logprobs out",
     "top_logprobs": "log probabilities are not supported yet; leave top_logprobs out",
     "echo": "echo is not supported; the prompt is not returned",

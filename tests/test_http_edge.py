@@ -196,6 +196,10 @@ CHAT = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}]
             "only text parts",
         ),
         ([1, 2], "must be a JSON object"),
+        ({**CHAT, "temprature": 0.5}, "temprature: not a field airouter knows"),
+        ({**CHAT, "presence_penalty": 0.5}, "presence_penalty: only 0 is supported"),
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools are not supported yet"),
+        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format.type"),
     ],
 )
 def test_bad_bodies_are_400s_naming_the_field(
@@ -343,3 +347,17 @@ def test_http_conventions_models_by_id_methods_request_ids_and_refusals(
     with pytest.raises(openai.BadRequestError) as several:
         client.completions.create(model="gemma-3-270m", prompt=["a", "b"], max_tokens=2)
     assert "send one prompt per request" in several.value.message
+
+
+def test_llama_server_style_extensions_are_honoured(client: openai.OpenAI) -> None:
+    """top_k, min_p, repetition_penalty and ignore_eos, as llama-server and vLLM users send
+    them (extra_body in the SDK); OpenAI's own fields at their neutral values pass too."""
+    response = client.completions.create(
+        model="gemma-3-270m",
+        prompt="Once upon a time",
+        max_tokens=24,
+        presence_penalty=0,
+        frequency_penalty=0,
+        extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True},
+    )
+    assert response.usage is not None and response.usage.completion_tokens == 24
