@@ -39,8 +39,10 @@ from tests.processes import ServerProcess
 SETUPS = ("host", "gateway")
 
 
-def prompt_for(i: int) -> str:
-    return f"Story {i}: Once upon a time, in a village by the sea, there was a"
+def prompt_for(i: int, tag: str = "") -> str:
+    """Request i's prompt. Each setup and round passes its own tag, first, so none of them
+    reuses a prefix another left in the host's KV cache (TTFT would be the cache's)."""
+    return f"{tag}Story {i}: Once upon a time, in a village by the sea, there was a"
 
 
 def raw_decode(model: LlamaModel, streams: int, tokens: int) -> float:
@@ -92,7 +94,7 @@ class Served:
 
 
 async def served_decode(
-    address: str, setup: str, model: str, streams: int, tokens: int, out: Served
+    address: str, setup: str, model: str, streams: int, tokens: int, out: Served, tag: str = ""
 ) -> None:
     """`streams` concurrent greedy requests of `tokens` tokens each over one channel."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -105,7 +107,7 @@ async def served_decode(
             make = model_host_pb2.GenerateRequest
 
         async def one(i: int) -> int:
-            request = make(model=model, prompt=prompt_for(i))
+            request = make(model=model, prompt=prompt_for(i, tag))
             request.sampling.temperature = 0.0
             request.stopping.max_tokens = tokens
             request.stopping.ignore_eos = True
@@ -184,6 +186,7 @@ def main() -> None:
                             streams,
                             args.tokens,
                             served[setup, streams],
+                            tag=f"[{setup} {round_}] ",
                         )
                     )
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
