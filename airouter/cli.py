@@ -316,6 +316,12 @@ def format_status(status: host_status_pb2.HostStatus) -> str:
         f"{format_bytes(m.used_bytes)} used of {format_bytes(m.total_bytes)}",
         f"cache: {c.hits} hits, {c.misses} misses, {c.evictions} evictions, {c.loads} loads "
         f"({c.load_seconds_total:.1f} s), {c.load_failures} failed loads",
+        *(
+            f"gpu {g.index} {g.name}: {format_bytes(g.memory_used_bytes)} of "
+            f"{format_bytes(g.memory_total_bytes)} used, {g.utilization_percent}% busy, "
+            f"{g.temperature_celsius} C, {g.power_watts:.0f} W"
+            for g in status.gpus
+        ),
         "",
         f"{'MODEL':<22} {'STATE':<11} {'MEMORY':>10} {'SLOTS':>7} {'QUEUE':>5} {'TOK/S':>7} "
         f"{'TTFT ms':>8} {'LOAD s':>6}  {'KEEP-ALIVE':<10} LAST USED",

@@ -6,7 +6,9 @@ GGUF header before it loads and measured from llama.cpp's own buffer sizes once 
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -49,6 +51,19 @@ class DeviceMemory:
     used: int
 
 
+@dataclass(frozen=True)
+class GpuReading:
+    """One NVIDIA GPU's telemetry; a figure NVML cannot give is 0."""
+
+    index: int
+    name: str
+    memory_total: int
+    memory_used: int
+    utilization_percent: int
+    temperature_celsius: int
+    power_watts: float
+
+
 class MemoryProbe:
     """Reads the device's memory; NVML stays initialised for the life of the probe."""
 
@@ -71,6 +86,38 @@ class MemoryProbe:
             return DeviceMemory(sum(i.total for i in infos), sum(i.used for i in infos))
         vm = psutil.virtual_memory()
         return DeviceMemory(vm.total, vm.total - vm.available)
+
+    def gpus(self) -> list[GpuReading]:
+        """Each GPU's memory, utilization, temperature and power (NVML; empty off cuda)."""
+        if not self._nvml_handles:
+            return []
+        import pynvml
+
+        def read(call: Callable[..., Any], *args: Any) -> Any:
+            try:
+                return call(*args)
+            except pynvml.NVMLError:  # not every board reports every figure
+                return None
+
+        readings = []
+        for index, handle in enumerate(self._nvml_handles):
+            name = read(pynvml.nvmlDeviceGetName, handle) or ""
+            memory = read(pynvml.nvmlDeviceGetMemoryInfo, handle)
+            rates = read(pynvml.nvmlDeviceGetUtilizationRates, handle)
+            celsius = read(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)
+            milliwatts = read(pynvml.nvmlDeviceGetPowerUsage, handle)
+            readings.append(
+                GpuReading(
+                    index=index,
+                    name=name if isinstance(name, str) else name.decode(),
+                    memory_total=int(memory.total) if memory else 0,
+                    memory_used=int(memory.used) if memory else 0,
+                    utilization_percent=int(rates.gpu) if rates else 0,
+                    temperature_celsius=int(celsius or 0),
+                    power_watts=(milliwatts or 0) / 1000,
+                )
+            )
+        return readings
 
     def close(self) -> None:
         if self._nvml_handles:

@@ -125,6 +125,30 @@ class HostCollector(Collector):
         yield state
         yield from gauges.values()
         yield tokens
+        yield from _gpu_gauges(status)
+
+
+# Per-GPU gauges from NVML: (name, help, the GpuStatus field, scale).
+_GPU_GAUGES = [
+    ("memory_total_bytes", "The GPU's memory.", "memory_total_bytes", 1.0),
+    ("memory_used_bytes", "The GPU's memory in use, all processes.", "memory_used_bytes", 1.0),
+    (
+        "utilization_ratio",
+        "How busy the GPU's cores were lately, 0-1.",
+        "utilization_percent",
+        0.01,
+    ),
+    ("temperature_celsius", "The GPU's core temperature.", "temperature_celsius", 1.0),
+    ("power_watts", "The power the GPU draws.", "power_watts", 1.0),
+]
+
+
+def _gpu_gauges(status: host_status_pb2.HostStatus) -> Iterator[Metric]:
+    for name, text, field, scale in _GPU_GAUGES:
+        gauge = GaugeMetricFamily(f"{PREFIX}_gpu_{name}", text, labels=["gpu", "name"])
+        for gpu in status.gpus:
+            gauge.add_metric([str(gpu.index), gpu.name], getattr(gpu, field) * scale)
+        yield gauge
 
 
 @dataclass

@@ -228,6 +228,18 @@ def host_status_pb(residency: Residency) -> host_status_pb2.HostStatus:
         ),
         observed_at=observed_at,
         draining=residency.draining,
+        gpus=[
+            host_status_pb2.GpuStatus(
+                index=g.index,
+                name=g.name,
+                memory_total_bytes=g.memory_total,
+                memory_used_bytes=g.memory_used,
+                utilization_percent=g.utilization_percent,
+                temperature_celsius=g.temperature_celsius,
+                power_watts=g.power_watts,
+            )
+            for g in residency.memory.gpus()
+        ],
     )
 
 

@@ -26,7 +26,7 @@ from airouter.v1 import generate_pb2 as airouter_dot_v1_dot_generate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61irouter/v1/host_status.proto\x12\x0b\x61irouter.v1\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x01\n\nHostStatus\x12\x11\n\thost_name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12)\n\x06memory\x18\x03 \x01(\x0b\x32\x19.airouter.v1.MemoryStatus\x12(\n\x06models\x18\x04 \x03(\x0b\x32\x18.airouter.v1.ModelStatus\x12+\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x1c.airouter.v1.CacheStatistics\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"c\n\x0cMemoryStatus\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cmodels_bytes\x18\x04 \x01(\x04\"\xb6\x03\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.airouter.v1.ModelState\x12\x14\n\x0cstate_detail\x18\x03 \x01(\t\x12\x17\n\x0f\x66ootprint_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12\x66ootprint_measured\x18\x05 \x01(\x08\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x12\n\nslots_busy\x18\x07 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\r\x12\x1a\n\x12requests_in_flight\x18\t \x01(\r\x12 \n\x18recent_tokens_per_second\x18\n \x01(\x01\x12%\n\x1drecent_time_to_first_token_ms\x18\x0b \x01(\x01\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x1a\n\x12keep_alive_seconds\x18\r \x01(\x01\x12-\n\tlast_used\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cload_seconds\x18\x0f \x01(\x01\x12\x18\n\x10tokens_generated\x18\x10 \x01(\x04\"\x84\x01\n\x0f\x43\x61\x63heStatistics\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\r\n\x05loads\x18\x04 \x01(\x04\x12\x15\n\rload_failures\x18\x05 \x01(\x04\x12\x1a\n\x12load_seconds_total\x18\x06 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61irouter/v1/host_status.proto\x12\x0b\x61irouter.v1\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9a\x02\n\nHostStatus\x12\x11\n\thost_name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12)\n\x06memory\x18\x03 \x01(\x0b\x32\x19.airouter.v1.MemoryStatus\x12(\n\x06models\x18\x04 \x03(\x0b\x32\x18.airouter.v1.ModelStatus\x12+\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x1c.airouter.v1.CacheStatistics\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12$\n\x04gpus\x18\x08 \x03(\x0b\x32\x16.airouter.v1.GpuStatus\"\xae\x01\n\tGpuStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13utilization_percent\x18\x05 \x01(\r\x12\x1b\n\x13temperature_celsius\x18\x06 \x01(\r\x12\x13\n\x0bpower_watts\x18\x07 \x01(\x01\"c\n\x0cMemoryStatus\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cmodels_bytes\x18\x04 \x01(\x04\"\xb6\x03\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.airouter.v1.ModelState\x12\x14\n\x0cstate_detail\x18\x03 \x01(\t\x12\x17\n\x0f\x66ootprint_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12\x66ootprint_measured\x18\x05 \x01(\x08\x12\r\n\x05slots\x18\x06 \x01(\r\x12\x12\n\nslots_busy\x18\x07 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\r\x12\x1a\n\x12requests_in_flight\x18\t \x01(\r\x12 \n\x18recent_tokens_per_second\x18\n \x01(\x01\x12%\n\x1drecent_time_to_first_token_ms\x18\x0b \x01(\x01\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x1a\n\x12keep_alive_seconds\x18\r \x01(\x01\x12-\n\tlast_used\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cload_seconds\x18\x0f \x01(\x01\x12\x18\n\x10tokens_generated\x18\x10 \x01(\x04\"\x84\x01\n\x0f\x43\x61\x63heStatistics\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\r\n\x05loads\x18\x04 \x01(\x04\x12\x15\n\rload_failures\x18\x05 \x01(\x04\x12\x1a\n\x12load_seconds_total\x18\x06 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airouter.v1.host_status_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HOSTSTATUS']._serialized_start=108
-  _globals['_HOSTSTATUS']._serialized_end=352
-  _globals['_MEMORYSTATUS']._serialized_start=354
-  _globals['_MEMORYSTATUS']._serialized_end=453
-  _globals['_MODELSTATUS']._serialized_start=456
-  _globals['_MODELSTATUS']._serialized_end=894
-  _globals['_CACHESTATISTICS']._serialized_start=897
-  _globals['_CACHESTATISTICS']._serialized_end=1029
+  _globals['_HOSTSTATUS']._serialized_end=390
+  _globals['_GPUSTATUS']._serialized_start=393
+  _globals['_GPUSTATUS']._serialized_end=567
+  _globals['_MEMORYSTATUS']._serialized_start=569
+  _globals['_MEMORYSTATUS']._serialized_end=668
+  _globals['_MODELSTATUS']._serialized_start=671
+  _globals['_MODELSTATUS']._serialized_end=1109
+  _globals['_CACHESTATISTICS']._serialized_start=1112
+  _globals['_CACHESTATISTICS']._serialized_end=1244
 # @@protoc_insertion_point(module_scope)
