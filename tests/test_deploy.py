@@ -1,10 +1,15 @@
 """The deployment files say what the programs accept: every command line in them parses, and
 the example configs validate."""
 
+import json
+import plistlib
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -12,6 +17,7 @@ import yaml
 from gateway.cli import build_parser as gateway_parser
 from gateway.config import GatewayConfig
 from modelhost.cli import build_parser as modelhost_parser
+from modelhost.config import HostConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PARSERS = {"modelhost": modelhost_parser, "gateway": gateway_parser}
@@ -45,3 +51,100 @@ def test_the_gateway_example_is_a_valid_config() -> None:
     )
     assert config.tls_cert is not None and config.modelhost_ca is not None
     assert config.default_policy == "local_first" and "capability:code" in config.cloud_models
+
+
+def _kustomize() -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the Kubernetes manifests are not rendered")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "k8s")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(rendered) if d]
+
+
+def _one(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [found] = [d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def _flag(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def test_the_kubernetes_manifests_render_and_match_what_the_programs_accept() -> None:
+    documents = _kustomize()
+    for document in documents:  # the shape every object needs
+        assert {"apiVersion", "kind", "metadata"} <= document.keys()
+        if document["kind"] != "Namespace":
+            assert document["metadata"]["namespace"] == "airouter"
+    # Modelhosts: a DaemonSet on GPU nodes, one GPU each, probed over grpc.health.v1 on the
+    # port they listen on, behind a headless Service on that port.
+    hosts = _one(documents, "DaemonSet", "modelhost")["spec"]["template"]
+    [host] = hosts["spec"]["containers"]
+    args = modelhost_parser().parse_args(host["args"])
+    port = int(args.listen.rpartition(":")[2])
+    assert args.device == "cuda" and host["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert host["livenessProbe"]["grpc"]["port"] == host["readinessProbe"]["grpc"]["port"] == port
+    assert host["readinessProbe"]["grpc"]["service"] == "airouter.v1.ModelHost"
+    metrics_port = _flag(host["args"], "--metrics-listen").rpartition(":")[2]
+    assert hosts["metadata"]["annotations"]["prometheus.io/port"] == metrics_port
+    service = _one(documents, "Service", "modelhost")["spec"]
+    assert service["clusterIP"] == "None" and service["ports"][0]["port"] == port
+    # The models.toml the hosts read is a valid config.
+    models = [d for d in documents if d["kind"] == "ConfigMap" and "models.toml" in d["data"]]
+    HostConfig.model_validate(tomllib.loads(models[0]["data"]["models.toml"]))
+    # The gateway: one replica (the batch store has one writer), never two during an update,
+    # its batches on the claim, routing to the headless Service's name.
+    deployment = _one(documents, "Deployment", "gateway")["spec"]
+    assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
+    [gateway] = deployment["template"]["spec"]["containers"]
+    gateway_args = gateway_parser().parse_args(gateway["args"])
+    gateway_port = int(gateway_args.listen.rpartition(":")[2])
+    assert gateway["readinessProbe"]["grpc"]["port"] == gateway_port
+    configs = [d for d in documents if d["kind"] == "ConfigMap" and "gateway.toml" in d["data"]]
+    config = GatewayConfig.model_validate(tomllib.loads(configs[0]["data"]["gateway.toml"]))
+    assert config.modelhosts == [f"modelhost.airouter.svc.cluster.local:{port}"]
+    mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
+    assert str(config.batch_db.parent) == mounts["batches"]
+    claims = deployment["template"]["spec"]["volumes"]
+    assert {"name": "batches", "persistentVolumeClaim": {"claimName": "gateway-batches"}} in claims
+    _one(documents, "PersistentVolumeClaim", "gateway-batches")
+    # The secrets the configs name are the ones mounted.
+    secret = _one(documents, "Secret", "airouter-tokens")["stringData"]
+    for path in (config.token_file, config.modelhost_token_file, config.openrouter_api_key_file):
+        assert path is not None and path.name in secret
+    assert Path(_flag(host["args"], "--token-file")).name in secret
+    # Only the gateway reaches the hosts' gRPC port.
+    policy = _one(documents, "NetworkPolicy", "modelhost-from-gateway-only")["spec"]
+    assert policy["podSelector"]["matchLabels"] == hosts["metadata"]["labels"]
+    grpc_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == port)
+    labels = deployment["template"]["metadata"]["labels"]
+    assert grpc_rule["from"] == [{"podSelector": {"matchLabels": labels}}]
+
+
+def test_the_launchd_agent_runs_a_metal_modelhost_the_cli_accepts() -> None:
+    agent = plistlib.loads((DEPLOY / "macos" / "ai.airouter.modelhost.plist").read_bytes())
+    assert agent["Label"] == "ai.airouter.modelhost"
+    program, *args = agent["ProgramArguments"]
+    assert program.endswith("/bin/modelhost")
+    parsed = modelhost_parser().parse_args(args)
+    assert parsed.device == "metal"
+    # Beyond loopback the host needs TLS and a token, which the agent gives it.
+    assert parsed.tls_cert and parsed.tls_key and parsed.token_file
+    assert agent["RunAtLoad"] and agent["KeepAlive"] == {"SuccessfulExit": False}
+    assert agent["ExitTimeOut"] > 30  # longer than the shutdown grace
+    assert agent["StandardErrorPath"].endswith(".log")
+
+
+def test_the_cuda_image_runs_a_modelhost_the_cli_accepts() -> None:
+    dockerfile = (DEPLOY / "Dockerfile.cuda").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.*)$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    command = json.loads(re.search(r"^CMD (.*)$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    assert entrypoint == ["modelhost"]
+    assert modelhost_parser().parse_args(command).device == "cuda"
+    assert "-DGGML_CUDA=on" in dockerfile and "-DGGML_NATIVE=OFF" in dockerfile
