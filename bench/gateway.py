@@ -1,6 +1,6 @@
 """What the gateway adds: time to first token and CPU per relayed token.
 
-    python -m bench.gateway [--rounds 3] [--tokens 2048] [--streams 1 64]
+    python -m bench.gateway [--rounds 3] [--tokens 2048] [--streams 1 64] [--short 400]
 
 Against an upstream that streams as fast as it can, so the gateway's own cost is not hidden
 behind decoding: a ModelHost served by this script (ListModels, WatchStatus and a Generate
@@ -11,6 +11,8 @@ process's CPU time (user + system, from psutil, in 10 ms ticks: hence many token
 request) per relayed token. Beside it runs the floor: a bare grpc.aio process that passes the
 same stream's bytes through with no parsing, routing, metrics or tracing, so the table shows
 how much of the gateway's cost is its own and how much is the gRPC stack's per message.
+With --short N it also sends N sequential one-token requests per round through each relay and
+reports the CPU each request costs (the cost of a request rather than of a token).
 """
 
 import argparse
@@ -150,6 +152,17 @@ def start_passthrough(upstream: str) -> tuple[subprocess.Popen[str], str]:
     return process, f"127.0.0.1:{process.stdout.readline().strip()}"
 
 
+async def short_requests(address: str, count: int) -> None:
+    """`count` one-token requests, one after another, over one channel."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).Generate
+        request = gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x")
+        request.stopping.max_tokens = 1
+        for _ in range(count):
+            async for _response in call(request, timeout=30):
+                pass
+
+
 async def measure(address: str, via_gateway: bool, streams: int, tokens: int) -> list[float]:
     """TTFT of `streams` concurrent requests, in seconds; checks every token arrived."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -180,6 +193,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--short", type=int, default=0, help="one-token requests per round")
     parser.add_argument("--passthrough-for", help=argparse.SUPPRESS)  # the floor's process
     args = parser.parse_args()
     if args.passthrough_for:
@@ -195,6 +209,15 @@ def main() -> None:
     }
     ttft: dict[tuple[str, int], list[float]] = {}
     cpu_per_token: dict[tuple[str, int], list[float]] = {}
+    cpu_per_request: dict[str, list[float]] = {}
+
+    def short(name: str) -> None:
+        """One-token requests through one relay, and its CPU per request recorded."""
+        address, process = relays[name]
+        before = sum(process.cpu_times()[:2])
+        asyncio.run(short_requests(address, args.short))
+        spent = sum(process.cpu_times()[:2]) - before
+        cpu_per_request.setdefault(name, []).append(spent / args.short)
 
     def relayed(name: str, streams: int, tokens: int) -> list[float]:
         """TTFTs through one relay, and its CPU per token recorded."""
@@ -215,6 +238,9 @@ def main() -> None:
                 ttft.setdefault(("direct", streams), []).extend(direct)
                 for name in relays:
                     ttft.setdefault((name, streams), []).extend(relayed(name, streams, args.tokens))
+            if args.short:
+                for name in relays:
+                    short(name)
             print(f"round {_ + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         gateway.stop()
@@ -247,6 +273,13 @@ def main() -> None:
     worst_cpu = max(cpu["gateway", streams] for streams in args.streams)
     print(f"{'P1 TTFT added by the gateway, p50 (ms)':<44} {added:8.2f}  (goal <= 5)")
     print(f"{'P5 gateway CPU per relayed token (us)':<44} {worst_cpu:8.1f}  (goal <= 50)")
+    if cpu_per_request:
+        ours = statistics.median(cpu_per_request["gateway"]) * 1e3
+        bare = statistics.median(cpu_per_request["passthrough"]) * 1e3
+        print(
+            f"{'CPU per one-token request (ms)':<44} {ours:8.2f}  (goal <= 1; bare relay "
+            f"{bare:.2f}, gateway / bare {ours / bare:.2f})"
+        )
 
 
 if __name__ == "__main__":
