@@ -94,6 +94,9 @@ class Engine:
         self._queued = 0  # submitted, not yet in a slot; guarded by _lock
         self._tokens_generated = 0
         self._prompt_tokens_reused = 0
+        # A step found no KV room for its prompt chunks: the next one decodes only generating
+        # sequences (llama_decode returned 1, which is back-pressure, not a failure).
+        self._prompts_deferred = False
         self._closing = False
         self.failure: str | None = None  # why the engine thread stopped, if it failed
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -269,11 +272,14 @@ class Engine:
                 source, reused = other, n
         memory = self._model.memory
         if source is slot:
-            llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, reused, -1)
+            kept = llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, reused, -1)
         else:
-            llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            kept = llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
             if source is not None:
                 llama_cpp.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, 0, reused)
+        if not kept:  # the memory could not drop just the tail: evaluate the whole prompt
+            llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            reused = 0
         slot.cached = prompt[:reused]
         return slot, reused
 
@@ -281,6 +287,10 @@ class Engine:
         """Whether slot's cells can stand in for the first n tokens. Sliding-window layers
         drop cells that fell out of their window, and the next token needs the last
         `window` of them."""
+        if self._model.recurrent:
+            # A recurrent state stands for exactly the tokens it has seen: it serves a prefix
+            # only when it ends there (a chat's next turn), and cannot be cut back to one.
+            return len(slot.cached) == n
         window = self._model.sliding_window
         if window <= 0:
             return True
@@ -302,6 +312,7 @@ class Engine:
             n += 1
 
         sampling: list[_Sequence] = []
+        before = [(s, len(s.slot.cached), s.prompt_done) for s in self._running.values()]
         # Generating sequences first: each costs one token and keeps its stream flowing.
         for seq in self._running.values():
             if seq.prefilled:
@@ -309,9 +320,10 @@ class Engine:
                 add(seq.last_token, seq.slot, True)
                 sampling.append(seq)
         # Then prompt chunks, oldest admission first, in the room left.
+        generating = n
         for seq in self._running.values():
             room = self._model.batch_tokens - n
-            if room <= 0:
+            if room <= 0 or self._prompts_deferred:
                 break
             if seq.prefilled:
                 continue
@@ -326,6 +338,16 @@ class Engine:
         batch.n_tokens = n
 
         rc = llama_cpp.llama_decode(self._model.ctx, batch)
+        if rc == 1 and 0 < generating < n:
+            # No KV room for the prompt chunks (nothing was decoded): undo this step and let
+            # the generating sequences go on alone; the prompts follow as cells free up.
+            for seq, cached, done in before:
+                del seq.slot.cached[cached:]
+                seq.prompt_done = done
+            self._prompts_deferred = True
+            _log.warning("decode_backpressure", model=self._name, tokens=n)
+            return
+        self._prompts_deferred = False
         if rc != 0:
             _log.error("decode_failed", model=self._name, code=rc, tokens=n)
             for seq in list(self._running.values()):

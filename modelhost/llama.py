@@ -131,6 +131,11 @@ class LlamaModel:
         self.context_train = llama_cpp.llama_model_n_ctx_train(model)
         # Attention window of the sliding-window layers (Gemma 3: 512); 0 when there are none.
         self.sliding_window = llama_cpp.llama_model_n_swa(model)
+        # Recurrent (Mamba, RWKV) and hybrid (Jamba, Granite-4-H, LFM2, ...) models keep a
+        # state per sequence that cannot be rolled back to an earlier position.
+        self.recurrent = bool(
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        )
         self._end_of_generation: list[int] | None = None
         # Bytes of the longest token; found by scan_vocabulary (None until then).
         self.longest_token_bytes: int | None = None

