@@ -36,6 +36,14 @@ def _program(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
+def main(argv: list[str]) -> int:
+    """`airouter up ...` on its own, without the rest of the CLI's imports (grpc, the stubs):
+    the servers start that much sooner."""
+    commands = argparse.ArgumentParser(prog="airouter").add_subparsers(dest="command")
+    add_up_command(commands)
+    return run_up(commands.choices["up"].parse_args(argv))
+
+
 def run_up(args: argparse.Namespace) -> int:
     host_command = [
         _program("modelhost"),

@@ -12,7 +12,7 @@ import enum
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,8 @@ RETRY_BACKOFF_CAP_S = 60.0
 # Recent tok/s is measured over this many seconds, recent TTFT over this many requests.
 RATE_WINDOW_S = 10.0
 TTFT_WINDOW = 50
+# Seconds after a load before the vocabulary scan starts (see _load).
+SCAN_DELAY_S = 2.0
 
 
 class ModelState(enum.Enum):
@@ -89,7 +91,7 @@ class ResidentModel:
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
     # Why the last load attempt left the model unloaded without failing (no room).
     _refusal: AirouterError | None = None
-    _scan: "asyncio.Future[None] | None" = None  # the vocabulary scan after a load
+    _scan: "_DelayedWork | None" = None  # the vocabulary scan after a load
 
     @property
     def name(self) -> str:
@@ -349,10 +351,12 @@ class Residency:
             self.stats.loads += 1
             self.stats.load_seconds += elapsed
             self._set_state(resident, ModelState.READY)
-            # A scan of the whole vocabulary (~0.3 s for Gemma's 262k tokens) for what
-            # ignore_eos requests and the cheap length bound need: done now, off the engine
-            # thread, not in a request. An unload waits for it: the scan reads the model.
-            resident._scan = asyncio.ensure_future(asyncio.to_thread(model.scan_vocabulary))
+            # A scan of the whole vocabulary (~0.3 s of CPU for Gemma's 262k tokens) for what
+            # ignore_eos requests and the cheap length bound need: off the engine thread, and
+            # a moment after the load, so the first requests do not share the CPU with it
+            # (until then they do without: the engine finds end-of-generation tokens itself,
+            # the length bound waits). An unload waits for it: the scan reads the model.
+            resident._scan = _DelayedWork(SCAN_DELAY_S, model.scan_vocabulary)
             log.info(
                 "model_loaded",
                 seconds=round(elapsed, 3),
@@ -471,7 +475,7 @@ class Residency:
         self._set_state(resident, ModelState.UNLOADING)
         try:
             if resident._scan is not None:
-                await asyncio.gather(resident._scan, return_exceptions=True)
+                await resident._scan.stop()
             await asyncio.to_thread(engine.close)
         finally:
             resident.engine, resident.model = None, None
@@ -515,3 +519,22 @@ class Residency:
                     await self._recover(resident)
                     await self._expire(resident)
             await asyncio.sleep(1.0)
+
+
+class _DelayedWork:
+    """Work for a worker thread once a delay has passed; cancellable until it has started."""
+
+    def __init__(self, delay_s: float, work: Callable[[], None]) -> None:
+        self.started = False
+        self._task = asyncio.ensure_future(self._run(delay_s, work))
+
+    async def _run(self, delay_s: float, work: Callable[[], None]) -> None:
+        await asyncio.sleep(delay_s)
+        self.started = True
+        await asyncio.to_thread(work)
+
+    async def stop(self) -> None:
+        """Cancels the work if it has not started, else waits for it to end."""
+        if not self.started:
+            self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
