@@ -20,10 +20,12 @@ _log = structlog.get_logger()
 
 # HTTP/2 keepalive on both servers: a ping after 20 s without traffic, and a peer that does
 # not answer within 10 s is gone (a gateway that vanished stops holding the host's requests);
-# clients may ping every 5 s, as the gateway's host channels do every 10 s.
+# clients may ping every 5 s, as the gateway's host channels do every 10 s. grpc enforces the
+# answer's deadline through ping_timeout_ms (its default is a minute), so both are set.
 SERVER_KEEPALIVE = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
