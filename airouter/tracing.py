@@ -11,6 +11,7 @@ holds the gateway's request, its routing and attempts, and the host's handling.
 """
 
 import argparse
+import logging
 import os
 from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -21,6 +22,25 @@ from opentelemetry import propagate, trace
 
 from airouter.labels import enum_label
 from airouter.v1 import generate_pb2
+
+
+class _FinalizerDetach(logging.Filter):
+    """Drops OpenTelemetry's "Failed to detach context" when the token belongs to another
+    task's context. grpc.aio does not close a streaming handler whose client cancelled: it
+    drops the generator, and the event loop closes it later in a task of its own, where the
+    request span (already ended by then) cannot reset the context it set. Harmless, and not
+    ours to close sooner; our own nested generators are closed by their consumers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            record.getMessage() == "Failed to detach context"
+            and isinstance(error, ValueError)
+            and "was created in a different Context" in str(error)
+        )
+
+
+logging.getLogger("opentelemetry.context").addFilter(_FinalizerDetach())
 
 GEN_AI_OPERATION = "gen_ai.operation.name"
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
