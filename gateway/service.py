@@ -130,7 +130,7 @@ class GatewayService:
         pool: HostPool,
         cloud: CloudRouting,
         observer: RequestObserver,
-        first_message_s: float = 30.0,
+        first_message_s: float = 60.0,  # GatewayConfig.first_message_timeout_s
     ) -> None:
         self.pool = pool
         self.cloud = cloud
@@ -190,10 +190,9 @@ class GatewayService:
         if requested.startswith(OPENROUTER_PREFIX):
             known = requested in self.cloud.cloud_models.values()
             return requested if known else OTHER_CLOUD_MODEL
-        else:
-            known = requested in self.cloud.cloud_models or any(
-                router.matches(m, requested) for h in self.pool.hosts for m in h.models
-            )
+        known = requested in self.cloud.cloud_models or any(
+            router.matches(m, requested) for h in self.pool.hosts for m in h.models
+        )
         return requested if known else UNKNOWN_MODEL
 
     async def _serve(

@@ -312,7 +312,6 @@ class Engine:
             n += 1
 
         sampling: list[_Sequence] = []
-        before = [(s, len(s.slot.cached), s.prompt_done) for s in self._running.values()]
         # Generating sequences first: each costs one token and keeps its stream flowing.
         for seq in self._running.values():
             if seq.prefilled:
@@ -320,7 +319,8 @@ class Engine:
                 add(seq.last_token, seq.slot, True)
                 sampling.append(seq)
         # Then prompt chunks, oldest admission first, in the room left.
-        generating = n
+        generating = n  # one token each: sampling[:generating] are these sequences
+        chunked: list[tuple[_Sequence, int]] = []  # prompt chunks added, with where they began
         for seq in self._running.values():
             room = self._model.batch_tokens - n
             if room <= 0 or self._prompts_deferred:
@@ -329,6 +329,7 @@ class Engine:
                 continue
             prompt = seq.request.prompt
             end = min(len(prompt), seq.prompt_done + room)
+            chunked.append((seq, seq.prompt_done))
             for i in range(seq.prompt_done, end):
                 add(prompt[i], seq.slot, i == len(prompt) - 1)
             seq.prompt_done = end
@@ -341,8 +342,10 @@ class Engine:
         if rc == 1 and 0 < generating < n:
             # No KV room for the prompt chunks (nothing was decoded): undo this step and let
             # the generating sequences go on alone; the prompts follow as cells free up.
-            for seq, cached, done in before:
-                del seq.slot.cached[cached:]
+            for seq in sampling[:generating]:
+                seq.slot.cached.pop()
+            for seq, done in chunked:
+                del seq.slot.cached[len(seq.slot.cached) - (seq.prompt_done - done) :]
                 seq.prompt_done = done
             self._prompts_deferred = True
             _log.warning("decode_backpressure", model=self._name, tokens=n)
