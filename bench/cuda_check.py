@@ -8,27 +8,30 @@ markdown report:
 2. `modelhost serve --device cuda` with the model: how many layers went to the GPU and the
    buffers llama.cpp allocated there (the host's `model_loaded` log line), VRAM used;
 3. greedy text of 16 tokens for a few chat and raw prompts from `modelhost serve --device cuda`
-   and `--device cpu` (the GPU hidden: CUDA_VISIBLE_DEVICES=""), each held against llama.cpp's
-   own greedy loop in a process with the same context settings on the same device: the engine
-   must add nothing;
+   and `--device cpu` (the GPU hidden: CUDA_VISIBLE_DEVICES=""). The engine must add nothing:
+   each token a host chose is llama.cpp's argmax in a process with the same context settings on
+   the same device, fed the same tokens, up to a near-tie. (On cuda the result of a step depends
+   on the batch's shape and where the cells lie, and a host reuses prefixes another request
+   computed, so its text can part from a cold greedy loop at a near-tie; on the cpu it does not.)
 4. cuda against cpu, teacher-forced: both devices score the cpu's greedy continuation position
    by position. Their kernels round differently (llama.cpp's own greedy text differs between
-   cpu and cuda, and between flash attention on and off on cuda, for this model), so equal
-   free-running text is the wrong test: one near-tie decided the other way changes every token
-   after it. The check is that the argmax agrees wherever the cpu's top token leads by a
-   margin (NEAR_TIE logits) and how far the logits of the top tokens move;
+   cpu and cuda, and between flash attention on and off, for this model), so equal free-running
+   text is the wrong test: one near-tie decided the other way changes every token after it.
+   The check: argmax equal wherever the cpu's top token leads by NEAR_TIE logits, and a mean KL
+   divergence under KL_LIMIT, with the cpu's flash attention on against off beside it for scale;
 5. `bench.batching` at 1, 8 and 64 streams on cuda, with device memory sampled meanwhile.
 
 Exits 1 when a check fails; the report says which.
 
     python -m bench.cuda_check logits --device cpu|cuda --model M --config C --out F.npz
-        [--teacher F.npz]
+        [--teacher F.npz] [--host-texts F.json] [--flash-attention on|off]
 
 is step 3 and 4's in-process half (run as a subprocess so that the cpu run can hide the GPU).
 """
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -56,8 +60,13 @@ PROMPTS = [
     ("raw", "def fibonacci(n):"),
 ]
 MIB = 1 << 20
-# Logits by which the cpu's top token must lead for cuda's argmax to have to agree with it.
-NEAR_TIE = 0.5
+# Kernels round differently on each device: the cpu with flash attention on and off moves
+# this model's top logits by up to 0.6 and flips four near-ties in 55 positions. A broken kernel
+# or engine moves far more, so: where one run's top token leads by NEAR_TIE logits or more, the
+# other's argmax must agree, and the mean KL divergence between the two must stay under
+# KL_LIMIT nats (~0.005 between the cpu's two flash attention settings).
+NEAR_TIE = 1.0
+KL_LIMIT = 0.02
 TOP = 10  # the cpu's top tokens whose logits are compared
 
 
@@ -152,8 +161,9 @@ def cell(text: str) -> str:
 
 
 def in_process(args: argparse.Namespace) -> int:
-    """llama.cpp's own greedy loop on one device with the host's context settings, and the
-    logits of every continuation position of --teacher's sequences (or of its own)."""
+    """llama.cpp's own greedy loop on one device with the host's context settings; the logits
+    of every continuation position of --teacher's greedy tokens (else of its own); and, for
+    each token the host chose (--host-texts), by how much llama.cpp's argmax led it."""
     # Imported here: only this subprocess loads the model.
     import llama_cpp
 
@@ -161,6 +171,7 @@ def in_process(args: argparse.Namespace) -> int:
     from modelhost.llama import ContextSettings, LlamaModel, default_threads
 
     config = load_config(args.config).models[0]
+    flash = config.flash_attention if args.flash_attention is None else args.flash_attention == "on"
     model = LlamaModel(
         args.model,
         gpu_layers=-1 if args.device == "cuda" else 0,
@@ -169,7 +180,7 @@ def in_process(args: argparse.Namespace) -> int:
             config.context_length,
             config.batch_tokens,
             default_threads(),
-            flash_attention=config.flash_attention,
+            flash_attention=flash,
         ),
     )
     batch = llama_cpp.llama_batch_init(config.batch_tokens, 0, 1)
@@ -182,19 +193,20 @@ def in_process(args: argparse.Namespace) -> int:
             batch.logits[i] = i >= logits_from
         if rc := llama_cpp.llama_decode(model.ctx, batch):
             raise RuntimeError(f"llama_decode returned {rc}")
-        return np.stack(
-            [
-                np.ctypeslib.as_array(
-                    llama_cpp.llama_get_logits_ith(model.ctx, i), (model.n_vocab,)
-                )
-                for i in range(logits_from, len(tokens))
-            ]
-        ).copy()
+        rows = [
+            llama_cpp.llama_get_logits_ith(model.ctx, i) for i in range(logits_from, len(tokens))
+        ]
+        return np.stack([np.ctypeslib.as_array(r, (model.n_vocab,)) for r in rows]).copy()
 
-    greedy: list[list[int]] = []
-    texts: list[str] = []
-    logits: list[np.ndarray] = []
+    def forced(prompt: list[int], continuation: list[int]) -> np.ndarray:
+        """Logits predicting each continuation token, the tokens before it given."""
+        llama_cpp.llama_memory_clear(model.memory, True)
+        return decode(prompt + continuation[:-1], 0, len(prompt) - 1)
+
     teacher = np.load(args.teacher) if args.teacher else None
+    host_texts = json.loads(args.host_texts.read_text()) if args.host_texts else None
+    arrays: dict[str, np.ndarray] = {}
+    texts = []
     for n, (kind, text) in enumerate(PROMPTS):
         rendered = model.apply_chat_template([("user", text)]) if kind == "chat" else text
         assert rendered is not None, "the model has no chat template"
@@ -208,27 +220,47 @@ def in_process(args: argparse.Namespace) -> int:
                 break
             tokens.append(token)
             row = decode([token], len(prompt) + len(tokens) - 1, 0)[-1]
-        continuation = list(teacher[f"greedy{n}"]) if teacher is not None else tokens
-        llama_cpp.llama_memory_clear(model.memory, True)
-        forced = decode(prompt + continuation[:-1], 0, len(prompt) - 1)
-        greedy.append(tokens)
         texts.append(b"".join(model.token_bytes(t) for t in tokens).decode("utf-8", "replace"))
-        logits.append(forced)
-    llama_cpp.llama_batch_free(batch)
-    arrays: dict[str, np.ndarray] = {"texts": np.array(texts)}
-    for n, (tokens, forced) in enumerate(zip(greedy, logits, strict=True)):
         arrays[f"greedy{n}"] = np.array(tokens, dtype=np.int32)
-        arrays[f"logits{n}"] = forced.astype(np.float32)
+        continuation = [int(t) for t in teacher[f"greedy{n}"]] if teacher is not None else tokens
+        arrays[f"logits{n}"] = forced(prompt, continuation).astype(np.float32)
+        if host_texts is not None:
+            # The host streams text, so its tokens are the text tokenized again; -1 marks text
+            # that does not tokenize back onto the prompt's tokens.
+            host = model.tokenize(rendered + host_texts[n])
+            lead = np.array([-1.0], dtype=np.float32)
+            if host[: len(prompt)] == prompt and len(host) > len(prompt):
+                chosen = host[len(prompt) :]
+                logits = forced(prompt, chosen)
+                lead = logits.max(axis=1) - logits[np.arange(len(chosen)), chosen]
+            arrays[f"host_lead{n}"] = lead
+    arrays["texts"] = np.array(texts)
+    llama_cpp.llama_batch_free(batch)
     np.savez(args.out, **arrays)  # type: ignore[arg-type]
     model.close()
     return 0
 
 
-def run_in_process(device: str, model: Path, config: Path, out: Path, teacher: Path | None):
+def run_in_process(
+    device: str,
+    model: Path,
+    config: Path,
+    out: Path,
+    *,
+    teacher: Path | None = None,
+    host_texts: list[str] | None = None,
+    flash_attention: str | None = None,
+) -> Any:
     command = [sys.executable, "-m", "bench.cuda_check", "logits", "--device", device]
     command += ["--model", str(model), "--config", str(config), "--out", str(out)]
     if teacher:
         command += ["--teacher", str(teacher)]
+    if host_texts is not None:
+        texts = out.with_suffix(".host.json")
+        texts.write_text(json.dumps(host_texts))
+        command += ["--host-texts", str(texts)]
+    if flash_attention:
+        command += ["--flash-attention", flash_attention]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     if done.returncode != 0:
@@ -238,30 +270,136 @@ def run_in_process(device: str, model: Path, config: Path, out: Path, teacher: P
 
 @dataclass
 class Forced:
+    """Two runs' logits over the same tokens, position by position."""
+
     positions: int
-    agree: int
-    clear_disagreements: list[str]  # the cpu led by NEAR_TIE or more, and cuda chose otherwise
-    near_ties: list[float]  # the cpu's lead where cuda chose otherwise
-    top_shift: float  # the largest move of one of the cpu's TOP logits
+    agree: int  # argmax equal
+    clear_disagreements: list[str]  # the first led by NEAR_TIE or more, the second chose otherwise
+    near_ties: list[float]  # the first's lead where the second chose otherwise
+    top_shift: float  # the largest move of one of the first's TOP logits
+    kl: list[float]  # KL divergence of the second's distribution from the first's, in nats
 
 
-def compare_forced(cpu: np.ndarray, gpu: np.ndarray) -> Forced:
-    result = Forced(len(cpu), 0, [], [], 0.0)
-    for position, (c, g) in enumerate(zip(cpu, gpu, strict=True)):
-        top = np.argsort(c)[-TOP:]
-        result.top_shift = max(result.top_shift, float(np.max(np.abs(c[top] - g[top]))))
-        a, b = int(np.argmax(c)), int(np.argmax(g))
+def compare_forced(first: np.ndarray, second: np.ndarray) -> Forced:
+    result = Forced(len(first), 0, [], [], 0.0, [])
+    for position, (a_logits, b_logits) in enumerate(zip(first, second, strict=True)):
+        top = np.argsort(a_logits)[-TOP:]
+        shift = float(np.max(np.abs(a_logits[top] - b_logits[top])))
+        result.top_shift = max(result.top_shift, shift)
+        p, q = log_softmax(a_logits), log_softmax(b_logits)
+        result.kl.append(float(np.sum(np.exp(p) * (p - q))))
+        a, b = int(np.argmax(a_logits)), int(np.argmax(b_logits))
         if a == b:
             result.agree += 1
             continue
-        lead = float(c[a] - c[b])
+        lead = float(a_logits[a] - a_logits[b])
         if lead < NEAR_TIE:
             result.near_ties.append(lead)
         else:
-            result.clear_disagreements.append(
-                f"position {position}: cpu {a} leads cuda's {b} by {lead:.2f}"
-            )
+            result.clear_disagreements.append(f"position {position}: {a} leads {b} by {lead:.2f}")
     return result
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max()
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def host_verdict(lead: np.ndarray) -> tuple[str, bool]:
+    """How the host's tokens stand against llama.cpp's argmax: the cell, and whether it fails."""
+    if len(lead) == 1 and lead[0] < 0:
+        return "not checked (its text tokenizes differently)", False
+    worst = float(lead.max())
+    if worst == 0:
+        return f"yes, {len(lead)}/{len(lead)}", False
+    position = int(lead.argmax())
+    verdict = f"{int((lead == 0).sum())}/{len(lead)}; worst lead {worst:.2f} at {position}"
+    return verdict, worst >= NEAR_TIE
+
+
+def compare_greedy(
+    model: Path,
+    config: Path,
+    scratch: Path,
+    cpu_alone: list[Greedy],
+    cuda_alone: list[Greedy],
+    cuda_together: list[Greedy],
+) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """Steps 3 and 4: llama.cpp's own greedy loop and teacher-forced logits on each device
+    against the hosts' text, and for scale the cpu with flash attention off against on (both
+    correct llama.cpp). Returns report rows, the greedy table and failures."""
+    rows: list[tuple[str, str]] = []
+    failures: list[str] = []
+    cpu_npz = scratch / "cpu.npz"
+    texts = [r.text for r in cpu_alone]
+    cpu_own = run_in_process("cpu", model, config, cpu_npz, host_texts=texts)
+    texts = [r.text for r in cuda_alone]
+    gpu_own = run_in_process(
+        "cuda", model, config, scratch / "cuda.npz", teacher=cpu_npz, host_texts=texts
+    )
+    cpu_other = run_in_process(
+        "cpu", model, config, scratch / "cpu-fa.npz", teacher=cpu_npz, flash_attention="off"
+    )
+    table = [
+        f"| prompt | host cuda ({GREEDY_TOKENS} tokens) | host cpu | host cuda's tokens are "
+        "llama.cpp's argmax | host cpu's | cuda together = alone | argmax cuda = cpu "
+        "(teacher-forced) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    gpu_forced, reference = [], []
+    for n, ((kind, prompt), gpu_text, cpu_text, together) in enumerate(
+        zip(PROMPTS, cuda_alone, cpu_alone, cuda_together, strict=True)
+    ):
+        for label, result in (("cuda", gpu_text), ("cpu", cpu_text), ("together", together)):
+            if result.error or result.tokens == 0:
+                failures.append(f"{label} {kind} {prompt!r}: {result.error or 'no tokens'}")
+        engine = []
+        for device, own, text in (("cuda", gpu_own, gpu_text), ("cpu", cpu_own, cpu_text)):
+            verdict, failed = host_verdict(own[f"host_lead{n}"])
+            engine.append(verdict)
+            if failed:
+                failures.append(
+                    f"{device} {kind} {prompt!r}: the host chose a token that llama.cpp's argmax "
+                    f"led by {NEAR_TIE} logits or more ({verdict}; host {text.text!r}, "
+                    f"llama.cpp's own loop {str(own['texts'][n])!r})"
+                )
+        forced = compare_forced(cpu_own[f"logits{n}"], gpu_own[f"logits{n}"])
+        gpu_forced.append(forced)
+        reference.append(compare_forced(cpu_own[f"logits{n}"], cpu_other[f"logits{n}"]))
+        failures += [
+            f"{kind} {prompt!r}, cpu against cuda: {d}" for d in forced.clear_disagreements
+        ]
+        table.append(
+            f"| {kind}: {cell(prompt)} | {cell(gpu_text.text)} | {cell(cpu_text.text)} "
+            f"| {engine[0]} | {engine[1]} "
+            f"| {'yes' if together.text == gpu_text.text else 'no'} "
+            f"| {forced.agree}/{forced.positions} |"
+        )
+    for label, compared in (
+        ("cuda against cpu, teacher-forced", gpu_forced),
+        ("for scale: cpu, flash attention off against on", reference),
+    ):
+        kl = [k for f in compared for k in f.kl]
+        ties = [t for f in compared for t in f.near_ties]
+        rows.append(
+            (
+                label,
+                f"argmax equal at {sum(f.agree for f in compared)} of {len(kl)} positions"
+                + (
+                    f" (the others near-ties: leads {', '.join(f'{t:.2f}' for t in ties)})"
+                    if ties
+                    else ""
+                )
+                + f"; KL divergence mean {np.mean(kl):.4f}, max {np.max(kl):.4f} nats; top-{TOP} "
+                f"logits moved by at most {max(f.top_shift for f in compared):.2f}",
+            )
+        )
+    kl_mean = float(np.mean([k for f in gpu_forced for k in f.kl]))
+    if kl_mean > KL_LIMIT:
+        failures.append(
+            f"cuda's distributions differ from cpu's: mean KL {kl_mean:.4f} > {KL_LIMIT}"
+        )
+    return rows, table, failures
 
 
 def main() -> int:
@@ -273,6 +411,8 @@ def main() -> int:
         parser.add_argument("--config", type=Path, required=True)
         parser.add_argument("--out", type=Path, required=True)
         parser.add_argument("--teacher", type=Path)
+        parser.add_argument("--host-texts", type=Path)
+        parser.add_argument("--flash-attention", choices=["on", "off"])
         return in_process(parser.parse_args())
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, required=True, help="the GGUF file to serve")
@@ -344,58 +484,12 @@ def main() -> int:
     finally:
         host.stop()
 
-    # 3 and 4. llama.cpp's own greedy loop and teacher-forced logits on each device.
-    scratch = config.parent
-    cpu_own = run_in_process("cpu", args.model, config, scratch / "cpu.npz", None)
-    gpu_own = run_in_process("cuda", args.model, config, scratch / "cuda.npz", scratch / "cpu.npz")
-    table = [
-        f"| prompt | host cuda ({GREEDY_TOKENS} tokens) | host cpu | host = llama.cpp, cuda "
-        "| host = llama.cpp, cpu | cuda together = alone | teacher-forced argmax cuda = cpu |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    positions = agree = 0
-    near_ties: list[float] = []
-    top_shift = 0.0
-    for n, ((kind, prompt), gpu_text, cpu_text, together) in enumerate(
-        zip(PROMPTS, cuda_alone, cpu_alone, cuda_together, strict=True)
-    ):
-        for label, result in (("cuda", gpu_text), ("cpu", cpu_text), ("together", together)):
-            if result.error or result.tokens == 0:
-                failures.append(f"{label} {kind} {prompt!r}: {result.error or 'no tokens'}")
-        engine = []
-        for device, own, text in (("cuda", gpu_own, gpu_text), ("cpu", cpu_own, cpu_text)):
-            same = own["texts"][n] == text.text
-            engine.append("yes" if same else first_difference(text.text, str(own["texts"][n])))
-            if not same:
-                failures.append(
-                    f"{device} {kind} {prompt!r}: the host's greedy text differs from llama.cpp's "
-                    f"own loop on the same device ({text.text!r} against {own['texts'][n]!r})"
-                )
-        forced = compare_forced(cpu_own[f"logits{n}"], gpu_own[f"logits{n}"])
-        positions += forced.positions
-        agree += forced.agree
-        near_ties += forced.near_ties
-        top_shift = max(top_shift, forced.top_shift)
-        failures += [f"{kind} {prompt!r}, {d}" for d in forced.clear_disagreements]
-        table.append(
-            f"| {kind}: {cell(prompt)} | {cell(gpu_text.text)} | {cell(cpu_text.text)} "
-            f"| {engine[0]} | {engine[1]} "
-            f"| {'yes' if together.text == gpu_text.text else 'no'} "
-            f"| {forced.agree}/{forced.positions} |"
-        )
-    rows.append(
-        (
-            "greedy, cuda against cpu (teacher-forced)",
-            f"argmax equal at {agree} of {positions} positions; "
-            + (
-                f"where not, the cpu's lead was {', '.join(f'{t:.2f}' for t in near_ties)} "
-                f"logits (a near-tie: < {NEAR_TIE})"
-                if near_ties
-                else "no near-ties decided otherwise"
-            )
-            + f"; the cpu's top-{TOP} logits moved by at most {top_shift:.3f}",
-        )
+    # 3 and 4.
+    greedy_rows, table, greedy_failures = compare_greedy(
+        args.model, config, args.report.parent, cpu_alone, cuda_alone, cuda_together
     )
+    rows += greedy_rows
+    failures += greedy_failures
 
     # 5. bench.batching on the GPU.
     print("bench.batching ...", flush=True)
