@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA device check: on a machine with one NVIDIA GPU, nvcc and CMake but no network, build
 # llama-cpp-python for that GPU's architecture only and prove the modelhost on it
-# (bench/cuda_check.py: layers on the GPU, greedy text against the CPU engine's, bench.batching
-# at 1, 8 and 64 streams, VRAM through NVML, one report file). Build 6 min, check 20 s on 16
+# (bench/cuda_check.py: layers on the GPU, greedy tokens against llama.cpp's and the CPU's,
+# bench.batching at 1, 8 and 64 streams, VRAM through NVML, one report file). Build 5 min, check 30 s on 16
 # cores (H200, 2026-11-27).
 #
 #   bash bench/cuda_check.sh prepare DIR   here, with the registries: what the GPU machine lacks
@@ -10,7 +10,7 @@
 #   bash bench/cuda_check.sh stage DIR...  there: copy DIRs into $STAGE (kept while the machine
 #                                          is, unlike the carried folders, replaced each call)
 #   bash bench/cuda_check.sh build         there: a venv over its python, the wheels, the build
-#   bash bench/cuda_check.sh run OUT       there: the check; OUT/cuda_report.md
+#   bash bench/cuda_check.sh run OUT       there: the check; OUT/cuda_report.md (and the logits)
 #
 # As run on the device tool, in two calls (.gpu/ ignored through .git/info/exclude):
 #   prepare /tmp/p; move the sdist, wheels/ and model.gguf.part-aa to .gpu/a, the other parts
