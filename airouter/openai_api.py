@@ -87,6 +87,8 @@ class _CompletionParams(BaseModel):
         if self.stop is not None:
             request.stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop)
         request.stopping.ignore_eos = self.ignore_eos
+        if self.user:
+            request.conversation_id = self.user
         return request
 
     @property

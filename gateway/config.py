@@ -72,6 +72,12 @@ class GatewayConfig(ServerSecurity):
     # Whether a request's routing_policy may override the operator's (asking for local_only
     # is always honoured: it spends nothing).
     allow_policy_override: bool = False
+    # Prefix-aware routing (gateway/prefixes.py): a request goes to the host expected to hold
+    # the most of its prompt (at least prefix_min_tokens) unless it would wait there behind
+    # more than prefix_max_queue_gap requests beyond what it would on the least loaded host.
+    prefix_routing: bool = True
+    prefix_min_tokens: int = Field(default=64, ge=1)
+    prefix_max_queue_gap: int = Field(default=1, ge=0)
     # Batches are kept in this SQLite file (one gateway per file); attempts per item, and
     # the time one attempt may take.
     batch_db: Path = Field(default_factory=default_batch_db)

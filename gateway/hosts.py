@@ -79,6 +79,10 @@ class Host:
     metadata: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # The Generate calls in flight, each with why it was dropped ("" while it runs).
     calls: dict[grpc.aio.UnaryStreamCall, str] = field(default_factory=dict, repr=False)
+    status_received_at: float = 0.0  # time.monotonic() when `status` came
+    # cached_prefixes of `status` by model, made on first use.
+    _held: dict[str, dict[int, int]] = field(default_factory=dict, repr=False)
+    _held_of: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # The gateway's request and response messages mirror the host's field for field, so
@@ -161,6 +165,17 @@ class Host:
         if self.status is None:
             return None
         return next((m for m in self.status.models if m.name == name), None)
+
+    def held_prefixes(self, name: str) -> dict[int, int]:
+        """The prefix blocks the host last reported holding for a model: hash -> tokens."""
+        if self._held_of is not self.status:
+            self._held, self._held_of = {}, self.status
+        held = self._held.get(name)
+        if held is None:
+            status = self.model_status(name)
+            held = {p.hash: p.tokens for p in status.cached_prefixes} if status else {}
+            self._held[name] = held
+        return held
 
     def state_of(self, name: str) -> generate_pb2.ModelState:
         """A model's live state on this host (MODEL_STATE_*)."""
@@ -405,6 +420,7 @@ class HostPool:
                         if update is grpc.aio.EOF:
                             break
                         host.status = update.status
+                        host.status_received_at = time.monotonic()
                         backoff = RECONNECT_BACKOFF_S[0]
                         before = host.state
                         host.standing.updated(time.monotonic(), draining=update.status.draining)

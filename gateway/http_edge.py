@@ -192,6 +192,10 @@ class HttpEdge:
             return _error("INVALID_ARGUMENT", f"the body is not JSON: {exc}")
         generate, stream, include_usage = parse_request(body, chat=chat)
         generate.request_id = request[REQUEST_ID]
+        # A conversation's affinity hint; OpenAI's `user` field says the same for an end user.
+        generate.conversation_id = request.headers.get(
+            "x-conversation-id", generate.conversation_id
+        )
         headers = {"x-request-id": generate.request_id}
         with tracing.request_span(_tracer, generate, request.headers.items()) as span:
             responses = self._service.generate(generate, self._request_timeout_s)

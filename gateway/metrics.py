@@ -40,6 +40,13 @@ class GatewayMetrics:
             ["model", "kind"],
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens",
+            "Prompt tokens by serving host: reused (their KV cells were left by an earlier "
+            "request, which prefix-aware routing aims for) or computed.",
+            ["host", "kind"],
+            registry=self.registry,
+        )
         self.ttft, self.latency = request_histograms(PREFIX, "gateway", self.registry)
         self.failovers = Counter(
             f"{PREFIX}_failovers",
@@ -71,6 +78,9 @@ class GatewayMetrics:
         self.requests.labels(model, f.host, outcome).inc()
         self.tokens.labels(model, "prompt").inc(f.usage.prompt_tokens)
         self.tokens.labels(model, "completion").inc(f.usage.completion_tokens)
+        reused = min(f.usage.cached_prompt_tokens, f.usage.prompt_tokens)
+        self.prompt_tokens.labels(f.host, "reused").inc(reused)
+        self.prompt_tokens.labels(f.host, "computed").inc(f.usage.prompt_tokens - reused)
         self.latency.labels(model).observe(seconds)
         if f.host == UPSTREAM_HOST and f.reason == generate_pb2.FINISH_REASON_ERROR:
             self.upstream_errors.labels("mid_stream").inc()

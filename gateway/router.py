@@ -6,19 +6,31 @@ resident with a free slot, resident and busy, loading or loadable, resident but 
 whole wave of requests queued); within a tier by free slots against queued requests, then
 recent TTFT. The first choice is drawn between the best two at random, weighted by that
 score, so a burst that arrives between two status updates does not all land on one host.
+
+Then the prefix: among resident, unsaturated candidates, the one expected to hold the most of
+the prompt (at least PrefixPolicy.min_tokens; between near-equal holders the least loaded)
+goes first, unless the request would wait there for a slot behind more than
+PrefixPolicy.max_queue_gap requests beyond what it would wait behind on the least loaded one:
+then load wins.
 """
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from airouter.errors import InvalidArgument, NotFound, Unavailable
 from airouter.v1 import generate_pb2
 from gateway.hosts import Host
+from gateway.prefixes import DEFAULT_PREFIX_POLICY, PrefixPolicy
 
 CAPABILITY_PREFIX = "capability:"
 _READY = generate_pb2.MODEL_STATE_READY
 _LOADING = generate_pb2.MODEL_STATE_LOADING
 _ERROR = generate_pb2.MODEL_STATE_ERROR
+# Holders whose expected hit is within this fraction of the best one's count as equal.
+NEAR_EQUAL_HIT = 0.9
+# Prompt tokens a host holds for the request (PrefixMemory.expected_hit).
+HitEstimate = Callable[[Host, generate_pb2.ModelInfo], int]
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,8 @@ class Candidate:
     weight: float  # higher is better, within a tier
     ttft_ms: float
     reason: str
+    waiting: int = 0  # requests the new one would wait behind for a slot
+    prefix_tokens: int = 0  # prompt tokens the host is expected to hold for it
 
     def describe(self) -> str:
         return f"{self.host.address}/{self.model.name} (tier {self.tier}: {self.reason})"
@@ -41,10 +55,16 @@ def matches(model: generate_pb2.ModelInfo, requested: str) -> bool:
 
 
 def candidates(
-    hosts: list[Host], requested: str, min_context: int = 0, rng: random.Random | None = None
+    hosts: list[Host],
+    requested: str,
+    min_context: int = 0,
+    rng: random.Random | None = None,
+    hit: HitEstimate | None = None,
+    policy: PrefixPolicy = DEFAULT_PREFIX_POLICY,
 ) -> list[Candidate]:
     """The pairs that can serve the request, the chosen one first; raises NotFound,
-    InvalidArgument or Unavailable, saying why, when there are none."""
+    InvalidArgument or Unavailable, saying why, when there are none. `hit` says how many of
+    the prompt's tokens a host holds."""
     routable = [h for h in hosts if h.routable]
     if not routable:
         states = "; ".join(f"{h.address}: {h.state.value} ({h.detail})" for h in hosts)
@@ -87,7 +107,38 @@ def candidates(
         chooser = rng or random
         first = chooser.choices(best, weights=[c.weight for c in best])[0]
         best = [first, *(c for c in best if c is not first)]
-    return best + rest
+    ranked = best + rest
+    if hit is not None and policy.enabled:
+        ranked = _prefer_prefix(ranked, hit, policy)
+    return ranked
+
+
+def _prefer_prefix(
+    ranked: list[Candidate], hit: HitEstimate, policy: PrefixPolicy
+) -> list[Candidate]:
+    """`ranked` with the candidate holding the most of the prompt first, unless load wins."""
+    resident = [c for c in ranked if c.tier <= 1]
+    if not resident:
+        return ranked
+    hits = {id(c): hit(c.host, c.model) for c in resident}
+    best_hit = max(hits.values())
+    if best_hit < policy.min_tokens:
+        return ranked
+    holders = [c for c in resident if hits[id(c)] >= best_hit * NEAR_EQUAL_HIT]
+    choice = min(holders, key=lambda c: (c.waiting, -c.weight, -hits[id(c)]))
+    tokens = hits[id(choice)]
+    least = min(c.waiting for c in resident)
+    if choice.waiting - least > policy.max_queue_gap:
+        note = (
+            f"; load wins over {choice.host.address}, which holds ~{tokens} prompt tokens but "
+            f"would queue it behind {choice.waiting}"
+        )
+        first = replace(ranked[0], reason=ranked[0].reason + note)
+        return [first, *ranked[1:]]
+    chosen = replace(
+        choice, prefix_tokens=tokens, reason=f"{choice.reason}, holds ~{tokens} prompt tokens"
+    )
+    return [chosen, *(c for c in ranked if c is not choice)]
 
 
 def _status_detail(host: Host, name: str) -> str:
@@ -109,12 +160,13 @@ def _rank(host: Host, model: generate_pb2.ModelInfo) -> Candidate | None:
     weight = (1 + free) / (1 + queued)
     load = f"{free}/{slots} slots free, {queued} queued"
     ttft = status.recent_time_to_first_token_ms
+    waiting = 0 if free else queued + 1
     if status.state == _READY:
         if free:
-            return Candidate(host, model, 0, weight, ttft, f"resident, {load}")
+            return Candidate(host, model, 0, weight, ttft, f"resident, {load}", waiting)
         if queued < slots:
-            return Candidate(host, model, 1, weight, ttft, f"resident and busy, {load}")
-        return Candidate(host, model, 3, weight, ttft, f"resident but saturated, {load}")
+            return Candidate(host, model, 1, weight, ttft, f"resident and busy, {load}", waiting)
+        return Candidate(host, model, 3, weight, ttft, f"resident but saturated, {load}", waiting)
     if status.state == _LOADING:
         return Candidate(host, model, 2, weight, ttft, "loading")
     memory = host.status.memory if host.status else None

@@ -15,6 +15,7 @@ from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfi
 from gateway.hosts import CHANNEL_OPTIONS, HostPool
 from gateway.http_edge import HttpEdge
 from gateway.metrics import GatewayMetrics
+from gateway.prefixes import PrefixPolicy
 from gateway.service import CloudRouting, GatewayService
 from gateway.servicer import GatewayServicer
 from gateway.upstream import OpenAIUpstream, UpstreamSettings
@@ -112,7 +113,10 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         [SERVICE_NAME], credentials, max_message_bytes=MAX_MESSAGE_BYTES
     )
     metrics = GatewayMetrics(pool, upstream)
-    service = GatewayService(pool, cloud, metrics, config.first_message_timeout_s)
+    prefix_policy = PrefixPolicy(
+        config.prefix_routing, config.prefix_min_tokens, config.prefix_max_queue_gap
+    )
+    service = GatewayService(pool, cloud, metrics, config.first_message_timeout_s, prefix_policy)
     batches = BatchRunner(
         config.batch_db,
         service,

@@ -33,10 +33,12 @@ from airouter.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from airouter.prefix import Block, blocks_of
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway import router
 from gateway.config import OPENROUTER_PREFIX
 from gateway.hosts import Host, HostPool
+from gateway.prefixes import DEFAULT_PREFIX_POLICY, PrefixMemory, PrefixPolicy
 from gateway.upstream import OpenAIUpstream, relay_upstream
 
 _log = structlog.get_logger()
@@ -45,6 +47,8 @@ _tracer = trace.get_tracer("airouter.gateway")
 # The largest Generate request: what a host accepts (gRPC's default message size). Only
 # SubmitBatch may be larger (the gateway server's limit).
 MAX_GENERATE_BYTES = 4 << 20
+# The longest conversation id kept for routing affinity.
+MAX_CONVERSATION_ID = 256
 # How long a request waits for a host to become available before it fails.
 STARTUP_WAIT_S = 3.0
 # How long a listing right after start waits for hosts to be tried.
@@ -131,12 +135,15 @@ class GatewayService:
         cloud: CloudRouting,
         observer: RequestObserver,
         first_message_s: float = 60.0,  # GatewayConfig.first_message_timeout_s
+        prefix_policy: PrefixPolicy = DEFAULT_PREFIX_POLICY,
     ) -> None:
         self.pool = pool
         self.cloud = cloud
         self.observer = observer
         # The most an attempt waits for a host's first message before the next host is tried.
         self.first_message_s = first_message_s
+        self.prefix_policy = prefix_policy
+        self.prefixes = PrefixMemory()
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -222,10 +229,12 @@ class GatewayService:
             return
         local_first = policy == "local_first" and fallback is not None
         try:
-            ranked = await self._route(request, deadline, log)
+            blocks = request_blocks(request) if self.prefix_policy.enabled else []
+            ranked = await self._route(request, deadline, log, blocks)
             if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
                 raise ResourceExhausted("every host that serves it is saturated")
-            async with aclosing(self._attempts(request, ranked, deadline, log)) as responses:
+            attempts = self._attempts(request, ranked, deadline, log, blocks)
+            async with aclosing(attempts) as responses:
                 async for response in responses:
                     yield response
             return
@@ -242,17 +251,22 @@ class GatewayService:
                 yield response
 
     async def _route(
-        self, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None, log: Any
+        self,
+        request: gateway_pb2.GatewayGenerateRequest,
+        deadline: float | None,
+        log: Any,
+        blocks: list[Block],
     ) -> list[router.Candidate]:
         """The ranked candidates, traced and logged with the choice and why."""
         with _tracer.start_as_current_span("route") as span:
-            ranked = await self._candidates(request, deadline)
+            ranked = await self._candidates(request, deadline, self._hit_estimate(request, blocks))
             described = [c.describe() for c in ranked]
             span.set_attributes(
                 {
                     "airouter.route.chosen": ranked[0].host.address,
                     "airouter.route.model": ranked[0].model.name,
                     "airouter.route.reason": ranked[0].reason,
+                    "airouter.route.prefix_tokens": ranked[0].prefix_tokens,
                     "airouter.route.candidates": described,
                 }
             )
@@ -261,12 +275,34 @@ class GatewayService:
                 host=ranked[0].host.address,
                 served_model=ranked[0].model.name,
                 reason=ranked[0].reason,
+                prefix_tokens=ranked[0].prefix_tokens,
                 candidates=described,
             )
         return ranked
 
+    def _hit_estimate(
+        self, request: gateway_pb2.GatewayGenerateRequest, blocks: list[Block]
+    ) -> router.HitEstimate | None:
+        """Prompt tokens a host holds for the request; the conversation's last host counts as
+        holding at least enough to be preferred."""
+        if not self.prefix_policy.enabled:
+            return None
+        last = self.prefixes.last_host(request.conversation_id)
+        if not blocks and last is None:
+            return None
+        floor = self.prefix_policy.min_tokens
+
+        def hit(host: Host, model: generate_pb2.ModelInfo) -> int:
+            tokens = self.prefixes.expected_hit(host, model.name, blocks)
+            return max(tokens, floor) if host.address == last else tokens
+
+        return hit
+
     async def _candidates(
-        self, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None
+        self,
+        request: gateway_pb2.GatewayGenerateRequest,
+        deadline: float | None,
+        hit: router.HitEstimate | None = None,
     ) -> list[router.Candidate]:
         """The ranked candidates. While some host may still be starting (the gateway has just
         started, or the host with it) a request nothing can serve waits for the pool's view to
@@ -276,7 +312,13 @@ class GatewayService:
             give_up = min(give_up, deadline)
         while True:
             try:
-                return router.candidates(self.pool.hosts, request.model, request.min_context_length)
+                return router.candidates(
+                    self.pool.hosts,
+                    request.model,
+                    request.min_context_length,
+                    hit=hit,
+                    policy=self.prefix_policy,
+                )
             except (Unavailable, NotFound):
                 left = give_up - time.monotonic()
                 if left <= 0 or not self.pool.starting():
@@ -289,6 +331,7 @@ class GatewayService:
         ranked: list[router.Candidate],
         deadline: float | None,
         log: Any,
+        blocks: list[Block],
     ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
         """Tries the candidates in order until one streams."""
         requested = request.model
@@ -309,7 +352,8 @@ class GatewayService:
                 attributes={"server.address": host.address, "airouter.attempt": attempt},
             ) as span:
                 try:
-                    async with aclosing(self._relay(host, name, request, left, span)) as responses:
+                    relay = self._relay(host, name, request, left, span, blocks)
+                    async with aclosing(relay) as responses:
                         async for response in responses:
                             yield response
                     return
@@ -335,6 +379,7 @@ class GatewayService:
         request: gateway_pb2.GatewayGenerateRequest,
         time_left_s: float | None,
         span: trace.Span,
+        blocks: list[Block],
     ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
         """One attempt on one host. Raises _FailedOver when the next host should be tried,
         another domain error when the request is the caller's to fix; after the first message
@@ -344,6 +389,8 @@ class GatewayService:
             budget = None  # the caller's deadline comes first: the host's call ends with it
         stream = host.stream(request, time_left_s)
         host.in_flight[name] = host.in_flight.get(name, 0) + 1
+        sent = self.prefixes.sent(host, name, blocks)
+        prompt_tokens = 0
         try:
             try:
                 async with asyncio.timeout(budget):
@@ -368,6 +415,9 @@ class GatewayService:
             while message is not None:
                 if message.HasField("finished"):
                     message.finished.host = host.address
+                    prompt_tokens = message.finished.usage.prompt_tokens
+                    if message.finished.reason != _ERROR:
+                        self.prefixes.remember(request.conversation_id, host)
                     yield message
                     return
                 yield message
@@ -386,6 +436,8 @@ class GatewayService:
             yield _error_finish(host.address, "ended the stream without a result")
         finally:
             host.in_flight[name] -= 1
+            if sent is not None:
+                self.prefixes.finished(sent, blocks, prompt_tokens)
             await stream.aclose()  # cancels the host's call if the client left
 
     async def list_models(self) -> gateway_pb2.GatewayListModelsResponse:
@@ -426,6 +478,13 @@ class _FailedOver(Exception):
 _ERROR = generate_pb2.FINISH_REASON_ERROR
 
 
+def request_blocks(request: gateway_pb2.GatewayGenerateRequest) -> list[Block]:
+    """The prompt's prefix blocks, hashed as the hosts hash them."""
+    if request.HasField("chat"):
+        return blocks_of(None, [(m.role, m.content) for m in request.chat.messages])
+    return blocks_of(request.prompt, None)
+
+
 def validate(request: gateway_pb2.GatewayGenerateRequest) -> None:
     """Refuses what no host could serve, cheaply and before any routing."""
     if not request.model:
@@ -437,6 +496,11 @@ def validate(request: gateway_pb2.GatewayGenerateRequest) -> None:
         )
     if not request.prompt and not request.chat.messages:
         raise InvalidArgument("the request has neither a prompt nor chat messages")
+    if len(request.conversation_id) > MAX_CONVERSATION_ID:
+        raise InvalidArgument(
+            f"conversation_id (OpenAI's `user`, or X-Conversation-Id) is "
+            f"{len(request.conversation_id)} characters; at most {MAX_CONVERSATION_ID}"
+        )
     size = request.ByteSize()
     if size > MAX_GENERATE_BYTES:
         raise InvalidArgument(

@@ -34,6 +34,12 @@ from modelhost.text_stream import TextStream
 
 _log = structlog.get_logger()
 
+# A prompt that shares this fraction of an idle slot's tokens is decoded in that slot.
+CONTINUES = 0.5
+# Prefix blocks each slot reports holding at most: its first REPORTED_FIRST and its last.
+REPORTED_BLOCKS = 16
+REPORTED_FIRST = 4
+
 
 @dataclass
 class _Slot:
@@ -41,7 +47,9 @@ class _Slot:
 
     seq_id: int
     cached: list[int] = field(default_factory=list)
-    last_used: float = 0.0
+    last_used: float = 0.0  # when a request last finished in it or copied its cells
+    # The prefix blocks of the request that filled it: (hash, tokens up to the block's end).
+    blocks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -74,6 +82,8 @@ class EngineLoad:
     queued: int
     tokens_generated: int
     prompt_tokens_reused: int
+    # Prefix blocks whose cells some slot holds: hash -> tokens up to the block's end.
+    cached_prefixes: dict[int, int] = field(default_factory=dict)
 
 
 class Engine:
@@ -94,6 +104,7 @@ class Engine:
         self._queued = 0  # submitted, not yet in a slot; guarded by _lock
         self._tokens_generated = 0
         self._prompt_tokens_reused = 0
+        self._cached_prefixes: dict[int, int] = {}  # replaced whole on the engine thread
         # A step found no KV room for its prompt chunks: the next one decodes only generating
         # sequences (llama_decode returned 1, which is back-pressure, not a failure).
         self._prompts_deferred = False
@@ -115,6 +126,7 @@ class Engine:
             queued,
             self._tokens_generated,
             self._prompt_tokens_reused,
+            self._cached_prefixes,
         )
 
     def submit(self, request: EngineRequest) -> None:
@@ -248,6 +260,8 @@ class Engine:
                 continue
             self._dequeued()
             slot, reused = self._place(request.prompt)
+            slot.blocks = request.blocks
+            self._summarize_prefixes()
             self._prompt_tokens_reused += reused
             self._running[request] = _Sequence(
                 request=request,
@@ -260,16 +274,23 @@ class Engine:
             )
 
     def _place(self, prompt: list[int]) -> tuple[_Slot, int]:
-        """Takes the least recently used idle slot for a prompt and fills its KV cache with
-        the longest prefix of the prompt any slot holds. Returns the slot and that length."""
-        slot = min(self._idle, key=lambda s: s.last_used)
-        self._idle.remove(slot)
+        """Takes an idle slot for a prompt and fills its KV cache with the longest prefix of
+        the prompt any slot holds. Returns the slot and that length.
+
+        The slot is the idle one that holds that prefix itself when the prompt continues most
+        of what it holds (a chat's next turn, in place: as llama-server's slot similarity),
+        else the least recently used idle slot. A slot whose cells are copied counts as used,
+        so a prefix many requests share (a system prompt, a document) is not the first to be
+        overwritten."""
         source, reused = None, 0
         for other in self._all_slots:
             # The last prompt token is always evaluated: its logits pick the first token.
             n = min(_common_prefix(other.cached, prompt), len(prompt) - 1)
             if n > reused and self._holds_prefix(other, n):
                 source, reused = other, n
+        continues = source is not None and reused >= len(source.cached) * CONTINUES
+        slot = source if continues and source in self._idle else min(self._idle, key=_recency)
+        self._idle.remove(slot)
         memory = self._model.memory
         if source is slot:
             kept = llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, reused, -1)
@@ -277,11 +298,27 @@ class Engine:
             kept = llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
             if source is not None:
                 llama_cpp.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, 0, reused)
+                source.last_used = time.perf_counter()
         if not kept:  # the memory could not drop just the tail: evaluate the whole prompt
             llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
             reused = 0
         slot.cached = prompt[:reused]
         return slot, reused
+
+    def _summarize_prefixes(self) -> None:
+        """What the host reports holding: each slot's first and last prefix blocks (a bounded
+        summary; a conversation's next turn extends its last, a new one shares its first)
+        whose cells the slot still holds and could lend."""
+        held: dict[int, int] = {}
+        for slot in self._all_slots:
+            blocks = slot.blocks
+            if len(blocks) > REPORTED_BLOCKS:
+                blocks = blocks[:REPORTED_FIRST] + blocks[REPORTED_FIRST - REPORTED_BLOCKS :]
+            for block, tokens in blocks:
+                if tokens <= len(slot.cached) and tokens > held.get(block, 0):
+                    if self._holds_prefix(slot, tokens):
+                        held[block] = tokens
+        self._cached_prefixes = held
 
     def _holds_prefix(self, slot: _Slot, n: int) -> bool:
         """Whether slot's cells can stand in for the first n tokens. Sliding-window layers
@@ -412,6 +449,7 @@ class Engine:
         slot.last_used = now
         self._idle.append(slot)
         del self._running[request]
+        self._summarize_prefixes()
 
     def _deliver(self, seq: _Sequence) -> None:
         if seq.events:
@@ -435,6 +473,10 @@ class Engine:
         error: str = "",
     ) -> Finish:
         return Finish(reason, len(request.prompt), generated, timings, error, self._name, reused)
+
+
+def _recency(slot: _Slot) -> float:
+    return slot.last_used
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -161,6 +161,9 @@ class EngineRequest:
     arrived: float  # time.perf_counter() when the request reached the host
     deadline: float | None = None  # time.perf_counter() past which the client has given up
     ignore_eos: bool = False  # generate past end-of-generation tokens until max_tokens
+    # The prompt's prefix blocks (airouter.prefix) as (hash, tokens up to the block's end):
+    # what the host reports holding once the slot's cells cover them.
+    blocks: tuple[tuple[int, int], ...] = ()
 
 
 def merge_deltas(events: list[Event]) -> list[Event]:

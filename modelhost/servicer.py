@@ -262,6 +262,10 @@ def model_status_pb(resident: ResidentModel) -> host_status_pb2.ModelStatus:
         keep_alive_seconds=config.keep_alive,
         load_seconds=resident.load_seconds,
         tokens_generated=resident.tokens_generated,
+        cached_prefixes=[
+            host_status_pb2.CachedPrefix(hash=h, tokens=t)
+            for h, t in (load.cached_prefixes.items() if load else ())
+        ],
     )
     if resident.last_used:
         # last_used is monotonic; the wall-clock time is now less its age.

@@ -250,3 +250,39 @@ def test_an_engine_that_failed_refuses_new_requests_instead_of_hanging(
     with pytest.raises(Unavailable) as info:
         fragile_engine.submit(engine_request(received, [2, 1596]))
     assert "'fragile' stopped decoding after an error" in str(info.value)
+
+
+def test_the_host_reports_the_prefixes_its_slots_hold_and_keeps_them_where_they_are(
+    model_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A continuation is decoded in the slot that holds its start, so other prompts' cells stay
+    (the least recently used slot would have been overwritten); what each slot holds is
+    reported as prefix blocks, whose hashes the engine takes as given."""
+    model = LlamaModel(
+        model_path,
+        gpu_layers=0,
+        settings=ContextSettings(slots=2, context_per_slot=128, batch_tokens=64, threads=2),
+    )
+    engine = Engine(model, name="prefixes", slots=2, max_queue=4)
+    document = [2, *range(1000, 1030)]
+
+    def run(prompt: list[int], blocks: tuple[tuple[int, int], ...]) -> Finish:
+        received: list[Event] = []
+        request = engine_request(received, prompt, temperature=0.0)
+        request.blocks = blocks
+        engine.submit(request)
+        wait_until(lambda: any(isinstance(e, Finish) for e in received), timeout=30)
+        finish = received[-1]
+        assert isinstance(finish, Finish) and finish.reason is FinishReason.LENGTH
+        return finish
+
+    try:
+        run([2, *range(2000, 2020)], ((11, 21),))  # another prompt, in the first slot
+        run([*document, 5, 6, 7, 8], ((21, 31), (22, 35)))  # the document, in the second
+        assert engine.load().cached_prefixes == {11: 21, 21: 31, 22: 35}
+        # The next question on the document: in place, in the second slot, not the first.
+        second = run([*document, 9, 10, 11, 12], ((21, 31), (23, 35)))
+        assert second.cached_prompt_tokens == 31
+        assert engine.load().cached_prefixes == {11: 21, 21: 31, 23: 35}
+    finally:
+        engine.close()

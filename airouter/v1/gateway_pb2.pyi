@@ -65,7 +65,7 @@ BATCH_ITEM_STATE_FAILED: BatchItemState
 BATCH_ITEM_STATE_CANCELLED: BatchItemState
 
 class GatewayGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping", "min_context_length", "routing_policy")
+    __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping", "min_context_length", "routing_policy", "conversation_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class GatewayGenerateRequest(_message.Message):
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     MIN_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -82,7 +83,8 @@ class GatewayGenerateRequest(_message.Message):
     stopping: _generate_pb2.StoppingCriteria
     min_context_length: int
     routing_policy: RoutingPolicy
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ..., min_context_length: _Optional[int] = ..., routing_policy: _Optional[_Union[RoutingPolicy, str]] = ...) -> None: ...
+    conversation_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ..., min_context_length: _Optional[int] = ..., routing_policy: _Optional[_Union[RoutingPolicy, str]] = ..., conversation_id: _Optional[str] = ...) -> None: ...
 
 class GatewayGenerateResponse(_message.Message):
     __slots__ = ("token", "finished")

@@ -1,0 +1,60 @@
+"""Prompt prefixes as chains of block hashes, the same on the gateway and on every host, so the
+gateway can tell which host holds the start of a prompt without a tokenizer.
+
+A conversation's blocks are its messages: block k's hash covers messages 0..k (role and
+content), so two conversations share the hashes of the messages they share from the start. A
+raw prompt's blocks are byte ranges ending at 1, 2, ..., 8 KiB and then at doubling sizes (16,
+32, 64 KiB, ...): a prompt of n bytes has O(log n) blocks, and a shared prefix is credited at
+least half its length. Each block also carries where it ends, in bytes of content, which a host
+turns into tokens by the prompt's own bytes-per-token.
+"""
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Raw prompts: a block boundary every STEP bytes up to LINEAR_UNTIL, then at doubling sizes.
+STEP = 1024
+LINEAR_UNTIL = 8 * 1024
+
+
+@dataclass(frozen=True)
+class Block:
+    """One prefix: the hash of everything up to its end, and that end in bytes of content."""
+
+    hash: int  # 64-bit
+    end: int
+
+
+def _chain(previous: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(previous + data, digest_size=8).digest()
+
+
+def message_blocks(messages: Sequence[tuple[str, str]]) -> list[Block]:
+    """A conversation's blocks: one per message, each covering it and all before it."""
+    blocks: list[Block] = []
+    digest, end = b"chat", 0
+    for role, content in messages:
+        data = content.encode("utf-8", "surrogatepass")
+        digest = _chain(digest, role.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+        end += len(data)
+        blocks.append(Block(int.from_bytes(digest, "little"), end))
+    return blocks
+
+
+def prompt_blocks(prompt: str) -> list[Block]:
+    """A raw prompt's blocks (see the module's docstring); none for a prompt under STEP bytes."""
+    data = prompt.encode("utf-8", "surrogatepass")
+    blocks: list[Block] = []
+    digest, start, end = b"text", 0, STEP
+    while end <= len(data):
+        digest = _chain(digest, data[start:end])
+        blocks.append(Block(int.from_bytes(digest, "little"), end))
+        start, end = end, end + STEP if end < LINEAR_UNTIL else end * 2
+    return blocks
+
+
+def blocks_of(prompt: str | None, messages: Sequence[tuple[str, str]] | None) -> list[Block]:
+    if messages:
+        return message_blocks(messages)
+    return prompt_blocks(prompt or "")

@@ -1,0 +1,108 @@
+"""What the gateway knows about which host holds the start of a prompt, for prefix-aware
+routing (see the README's "Prefix-aware routing").
+
+Two sources, both keyed by airouter.prefix's block hashes (no tokenizer needed here):
+- each host's own report: ModelStatus.cached_prefixes in every WatchStatus update, the blocks
+  whose KV cells its slots hold now. It is the truth, but up to a status interval old;
+- the prompts this gateway sent to a host that the host has not reported since: a request in
+  flight (its prefill is under way), or one that finished less than STATUS_LAG_S before the
+  host's latest update. This covers a burst that shares a document and a conversation's next
+  turn sent the moment the last one ended; it never outlives the host's next reports, so a
+  host that lost a prefix stops attracting it.
+And a conversation's last host, for requests that say which conversation they belong to.
+"""
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from airouter.prefix import Block
+from gateway.hosts import Host
+
+# A host's update taken this long after a request finished shows that request's prefix.
+STATUS_LAG_S = 0.5
+# Conversations whose last host is remembered.
+CONVERSATIONS = 10_000
+# Prompt bytes per token, to weigh a sent prompt's blocks before the host reports them.
+BYTES_PER_TOKEN = 4
+
+
+@dataclass(frozen=True)
+class PrefixPolicy:
+    """How far a prefix hit may pull a request away from the least loaded host."""
+
+    enabled: bool = True
+    # Hits of fewer prompt tokens do not count: their prefill costs next to nothing.
+    min_tokens: int = 64
+    # The host holding the prefix is chosen unless the request would wait there behind more
+    # requests than this beyond what it would wait behind on the least loaded host.
+    max_queue_gap: int = 1
+
+
+DEFAULT_PREFIX_POLICY = PrefixPolicy()
+
+
+@dataclass
+class SentPrompt:
+    """A prompt the gateway sent to a host: its blocks' hashes with their ends in tokens."""
+
+    model: str
+    tokens: dict[int, int]
+    finished_at: float | None = None
+
+
+@dataclass
+class PrefixMemory:
+    clock: Callable[[], float] = time.monotonic
+    _sent: dict[str, list[SentPrompt]] = field(default_factory=dict)
+    _conversations: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+    def sent(self, host: Host, model: str, blocks: list[Block]) -> SentPrompt | None:
+        if not blocks:
+            return None
+        tokens = {b.hash: b.end // BYTES_PER_TOKEN for b in blocks}
+        prompt = SentPrompt(model, tokens)
+        self._sent.setdefault(host.address, []).append(prompt)
+        return prompt
+
+    def finished(self, prompt: SentPrompt, blocks: list[Block], prompt_tokens: int) -> None:
+        """The request ended; with the host's token count its blocks' ends become exact."""
+        prompt.finished_at = self.clock()
+        if prompt_tokens and blocks:
+            total = max(blocks[-1].end, 1)
+            prompt.tokens = {b.hash: prompt_tokens * b.end // total for b in blocks}
+
+    def expected_hit(self, host: Host, model: str, blocks: list[Block]) -> int:
+        """Prompt tokens `host` is expected to hold for a prompt of these blocks."""
+        held = host.held_prefixes(model)
+        live = self._live(host)
+        for block in reversed(blocks):
+            if block.hash in held:
+                return held[block.hash]
+            for prompt in live:
+                if prompt.model == model and block.hash in prompt.tokens:
+                    return prompt.tokens[block.hash]
+        return 0
+
+    def _live(self, host: Host) -> list[SentPrompt]:
+        """The host's sent prompts that its reports do not show yet; drops the rest."""
+        sent = self._sent.get(host.address)
+        if not sent:
+            return []
+        reported = host.status_received_at
+        sent[:] = [
+            p for p in sent if p.finished_at is None or reported < p.finished_at + STATUS_LAG_S
+        ]
+        return sent
+
+    def remember(self, conversation: str, host: Host) -> None:
+        if not conversation:
+            return
+        self._conversations[conversation] = host.address
+        self._conversations.move_to_end(conversation)
+        while len(self._conversations) > CONVERSATIONS:
+            self._conversations.popitem(last=False)
+
+    def last_host(self, conversation: str) -> str | None:
+        return self._conversations.get(conversation) if conversation else None
