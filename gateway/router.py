@@ -4,8 +4,8 @@ Pure logic over the pool's live view. A request names a model, an alias, or
 "capability:<tag>", and may ask for a minimum context length. Candidates are ranked in tiers:
 resident with a free slot, resident and busy, loading or loadable, resident but saturated (a
 whole wave of requests queued); within a tier by free slots against queued requests, then
-recent TTFT. The first choice is drawn between the best two at random, weighted by that
-score, so a burst that arrives between two status updates does not all land on one host.
+recent TTFT; between equals the first choice is drawn at random. Load counts the requests
+this gateway sent since a host's last status update, so a burst spreads evenly at once.
 
 Then the prefix: among resident, unsaturated candidates, the one expected to hold the most of
 the prompt (at least PrefixPolicy.min_tokens; between near-equal holders the least loaded)
@@ -102,12 +102,10 @@ def candidates(
         )
         raise Unavailable(f"{requested!r} failed to load on every host that serves it: {why}")
     ranked.sort(key=lambda c: (c.tier, -c.weight, c.ttft_ms))
-    best, rest = ranked[:2], ranked[2:]
-    if len(best) == 2 and best[0].tier == best[1].tier:
-        chooser = rng or random
-        first = chooser.choices(best, weights=[c.weight for c in best])[0]
-        best = [first, *(c for c in best if c is not first)]
-    ranked = best + rest
+    equals = [c for c in ranked if (c.tier, c.weight) == (ranked[0].tier, ranked[0].weight)]
+    if len(equals) > 1:
+        first = (rng or random).choice(equals)
+        ranked = [first, *(c for c in ranked if c is not first)]
     if hit is not None and policy.enabled:
         ranked = _prefer_prefix(ranked, hit, policy)
     return ranked

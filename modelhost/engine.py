@@ -34,6 +34,8 @@ from modelhost.text_stream import TextStream
 
 _log = structlog.get_logger()
 
+# A waiting prompt that shares this many tokens with a prompt being computed waits for it.
+SHARED_PREFILL_MIN = 128
 # A prompt that shares this fraction of an idle slot's tokens is decoded in that slot.
 CONTINUES = 0.5
 # Prefix blocks each slot reports holding at most: its first REPORTED_FIRST and its last.
@@ -244,8 +246,12 @@ class Engine:
             self._queued -= 1
 
     def _admit(self) -> None:
+        deferred: list[EngineRequest] = []
         while self._waiting and self._idle:
             request = self._waiting.popleft()
+            if self._shares_a_prefill(request):
+                deferred.append(request)
+                continue
             try:
                 sampler = TokenSampler(
                     request.sampling,
@@ -272,6 +278,24 @@ class Engine:
                 reused=reused,
                 prompt_done=reused,
             )
+        self._waiting.extendleft(reversed(deferred))
+
+    def _shares_a_prefill(self, request: EngineRequest) -> bool:
+        """Whether a running sequence is still computing a long prefix of this prompt: then
+        the request waits for those cells instead of computing them beside it (a burst that
+        shares a document; SGLang's scheduler does the same within a batch). Only where a
+        slot's cells can be lent midway: not on recurrent or sliding-window models."""
+        if self._model.recurrent or self._model.sliding_window > 0:
+            return False
+        for seq in self._running.values():
+            if seq.prefilled:
+                continue
+            shared = min(
+                _common_prefix(seq.request.prompt, request.prompt), len(request.prompt) - 1
+            )
+            if shared >= SHARED_PREFILL_MIN and seq.prompt_done < shared:
+                return True
+        return False
 
     def _place(self, prompt: list[int]) -> tuple[_Slot, int]:
         """Takes an idle slot for a prompt and fills its KV cache with the longest prefix of

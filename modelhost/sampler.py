@@ -5,10 +5,18 @@ its first sampler runs: about 0.8 ms per token for Gemma's 262k-token vocabulary
 small CPU model is a tenth of a batched decode step. Here numpy does the vocabulary-wide work
 (penalties, top-k selection, greedy argmax) in place on the logits, and llama.cpp's own
 samplers run only on the top-k candidates, so a seeded draw is the one llama.cpp would make.
+
+With top_k = 0 (no top-k: what many clients mean by "off") llama.cpp's top-p and min-p would
+see the whole vocabulary, ~3 ms a token on Gemma's. numpy finds their survivors instead: a
+threshold on the logits keeps the few tokens that can be in the nucleus, and only those are
+sorted; llama.cpp's temperature and seeded draw then run on the survivors, in the order its
+top-p leaves them. The draw is llama.cpp's but for a token whose cumulative probability lies
+within float rounding of top_p (llama.cpp sums in float32, numpy here in float64).
 """
 
 import collections
 import ctypes
+import math
 import random
 
 import llama_cpp
@@ -33,8 +41,10 @@ class TokenSampler:
         self._recent: collections.deque[int] = collections.deque(maxlen=PENALTY_WINDOW)
         self._chain = None
         self._candidates = np.empty(0, dtype=_TOKEN_DATA)
+        # top_k = 0 with top-p or min-p: numpy truncates, llama.cpp draws (module docstring).
+        self._truncate = sampling.top_k == 0 and (sampling.top_p < 1.0 or sampling.min_p > 0.0)
         if sampling.temperature > 0.0:
-            self._chain = _llama_chain(sampling)
+            self._chain = _llama_chain(sampling, truncated=self._truncate)
             self._candidates = np.empty(sampling.top_k or n_vocab, dtype=_TOKEN_DATA)
 
     def close(self) -> None:
@@ -65,9 +75,15 @@ class TokenSampler:
 
     def _draw(self, logits: np.ndarray) -> int:
         assert self._chain is not None
-        candidates = self._candidates
-        k = len(candidates)
-        ids = np.argpartition(logits, -k)[-k:] if k < self._n_vocab else np.arange(k)
+        in_order = False
+        if self._truncate:
+            ids, in_order = self._survivors(logits)
+            k = len(ids)
+            candidates = self._candidates[:k]
+        else:
+            candidates = self._candidates
+            k = len(candidates)
+            ids = np.argpartition(logits, -k)[-k:] if k < self._n_vocab else np.arange(k)
         candidates["id"] = ids
         candidates["logit"] = logits[ids]
         candidates["p"] = 0.0
@@ -75,15 +91,45 @@ class TokenSampler:
             data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
             size=k,
             selected=-1,
-            sorted=False,
+            sorted=in_order,
         )
         llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
         # The samplers may point `data` elsewhere inside the array; read through it.
         return int(array.data[array.selected].id)
 
+    def _survivors(self, logits: np.ndarray) -> tuple[np.ndarray, bool]:
+        """What llama.cpp's top-p, then min-p (min_keep 1) keep of the whole vocabulary, in
+        the order they leave them: by descending logit after top-p, by id after min-p alone;
+        and whether that order is sorted."""
+        top_p, min_p = self._sampling.top_p, self._sampling.min_p
+        top = float(logits.max())
+        floor = top + math.log(min_p) if min_p > 0.0 else -math.inf
+        if top_p >= 1.0:
+            return np.flatnonzero(logits >= floor), False
+        shifted = logits - top
+        total = float(np.exp(shifted, dtype=np.float64).sum())
+        # The nucleus lies among the tokens above a threshold once their mass reaches top_p:
+        # sorted by probability, the running sum gets there before it passes below it.
+        for drop in _NUCLEUS_THRESHOLDS:
+            ids = np.flatnonzero(shifted >= max(drop, floor - top))
+            if np.exp(shifted[ids], dtype=np.float64).sum() >= top_p * total or drop == -math.inf:
+                break
+        ids = ids[np.argsort(-shifted[ids], kind="stable")]
+        running = np.cumsum(np.exp(shifted[ids], dtype=np.float64)) / total
+        kept = min(int(np.searchsorted(running, top_p)) + 1, len(ids))
+        ids = ids[:kept]
+        # min-p on what top-p kept: a prefix, its first token always.
+        return ids[: max(int(np.count_nonzero(logits[ids] >= floor)), 1)], True
 
-def _llama_chain(sampling: Sampling) -> ctypes.c_void_p:
-    """top-k, top-p, min-p, temperature and a seeded draw, in llama.cpp's order."""
+
+# Logits below the top one, widening: the tokens above e^-8 of the top's probability nearly
+# always hold the nucleus; flat distributions widen the search.
+_NUCLEUS_THRESHOLDS = (-8.0, -16.0, -32.0, -math.inf)
+
+
+def _llama_chain(sampling: Sampling, *, truncated: bool = False) -> ctypes.c_void_p:
+    """top-k, top-p, min-p, temperature and a seeded draw, in llama.cpp's order; without the
+    truncating samplers when numpy has applied them (`truncated`)."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
     def add(sampler: ctypes.c_void_p) -> None:
@@ -91,9 +137,9 @@ def _llama_chain(sampling: Sampling) -> ctypes.c_void_p:
 
     if sampling.top_k > 0:
         add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
-    if sampling.top_p < 1.0:
+    if sampling.top_p < 1.0 and not truncated:
         add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-    if sampling.min_p > 0.0:
+    if sampling.min_p > 0.0 and not truncated:
         add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
     add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
     # llama.cpp seeds are 32-bit, and 0xFFFFFFFF means "pick one at random".

@@ -10,6 +10,7 @@ import pytest
 
 from airouter.errors import DeadlineExceeded, Unavailable
 from airouter.v1 import generate_pb2
+from modelhost.config import embedded_chat_model_config
 from modelhost.engine import Engine
 from modelhost.generation import EngineRequest, Event, Finish, FinishReason, Rejected, Sampling
 from modelhost.llama import ContextSettings, LlamaModel
@@ -284,5 +285,32 @@ def test_the_host_reports_the_prefixes_its_slots_hold_and_keeps_them_where_they_
         second = run([*document, 9, 10, 11, 12], ((21, 31), (23, 35)))
         assert second.cached_prompt_tokens == 31
         assert engine.load().cached_prefixes == {11: 21, 21: 31, 23: 35}
+    finally:
+        engine.close()
+
+
+def test_a_prompt_that_shares_a_long_prefix_with_one_being_computed_waits_for_its_cells() -> None:
+    """Two requests on one document at once: the second is admitted once the first has
+    computed the shared part, and takes those cells instead of computing them beside it.
+    (SmolLM2: no sliding window, so cells can be lent midway.)"""
+    chat = embedded_chat_model_config()
+    assert chat is not None and chat.path is not None
+    model = LlamaModel(
+        chat.path,
+        gpu_layers=0,
+        settings=ContextSettings(slots=2, context_per_slot=512, batch_tokens=64, threads=2),
+    )
+    engine = Engine(model, name="shared", slots=2, max_queue=4)
+    document = [1, *range(1000, 1300)]
+    received: list[list[Event]] = [[], []]
+    try:
+        for n, question in enumerate(([5, 6, 7], [8, 9, 10])):
+            engine.submit(engine_request(received[n], [*document, *question], temperature=0.0))
+        wait_until(lambda: all(r and isinstance(r[-1], Finish) for r in received), timeout=60)
+        first, second = (r[-1] for r in received)
+        assert isinstance(first, Finish) and isinstance(second, Finish)
+        assert first.cached_prompt_tokens == 0
+        assert second.cached_prompt_tokens == len(document)
+        assert second.reason is FinishReason.LENGTH
     finally:
         engine.close()

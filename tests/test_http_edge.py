@@ -361,3 +361,17 @@ def test_llama_server_style_extensions_are_honoured(client: openai.OpenAI) -> No
         extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True},
     )
     assert response.usage is not None and response.usage.completion_tokens == 24
+
+
+def test_a_conversation_hint_comes_from_user_or_the_header_and_is_checked(
+    client: openai.OpenAI,
+) -> None:
+    chat = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}]}
+    client.chat.completions.create(**chat, max_tokens=1, user="alice")  # type: ignore[call-overload]
+    client.chat.completions.create(  # type: ignore[call-overload]
+        **chat, max_tokens=1, extra_headers={"X-Conversation-Id": "conversation-1"}
+    )
+    for hint in ({"user": "u" * 300}, {"extra_headers": {"X-Conversation-Id": "c" * 300}}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**chat, max_tokens=1, **hint)  # type: ignore[call-overload]
+        assert "conversation_id (OpenAI's `user`, or X-Conversation-Id) is 300" in str(info.value)

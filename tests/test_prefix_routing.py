@@ -13,6 +13,7 @@ import grpc
 import pytest
 import structlog.testing
 
+from airouter.openai_api import parse_request
 from airouter.prefix import LINEAR_UNTIL, STEP, message_blocks, prompt_blocks
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, host_status_pb2
 from gateway import router
@@ -317,3 +318,9 @@ def test_a_conversation_s_next_turn_lands_where_its_start_is_cached(
         assert second.finished.host == first.finished.host, n
         # The whole first prompt (the document) came from the cache.
         assert second.finished.usage.cached_prompt_tokens >= first.finished.usage.prompt_tokens
+
+
+def test_openai_s_user_field_is_the_conversation_hint() -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "user": "alice"}
+    request, _, _ = parse_request(body, chat=True)
+    assert request.conversation_id == "alice"

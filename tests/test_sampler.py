@@ -87,3 +87,26 @@ def test_repetition_penalty_steers_greedy_away_from_recent_tokens() -> None:
     assert [plain.sample(pointer(logits_row(values))) for _ in range(2)] == [10, 10]
     # The second time 10's logit is halved to 1.5, below 11's 2.0.
     assert [penalized.sample(pointer(logits_row(values))) for _ in range(2)] == [10, 11]
+
+
+@pytest.mark.parametrize(
+    ("top_p", "min_p", "scale"),
+    [(0.9, 0.0, 3.0), (0.95, 0.05, 3.0), (1.0, 0.05, 3.0), (0.5, 0.0, 0.3), (0.99, 0.0, 0.05)],
+)
+def test_without_top_k_numpy_truncates_and_the_draw_is_still_llama_cpp_s(
+    top_p: float, min_p: float, scale: float
+) -> None:
+    """top_k = 0: top-p and min-p over the whole vocabulary, done by numpy, from peaked
+    (scale 3) to nearly flat (scale 0.05) distributions."""
+    rng = np.random.default_rng(1)
+    sampling = Sampling(temperature=0.8, top_k=0, top_p=top_p, min_p=min_p, seed=99)
+    ours = TokenSampler(sampling, N_VOCAB, [])
+    theirs = reference_chain(sampling)
+    try:
+        for _ in range(50):
+            values = (rng.standard_normal(N_VOCAB) * scale).astype(np.float32)
+            expected = reference_draw(theirs, values)
+            assert ours.sample(pointer(logits_row(values))) == expected
+    finally:
+        ours.close()
+        llama_cpp.llama_sampler_free(theirs)
