@@ -1,6 +1,7 @@
 """What the gateway adds: time to first token and CPU per relayed token.
 
     python -m bench.gateway [--rounds 3] [--tokens 2048] [--streams 1 64] [--short 400]
+                            [--pace 70]
 
 Against an upstream that streams as fast as it can, so the gateway's own cost is not hidden
 behind decoding: a ModelHost served by this script (ListModels, WatchStatus and a Generate
@@ -13,6 +14,10 @@ same stream's bytes through with no parsing, routing, metrics or tracing, so the
 how much of the gateway's cost is its own and how much is the gRPC stack's per message.
 With --short N it also sends N sequential one-token requests per round through each relay and
 reports the CPU each request costs (the cost of a request rather than of a token).
+
+With --pace R the upstream sends R tokens a second per stream, as a decoding model does, so
+every token is its own message and its own wake-up all the way through (nothing piles up to
+be merged); use --tokens 140 (two seconds a request) and --streams 1 8 64.
 """
 
 import argparse
@@ -40,6 +45,7 @@ from airouter.v1 import (
 from tests.processes import ServerProcess
 
 MODEL = "fast"
+PACE = "pace "
 SERVICE = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
@@ -79,7 +85,14 @@ class FastHost(model_host_pb2_grpc.ModelHostServicer):
         delta = model_host_pb2.GenerateResponse(
             token=generate_pb2.TokenDelta(text=" tok", token_count=1)
         )
+        # A prompt "pace R" asks for R tokens a second.
+        pace = float(request.prompt.removeprefix(PACE)) if request.prompt.startswith(PACE) else 0
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         for _ in range(request.stopping.max_tokens):
+            if pace:
+                due += 1 / pace
+                await asyncio.sleep(max(due - loop.time(), 0))
             yield delta
         yield model_host_pb2.GenerateResponse(
             finished=generate_pb2.Finished(
@@ -163,15 +176,18 @@ async def short_requests(address: str, count: int) -> None:
                 pass
 
 
-async def measure(address: str, via_gateway: bool, streams: int, tokens: int) -> list[float]:
+async def measure(
+    address: str, via_gateway: bool, streams: int, tokens: int, pace: float = 0
+) -> list[float]:
     """TTFT of `streams` concurrent requests, in seconds; checks every token arrived."""
+    prompt = f"{PACE}{pace}" if pace else "x"
     async with grpc.aio.insecure_channel(address) as channel:
         if via_gateway:
             call = gateway_pb2_grpc.GatewayStub(channel).Generate
-            request = gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x")
+            request = gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt=prompt)
         else:
             call = model_host_pb2_grpc.ModelHostStub(channel).Generate  # type: ignore[assignment]
-            request = model_host_pb2.GenerateRequest(model=MODEL, prompt="x")  # type: ignore[assignment]
+            request = model_host_pb2.GenerateRequest(model=MODEL, prompt=prompt)  # type: ignore[assignment]
         request.stopping.max_tokens = tokens
 
         async def one() -> float:
@@ -194,6 +210,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--short", type=int, default=0, help="one-token requests per round")
+    parser.add_argument("--pace", type=float, default=0, help="tokens a second per stream")
     parser.add_argument("--passthrough-for", help=argparse.SUPPRESS)  # the floor's process
     args = parser.parse_args()
     if args.passthrough_for:
@@ -223,7 +240,7 @@ def main() -> None:
         """TTFTs through one relay, and its CPU per token recorded."""
         address, process = relays[name]
         before = sum(process.cpu_times()[:2])
-        firsts = asyncio.run(measure(address, True, streams, tokens))
+        firsts = asyncio.run(measure(address, True, streams, tokens, args.pace))
         spent = sum(process.cpu_times()[:2]) - before
         cpu_per_token.setdefault((name, streams), []).append(spent / (streams * tokens))
         return firsts
@@ -234,7 +251,7 @@ def main() -> None:
         cpu_per_token.clear()
         for _ in range(args.rounds):
             for streams in args.streams:
-                direct = asyncio.run(measure(upstream, False, streams, args.tokens))
+                direct = asyncio.run(measure(upstream, False, streams, args.tokens, args.pace))
                 ttft.setdefault(("direct", streams), []).extend(direct)
                 for name in relays:
                     ttft.setdefault((name, streams), []).extend(relayed(name, streams, args.tokens))
@@ -246,9 +263,10 @@ def main() -> None:
         gateway.stop()
         passthrough.kill()
 
+    how = f"{args.pace:g} tokens a second per stream" if args.pace else "as fast as it can"
     print(
-        f"\nGateway overhead against an upstream that streams {args.tokens} tokens as fast as "
-        f"it can, {args.rounds} interleaved rounds (percentiles over every request)\n"
+        f"\nGateway overhead against an upstream that streams {args.tokens} tokens {how}, "
+        f"{args.rounds} interleaved rounds (percentiles over every request)\n"
     )
     print(
         "| streams | TTFT direct p50 ms | TTFT via gateway p50 ms | added p50 ms "

@@ -1,6 +1,7 @@
 """Model families whose memory is not an attention-only KV cache, and llama.cpp's
-back-pressure: prefix reuse stays correct for a recurrent model (a warm slot answers as a cold
-one), and a step that finds no KV room for a prompt waits instead of failing everything."""
+back-pressure: prefix reuse stays correct for recurrent and hybrid models (a warm slot answers
+as a cold one), and a step that finds no KV room for a prompt waits instead of failing
+everything."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,17 +14,22 @@ from modelhost.config import ModelConfig
 from tests.conftest import wait_until
 from tests.streaming import collect, host_request
 from tests.test_residency import READY, running_host, small
-from tests.tiny_models import tiny_mamba
+from tests.tiny_models import tiny_lfm2, tiny_mamba
+
+# Recurrent (Mamba: a state per sequence, no KV cells) and hybrid (LFM2: short-convolution
+# layers with a rolling state, beside attention layers with KV cells).
+FAMILIES = {"mamba": tiny_mamba, "lfm2": tiny_lfm2}
 
 
-@pytest.fixture(scope="module")
-def mamba(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_mamba(tmp_path_factory.mktemp("tiny") / "mamba.gguf")
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    name = request.param
+    return FAMILIES[name](tmp_path_factory.mktemp("tiny") / f"{name}.gguf")
 
 
-def mamba_config(path: Path) -> ModelConfig:
+def family_config(path: Path) -> ModelConfig:
     return ModelConfig(
-        name="mamba", path=path, context_length=256, slots=2, batch_tokens=64, preload=True
+        name="tiny", path=path, context_length=256, slots=2, batch_tokens=64, preload=True
     )
 
 
@@ -35,21 +41,23 @@ PROMPTS = [
 ]
 
 
-def test_a_recurrent_model_answers_from_a_warm_slot_as_from_a_cold_one(mamba: Path) -> None:
+def test_a_recurrent_or_hybrid_model_answers_from_a_warm_slot_as_from_a_cold_one(
+    family: Path,
+) -> None:
     """A partial llama_memory_seq_rm fails on a recurrent state: the engine used to ignore it,
     and the next decode failed for every sequence (llama_decode -1)."""
     warm: list[str] = []
-    with running_host([mamba_config(mamba)]) as host:
-        wait_until(lambda: host.states()["mamba"] == READY, 60)
+    with running_host([family_config(family)]) as host:
+        wait_until(lambda: host.states()["tiny"] == READY, 60)
         for prompt in PROMPTS:
-            request = host_request(model="mamba", prompt=prompt, max_tokens=8, temperature=0.0)
+            request = host_request(model="tiny", prompt=prompt, max_tokens=8, temperature=0.0)
             reply = collect(host.stub.Generate(request, timeout=60))
             assert reply.finished.reason == 2, reply.finished.error_message  # LENGTH
             warm.append(reply.text)
     for prompt, text in zip(PROMPTS, warm, strict=True):
-        with running_host([mamba_config(mamba)]) as cold:
-            wait_until(lambda c=cold: c.states()["mamba"] == READY, 60)
-            request = host_request(model="mamba", prompt=prompt, max_tokens=8, temperature=0.0)
+        with running_host([family_config(family)]) as cold:
+            wait_until(lambda c=cold: c.states()["tiny"] == READY, 60)
+            request = host_request(model="tiny", prompt=prompt, max_tokens=8, temperature=0.0)
             assert collect(cold.stub.Generate(request, timeout=60)).text == text
 
 

@@ -69,3 +69,51 @@ def tiny_mamba(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tiny_lfm2(path: Path) -> Path:
+    """A 3-layer LFM2 (hybrid: short-convolution layers around one attention layer, so a
+    recurrent state and KV cells per sequence) of ~15 MB."""
+    writer = gguf.GGUFWriter(str(path), "lfm2")
+    n_vocab = _copy_tokenizer(writer)
+    n_embd, n_head, head_kv, n_ff, l_cache = 64, 4, [0, 2, 0], 128, 3
+    head_dim = n_embd // n_head
+    writer.add_context_length(2048)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(len(head_kv))
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(head_kv)  # 0: a convolution layer
+    writer.add_shortconv_l_cache(l_cache)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    rng = np.random.default_rng(0)
+
+    def weights(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
+    writer.add_tensor("token_embd_norm.weight", np.ones(n_embd, np.float32))
+    for i, kv in enumerate(head_kv):
+        block = f"blk.{i}."
+        writer.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(block + "ffn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(block + "ffn_gate.weight", weights(n_ff, n_embd))
+        writer.add_tensor(block + "ffn_up.weight", weights(n_ff, n_embd))
+        writer.add_tensor(block + "ffn_down.weight", weights(n_embd, n_ff))
+        if kv:
+            writer.add_tensor(block + "attn_q_norm.weight", np.ones(head_dim, np.float32))
+            writer.add_tensor(block + "attn_k_norm.weight", np.ones(head_dim, np.float32))
+            writer.add_tensor(block + "attn_q.weight", weights(n_embd, n_embd))
+            writer.add_tensor(block + "attn_k.weight", weights(kv * head_dim, n_embd))
+            writer.add_tensor(block + "attn_v.weight", weights(kv * head_dim, n_embd))
+            writer.add_tensor(block + "attn_output.weight", weights(n_embd, n_embd))
+        else:
+            writer.add_tensor(block + "shortconv.conv.weight", weights(n_embd, l_cache))
+            writer.add_tensor(block + "shortconv.in_proj.weight", weights(3 * n_embd, n_embd))
+            writer.add_tensor(block + "shortconv.out_proj.weight", weights(n_embd, n_embd))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
