@@ -83,7 +83,7 @@ class TokenSampler:
         else:
             candidates = self._candidates
             k = len(candidates)
-            ids = np.argpartition(logits, -k)[-k:] if k < self._n_vocab else np.arange(k)
+            ids = _top_k(logits, k) if k < self._n_vocab else np.arange(k)
         candidates["id"] = ids
         candidates["logit"] = logits[ids]
         candidates["p"] = 0.0
@@ -107,7 +107,7 @@ class TokenSampler:
         if top_p >= 1.0:
             return np.flatnonzero(logits >= floor), False
         shifted = logits - top
-        total = float(np.exp(shifted, dtype=np.float64).sum())
+        total = float(np.exp(shifted).sum(dtype=np.float64))  # exp in float32: SIMD
         # The nucleus lies among the tokens above a threshold once their mass reaches top_p:
         # sorted by probability, the running sum gets there before it passes below it.
         for drop in _NUCLEUS_THRESHOLDS:
@@ -123,8 +123,20 @@ class TokenSampler:
 
 
 # Logits below the top one, widening: the tokens above e^-8 of the top's probability nearly
-# always hold the nucleus; flat distributions widen the search.
+# always hold the nucleus (and the top 40); flat distributions widen the search.
 _NUCLEUS_THRESHOLDS = (-8.0, -16.0, -32.0, -math.inf)
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest logits, in no order. A threshold under the top logit first
+    narrows the vocabulary to a few hundred tokens (one vectorised comparison), and only those
+    are partitioned: ~10x faster than partitioning all of Gemma's 262k."""
+    top = float(logits.max())
+    for drop in _NUCLEUS_THRESHOLDS:
+        ids = np.flatnonzero(logits >= top + drop)
+        if len(ids) >= k:
+            break
+    return ids[np.argpartition(logits[ids], -k)[-k:]] if len(ids) > k else ids
 
 
 def _llama_chain(sampling: Sampling, *, truncated: bool = False) -> ctypes.c_void_p:
