@@ -50,6 +50,8 @@ RECONNECT_BACKOFF_S = (0.1, 15.0)
 # host is retried at least every STARTING_RETRY_S.
 STARTING_S = 30.0
 STARTING_RETRY_S = 0.5
+# Passing a message on that takes this long means the client is behind (merged_responses).
+SLOW_WRITE_S = 0.005
 # After a stream's last message, how long its call gets to end by itself before it is cancelled.
 FINISH_WAIT_S = 1.0
 # A retired host's streams get this long to finish before its channel closes.
@@ -454,10 +456,20 @@ class HostPool:
 async def merged_responses(
     call: grpc.aio.UnaryStreamCall,
 ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
-    """The call's messages, read by a task of their own. Token deltas that arrive while earlier
-    ones are still being written to the client go out as one message: a host that streams
-    faster than the client takes tokens costs fewer writes, and nothing waits when it does not.
-    Raises the call's error after the messages that came before it."""
+    """The call's messages. While the client keeps up they are read and passed on one by one,
+    one wake-up each. Once passing one on took SLOW_WRITE_S (the client is behind), a task of
+    their own reads them from then on, and token deltas that arrive while earlier ones are
+    still being written go out as one message: a host that streams faster than its client
+    costs fewer writes. Raises the call's error after the messages that came before it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            return
+        started = loop.time()
+        yield response
+        if loop.time() - started >= SLOW_WRITE_S:
+            break
     pending: deque[gateway_pb2.GatewayGenerateResponse] = deque()
     arrived = asyncio.Event()
     failure: list[grpc.aio.AioRpcError] = []
@@ -466,8 +478,8 @@ async def merged_responses(
     async def read() -> None:
         nonlocal done
         try:
-            async for response in call:
-                pending.append(response)
+            while (message := await call.read()) is not grpc.aio.EOF:
+                pending.append(message)
                 arrived.set()
         except grpc.aio.AioRpcError as exc:
             failure.append(exc)
