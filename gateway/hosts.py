@@ -463,7 +463,15 @@ async def merged_responses(
     costs fewer writes. Raises the call's error after the messages that came before it."""
     loop = asyncio.get_running_loop()
     while True:
-        response = await call.read()
+        try:
+            response = await call.read()
+        except asyncio.CancelledError:
+            # The call was cancelled under us (Host.drop_calls: the host vanished), not this
+            # task: the stream just ends, and Host.stream says why.
+            task = asyncio.current_task()
+            if call.cancelled() and not (task and task.cancelling()):
+                return
+            raise
         if response is grpc.aio.EOF:
             return
         started = loop.time()

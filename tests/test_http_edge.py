@@ -252,6 +252,10 @@ def test_gateway_metrics_count_what_happened(client: openai.OpenAI) -> None:
     assert total('airouter_gateway_upstream_errors_total{code="permission_denied"}') == 1
     assert total('airouter_gateway_tokens_total{kind="completion",model="gemma-3-270m"}') > 0
     assert total('airouter_gateway_time_to_first_token_seconds_count{model="gemma-3-270m"}') >= 4
+    # Each host's prompt tokens, reused from its cache or computed: its prefix hit rate.
+    assert total('airouter_gateway_prompt_tokens_total{host="127.0.0.1') > 0
+    computed = [k for k in values if k.startswith("airouter_gateway_prompt_tokens_total")]
+    assert {'kind="computed"' in k or 'kind="reused"' in k for k in computed} == {True}
     assert values['airouter_gateway_hosts{state="up"}'] == 1
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(url, timeout=10)
