@@ -63,7 +63,7 @@ class PrefixMemory:
             return None
         tokens = {b.hash: b.end // BYTES_PER_TOKEN for b in blocks}
         prompt = SentPrompt(model, tokens)
-        self._sent.setdefault(host.address, []).append(prompt)
+        self._live(host).append(prompt)  # pruned here too: a host never ranked stays bounded
         return prompt
 
     def finished(self, prompt: SentPrompt, blocks: list[Block], prompt_tokens: int) -> None:
@@ -87,9 +87,7 @@ class PrefixMemory:
 
     def _live(self, host: Host) -> list[SentPrompt]:
         """The host's sent prompts that its reports do not show yet; drops the rest."""
-        sent = self._sent.get(host.address)
-        if not sent:
-            return []
+        sent = self._sent.setdefault(host.address, [])
         reported = host.status_received_at
         sent[:] = [
             p for p in sent if p.finished_at is None or reported < p.finished_at + STATUS_LAG_S
