@@ -5,10 +5,10 @@ Two sources, both keyed by airouter.prefix's block hashes (no tokenizer needed h
 - each host's own report: ModelStatus.cached_prefixes in every WatchStatus update, the blocks
   whose KV cells its slots hold now. It is the truth, but up to a status interval old;
 - the prompts this gateway sent to a host that the host has not reported since: a request in
-  flight (its prefill is under way), or one that finished less than STATUS_LAG_S before the
-  host's latest update. This covers a burst that shares a document and a conversation's next
-  turn sent the moment the last one ended; it never outlives the host's next reports, so a
-  host that lost a prefix stops attracting it.
+  flight (its prefill is under way), or one that finished, until an update arrives at least
+  STATUS_LAG_S after it finished. This covers a burst that shares a document and a
+  conversation's next turn sent the moment the last one ended; it never outlives the host's
+  next reports, so a host that lost a prefix stops attracting it.
 And a conversation's last host, for requests that say which conversation they belong to.
 """
 
