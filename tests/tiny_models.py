@@ -2,6 +2,7 @@
 with the `gguf` package and SmolLM2's tokenizer, so llama.cpp loads and runs them: the text is
 nonsense, but deterministic, which is all a correctness test needs."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -28,6 +29,24 @@ def _copy_tokenizer(writer: gguf.GGUFWriter) -> int:
     return len(reader.fields["tokenizer.ggml.tokens"].contents())
 
 
+def _random_weights() -> tuple[np.random.Generator, Callable[..., np.ndarray]]:
+    """One seeded generator (the same file every run) and weights of a shape drawn from it."""
+    rng = np.random.default_rng(0)
+
+    def weights(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+    return rng, weights
+
+
+def _write(writer: gguf.GGUFWriter, path: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def tiny_mamba(path: Path) -> Path:
     """A 2-layer Mamba (recurrent: a state per sequence, no KV cells) of ~15 MB."""
     writer = gguf.GGUFWriter(str(path), "mamba")
@@ -44,10 +63,7 @@ def tiny_mamba(path: Path) -> Path:
     writer.add_ssm_time_step_rank(dt_rank)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    rng = np.random.default_rng(0)
-
-    def weights(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+    rng, weights = _random_weights()
 
     writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
     writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
@@ -64,11 +80,7 @@ def tiny_mamba(path: Path) -> Path:
         writer.add_tensor(block + "ssm_a", a)  # negative: a decaying state
         writer.add_tensor(block + "ssm_d", np.ones(d_inner, np.float32))
         writer.add_tensor(block + "ssm_out.weight", weights(n_embd, d_inner))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _write(writer, path)
 
 
 def tiny_lfm2(path: Path) -> Path:
@@ -87,10 +99,7 @@ def tiny_lfm2(path: Path) -> Path:
     writer.add_shortconv_l_cache(l_cache)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    rng = np.random.default_rng(0)
-
-    def weights(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+    _, weights = _random_weights()
 
     writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
     writer.add_tensor("token_embd_norm.weight", np.ones(n_embd, np.float32))
@@ -112,8 +121,4 @@ def tiny_lfm2(path: Path) -> Path:
             writer.add_tensor(block + "shortconv.conv.weight", weights(n_embd, l_cache))
             writer.add_tensor(block + "shortconv.in_proj.weight", weights(3 * n_embd, n_embd))
             writer.add_tensor(block + "shortconv.out_proj.weight", weights(n_embd, n_embd))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _write(writer, path)
