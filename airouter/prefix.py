@@ -54,7 +54,26 @@ def prompt_blocks(prompt: str) -> list[Block]:
     return blocks
 
 
-def blocks_of(prompt: str | None, messages: Sequence[tuple[str, str]] | None) -> list[Block]:
+@dataclass(frozen=True)
+class Prefix:
+    """A prompt's blocks, and the bytes of its content in all."""
+
+    blocks: list[Block]
+    size: int
+
+    def token_ends(self, prompt_tokens: int) -> dict[int, int]:
+        """Each block's hash with where it ends in tokens, once the prompt's token count is
+        known: the template's own tokens and the bytes per token spread evenly, which is close
+        enough to rank hosts by."""
+        return {b.hash: prompt_tokens * b.end // max(self.size, 1) for b in self.blocks}
+
+
+NO_PREFIX = Prefix([], 0)
+
+
+def prefix_of(prompt: str | None, messages: Sequence[tuple[str, str]] | None) -> Prefix:
     if messages:
-        return message_blocks(messages)
-    return prompt_blocks(prompt or "")
+        blocks = message_blocks(messages)
+        return Prefix(blocks, blocks[-1].end)
+    text = prompt or ""
+    return Prefix(prompt_blocks(text), len(text.encode("utf-8", "surrogatepass")))

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from airouter.prefix import Block
+from airouter.prefix import Block, Prefix
 from gateway.hosts import Host
 
 # A host's update taken this long after a request finished shows that request's prefix.
@@ -58,20 +58,19 @@ class PrefixMemory:
     _sent: dict[str, list[SentPrompt]] = field(default_factory=dict)
     _conversations: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
-    def sent(self, host: Host, model: str, blocks: list[Block]) -> SentPrompt | None:
-        if not blocks:
+    def sent(self, host: Host, model: str, prefix: Prefix) -> SentPrompt | None:
+        if not prefix.blocks:
             return None
-        tokens = {b.hash: b.end // BYTES_PER_TOKEN for b in blocks}
+        tokens = {b.hash: b.end // BYTES_PER_TOKEN for b in prefix.blocks}
         prompt = SentPrompt(model, tokens)
         self._live(host).append(prompt)  # pruned here too: a host never ranked stays bounded
         return prompt
 
-    def finished(self, prompt: SentPrompt, blocks: list[Block], prompt_tokens: int) -> None:
-        """The request ended; with the host's token count its blocks' ends become exact."""
+    def finished(self, prompt: SentPrompt, prefix: Prefix, prompt_tokens: int) -> None:
+        """The request ended; with the host's token count its blocks' ends are the host's."""
         prompt.finished_at = self.clock()
-        if prompt_tokens and blocks:
-            total = max(blocks[-1].end, 1)
-            prompt.tokens = {b.hash: prompt_tokens * b.end // total for b in blocks}
+        if prompt_tokens:
+            prompt.tokens = prefix.token_ends(prompt_tokens)
 
     def expected_hit(self, host: Host, model: str, blocks: list[Block]) -> int:
         """Prompt tokens `host` is expected to hold for a prompt of these blocks."""

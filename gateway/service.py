@@ -33,7 +33,7 @@ from airouter.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from airouter.prefix import Block, blocks_of
+from airouter.prefix import NO_PREFIX, Prefix, prefix_of
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway import router
 from gateway.config import OPENROUTER_PREFIX
@@ -229,11 +229,11 @@ class GatewayService:
             return
         local_first = policy == "local_first" and fallback is not None
         try:
-            blocks = request_blocks(request) if self.prefix_policy.enabled else []
-            ranked = await self._route(request, deadline, log, blocks)
+            prefix = request_prefix(request) if self.prefix_policy.enabled else NO_PREFIX
+            ranked = await self._route(request, deadline, log, prefix)
             if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
                 raise ResourceExhausted("every host that serves it is saturated")
-            attempts = self._attempts(request, ranked, deadline, log, blocks)
+            attempts = self._attempts(request, ranked, deadline, log, prefix)
             async with aclosing(attempts) as responses:
                 async for response in responses:
                     yield response
@@ -255,11 +255,11 @@ class GatewayService:
         request: gateway_pb2.GatewayGenerateRequest,
         deadline: float | None,
         log: Any,
-        blocks: list[Block],
+        prefix: Prefix,
     ) -> list[router.Candidate]:
         """The ranked candidates, traced and logged with the choice and why."""
         with _tracer.start_as_current_span("route") as span:
-            ranked = await self._candidates(request, deadline, self._hit_estimate(request, blocks))
+            ranked = await self._candidates(request, deadline, self._hit_estimate(request, prefix))
             described = [c.describe() for c in ranked]
             span.set_attributes(
                 {
@@ -281,19 +281,19 @@ class GatewayService:
         return ranked
 
     def _hit_estimate(
-        self, request: gateway_pb2.GatewayGenerateRequest, blocks: list[Block]
+        self, request: gateway_pb2.GatewayGenerateRequest, prefix: Prefix
     ) -> router.HitEstimate | None:
         """Prompt tokens a host holds for the request; the conversation's last host counts as
         holding at least enough to be preferred."""
         if not self.prefix_policy.enabled:
             return None
         last = self.prefixes.last_host(request.conversation_id)
-        if not blocks and last is None:
+        if not prefix.blocks and last is None:
             return None
         floor = self.prefix_policy.min_tokens
 
         def hit(host: Host, model: generate_pb2.ModelInfo) -> int:
-            tokens = self.prefixes.expected_hit(host, model.name, blocks)
+            tokens = self.prefixes.expected_hit(host, model.name, prefix.blocks)
             return max(tokens, floor) if host.address == last else tokens
 
         return hit
@@ -331,7 +331,7 @@ class GatewayService:
         ranked: list[router.Candidate],
         deadline: float | None,
         log: Any,
-        blocks: list[Block],
+        prefix: Prefix,
     ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
         """Tries the candidates in order until one streams."""
         requested = request.model
@@ -352,7 +352,7 @@ class GatewayService:
                 attributes={"server.address": host.address, "airouter.attempt": attempt},
             ) as span:
                 try:
-                    relay = self._relay(host, name, request, left, span, blocks)
+                    relay = self._relay(host, name, request, left, span, prefix)
                     async with aclosing(relay) as responses:
                         async for response in responses:
                             yield response
@@ -379,7 +379,7 @@ class GatewayService:
         request: gateway_pb2.GatewayGenerateRequest,
         time_left_s: float | None,
         span: trace.Span,
-        blocks: list[Block],
+        prefix: Prefix,
     ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
         """One attempt on one host. Raises _FailedOver when the next host should be tried,
         another domain error when the request is the caller's to fix; after the first message
@@ -389,7 +389,7 @@ class GatewayService:
             budget = None  # the caller's deadline comes first: the host's call ends with it
         stream = host.stream(request, time_left_s)
         host.in_flight[name] = host.in_flight.get(name, 0) + 1
-        sent = self.prefixes.sent(host, name, blocks)
+        sent = self.prefixes.sent(host, name, prefix)
         prompt_tokens = 0
         try:
             try:
@@ -437,7 +437,7 @@ class GatewayService:
         finally:
             host.in_flight[name] -= 1
             if sent is not None:
-                self.prefixes.finished(sent, blocks, prompt_tokens)
+                self.prefixes.finished(sent, prefix, prompt_tokens)
             await stream.aclose()  # cancels the host's call if the client left
 
     async def list_models(self) -> gateway_pb2.GatewayListModelsResponse:
@@ -478,11 +478,11 @@ class _FailedOver(Exception):
 _ERROR = generate_pb2.FINISH_REASON_ERROR
 
 
-def request_blocks(request: gateway_pb2.GatewayGenerateRequest) -> list[Block]:
+def request_prefix(request: gateway_pb2.GatewayGenerateRequest) -> Prefix:
     """The prompt's prefix blocks, hashed as the hosts hash them."""
     if request.HasField("chat"):
-        return blocks_of(None, [(m.role, m.content) for m in request.chat.messages])
-    return blocks_of(request.prompt, None)
+        return prefix_of(None, [(m.role, m.content) for m in request.chat.messages])
+    return prefix_of(request.prompt, None)
 
 
 def validate(request: gateway_pb2.GatewayGenerateRequest) -> None:

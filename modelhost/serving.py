@@ -12,7 +12,7 @@ from contextlib import aclosing
 import structlog
 
 from airouter.errors import AirouterError, FailedPrecondition, InvalidArgument
-from airouter.prefix import blocks_of
+from airouter.prefix import prefix_of
 from modelhost.engine import Engine
 from modelhost.generation import (
     Delta,
@@ -107,7 +107,7 @@ class GenerationService:
             arrived=arrived,
             deadline=None if time_left_s is None else arrived + time_left_s,
             ignore_eos=spec.ignore_eos,
-            blocks=prefix_tokens(spec, len(prompt)),
+            blocks=tuple(prefix_of(spec.prompt, spec.messages).token_ends(len(prompt)).items()),
         )
         log = _log.bind(request_id=request.id, model=name)
         engine.submit(request)
@@ -143,17 +143,6 @@ class GenerationService:
             if not finished:
                 engine.cancel(request)
                 log.info("generation_cancelled")
-
-
-def prefix_tokens(spec: GenerationSpec, prompt_tokens: int) -> tuple[tuple[int, int], ...]:
-    """The prompt's prefix blocks with where each ends in tokens, estimated from its bytes:
-    the template's own tokens and the bytes-per-token are spread evenly, which is close enough
-    for the gateway to rank hosts by."""
-    blocks = blocks_of(spec.prompt, spec.messages)
-    if not blocks:
-        return ()
-    total = blocks[-1].end if spec.messages else len((spec.prompt or "").encode())
-    return tuple((b.hash, prompt_tokens * b.end // max(total, 1)) for b in blocks)
 
 
 def refuse_what_cannot_fit(

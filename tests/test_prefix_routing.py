@@ -14,13 +14,13 @@ import pytest
 import structlog.testing
 
 from airouter.openai_api import parse_request
-from airouter.prefix import LINEAR_UNTIL, STEP, message_blocks, prompt_blocks
+from airouter.prefix import LINEAR_UNTIL, STEP, message_blocks, prefix_of, prompt_blocks
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, host_status_pb2
 from gateway import router
 from gateway.hosts import Host, HostPool
 from gateway.prefixes import STATUS_LAG_S, PrefixMemory, PrefixPolicy
 from gateway.server import start_gateway
-from gateway.service import CloudRouting, GatewayService, request_blocks
+from gateway.service import CloudRouting, GatewayService, request_prefix
 from gateway.upstream import OpenAIUpstream, UpstreamSettings
 from modelhost.config import embedded_chat_model_config
 from tests.conftest import LoopThread, gateway_config, wait_for_health, wait_until
@@ -106,8 +106,13 @@ def test_the_gateway_hashes_a_request_as_the_host_hashes_its_messages() -> None:
     request = gateway_pb2.GatewayGenerateRequest(model=MODEL)
     for role, content in CHAT:
         request.chat.messages.add(role=role, content=content)
-    assert request_blocks(request) == message_blocks(CHAT)
-    assert request_blocks(gateway_pb2.GatewayGenerateRequest(prompt=DOC)) == prompt_blocks(DOC)
+    assert request_prefix(request).blocks == message_blocks(CHAT)
+    assert request_prefix(gateway_pb2.GatewayGenerateRequest(prompt=DOC)).blocks == prompt_blocks(
+        DOC
+    )
+    # And the same size, so both turn a block's end into tokens alike (serving.py's prefix_of).
+    assert request_prefix(gateway_pb2.GatewayGenerateRequest(prompt=DOC)) == prefix_of(DOC, None)
+    assert request_prefix(request) == prefix_of(None, CHAT)
 
 
 def test_a_prefix_hit_beats_an_idle_host_while_the_holder_has_a_slot_or_a_short_queue() -> None:
@@ -174,17 +179,18 @@ def test_a_host_that_lost_the_prefix_stops_attracting_it() -> None:
 
 def test_what_the_gateway_sent_counts_until_the_host_reports_after_it_finished() -> None:
     clock = Clock()
-    memory, blocks = PrefixMemory(clock), message_blocks(CHAT)
+    memory, prefix = PrefixMemory(clock), prefix_of(None, CHAT)
+    blocks = prefix.blocks
     a, b = host("a:1"), host("b:1")
     report(a, {}, clock.now)
     report(b, {}, clock.now)
-    sent = memory.sent(a, MODEL, blocks)
+    sent = memory.sent(a, MODEL, prefix)
     assert sent is not None
     # In flight: a burst sharing the document follows it before any report shows it.
     ranked = rank([a, b], memory, blocks)
     assert ranked[0].host is a and ranked[0].prefix_tokens == blocks[-1].end // 4
     clock.now += 2.0
-    memory.finished(sent, blocks, prompt_tokens=1800)
+    memory.finished(sent, prefix, prompt_tokens=1800)
     report(a, {}, clock.now)  # a report that may predate the finish: still counted
     assert rank([a, b], memory, blocks)[0].prefix_tokens == 1800  # the host's own count now
     clock.now += STATUS_LAG_S
