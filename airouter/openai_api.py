@@ -160,7 +160,15 @@ def parse_request(
         parsed = schema.model_validate(body)
     except ValidationError as exc:
         raise InvalidArgument(describe(exc)) from None
-    return parsed.to_request(), parsed.stream, parsed.include_usage
+    try:
+        request = parsed.to_request()
+    except UnicodeEncodeError as exc:  # JSON lets "\udc80" through; protobuf text refuses it
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+        raise InvalidArgument(
+            f"the body holds a lone surrogate ({bad}), which is not text; send valid Unicode "
+            "(an escape from \\ud800 to \\udfff must be half of a pair)"
+        ) from None
+    return request, parsed.stream, parsed.include_usage
 
 
 def describe(exc: ValidationError) -> str:

@@ -200,6 +200,12 @@ CHAT = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}]
         ({**CHAT, "presence_penalty": 0.5}, "presence_penalty: only 0 is supported"),
         ({**CHAT, "tools": [{"type": "function"}]}, "tools are not supported yet"),
         ({**CHAT, "response_format": {"type": "json_object"}}, "response_format.type"),
+        # JSON escapes that decode to half a surrogate pair: not text protobuf can carry.
+        (
+            {**CHAT, "messages": [{"role": "user", "content": "a\udc80"}]},
+            "lone surrogate (\\udc80)",
+        ),
+        ({**CHAT, "user": "\ud800"}, "lone surrogate (\\ud800)"),
     ],
 )
 def test_bad_bodies_are_400s_naming_the_field(
