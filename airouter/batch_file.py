@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from airouter.errors import InvalidArgument
-from airouter.openai_api import completion_json, error_json, parse_request
+from airouter.openai_api import completion_json, error_json, not_text, parse_request
 from airouter.v1 import gateway_pb2
 
 # The endpoints a batch line may name, and whether each is a chat.
@@ -52,7 +52,10 @@ def batch_item(line: str, number: int) -> gateway_pb2.BatchItem:
         request, _, _ = parse_request(entry.get("body"), chat=BATCH_URLS[url])
     except InvalidArgument as exc:
         raise InvalidArgument(f"line {number}: body: {exc}") from None
-    return gateway_pb2.BatchItem(custom_id=custom_id, request=request)
+    try:
+        return gateway_pb2.BatchItem(custom_id=custom_id, request=request)
+    except UnicodeEncodeError as exc:
+        raise not_text(exc, f"line {number}: custom_id") from None
 
 
 def batch_output(

@@ -162,13 +162,19 @@ def parse_request(
         raise InvalidArgument(describe(exc)) from None
     try:
         request = parsed.to_request()
-    except UnicodeEncodeError as exc:  # JSON lets "\udc80" through; protobuf text refuses it
-        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
-        raise InvalidArgument(
-            f"the body holds a lone surrogate ({bad}), which is not text; send valid Unicode "
-            "(an escape from \\ud800 to \\udfff must be half of a pair)"
-        ) from None
+    except UnicodeEncodeError as exc:
+        raise not_text(exc, "the body") from None
     return request, parsed.stream, parsed.include_usage
+
+
+def not_text(exc: UnicodeEncodeError, where: str) -> InvalidArgument:
+    """JSON lets an escape such as "\\udc80" (half a surrogate pair) through; protobuf's text
+    fields refuse it. The caller's error, said as such."""
+    bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+    return InvalidArgument(
+        f"{where} holds a lone surrogate ({bad}), which is not text; send valid Unicode "
+        "(an escape from \\ud800 to \\udfff must be half of a pair)"
+    )
 
 
 def describe(exc: ValidationError) -> str:

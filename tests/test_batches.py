@@ -349,6 +349,17 @@ def test_cli_runs_an_openai_batch_file(stack: Stack, tmp_path: Path, capsys) -> 
             '"body": {"model": "m", "prompt": "x", "max_tokens": true}}',
             "line 1: body: max_tokens: Input should be a valid integer",
         ),
+        # Escapes that decode to half a surrogate pair: UTF-8 on disk, but not text.
+        (
+            '{"custom_id": "a", "url": "/v1/completions", "body": {"model": "m", '
+            '"prompt": "x\\udc80"}}',
+            "line 1: body: the body holds a lone surrogate (\\udc80)",
+        ),
+        (
+            '{"custom_id": "\\ud800", "url": "/v1/completions", '
+            '"body": {"model": "m", "prompt": "x"}}',
+            "line 1: custom_id holds a lone surrogate (\\ud800)",
+        ),
     ],
 )
 def test_cli_refuses_a_bad_batch_file_naming_the_line(
