@@ -33,7 +33,7 @@ import numpy as np
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, model_host_pb2, model_host_pb2_grpc
 from modelhost.config import ModelConfig, embedded_model_config, load_config
-from modelhost.llama import ContextSettings, LlamaModel, default_threads
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel, default_threads
 from tests.processes import ServerProcess
 
 SETUPS = ("host", "gateway")
@@ -155,7 +155,7 @@ def main() -> None:
         config = embedded_model_config()  # what `modelhost serve` runs with no config
     slots = config.slots
     model = LlamaModel(
-        config.gguf_path(Path.home() / ".cache" / "airouter"),
+        config.model_path(Path.home() / ".cache" / "airouter"),
         gpu_layers=0 if args.device == "cpu" else -1,
         settings=ContextSettings(
             slots, config.context_length, config.batch_tokens, default_threads()

@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    gguf = embedded_model_config().gguf_path(Path.home() / ".cache" / "airouter")
+    gguf = embedded_model_config().model_path(Path.home() / ".cache" / "airouter")
     servers = {"airouter": lambda: launch_airouter(gguf)}
     if args.llama_server:
         servers["llama-server"] = lambda: launch_llama_server(args.llama_server, gguf)

@@ -25,9 +25,9 @@ import numpy as np
 
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import embedded_model_config
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel, default_threads
+from modelhost.engines.llamacpp.sampler import TokenSampler, _llama_chain
 from modelhost.generation import Sampling
-from modelhost.llama import ContextSettings, LlamaModel, default_threads
-from modelhost.sampler import TokenSampler, _llama_chain
 from tests.processes import ServerProcess
 
 SETTINGS = {
@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = embedded_model_config()
-    path = config.gguf_path(Path.home() / ".cache" / "airouter")
+    path = config.model_path(Path.home() / ".cache" / "airouter")
     model = LlamaModel(
         path, gpu_layers=0, settings=ContextSettings(1, 1024, 512, default_threads())
     )

@@ -1,4 +1,5 @@
-"""`modelhost serve`: keep models resident on this machine and stream their tokens."""
+"""`modelhost serve`: keep models resident on this machine and stream their tokens.
+`modelhost convert-gguf`: turn a GGUF into an MLX model directory for the MLX engine."""
 
 import argparse
 import asyncio
@@ -33,11 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_flags(serve)
     add_tracing_flag(serve)
     serve.add_argument("--log-level", default="info")
+    convert = commands.add_parser(
+        "convert-gguf",
+        help="convert a GGUF (Gemma 3) into an mlx-lm model directory",
+        description="Dequantizes the GGUF's weights, renames them as mlx-lm loads them, "
+        "rebuilds the tokenizer from its vocabulary and quantizes again with mlx-lm.",
+    )
+    convert.add_argument("gguf", type=Path, help="the GGUF file")
+    convert.add_argument("out", type=Path, help="the directory to write (replaced if present)")
+    convert.add_argument(
+        "--quantize",
+        choices=["q8", "q4", "none"],
+        default="q8",
+        help="q8 (default) keeps greedy output equal to llama.cpp's; none keeps float32, "
+        "fastest on a CPU with a BLAS; q4 of already-quantized weights drifts",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "convert-gguf":
+        return _convert(args)
 
     configure_logging(args.log_level)
     with tracing_for("airouter-modelhost", args.otlp_endpoint):
@@ -66,6 +84,30 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"modelhost: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        from tqdm import tqdm
+
+        from modelhost.engines.mlxlm.convert import UnsupportedGGUF, convert_gguf
+    except ImportError as exc:
+        print(f"modelhost: {exc.name} is missing; pip install 'airouter[mlx]'", file=sys.stderr)
+        return 2
+    if not args.gguf.is_file():
+        print(f"modelhost: {args.gguf} is not a file", file=sys.stderr)
+        return 2
+
+    def progress(items, total, what):  # type: ignore[no-untyped-def]
+        return tqdm(items, total=total, unit=" " + what, file=sys.stderr)
+
+    try:
+        out = convert_gguf(args.gguf, args.out, quantize=args.quantize, progress=progress)
+    except UnsupportedGGUF as exc:
+        print(f"modelhost: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}; serve it with path = \"{out}\" in models.toml", file=sys.stderr)
     return 0
 
 

@@ -30,8 +30,12 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
-    # The GGUF file; unset only for the embedded default model.
+    # A GGUF file, or an MLX model directory (config.json, *.safetensors, tokenizer.json);
+    # unset: the embedded Gemma 3 270M GGUF.
     path: Path | None = None
+    # What runs it: "auto" is MLX for a directory and llama.cpp for a file; "mlx" with a
+    # GGUF converts it once into the host's cache_dir (modelhost convert-gguf does the same).
+    engine: Literal["auto", "llama.cpp", "mlx"] = "auto"
     aliases: list[str] = []
     capabilities: list[str] = ["chat"]
     # Tokens each request may use, prompt and generated tokens together.
@@ -86,8 +90,9 @@ class ModelConfig(BaseModel):
             )
         return self
 
-    def gguf_path(self, cache_dir: Path) -> Path:
-        """The file to load, assembling the embedded model into cache_dir on first use."""
+    def model_path(self, cache_dir: Path) -> Path:
+        """The file or directory to load, assembling the embedded model into cache_dir on
+        first use."""
         if self.path is not None:
             return self.path
         return embedded_model_path(cache_dir)
@@ -210,9 +215,10 @@ def load_config(path: Path | None, **overrides: object) -> HostConfig:
             continue
         if not model.path.is_absolute() and path is not None:
             model.path = path.parent / model.path
-        if not model.path.is_file():
+        if not model.path.exists():
             raise ConfigError(
                 f"{path}: {where(text, ('models', i, 'path'))}models[{i}].path: "
-                f"{model.path} does not exist; point it at a GGUF file on this machine"
+                f"{model.path} does not exist; point it at a GGUF file or an MLX model "
+                "directory on this machine"
             )
     return config

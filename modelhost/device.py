@@ -3,7 +3,7 @@
 import platform
 import sys
 
-from modelhost.llama import supports_gpu_offload
+from modelhost.engines.llamacpp.model import supports_gpu_offload
 
 DEVICES = ("auto", "cpu", "cuda", "metal")
 _CUDA_BUILD_HINT = (

@@ -30,10 +30,8 @@ from airouter.errors import (
 )
 from airouter.labels import format_bytes
 from modelhost.config import ModelConfig
-from modelhost.engine import Engine
-from modelhost.gguf_header import GGUFHeader, read_gguf_header
-from modelhost.llama import ContextSettings, LlamaModel
-from modelhost.memory import MemoryProbe, estimate_footprint
+from modelhost.engines import Engine, HostSettings, estimate_bytes, model_files, open_engine
+from modelhost.memory import MemoryProbe
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.modelhost")
@@ -71,15 +69,14 @@ class CacheStats:
 
 @dataclass
 class ResidentModel:
-    """A configured model and, once loaded, its model and engine."""
+    """A configured model and, once loaded, its engine."""
 
     config: ModelConfig
     state: ModelState = ModelState.NOT_LOADED
     detail: str = ""
-    model: LlamaModel | None = None
     engine: Engine | None = None
-    estimated_bytes: int = 0  # from the GGUF header, before loading
-    measured_bytes: int = 0  # llama.cpp's buffers once loaded; replaces the estimate
+    estimated_bytes: int = 0  # from the model's files, before loading
+    measured_bytes: int = 0  # what the engine measured once loaded; replaces the estimate
     last_used: float = 0.0  # monotonic; for LRU and keep-alive
     in_use: int = 0  # requests that asked for the model and have not finished
     load_seconds: float = 0.0  # the last successful load
@@ -137,8 +134,7 @@ class Residency:
         self.budget_bytes = budget_bytes
         self.memory = memory
         self.stats = CacheStats()
-        self._threads = threads
-        self._cache_dir = cache_dir
+        self._host = HostSettings(device=device, threads=threads, cache_dir=cache_dir)
         self.models = [ResidentModel(config) for config in configs]
         self._by_name = {
             name: resident
@@ -201,11 +197,12 @@ class Residency:
             _log.warning("model_unreadable", model=resident.name, error=str(exc))
 
     async def _size(self, resident: ResidentModel) -> Path:
-        """Estimates the model's footprint from its file (once); returns the file."""
-        path = await asyncio.to_thread(resident.config.gguf_path, self._cache_dir)
+        """Estimates the model's footprint from its files (once); returns what to load."""
+        path = await asyncio.to_thread(model_files, resident.config, self._host)
         if not resident.estimated_bytes:
-            header = await asyncio.to_thread(read_gguf_header, path)
-            resident.estimated_bytes = self._estimate(resident.config, header)
+            resident.estimated_bytes = await asyncio.to_thread(
+                estimate_bytes, resident.config, path, self.device
+            )
         return path
 
     async def close(self) -> None:
@@ -223,7 +220,7 @@ class Residency:
     @asynccontextmanager
     async def use(
         self, resident: ResidentModel, time_left_s: float | None
-    ) -> AsyncIterator[tuple[LlamaModel, Engine]]:
+    ) -> AsyncIterator[Engine]:
         """The model's engine, loading the model first if need be, waiting at most
         `time_left_s`. While the block runs the model is in use: never evicted or expired."""
         resident.in_use += 1
@@ -234,8 +231,8 @@ class Residency:
             else:
                 self.stats.misses += 1
                 await self._wait_ready(resident, time_left_s)
-            assert resident.model is not None and resident.engine is not None
-            yield resident.model, resident.engine
+            assert resident.engine is not None
+            yield resident.engine
         finally:
             resident.in_use -= 1
             resident.last_used = time.monotonic()
@@ -319,7 +316,7 @@ class Residency:
                 await self._make_room(resident)
                 log.info("model_loading", footprint=format_bytes(resident.footprint_bytes))
                 started = time.perf_counter()
-                model, engine = await asyncio.to_thread(self._load_blocking, config, path)
+                engine = await asyncio.to_thread(open_engine, config, path, self._host)
         except ResourceExhausted as exc:
             span.set_status(trace.StatusCode.ERROR, str(exc))
             resident._refusal = exc
@@ -335,12 +332,13 @@ class Residency:
             log.error("model_load_failed", error=str(exc), retry_in_s=backoff)
         else:
             elapsed = time.perf_counter() - started
-            resident.model, resident.engine = model, engine
-            resident.measured_bytes = model.device_bytes(self.device)
+            resident.engine = engine
+            resident.measured_bytes = engine.footprint_bytes(self.device)
             resident.load_seconds = elapsed
             span.set_attributes(
                 {
                     "airouter.model": resident.name,
+                    "airouter.engine": engine.kind,
                     "airouter.load_seconds": elapsed,
                     "airouter.footprint_estimated_bytes": resident.estimated_bytes,
                     "airouter.footprint_measured_bytes": resident.measured_bytes,
@@ -356,42 +354,19 @@ class Residency:
             # a moment after the load, so the first requests do not share the CPU with it
             # (until then they do without: the engine finds end-of-generation tokens itself,
             # the length bound waits). An unload waits for it: the scan reads the model.
-            resident._scan = _DelayedWork(SCAN_DELAY_S, model.scan_vocabulary)
+            resident._scan = _DelayedWork(SCAN_DELAY_S, engine.scan_vocabulary)
             log.info(
                 "model_loaded",
+                engine=engine.kind,
                 seconds=round(elapsed, 3),
                 estimated=format_bytes(resident.estimated_bytes),
                 measured=format_bytes(resident.measured_bytes),
                 context_per_request=engine.context_per_request,
                 # Where the model went: e.g. offloaded 19/19, buffers CUDA0 and CPU_Mapped.
-                offloaded_layers=model.offloaded_layers,
-                buffers={name: format_bytes(n) for name, n in model.buffers.items()},
+                **engine.describe(),
             )
         finally:
             resident._settled.set()
-
-    def _estimate(self, config: ModelConfig, header: GGUFHeader) -> int:
-        layers = max(header.arch_int("block_count"), 1)
-        gpu_layers = self._gpu_layers(config)
-        if self.device == "cpu":
-            share = 1.0
-        else:
-            share = 1.0 if gpu_layers < 0 else min(gpu_layers / (layers + 1), 1.0)
-        return estimate_footprint(
-            header,
-            on_device_share=share,
-            context_tokens=config.slots * config.context_length,
-            batch_tokens=config.batch_tokens,
-            cache_type_k=config.cache_type_k,
-            cache_type_v=config.cache_type_v,
-            slots=config.slots,
-            full_swa_cache=config.full_swa_cache,
-        )
-
-    def _gpu_layers(self, config: ModelConfig) -> int:
-        if config.gpu_layers is not None:
-            return config.gpu_layers
-        return 0 if self.device == "cpu" else -1
 
     async def _make_room(self, resident: ResidentModel) -> None:
         """Evicts least recently used idle, unpinned models until `resident` fits the budget;
@@ -438,32 +413,6 @@ class Residency:
             "raise memory_budget"
         )
 
-    def _load_blocking(self, config: ModelConfig, path: Path) -> tuple[LlamaModel, Engine]:
-        model = LlamaModel(
-            path,
-            gpu_layers=self._gpu_layers(config),
-            settings=ContextSettings(
-                slots=config.slots,
-                context_per_slot=config.context_length,
-                batch_tokens=config.batch_tokens,
-                threads=self._threads,
-                flash_attention=config.flash_attention,
-                cache_type_k=config.cache_type_k,
-                cache_type_v=config.cache_type_v,
-                full_swa_cache=config.full_swa_cache,
-            ),
-            chat_template=config.chat_template,
-        )
-        if config.context_length > model.context_train:
-            _log.warning(
-                "context_beyond_training",
-                model=config.name,
-                context_length=config.context_length,
-                trained_on=model.context_train,
-            )
-        engine = Engine(model, name=config.name, slots=config.slots, max_queue=config.max_queue)
-        return model, engine
-
     # --- unloading -----------------------------------------------------------------
 
     async def _unload(self, resident: ResidentModel, reason: str) -> None:
@@ -478,7 +427,7 @@ class Residency:
                 await resident._scan.stop()
             await asyncio.to_thread(engine.close)
         finally:
-            resident.engine, resident.model = None, None
+            resident.engine = None
             resident.rate_samples.clear()
             self._set_state(resident, ModelState.NOT_LOADED)
             resident._settled.set()

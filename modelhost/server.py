@@ -13,7 +13,7 @@ from airouter.labels import format_bytes
 from airouter.security import Credentials, check_unprotected_listener
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import HostConfig
-from modelhost.llama import build_features, default_threads, supports_gpu_offload
+from modelhost.engines.llamacpp.model import build_features, default_threads, supports_gpu_offload
 from modelhost.memory import MemoryProbe, parse_size, reserve_bytes
 from modelhost.metrics import MetricsServer, RequestMetrics, start_metrics_server
 from modelhost.residency import Residency

@@ -13,7 +13,7 @@ import structlog
 
 from airouter.errors import AirouterError, FailedPrecondition, InvalidArgument
 from airouter.prefix import prefix_of
-from modelhost.engine import Engine
+from modelhost.engines import Engine
 from modelhost.generation import (
     Delta,
     EngineRequest,
@@ -26,7 +26,6 @@ from modelhost.generation import (
     validate_messages,
     validate_stop,
 )
-from modelhost.llama import LlamaModel
 from modelhost.metrics import RequestMetrics
 from modelhost.residency import Residency, ResidentModel
 
@@ -58,9 +57,9 @@ class GenerationService:
             validate_messages(spec.messages)
         resident = self.residency.resolve(spec.model)
         try:
-            async with self.residency.use(resident, time_left_s) as (model, engine):
+            async with self.residency.use(resident, time_left_s) as engine:
                 # Closed explicitly so a client leaving cancels the engine request at once.
-                events = self._run(spec, resident, model, engine, arrived, time_left_s)
+                events = self._run(spec, resident, engine, arrived, time_left_s)
                 async with aclosing(events):
                     async for event in events:
                         if isinstance(event, Finish):
@@ -74,23 +73,22 @@ class GenerationService:
         self,
         spec: GenerationSpec,
         resident: ResidentModel,
-        model: LlamaModel,
         engine: Engine,
         arrived: float,
         time_left_s: float | None,
     ) -> AsyncGenerator[Delta | Finish, None]:
         name = resident.config.name
-        refuse_what_cannot_fit(spec, model, engine.context_per_request, name)
+        refuse_what_cannot_fit(spec, engine, name)
         text = spec.prompt
         if spec.messages:
-            text = await asyncio.to_thread(model.apply_chat_template, spec.messages)
+            text = await asyncio.to_thread(engine.apply_chat_template, spec.messages)
             if text is None:
                 raise FailedPrecondition(
-                    f"model {name!r} has no chat template llama.cpp can render; set chat_template "
-                    "in its config or send a raw prompt"
+                    f"model {name!r} has no chat template its {engine.kind} engine can render; "
+                    "set chat_template in its config (llama.cpp) or send a raw prompt"
                 )
         assert text is not None
-        prompt = await asyncio.to_thread(model.tokenize, text)
+        prompt = await asyncio.to_thread(engine.tokenize, text)
         max_tokens = resolve_max_tokens(
             spec.max_tokens, len(prompt), engine.context_per_request, name
         )
@@ -145,24 +143,24 @@ class GenerationService:
                 log.info("generation_cancelled")
 
 
-def refuse_what_cannot_fit(
-    spec: GenerationSpec, model: LlamaModel, context: int, name: str
-) -> None:
+def refuse_what_cannot_fit(spec: GenerationSpec, engine: Engine, name: str) -> None:
     """Refuses, before templating and tokenizing (which cost seconds for megabytes), a request
     whose prompt cannot fit the context whatever its tokens: each message takes at least one
     token, and no token stands for more bytes than the vocabulary's longest."""
     messages = spec.messages or []
+    context = engine.context_per_request
     if len(messages) > context:
         raise InvalidArgument(
             f"{len(messages)} messages cannot fit model {name!r}'s context of {context} "
             "tokens (each takes at least one); send fewer"
         )
-    if model.longest_token_bytes is None:
+    longest = engine.longest_token_bytes
+    if longest is None:
         return  # the vocabulary scan after the load is still running
     size = len((spec.prompt or "").encode()) + sum(len(c.encode()) for _, c in messages)
-    if size > context * model.longest_token_bytes:
+    if size > context * longest:
         raise InvalidArgument(
             f"the prompt is {size} bytes, more than model {name!r}'s context of {context} "
-            f"tokens can hold (its longest token is {model.longest_token_bytes} bytes); "
+            f"tokens can hold (its longest token is {longest} bytes); "
             "send less"
         )

@@ -142,4 +142,4 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    return embedded_model_config().gguf_path(Path.home() / ".cache" / "airouter")
+    return embedded_model_config().model_path(Path.home() / ".cache" / "airouter")

@@ -11,9 +11,9 @@ import pytest
 from airouter.errors import DeadlineExceeded, Unavailable
 from airouter.v1 import generate_pb2
 from modelhost.config import embedded_chat_model_config
-from modelhost.engine import Engine
+from modelhost.engines.llamacpp.engine import LlamaEngine
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from modelhost.generation import EngineRequest, Event, Finish, FinishReason, Rejected, Sampling
-from modelhost.llama import ContextSettings, LlamaModel
 from tests.conftest import Stack, wait_until
 from tests.streaming import collect, host_request
 
@@ -207,7 +207,7 @@ def fragile_engine(model_path):  # type: ignore[no-untyped-def]
         gpu_layers=0,
         settings=ContextSettings(slots=1, context_per_slot=128, batch_tokens=32, threads=2),
     )
-    engine = Engine(model, name="fragile", slots=1, max_queue=4)
+    engine = LlamaEngine(model, name="fragile", slots=1, max_queue=4)
     yield engine
     engine.close()
 
@@ -224,7 +224,7 @@ def engine_request(received: list[Event], prompt: list, **sampling) -> EngineReq
     )
 
 
-def test_a_request_the_sampler_cannot_take_fails_alone(fragile_engine: Engine) -> None:
+def test_a_request_the_sampler_cannot_take_fails_alone(fragile_engine: LlamaEngine) -> None:
     received: list[Event] = []
     # Values the service refuses before they reach the engine; the engine copes anyway.
     fragile_engine.submit(engine_request(received, [2, 1596], top_k=-5))
@@ -238,7 +238,7 @@ def test_a_request_the_sampler_cannot_take_fails_alone(fragile_engine: Engine) -
 
 
 def test_an_engine_that_failed_refuses_new_requests_instead_of_hanging(
-    fragile_engine: Engine,
+    fragile_engine: LlamaEngine,
 ) -> None:
     received: list[Event] = []
     # A token that is not an integer cannot enter a llama_batch: a fault inside the decode
@@ -264,7 +264,7 @@ def test_the_host_reports_the_prefixes_its_slots_hold_and_keeps_them_where_they_
         gpu_layers=0,
         settings=ContextSettings(slots=2, context_per_slot=128, batch_tokens=64, threads=2),
     )
-    engine = Engine(model, name="prefixes", slots=2, max_queue=4)
+    engine = LlamaEngine(model, name="prefixes", slots=2, max_queue=4)
     document = [2, *range(1000, 1030)]
 
     def run(prompt: list[int], blocks: tuple[tuple[int, int], ...]) -> Finish:
@@ -300,7 +300,7 @@ def test_a_prompt_that_shares_a_long_prefix_with_one_being_computed_waits_for_it
         gpu_layers=0,
         settings=ContextSettings(slots=2, context_per_slot=512, batch_tokens=64, threads=2),
     )
-    engine = Engine(model, name="shared", slots=2, max_queue=4)
+    engine = LlamaEngine(model, name="shared", slots=2, max_queue=4)
     document = [1, *range(1000, 1300)]
     received: list[list[Event]] = [[], []]
     try:

@@ -232,7 +232,7 @@ def test_what_cannot_fit_is_refused_before_it_is_tokenized(stack: Stack) -> None
     """20,000 tiny messages or 3 MB of text cost seconds of templating and tokenizing; they
     are refused at once from their count and size."""
     generate(stack, prompt="hi", max_tokens=1)  # loaded, vocabulary scanned
-    wait_until(lambda: stack.host.residency.resolve("gemma-3-270m").model.longest_token_bytes, 10)
+    wait_until(lambda: stack.host.residency.resolve("gemma-3-270m").engine.longest_token_bytes, 10)
     started = time.monotonic()
     error = rpc_error(stack.host_stub.Generate(host_request(messages=[("user", "a")] * 20_000)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

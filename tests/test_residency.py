@@ -17,9 +17,9 @@ from airouter.cli import format_status
 from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from modelhost.config import HostConfig, ModelConfig, embedded_model_config
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from modelhost.generation import EngineRequest, Sampling
 from modelhost.gguf_header import read_gguf_header
-from modelhost.llama import ContextSettings, LlamaModel
 from modelhost.memory import estimate_footprint
 from modelhost.server import RunningHost, start_host
 from tests.conftest import LoopThread, scrape_metrics, wait_until
@@ -392,7 +392,7 @@ def test_sliding_window_layers_keep_only_their_window_unless_asked(full: bool) -
     """Gemma 3 has 15 sliding-window layers of 18: by default they keep each sequence's last
     512 cells, as llama-server does; full_swa_cache keeps the whole context. The estimate
     from the GGUF header follows both within 3%."""
-    path = embedded_model_config().gguf_path(Path.home() / ".cache" / "airouter")
+    path = embedded_model_config().model_path(Path.home() / ".cache" / "airouter")
     header = read_gguf_header(path)
     estimate = estimate_footprint(
         header,
@@ -408,7 +408,7 @@ def test_sliding_window_layers_keep_only_their_window_unless_asked(full: bool) -
         path, gpu_layers=0, settings=ContextSettings(4, 2048, 256, 1, full_swa_cache=full)
     )
     try:
-        measured = model.device_bytes("cpu")
+        measured = sum(model.buffers.values())
     finally:
         model.close()
     assert abs(estimate / measured - 1) < 0.03

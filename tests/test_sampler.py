@@ -6,8 +6,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from modelhost.engines.llamacpp.sampler import TokenSampler
 from modelhost.generation import Sampling
-from modelhost.sampler import TokenSampler
 
 N_VOCAB = 5000
 

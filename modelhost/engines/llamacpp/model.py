@@ -137,8 +137,6 @@ class LlamaModel:
             llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
         )
         self._end_of_generation: list[int] | None = None
-        # Bytes of the longest token; found by scan_vocabulary (None until then).
-        self.longest_token_bytes: int | None = None
 
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = settings.slots * settings.context_per_slot
@@ -189,13 +187,6 @@ class LlamaModel:
         finally:
             llama_cpp.llama_batch_free(batch)
             llama_cpp.llama_memory_clear(self.memory, True)
-
-    def device_bytes(self, device: str) -> int:
-        """Bytes of this model's buffers on `device`: on cuda the GPU's buffers only, on cpu
-        and metal (unified memory) all of them."""
-        if device != "cuda":
-            return sum(self.buffers.values())
-        return sum(n for name, n in self.buffers.items() if re.fullmatch(r"CUDA\d+", name))
 
     def close(self) -> None:
         """Frees the context and the weights; the object is unusable afterwards."""
@@ -252,16 +243,16 @@ class LlamaModel:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def scan_vocabulary(self) -> None:
-        """Finds the end-of-generation tokens and the longest token's bytes: a walk over the
-        whole vocabulary (~0.3 s for Gemma's 262k tokens), done once after a load."""
+    def scan_vocabulary(self) -> int:
+        """Finds the end-of-generation tokens and returns the longest token's bytes: a walk
+        over the whole vocabulary (~0.3 s for Gemma's 262k tokens), done once after a load."""
         self.end_of_generation_tokens()
         buf = ctypes.create_string_buffer(256)  # its own: the engine thread uses the model's
         longest = 1
         for token in range(self.n_vocab):
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             longest = max(longest, n if n >= 0 else -n)
-        self.longest_token_bytes = longest
+        return longest
 
     def end_of_generation_tokens(self) -> list[int]:
         """Every token that ends generation (EOS, end-of-turn, ...); found on first use."""

@@ -1,0 +1,396 @@
+"""What the host needs from an engine, and the scheduling every engine shares.
+
+An engine owns one loaded model and decodes up to `slots` requests together on a thread of
+its own. The event loop only enqueues work (`submit`, `cancel`) and receives events through
+each request's `on_events` callback, which the engine calls from its thread. The queue bound,
+deadlines in the queue, cancellation, stop strings, timings and the Finish event are the same
+for every engine and live here; an engine supplies how requests take a slot, one decode step,
+and what a token's bytes are.
+"""
+
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar, Generic, TypeVar
+
+import structlog
+
+from airouter.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from modelhost.generation import (
+    Delta,
+    EngineRequest,
+    Event,
+    Finish,
+    FinishReason,
+    Rejected,
+    Timings,
+)
+from modelhost.text_stream import TextStream
+
+_log = structlog.get_logger()
+
+# Prefix blocks each slot reports holding at most: its first REPORTED_FIRST and its last.
+REPORTED_BLOCKS = 16
+REPORTED_FIRST = 4
+# A prefix block: (hash, tokens up to the block's end), as EngineRequest.blocks holds them.
+Blocks = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """A snapshot of how busy an engine is."""
+
+    slots: int
+    slots_busy: int
+    queued: int
+    tokens_generated: int
+    prompt_tokens_reused: int
+    decode_steps: int  # steps that produced tokens: tokens / steps shows how much is batched
+    # Prefix blocks whose cells some slot holds: hash -> tokens up to the block's end.
+    cached_prefixes: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request that has a slot: what every engine tracks while it generates."""
+
+    request: EngineRequest
+    text: TextStream
+    admitted: float
+    reused: int  # prompt tokens whose KV cells came from an earlier request
+    last_token: int = -1
+    generated: int = 0
+    unreported: int = 0  # generated tokens not yet covered by a Delta
+    first_token_at: float | None = None
+    events: list[Event] = field(default_factory=list)
+
+
+S = TypeVar("S", bound=Sequence)
+
+
+class Engine(ABC, Generic[S]):
+    """Decodes up to `slots` requests together on a dedicated thread."""
+
+    kind: ClassVar[str]  # "llama.cpp", "mlx": a label on metrics and traces
+
+    def __init__(self, *, name: str, slots: int, max_queue: int) -> None:
+        self._name = name
+        self._slots = slots
+        self._max_queue = max_queue
+        self._inbox: queue.SimpleQueue[tuple[str, EngineRequest | None]] = queue.SimpleQueue()
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: dict[EngineRequest, S] = {}
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet in a slot; guarded by _lock
+        self._tokens_generated = 0
+        self._prompt_tokens_reused = 0
+        self._decode_steps = 0
+        self._cached_prefixes: dict[int, int] = {}  # replaced whole on the engine thread
+        self._closing = False
+        self.failure: str | None = None  # why the engine thread stopped, if it failed
+        # Bytes of the longest token; None until known (see scan_vocabulary).
+        self.longest_token_bytes: int | None = None
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    def _start(self) -> None:
+        """Starts the engine thread and waits for `_prepare` on it; raises what it raised."""
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    # --- the host's side -------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def context_per_request(self) -> int:
+        """Tokens one request may use, prompt and generated together."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of text with the model's BOS; special tokens written in text are honoured.
+        Safe to call from any thread."""
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:
+        """The prompt for a conversation, ending with the assistant's turn; None when the
+        model has no chat template this engine can render."""
+
+    @abstractmethod
+    def footprint_bytes(self, device: str) -> int:
+        """Memory the loaded model takes from `device`'s budget, measured."""
+
+    def describe(self) -> dict[str, object]:
+        """Where the model went, for the load's log line (layers offloaded, buffers, ...)."""
+        return {}
+
+    def scan_vocabulary(self) -> None:
+        """Slow look-ups over the vocabulary, run off the engine thread after a load."""
+
+    def load(self) -> EngineLoad:
+        with self._lock:
+            queued = self._queued
+        return EngineLoad(
+            self._slots,
+            len(self._running),
+            queued,
+            self._tokens_generated,
+            self._prompt_tokens_reused,
+            self._decode_steps,
+            self._cached_prefixes,
+        )
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queues a request; raises ResourceExhausted when it would have to wait for a slot
+        and max_queue requests already do. One that will take a free slot is never refused;
+        max_queue = 0 means no waiting."""
+        with self._lock:
+            if self.failure is not None:
+                raise Unavailable(
+                    f"model {self._name!r} stopped decoding after an error ({self.failure}); "
+                    "unload and load it again (UnloadModel, LoadModel), or retry on another host"
+                )
+            # Submitted requests take the free slots first; the rest wait.
+            waiting = self._queued + len(self._running) - self._slots
+            if waiting >= 0 and waiting >= self._max_queue:
+                raise ResourceExhausted(
+                    f"the queue of model {self._name!r} is full: {self._queued} requests wait "
+                    f"for its {self._slots} slots, the most its max_queue allows; retry later "
+                    "or on another host"
+                )
+            self._queued += 1
+            # Under the lock, so a failing engine thread sees every request let in.
+            self._inbox.put(("submit", request))
+
+    def cancel(self, request: EngineRequest) -> None:
+        """Stops a request before the next decode step; harmless if it already finished."""
+        self._inbox.put(("cancel", request))
+
+    def close(self) -> None:
+        """Cancels what is left, stops the thread and frees the model."""
+        self._inbox.put(("close", None))
+        self._thread.join()
+        self._free()
+
+    # --- what each engine does on its thread -----------------------------------------
+
+    @abstractmethod
+    def _prepare(self) -> None:
+        """Runs first on the engine thread (loading, warming up); raising fails the start."""
+
+    @abstractmethod
+    def _admit(self) -> None:
+        """Moves waiting requests into free slots (`_waiting` -> `_running`)."""
+
+    @abstractmethod
+    def _step(self) -> None:
+        """One decode step over the running sequences; calls `_accept` with each new token
+        and `_deliver` for each sequence that has events."""
+
+    @abstractmethod
+    def _release(self, seq: S, reason: FinishReason) -> None:
+        """Frees the finished sequence's slot, keeping its cells for reuse where they are
+        good."""
+
+    @abstractmethod
+    def _free(self) -> None:
+        """Frees the model once the thread has stopped."""
+
+    @abstractmethod
+    def _is_end_of_generation(self, token: int) -> bool: ...
+
+    @abstractmethod
+    def _token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for; control tokens render as nothing."""
+
+    # --- engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._prepare()
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            while not self._closing:
+                self._take_inbox(block=not (self._running or self._waiting))
+                if self._closing:
+                    break
+                self._drop_expired()
+                self._admit()
+                if self._running:
+                    self._step()
+        except Exception as exc:
+            _log.exception("engine_failed", model=self._name)
+            with self._lock:
+                self.failure = str(exc) or type(exc).__name__
+            self._take_inbox(block=False)
+            self._finish_everything(FinishReason.ERROR, f"engine failed: {exc}")
+            return
+        self._finish_everything(FinishReason.CANCELLED, "")
+
+    def _take_inbox(self, *, block: bool) -> None:
+        try:
+            kind, payload = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                self._handle(kind, payload)
+                kind, payload = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _handle(self, kind: str, request: EngineRequest | None) -> None:
+        if kind == "close":
+            self._closing = True
+            return
+        assert request is not None
+        if kind == "submit":
+            self._waiting.append(request)
+        elif kind == "cancel":
+            self._cancel(request)
+
+    def _cancel(self, request: EngineRequest) -> None:
+        seq = self._running.get(request)
+        if seq is not None:
+            self._finish(seq, FinishReason.CANCELLED)
+            self._deliver(seq)
+        elif request in self._waiting:
+            self._waiting.remove(request)
+            self._finish_waiting(request, FinishReason.CANCELLED)
+
+    def _drop_expired(self) -> None:
+        """Ends queued requests whose deadline passed: a slot must not go to a client that
+        has given up."""
+        if not self._waiting:
+            return
+        now = time.perf_counter()
+        expired = [r for r in self._waiting if r.deadline is not None and r.deadline <= now]
+        for request in expired:
+            self._waiting.remove(request)
+            self._dequeued()
+            waited = now - request.arrived
+            error = DeadlineExceeded(
+                f"the deadline passed after {waited:.1f} s waiting for one of model "
+                f"{self._name!r}'s {self._slots} slots; allow more time, or retry on a less "
+                "busy host"
+            )
+            _emit(request, [Rejected(error)])
+
+    def _finish_waiting(
+        self, request: EngineRequest, reason: FinishReason, error: str = ""
+    ) -> None:
+        """Ends a request that never got a slot; the caller has taken it off the queue."""
+        self._dequeued()
+        waited_ms = (time.perf_counter() - request.arrived) * 1e3
+        timings = Timings(queue_ms=waited_ms, total_ms=waited_ms)
+        _emit(request, [self._finish_event(request, reason, 0, 0, timings, error)])
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    def _accept(self, seq: S, token: int, now: float) -> None:
+        """Takes one generated token: text, stop strings, end of generation, max_tokens."""
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if self._is_end_of_generation(token) and not seq.request.ignore_eos:
+            self._finish(seq, FinishReason.STOP)
+            return
+        seq.generated += 1
+        seq.unreported += 1
+        self._tokens_generated += 1
+        text = seq.text.feed(self._token_bytes(token))
+        if text:
+            seq.events.append(Delta(text, seq.unreported))
+            seq.unreported = 0
+        if seq.text.stopped:
+            self._finish(seq, FinishReason.STOP)
+        elif seq.generated >= seq.request.max_tokens:
+            self._finish(seq, FinishReason.LENGTH)
+        else:
+            seq.last_token = token
+
+    def _finish(self, seq: S, reason: FinishReason, error: str = "") -> None:
+        """Ends a sequence: final text and Finish into its events, its slot free for the next
+        request."""
+        now = time.perf_counter()
+        rest = seq.text.flush() if reason is not FinishReason.ERROR else ""
+        if rest:
+            seq.events.append(Delta(rest, seq.unreported))
+        request = seq.request
+        first = seq.first_token_at
+        timings = Timings(
+            queue_ms=(seq.admitted - request.arrived) * 1e3,
+            prefill_ms=((first or now) - seq.admitted) * 1e3,
+            decode_ms=(now - first) * 1e3 if first else 0.0,
+            time_to_first_token_ms=(first - request.arrived) * 1e3 if first else 0.0,
+            total_ms=(now - request.arrived) * 1e3,
+        )
+        seq.events.append(
+            self._finish_event(request, reason, seq.generated, seq.reused, timings, error)
+        )
+        del self._running[request]
+        self._release(seq, reason)
+
+    def _deliver(self, seq: S) -> None:
+        if seq.events:
+            events, seq.events = seq.events, []
+            _emit(seq.request, events)
+
+    def _finish_everything(self, reason: FinishReason, error: str) -> None:
+        for seq in list(self._running.values()):
+            self._finish(seq, reason, error)
+            self._deliver(seq)
+        while self._waiting:
+            self._finish_waiting(self._waiting.popleft(), reason, error)
+
+    def _finish_event(
+        self,
+        request: EngineRequest,
+        reason: FinishReason,
+        generated: int,
+        reused: int,
+        timings: Timings,
+        error: str = "",
+    ) -> Finish:
+        return Finish(reason, len(request.prompt), generated, timings, error, self._name, reused)
+
+
+def summarize_prefixes(
+    held_by_slots: Iterable[tuple[Blocks, Callable[[int], bool]]],
+) -> dict[int, int]:
+    """What a host reports holding: for each slot (its request's blocks, and whether it can
+    stand in for the first n tokens), its first and last prefix blocks that it still holds
+    (a bounded summary: a conversation's next turn extends its last, a new one shares its
+    first)."""
+    held: dict[int, int] = {}
+    for blocks, holds in held_by_slots:
+        if len(blocks) > REPORTED_BLOCKS:
+            blocks = blocks[:REPORTED_FIRST] + blocks[REPORTED_FIRST - REPORTED_BLOCKS :]
+        for block, tokens in blocks:
+            if tokens > held.get(block, 0) and holds(tokens):
+                held[block] = tokens
+    return held
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _emit(request: EngineRequest, events: list[Event]) -> None:
+    try:
+        request.on_events(events)
+    except Exception:  # a receiver that went away must not stop the engine
+        _log.warning("event_delivery_failed", request_id=request.id, exc_info=True)

@@ -1,0 +1,302 @@
+"""Continuous batching over one llama.cpp context, on a thread that owns it.
+
+Each step is one llama_decode holding the next token of every generating sequence plus
+prompt chunks of newly admitted ones. Each slot is one llama.cpp sequence. A slot keeps the
+KV cells of its last request after it finishes, so a later prompt that starts the same way
+(a shared system prompt, the next turn of a chat) is evaluated only from where it differs; the
+cells are shared with `llama_memory_seq_cp`, which costs nothing in the unified KV cache.
+"""
+
+import re
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import llama_cpp
+import structlog
+
+from airouter.labels import format_bytes
+from modelhost.engines.base import Blocks, Engine, Sequence, common_prefix, summarize_prefixes
+from modelhost.engines.llamacpp.model import LlamaModel
+from modelhost.engines.llamacpp.sampler import TokenSampler
+from modelhost.generation import EngineRequest, FinishReason
+from modelhost.text_stream import TextStream
+
+_log = structlog.get_logger()
+
+# A waiting prompt that shares this many tokens with a prompt being computed waits for it.
+SHARED_PREFILL_MIN = 128
+# A prompt that shares this fraction of an idle slot's tokens is decoded in that slot.
+CONTINUES = 0.5
+
+
+@dataclass
+class _Slot:
+    """One llama.cpp sequence and the tokens whose KV cells it holds, from position 0."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)
+    last_used: float = 0.0  # when a request last finished in it or copied its cells
+    # The prefix blocks of the request that filled it: (hash, tokens up to the block's end).
+    blocks: Blocks = ()
+
+
+@dataclass(eq=False)
+class _Sequence(Sequence):
+    slot: _Slot = field(default_factory=lambda: _Slot(-1))
+    sampler: TokenSampler | None = None
+    prompt_done: int = 0  # prompt tokens already in the KV cache
+    batch_index: int = -1  # where this sequence's logits are in the current batch
+
+    @property
+    def prefilled(self) -> bool:
+        return self.prompt_done == len(self.request.prompt)
+
+
+class LlamaEngine(Engine[_Sequence]):
+    """Decodes up to `slots` requests together in one llama.cpp context."""
+
+    kind = "llama.cpp"
+
+    def __init__(self, model: LlamaModel, *, name: str, slots: int, max_queue: int) -> None:
+        super().__init__(name=name, slots=slots, max_queue=max_queue)
+        self._model = model
+        self._all_slots = [_Slot(seq_id) for seq_id in range(slots)]
+        self._idle = list(self._all_slots)
+        self._batch = llama_cpp.llama_batch_init(model.batch_tokens, 0, 1)
+        # A step found no KV room for its prompt chunks: the next one decodes only generating
+        # sequences (llama_decode returned 1, which is back-pressure, not a failure).
+        self._prompts_deferred = False
+        self._start()
+
+    @property
+    def context_per_request(self) -> int:
+        return self._model.context_per_slot
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text)
+
+    def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:
+        return self._model.apply_chat_template(messages)
+
+    def footprint_bytes(self, device: str) -> int:
+        """Bytes of llama.cpp's buffers on `device`: on cuda the GPU's buffers only, on cpu
+        and metal (unified memory) all of them."""
+        buffers = self._model.buffers
+        if device != "cuda":
+            return sum(buffers.values())
+        return sum(n for name, n in buffers.items() if re.fullmatch(r"CUDA\d+", name))
+
+    def describe(self) -> dict[str, object]:
+        buffers = {name: format_bytes(n) for name, n in self._model.buffers.items()}
+        return {"offloaded_layers": self._model.offloaded_layers, "buffers": buffers}
+
+    def scan_vocabulary(self) -> None:
+        self.longest_token_bytes = self._model.scan_vocabulary()
+
+    # --- engine thread ---------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        self._model.warm_up()  # on this thread: see LlamaModel.warm_up
+
+    def _free(self) -> None:
+        llama_cpp.llama_batch_free(self._batch)
+        self._model.close()
+
+    def _is_end_of_generation(self, token: int) -> bool:
+        return self._model.is_end_of_generation(token)
+
+    def _token_bytes(self, token: int) -> bytes:
+        return self._model.token_bytes(token)
+
+    def _admit(self) -> None:
+        deferred: list[EngineRequest] = []
+        while self._waiting and self._idle:
+            request = self._waiting.popleft()
+            if self._shares_a_prefill(request):
+                deferred.append(request)
+                continue
+            try:
+                sampler = TokenSampler(
+                    request.sampling,
+                    self._model.n_vocab,
+                    self._model.end_of_generation_tokens() if request.ignore_eos else [],
+                )
+            except Exception as exc:  # this request cannot run; the others go on
+                _log.exception("sampler_failed", model=self._name, request_id=request.id)
+                self._finish_waiting(
+                    request, FinishReason.ERROR, f"cannot sample with these settings: {exc}"
+                )
+                continue
+            self._dequeued()
+            slot, reused = self._place(request.prompt)
+            slot.blocks = request.blocks
+            self._summarize_prefixes()
+            self._prompt_tokens_reused += reused
+            self._running[request] = _Sequence(
+                request=request,
+                slot=slot,
+                sampler=sampler,
+                text=TextStream(request.stop),
+                admitted=time.perf_counter(),
+                reused=reused,
+                prompt_done=reused,
+            )
+        self._waiting.extendleft(reversed(deferred))
+
+    def _shares_a_prefill(self, request: EngineRequest) -> bool:
+        """Whether a running sequence is still computing a long prefix of this prompt: then
+        the request waits for those cells instead of computing them beside it (a burst that
+        shares a document; SGLang's scheduler does the same within a batch). Only where a
+        slot's cells can be lent midway: not on recurrent or sliding-window models."""
+        if self._model.recurrent or self._model.sliding_window > 0:
+            return False
+        for seq in self._running.values():
+            if seq.prefilled:
+                continue
+            shared = min(common_prefix(seq.request.prompt, request.prompt), len(request.prompt) - 1)
+            if shared >= SHARED_PREFILL_MIN and seq.prompt_done < shared:
+                return True
+        return False
+
+    def _place(self, prompt: list[int]) -> tuple[_Slot, int]:
+        """Takes an idle slot for a prompt and fills its KV cache with the longest prefix of
+        the prompt any slot holds. Returns the slot and that length.
+
+        The slot is the idle one that holds that prefix itself when the prompt continues most
+        of what it holds (a chat's next turn, in place: as llama-server's slot similarity),
+        else the least recently used idle slot. A slot whose cells are copied counts as used,
+        so a prefix many requests share (a system prompt, a document) is not the first to be
+        overwritten."""
+        source, reused = None, 0
+        for other in self._all_slots:
+            # The last prompt token is always evaluated: its logits pick the first token.
+            n = min(common_prefix(other.cached, prompt), len(prompt) - 1)
+            if n > reused and self._holds_prefix(other, n):
+                source, reused = other, n
+        continues = source is not None and reused >= len(source.cached) * CONTINUES
+        slot = source if continues and source in self._idle else min(self._idle, key=_recency)
+        self._idle.remove(slot)
+        memory = self._model.memory
+        if source is slot:
+            kept = llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, reused, -1)
+        else:
+            kept = llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            if source is not None:
+                llama_cpp.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, 0, reused)
+                source.last_used = time.perf_counter()
+        if not kept:  # the memory could not drop just the tail: evaluate the whole prompt
+            llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            reused = 0
+        slot.cached = prompt[:reused]
+        return slot, reused
+
+    def _summarize_prefixes(self) -> None:
+        """What the host reports holding: prefix blocks whose cells a slot still holds and
+        could lend."""
+        self._cached_prefixes = summarize_prefixes(
+            (slot.blocks, partial(self._slot_holds, slot)) for slot in self._all_slots
+        )
+
+    def _slot_holds(self, slot: _Slot, n: int) -> bool:
+        return n <= len(slot.cached) and self._holds_prefix(slot, n)
+
+    def _holds_prefix(self, slot: _Slot, n: int) -> bool:
+        """Whether slot's cells can stand in for the first n tokens. Sliding-window layers
+        drop cells that fell out of their window, and the next token needs the last
+        `window` of them."""
+        if self._model.recurrent:
+            # A recurrent state stands for exactly the tokens it has seen: it serves a prefix
+            # only when it ends there (a chat's next turn), and cannot be cut back to one.
+            return len(slot.cached) == n
+        window = self._model.sliding_window
+        if window <= 0:
+            return True
+        oldest = llama_cpp.llama_memory_seq_pos_min(self._model.memory, slot.seq_id)
+        return oldest <= max(0, n - window)
+
+    def _step(self) -> None:
+        batch = self._batch
+        n = 0
+
+        def add(token: int, slot: _Slot, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = len(slot.cached)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = logits
+            slot.cached.append(token)
+            n += 1
+
+        sampling: list[_Sequence] = []
+        # Generating sequences first: each costs one token and keeps its stream flowing.
+        for seq in self._running.values():
+            if seq.prefilled:
+                seq.batch_index = n
+                add(seq.last_token, seq.slot, True)
+                sampling.append(seq)
+        # Then prompt chunks, oldest admission first, in the room left.
+        generating = n  # one token each: sampling[:generating] are these sequences
+        chunked: list[tuple[_Sequence, int]] = []  # prompt chunks added, with where they began
+        for seq in self._running.values():
+            room = self._model.batch_tokens - n
+            if room <= 0 or self._prompts_deferred:
+                break
+            if seq.prefilled:
+                continue
+            prompt = seq.request.prompt
+            end = min(len(prompt), seq.prompt_done + room)
+            chunked.append((seq, seq.prompt_done))
+            for i in range(seq.prompt_done, end):
+                add(prompt[i], seq.slot, i == len(prompt) - 1)
+            seq.prompt_done = end
+            if seq.prefilled:
+                seq.batch_index = n - 1
+                sampling.append(seq)
+        batch.n_tokens = n
+
+        rc = llama_cpp.llama_decode(self._model.ctx, batch)
+        if rc == 1 and 0 < generating < n:
+            # No KV room for the prompt chunks (nothing was decoded): undo this step and let
+            # the generating sequences go on alone; the prompts follow as cells free up.
+            for seq in sampling[:generating]:
+                seq.slot.cached.pop()
+            for seq, done in chunked:
+                del seq.slot.cached[len(seq.slot.cached) - (seq.prompt_done - done) :]
+                seq.prompt_done = done
+            self._prompts_deferred = True
+            _log.warning("decode_backpressure", model=self._name, tokens=n)
+            return
+        self._prompts_deferred = False
+        if rc != 0:
+            _log.error("decode_failed", model=self._name, code=rc, tokens=n)
+            for seq in list(self._running.values()):
+                self._finish(seq, FinishReason.ERROR, f"llama_decode failed with code {rc}")
+                self._deliver(seq)
+            return
+
+        now = time.perf_counter()
+        self._decode_steps += bool(sampling)
+        for seq in sampling:
+            logits = llama_cpp.llama_get_logits_ith(self._model.ctx, seq.batch_index)
+            assert seq.sampler is not None
+            self._accept(seq, seq.sampler.sample(logits), now)
+        for seq in sampling:
+            self._deliver(seq)
+
+    def _release(self, seq: _Sequence, reason: FinishReason) -> None:
+        """The slot keeps its KV cells for prefix reuse unless they may be bad."""
+        assert seq.sampler is not None
+        seq.sampler.close()
+        slot = seq.slot
+        if reason is FinishReason.ERROR:
+            llama_cpp.llama_memory_seq_rm(self._model.memory, slot.seq_id, -1, -1)
+            slot.cached = []
+        slot.last_used = time.perf_counter()
+        self._idle.append(slot)
+        self._summarize_prefixes()
+
+
+def _recency(slot: _Slot) -> float:
+    return slot.last_used
