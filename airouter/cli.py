@@ -323,8 +323,8 @@ def format_status(status: host_status_pb2.HostStatus) -> str:
             for g in status.gpus
         ),
         "",
-        f"{'MODEL':<22} {'STATE':<11} {'MEMORY':>10} {'SLOTS':>7} {'QUEUE':>5} {'TOK/S':>7} "
-        f"{'TTFT ms':>8} {'LOAD s':>6}  {'KEEP-ALIVE':<10} LAST USED",
+        f"{'MODEL':<22} {'ENGINE':<9} {'STATE':<11} {'MEMORY':>10} {'SLOTS':>7} {'QUEUE':>5} "
+        f"{'TOK/S':>7} {'TTFT ms':>8} {'LOAD s':>6}  {'KEEP-ALIVE':<10} LAST USED",
     ]
     now = time.time()
     for model in status.models:
@@ -340,7 +340,7 @@ def format_status(status: host_status_pb2.HostStatus) -> str:
         if model.HasField("last_used"):
             used = f"{now - model.last_used.ToNanoseconds() / 1e9:.0f} s ago"
         lines.append(
-            f"{model.name:<22} {state:<11} {memory:>10} "
+            f"{model.name:<22} {model.engine:<9} {state:<11} {memory:>10} "
             f"{f'{model.slots_busy}/{model.slots}':>7} {model.queue_depth:>5} "
             f"{model.recent_tokens_per_second:>7.1f} {model.recent_time_to_first_token_ms:>8.1f} "
             f"{model.load_seconds:>6.2f}  {keep:<10} {used}"

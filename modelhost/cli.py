@@ -107,7 +107,7 @@ def _convert(args: argparse.Namespace) -> int:
     except UnsupportedGGUF as exc:
         print(f"modelhost: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out}; serve it with path = \"{out}\" in models.toml", file=sys.stderr)
+    print(f'wrote {out}; serve it with path = "{out}" in models.toml', file=sys.stderr)
     return 0
 
 

@@ -121,6 +121,7 @@ class Finish:
     error: str = ""
     model: str = ""  # the configured name of the model that served the request
     cached_prompt_tokens: int = 0  # prompt tokens whose KV cells an earlier request left
+    engine: str = ""  # the engine that ran it: "llama.cpp", "mlx"
 
 
 @dataclass(frozen=True)

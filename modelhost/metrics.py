@@ -113,7 +113,13 @@ class HostCollector(Collector):
         tokens = CounterMetricFamily(
             f"{PREFIX}_model_tokens_generated", "Tokens generated.", labels=["model"]
         )
+        engines = GaugeMetricFamily(
+            f"{PREFIX}_model_engine",
+            "1 for the engine that runs each model.",
+            labels=["model", "engine"],
+        )
         for model in status.models:
+            engines.add_metric([model.name, model.engine], 1.0)
             for value, label in _STATES.items():
                 state.add_metric([model.name, label], 1.0 if model.state == value else 0.0)
             for name, (_, field) in per_model.items():
@@ -123,6 +129,7 @@ class HostCollector(Collector):
                 gauges[name].add_metric([model.name], value)
             tokens.add_metric([model.name], model.tokens_generated)
         yield state
+        yield engines
         yield from gauges.values()
         yield tokens
         yield from _gpu_gauges(status)

@@ -13,6 +13,7 @@ from opentelemetry import trace
 
 from airouter import tracing
 from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
+from modelhost.engines import engine_kind
 from modelhost.generation import Delta, Finish, FinishReason, GenerationSpec, Sampling
 from modelhost.residency import ModelState, Residency, ResidentModel
 from modelhost.serving import GenerationService
@@ -126,6 +127,7 @@ def _record_phases(finish: Finish) -> None:
             "airouter.decode_ms": t.decode_ms,
             "airouter.time_to_first_token_ms": t.time_to_first_token_ms,
             "airouter.cached_prompt_tokens": finish.cached_prompt_tokens,
+            "airouter.engine": finish.engine,
         }
     )
 
@@ -266,6 +268,7 @@ def model_status_pb(resident: ResidentModel) -> host_status_pb2.ModelStatus:
             host_status_pb2.CachedPrefix(hash=h, tokens=t)
             for h, t in (load.cached_prefixes.items() if load else ())
         ],
+        engine=engine_kind(config),
     )
     if resident.last_used:
         # last_used is monotonic; the wall-clock time is now less its age.

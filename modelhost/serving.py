@@ -134,6 +134,7 @@ class GenerationService:
                             completion_tokens=event.completion_tokens,
                             cached_prompt_tokens=event.cached_prompt_tokens,
                             ttft_ms=round(event.timings.time_to_first_token_ms, 1),
+                            engine=event.engine,
                             total_ms=round(event.timings.total_ms, 1),
                         )
                     yield event

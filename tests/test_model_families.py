@@ -12,8 +12,8 @@ import structlog.testing
 
 from modelhost.config import ModelConfig
 from tests.conftest import wait_until
+from tests.hosts import READY, running_host, small
 from tests.streaming import collect, host_request
-from tests.test_residency import READY, running_host, small
 from tests.tiny_models import tiny_lfm2, tiny_mamba
 
 # Recurrent (Mamba: a state per sequence, no KV cells) and hybrid (LFM2: short-convolution

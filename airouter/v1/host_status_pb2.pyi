@@ -61,7 +61,7 @@ class MemoryStatus(_message.Message):
     def __init__(self, total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., models_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "state", "state_detail", "footprint_bytes", "footprint_measured", "slots", "slots_busy", "queue_depth", "requests_in_flight", "recent_tokens_per_second", "recent_time_to_first_token_ms", "pinned", "keep_alive_seconds", "last_used", "load_seconds", "tokens_generated", "cached_prefixes")
+    __slots__ = ("name", "state", "state_detail", "footprint_bytes", "footprint_measured", "slots", "slots_busy", "queue_depth", "requests_in_flight", "recent_tokens_per_second", "recent_time_to_first_token_ms", "pinned", "keep_alive_seconds", "last_used", "load_seconds", "tokens_generated", "cached_prefixes", "engine")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STATE_DETAIL_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ModelStatus(_message.Message):
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     CACHED_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: _generate_pb2.ModelState
     state_detail: str
@@ -96,7 +97,8 @@ class ModelStatus(_message.Message):
     load_seconds: float
     tokens_generated: int
     cached_prefixes: _containers.RepeatedCompositeFieldContainer[CachedPrefix]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[_generate_pb2.ModelState, str]] = ..., state_detail: _Optional[str] = ..., footprint_bytes: _Optional[int] = ..., footprint_measured: _Optional[bool] = ..., slots: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., recent_tokens_per_second: _Optional[float] = ..., recent_time_to_first_token_ms: _Optional[float] = ..., pinned: _Optional[bool] = ..., keep_alive_seconds: _Optional[float] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_seconds: _Optional[float] = ..., tokens_generated: _Optional[int] = ..., cached_prefixes: _Optional[_Iterable[_Union[CachedPrefix, _Mapping]]] = ...) -> None: ...
+    engine: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[_generate_pb2.ModelState, str]] = ..., state_detail: _Optional[str] = ..., footprint_bytes: _Optional[int] = ..., footprint_measured: _Optional[bool] = ..., slots: _Optional[int] = ..., slots_busy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., recent_tokens_per_second: _Optional[float] = ..., recent_time_to_first_token_ms: _Optional[float] = ..., pinned: _Optional[bool] = ..., keep_alive_seconds: _Optional[float] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_seconds: _Optional[float] = ..., tokens_generated: _Optional[int] = ..., cached_prefixes: _Optional[_Iterable[_Union[CachedPrefix, _Mapping]]] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class CachedPrefix(_message.Message):
     __slots__ = ("hash", "tokens")

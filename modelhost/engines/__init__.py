@@ -13,6 +13,7 @@ __all__ = [
     "EngineLoad",
     "HostSettings",
     "engine_for",
+    "engine_kind",
     "estimate_bytes",
     "model_files",
     "open_engine",
@@ -28,6 +29,11 @@ class HostSettings:
     device: str  # resolved: cpu, cuda or metal
     threads: int
     cache_dir: Path
+
+
+def engine_kind(config: ModelConfig) -> str:
+    """The engine that runs the model, known from its config alone."""
+    return engine_for(config, config.path or Path("embedded.gguf"))
 
 
 def engine_for(config: ModelConfig, path: Path) -> str:

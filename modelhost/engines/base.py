@@ -177,7 +177,6 @@ class Engine(ABC, Generic[S]):
         """Cancels what is left, stops the thread and frees the model."""
         self._inbox.put(("close", None))
         self._thread.join()
-        self._free()
 
     # --- what each engine does on its thread -----------------------------------------
 
@@ -201,7 +200,10 @@ class Engine(ABC, Generic[S]):
 
     @abstractmethod
     def _free(self) -> None:
-        """Frees the model once the thread has stopped."""
+        """Frees the model: the engine thread's last work after a successful `_prepare`."""
+
+    def _leave_thread(self) -> None:
+        """The very last work on the engine thread, whether `_prepare` succeeded or not."""
 
     @abstractmethod
     def _is_end_of_generation(self, token: int) -> bool: ...
@@ -218,8 +220,16 @@ class Engine(ABC, Generic[S]):
         except BaseException as exc:
             self._start_error = exc
             self._started.set()
+            self._leave_thread()
             return
         self._started.set()
+        try:
+            self._serve()
+        finally:
+            self._free()
+            self._leave_thread()
+
+    def _serve(self) -> None:
         try:
             while not self._closing:
                 self._take_inbox(block=not (self._running or self._waiting))
@@ -235,6 +245,9 @@ class Engine(ABC, Generic[S]):
                 self.failure = str(exc) or type(exc).__name__
             self._take_inbox(block=False)
             self._finish_everything(FinishReason.ERROR, f"engine failed: {exc}")
+            # The model stays until close(): requests already past submit may still tokenize.
+            while not self._closing:
+                self._take_inbox(block=True)
             return
         self._finish_everything(FinishReason.CANCELLED, "")
 
@@ -361,7 +374,9 @@ class Engine(ABC, Generic[S]):
         timings: Timings,
         error: str = "",
     ) -> Finish:
-        return Finish(reason, len(request.prompt), generated, timings, error, self._name, reused)
+        return Finish(
+            reason, len(request.prompt), generated, timings, error, self._name, reused, self.kind
+        )
 
 
 def summarize_prefixes(

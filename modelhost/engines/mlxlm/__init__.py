@@ -2,8 +2,8 @@
 
 The mlx[cpu] wheel for Linux bundles a reference BLAS that makes float32 decoding about 8x
 slower than OpenBLAS. When the system has OpenBLAS (Debian: libopenblas0-pthread) it is
-loaded into the global symbol scope before mlx is first imported, so mlx's BLAS calls bind
-to it; everything under this package imports mlx only after this module ran.
+loaded into the global symbol scope, ahead of the bundled one, so mlx's BLAS calls bind to
+it: everything under this package imports mlx only after this module ran.
 """
 
 import ctypes
@@ -13,7 +13,7 @@ import sys
 BLAS = "bundled"
 if sys.platform == "linux":
     _openblas = ctypes.util.find_library("openblas")
-    if _openblas and "mlx" not in sys.modules:
+    if _openblas:
         try:
             ctypes.CDLL(_openblas, mode=ctypes.RTLD_GLOBAL)
             BLAS = _openblas

@@ -13,6 +13,7 @@ refused by name.
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -124,6 +125,8 @@ def convert_gguf(
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if "mlx.core" in sys.modules:
+            sys.modules["mlx.core"].clear_streams()  # see MlxEngine._leave_thread
     return target
 
 

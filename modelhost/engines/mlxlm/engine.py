@@ -162,6 +162,13 @@ class MlxEngine(Engine[_Sequence]):
         del self._generator, self._model
         mx.clear_cache()
 
+    def _leave_thread(self) -> None:
+        import mlx.core as mx
+
+        # MLX leaves a thread's streams to process exit otherwise, where tearing them down
+        # aborts now and then ("terminate called without an active exception").
+        mx.clear_streams()
+
     def _is_end_of_generation(self, token: int) -> bool:
         return token in self._end_of_generation
 

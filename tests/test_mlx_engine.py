@@ -1,0 +1,346 @@
+"""The MLX engine on this machine's CPU (mlx[cpu]), with the embedded Gemma 3 270M converted
+from its GGUF into an mlx-lm directory once per machine (float32: on a CPU mlx's float32
+matmuls use the BLAS, its quantized ones do not)."""
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import modelhost.engines.mlxlm  # noqa: F401  (first: it puts OpenBLAS under mlx)
+
+pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from airouter.v1 import generate_pb2
+from airouter.v1.gateway_pb2_grpc import GatewayStub
+from modelhost.config import ModelConfig, embedded_chat_model_config
+from modelhost.engines import HostSettings, model_files
+from modelhost.engines.llamacpp.engine import LlamaEngine
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
+from modelhost.engines.mlxlm.engine import MlxEngine
+from modelhost.generation import (
+    Delta,
+    EngineRequest,
+    Event,
+    Finish,
+    FinishReason,
+    Sampling,
+)
+from tests.conftest import scrape_metrics, wait_until
+from tests.hosts import ERROR, READY, running_host, small
+from tests.processes import ServerProcess
+from tests.streaming import collect, gateway_request, host_request
+
+CACHE = Path.home() / ".cache" / "airouter"
+GREEDY = Sampling(temperature=0.0)
+# Greedy continuations the float32 conversion and llama.cpp's Q4_K_M agree on token for token
+# (elsewhere the two differ at near-ties, as two llama.cpp builds can).
+PROMPT = "def fibonacci(n):"
+
+
+def mlx_config(name: str = "gemma-mlx", **settings: object) -> ModelConfig:
+    return small(name, engine="mlx", **settings)
+
+
+@pytest.fixture(scope="module")
+def mlx_dir() -> Path:
+    """The embedded GGUF converted for the CPU, as a host with engine = "mlx" finds it."""
+    return model_files(mlx_config(), HostSettings(device="cpu", threads=2, cache_dir=CACHE))
+
+
+@pytest.fixture(scope="module")
+def engine(mlx_dir: Path) -> Iterator[MlxEngine]:
+    engine = MlxEngine(
+        mlx_dir,
+        name="mlx",
+        slots=8,
+        max_queue=8,
+        context_per_slot=512,
+        batch_tokens=128,
+        device="cpu",
+    )
+    yield engine
+    engine.close()
+
+
+class Collector:
+    """An EngineRequest's events, gathered on the engine thread."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.first_delta = threading.Event()
+
+    def __call__(self, events: list[Event]) -> None:
+        self.events.extend(events)
+        if any(isinstance(e, Delta) for e in events):
+            self.first_delta.set()
+        if any(isinstance(e, Finish) for e in events):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        assert self.done.wait(120), "no Finish within 120 s"
+        return "".join(e.text for e in self.events if isinstance(e, Delta))
+
+    @property
+    def finish(self) -> Finish:
+        assert self.done.wait(120), "no Finish within 120 s"
+        finish = self.events[-1]
+        assert isinstance(finish, Finish)
+        return finish
+
+
+def submit(
+    engine: MlxEngine | LlamaEngine,
+    prompt: str,
+    max_tokens: int,
+    sampling: Sampling = GREEDY,
+    **fields: object,
+) -> tuple[EngineRequest, Collector]:
+    received = Collector()
+    request = EngineRequest(
+        id=prompt[:16],
+        prompt=engine.tokenize(prompt),
+        sampling=sampling,
+        max_tokens=max_tokens,
+        stop=list(fields.pop("stop", [])),  # type: ignore[call-overload]
+        on_events=received,
+        arrived=time.perf_counter(),
+        **fields,  # type: ignore[arg-type]
+    )
+    engine.submit(request)
+    return request, received
+
+
+def test_greedy_text_and_tokens_equal_llama_cpp_on_the_gguf(
+    engine: MlxEngine, model_path: Path
+) -> None:
+    model = LlamaModel(model_path, gpu_layers=0, settings=ContextSettings(1, 512, 128, 2))
+    llama = LlamaEngine(model, name="gguf", slots=1, max_queue=1)
+    try:
+        awkward = [
+            "  two spaces\tand a tab\n\n\nthree newlines",
+            "emoji 😀🤖, ünïcödé, 中文字符 and \U0001d518\U0001d52b\U0001d526 (fraktur)",
+            "<start_of_turn>user\nhi<end_of_turn>\n</footer> <b>html</b>",
+            "def f(x):\n    return x**2  # code\n",
+            "\u200b zero width, \x00 nul, http://example.com/a?b=c&d=e 3.14159",
+            Path(__file__).read_text()[:4000],
+        ]
+        for text in awkward:
+            assert engine.tokenize(text) == llama.tokenize(text), text[:40]
+        _, ours = submit(engine, PROMPT, 32)
+        _, theirs = submit(llama, PROMPT, 32)
+        assert ours.finish.completion_tokens == theirs.finish.completion_tokens == 32
+        assert ours.text == theirs.text
+        assert ours.finish.engine == "mlx" and theirs.finish.engine == "llama.cpp"
+    finally:
+        llama.close()
+
+
+def test_eight_concurrent_requests_share_decode_steps(engine: MlxEngine) -> None:
+    before = engine.load()
+    pending = [submit(engine, f"Story {i}: once upon a time", 6) for i in range(8)]
+    for _, received in pending:
+        assert received.finish.reason is FinishReason.LENGTH
+        assert received.finish.completion_tokens == 6
+    after = engine.load()
+    tokens = after.tokens_generated - before.tokens_generated
+    steps = after.decode_steps - before.decode_steps
+    assert tokens == 48
+    assert steps <= 24, f"{tokens} tokens took {steps} steps: the requests were not batched"
+    assert after.slots_busy == 0 and after.queued == 0
+
+
+def test_cancel_mid_stream_frees_the_request(engine: MlxEngine) -> None:
+    request, received = submit(engine, "A long story begins", 200)
+    assert received.first_delta.wait(60)
+    engine.cancel(request)
+    assert received.finish.reason is FinishReason.CANCELLED
+    assert received.finish.completion_tokens < 200
+    wait_until(lambda: engine.load().slots_busy == 0, 10)
+    generator = engine._generator
+    assert not generator._generation_batch.uids and not generator._prompt_batch.uids
+    assert generator.prompt_cache_nbytes == 0  # its cache went with it, not to the kept ones
+    assert all(kept.tokens[: len(request.prompt)] != request.prompt for kept in engine._kept)
+
+
+def test_stop_strings_end_the_text_before_them(engine: MlxEngine) -> None:
+    _, whole = submit(engine, PROMPT, 12)
+    stop = whole.text.strip().split()[2]  # a word greedy decoding is sure to write
+    _, stopped = submit(engine, PROMPT, 12, stop=[stop])
+    assert stopped.finish.reason is FinishReason.STOP
+    assert stop not in stopped.text
+    assert whole.text.startswith(stopped.text)
+
+
+def test_seeds_reproduce_and_differ(engine: MlxEngine) -> None:
+    warm = Sampling(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11)
+    texts = [submit(engine, "Once", 8, warm)[1] for _ in range(2)]
+    other = submit(
+        engine, "Once", 8, Sampling(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=12)
+    )[1]
+    assert texts[0].text == texts[1].text
+    assert other.text != texts[0].text
+
+
+def test_ignore_eos_generates_to_max_tokens_and_prefixes_are_reused(engine: MlxEngine) -> None:
+    _, first = submit(engine, "The capital of France is", 4, ignore_eos=True)
+    assert first.finish.completion_tokens == 4
+    prompt = "The capital of France is" + first.text
+    _, second = submit(engine, prompt, 2)
+    # The first request's cache held its prompt and what it generated: all but the last token
+    # of the new prompt (the one whose logits pick the next token) came from it.
+    assert second.finish.cached_prompt_tokens == len(engine.tokenize(prompt)) - 1
+
+
+def test_chat_template_renders_gemma_turns_like_llama_cpp(engine: MlxEngine) -> None:
+    messages = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hey."), ("user", "Why?")]
+    rendered = engine.apply_chat_template(messages)
+    assert rendered == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHey."
+        "<end_of_turn>\n<start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert engine.tokenize(rendered).count(2) == 1  # the template's BOS, and no second one
+
+
+def test_mlx_and_gguf_models_share_one_budget_with_lru_eviction(mlx_dir: Path) -> None:
+    gguf = small("gguf")
+    mlx = mlx_config()
+    with running_host([gguf, mlx]) as probe:
+        for name in ("gguf", "gemma-mlx"):
+            wait_until(lambda name=name: probe.model(name).footprint_bytes > 0, 60)
+        sizes = {name: probe.model(name).footprint_bytes for name in ("gguf", "gemma-mlx")}
+    budget = str(max(sizes.values()) + min(sizes.values()) // 2)  # either model, not both
+    with running_host([gguf, mlx], memory_budget=budget) as host:
+        assert host.generate("gguf").finished.reason == generate_pb2.FINISH_REASON_LENGTH
+        result = host.generate("gemma-mlx", max_tokens=3)
+        assert result.finished.reason == generate_pb2.FINISH_REASON_LENGTH
+        assert host.states() == {"gguf": generate_pb2.MODEL_STATE_NOT_LOADED, "gemma-mlx": READY}
+        status = host.model("gemma-mlx")
+        assert status.engine == "mlx" and status.footprint_measured
+        assert host.model("gguf").engine == "llama.cpp"
+        assert host.generate("gguf").finished.reason == generate_pb2.FINISH_REASON_LENGTH
+        assert host.states() == {"gguf": READY, "gemma-mlx": generate_pb2.MODEL_STATE_NOT_LOADED}
+        assert host.status().cache.evictions == 2
+
+
+def malformed(base: Path, tmp: Path, kind: str) -> Path:
+    broken = tmp / kind
+    shutil.copytree(base, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    for weights in base.glob("*.safetensors"):
+        (broken / weights.name).symlink_to(weights)
+    config = json.loads((broken / "config.json").read_text())
+    if kind == "no-config":
+        (broken / "config.json").unlink()
+    elif kind == "unknown-architecture":
+        config["model_type"] = "no_such_model"
+    elif kind == "wrong-shapes":
+        config["hidden_size"] = 512
+    if kind != "no-config":
+        (broken / "config.json").write_text(json.dumps(config))
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("no-config", "has no config.json"),
+        ("unknown-architecture", "no_such_model"),
+        ("wrong-shapes", "shape"),
+    ],
+)
+def test_malformed_mlx_directory_is_an_error_and_the_host_keeps_serving(
+    mlx_dir: Path, tmp_path: Path, kind: str, reason: str
+) -> None:
+    broken = ModelConfig(name="broken", path=malformed(mlx_dir, tmp_path, kind), slots=1)
+    with running_host([broken, small("gguf")]) as host:
+        with pytest.raises(grpc.RpcError) as refused:
+            host.generate("broken")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert reason in refused.value.details()
+        assert host.model("broken").state == ERROR
+        assert reason in host.model("broken").state_detail
+        assert host.generate("gguf").finished.reason == generate_pb2.FINISH_REASON_LENGTH
+
+
+def test_streams_through_the_gateway(mlx_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f'[[models]]\nname = "gemma-mlx"\npath = "{mlx_dir}"\nslots = 2\n'
+        "context_length = 512\npreload = true\n"
+    )
+    host = ServerProcess("modelhost", "serve", "--device", "cpu", "--config", str(config))
+    gateway = ServerProcess("gateway", "serve", "--modelhost", host.address)
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            request = gateway_request(model="gemma-mlx", prompt=PROMPT, max_tokens=8, temperature=0)
+            result = collect(GatewayStub(channel).Generate(request, timeout=120))
+        assert result.finished.reason == generate_pb2.FINISH_REASON_LENGTH
+        assert result.finished.usage.completion_tokens == 8
+        assert result.finished.host == host.address
+        assert len(result.deltas) >= 2 and result.text.startswith("\n")
+    finally:
+        gateway.stop()
+        host.stop()
+    loaded = next(line for line in host.log if line.get("event") == "model_loaded")
+    assert loaded["engine"] == "mlx" and loaded["mlx_device"] == "cpu"
+
+
+def test_convert_gguf_refuses_other_architectures_and_other_files(tmp_path: Path) -> None:
+    smollm2 = embedded_chat_model_config()
+    assert smollm2 is not None and smollm2.path is not None
+    command = [sys.executable, "-m", "modelhost.cli", "convert-gguf"]
+    refused = subprocess.run(
+        [*command, str(smollm2.path), str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert refused.returncode == 2
+    assert "is a llama model; convert-gguf supports gemma3" in refused.stderr
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf")
+    refused = subprocess.run(
+        [*command, str(junk), str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "is not a readable GGUF file" in refused.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "darwin" and platform.machine() == "arm64"),
+    reason="the Metal path needs Apple Silicon",
+)
+def test_metal_serves_the_mlx_model_on_the_gpu(tmp_path: Path) -> None:
+    mlx_dir = model_files(mlx_config(), HostSettings(device="metal", threads=2, cache_dir=CACHE))
+    engine = MlxEngine(
+        mlx_dir,
+        name="metal",
+        slots=2,
+        max_queue=2,
+        context_per_slot=512,
+        batch_tokens=128,
+        device="metal",
+    )
+    try:
+        assert engine.describe()["mlx_device"] == "gpu"
+        _, received = submit(engine, PROMPT, 16)
+        assert received.finish.completion_tokens == 16
+    finally:
+        engine.close()
+
+
+def test_the_engine_is_named_in_status_and_metrics(mlx_dir: Path) -> None:
+    with running_host([mlx_config(preload=True)], metrics_listen="127.0.0.1:0") as host:
+        wait_until(lambda: host.model("gemma-mlx").state == READY, 60)
+        request = host_request(model="gemma-mlx", prompt="Hi", max_tokens=2)
+        assert collect(host.stub.Generate(request, timeout=60)).finished.usage.completion_tokens
+        metrics = scrape_metrics(f"http://127.0.0.1:{host.server.metrics.port}/metrics")
+        assert metrics['airouter_modelhost_model_engine{engine="mlx",model="gemma-mlx"}'] == 1.0
