@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from modelhost.config import ConfigError, HostConfig, load_config
+from modelhost.engines import engine_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +42,10 @@ def config_error(tmp_path: Path, text: str) -> str:
             '[[models]]\nname = "a"\n[[models]]\nname = "b"\naliases = ["a"]\n',
             "the name 'a' is used by both 'a' and 'b'",
         ),
+        (
+            '[[models]]\nname = "a"\nengine = "vllm"\n',
+            "line 3, models[0].engine: Input should be 'auto', 'llama.cpp' or 'mlx'",
+        ),
     ],
 )
 def test_a_bad_config_names_the_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
@@ -65,5 +70,17 @@ def test_sizes_and_shares_are_understood(tmp_path: Path) -> None:
 def test_the_shipped_example_is_a_valid_config() -> None:
     data = tomllib.loads((ROOT / "deploy" / "models.example.toml").read_text())
     config = HostConfig.model_validate(data)
-    assert [m.name for m in config.models] == ["gemma-3-270m", "qwen2.5-7b", "qwen2.5-coder-14b"]
+    names = [m.name for m in config.models]
+    assert names == ["gemma-3-270m", "qwen2.5-7b", "qwen2.5-coder-14b", "qwen2.5-7b-mlx"]
     assert config.models[0].pinned and config.models[1].cache_type_v == "q8_0"
+    assert config.models[3].engine == "auto"
+
+
+def test_an_mlx_model_directory_is_a_model_path(tmp_path: Path) -> None:
+    (tmp_path / "gemma-mlx").mkdir()
+    path = tmp_path / "models.toml"
+    path.write_text('[[models]]\nname = "a"\npath = "gemma-mlx"\n')
+    model = load_config(path).models[0]
+    assert model.path == tmp_path / "gemma-mlx"
+    assert engine_kind(model) == "mlx"
+    assert engine_kind(model.model_copy(update={"engine": "llama.cpp"})) == "llama.cpp"

@@ -296,6 +296,28 @@ def test_streams_through_the_gateway(mlx_dir: Path, tmp_path: Path) -> None:
     assert loaded["engine"] == "mlx" and loaded["mlx_device"] == "cpu"
 
 
+def test_convert_gguf_writes_an_8_bit_model_that_decodes_as_llama_cpp_does(
+    engine: MlxEngine, model_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "gemma-q8"
+    command = [sys.executable, "-m", "modelhost.cli", "convert-gguf", str(model_path), str(out)]
+    converted = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert converted.returncode == 0, converted.stderr
+    assert "236/236" in converted.stderr  # the progress bar, tensor by tensor
+    assert f'path = "{out}"' in converted.stderr
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    assert quantization["bits"] == 8 and quantization["group_size"] == 32
+    q8 = MlxEngine(
+        out, name="q8", slots=1, max_queue=1, context_per_slot=256, batch_tokens=64, device="cpu"
+    )
+    try:
+        _, ours = submit(q8, PROMPT, 16)
+        _, reference = submit(engine, PROMPT, 16)  # float32, equal to llama.cpp's (above)
+        assert ours.text == reference.text
+    finally:
+        q8.close()
+
+
 def test_convert_gguf_refuses_other_architectures_and_other_files(tmp_path: Path) -> None:
     smollm2 = embedded_chat_model_config()
     assert smollm2 is not None and smollm2.path is not None
