@@ -39,6 +39,7 @@ from tests.conftest import scrape_metrics, wait_until
 from tests.hosts import ERROR, READY, running_host, small
 from tests.processes import ServerProcess
 from tests.streaming import collect, gateway_request, host_request
+from tests.tiny_models import tiny_mlx_llama
 
 CACHE = Path.home() / ".cache" / "airouter"
 GREEDY = Sampling(temperature=0.0)
@@ -232,6 +233,47 @@ def test_mlx_and_gguf_models_share_one_budget_with_lru_eviction(mlx_dir: Path) -
         assert host.generate("gguf").finished.reason == generate_pb2.FINISH_REASON_LENGTH
         assert host.states() == {"gguf": READY, "gemma-mlx": generate_pb2.MODEL_STATE_NOT_LOADED}
         assert host.status().cache.evictions == 2
+
+
+def test_a_byte_level_bpe_llama_from_outside_runs_and_chats(tmp_path: Path) -> None:
+    """Not a converted GGUF: a tiny random Llama with a GPT-2-style byte-level tokenizer and a
+    ChatML template in tokenizer_config.json, as the mlx-community publishes models."""
+    directory = tiny_mlx_llama(tmp_path / "tiny-llama")
+    with running_host(
+        [ModelConfig(name="tiny", path=directory, slots=2, context_length=128)]
+    ) as host:
+        request = host_request(
+            model="tiny", messages=[("user", "héllo 😀")], max_tokens=12, ignore_eos=True
+        )
+        results = [collect(host.stub.Generate(request, timeout=60)) for _ in range(2)]
+        assert host.model("tiny").engine == "mlx"
+    for result in results:
+        assert result.finished.usage.completion_tokens == 12
+        # <|im_start|> user \n héllo 😀 <|im_end|> \n <|im_start|> assistant \n, byte-level
+        assert result.finished.usage.prompt_tokens > 8
+    assert (
+        results[1].finished.usage.cached_prompt_tokens
+        == results[1].finished.usage.prompt_tokens - 1
+    )
+    engine = MlxEngine(
+        directory,
+        name="tiny",
+        slots=1,
+        max_queue=1,
+        context_per_slot=128,
+        batch_tokens=64,
+        device="cpu",
+    )
+    try:
+        text = "héllo wörld, 中文 and emoji 😀, then unseen ß and ∑"
+        pieces = b"".join(engine._token_bytes(t) for t in engine.tokenize(text))
+        assert pieces.decode() == text  # multi-byte characters split across tokens included
+        assert engine._is_end_of_generation(engine._tokenizer.token_to_id("<|im_end|>"))
+        assert engine.apply_chat_template([("user", "hi")]) == (
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        )
+    finally:
+        engine.close()
 
 
 def malformed(base: Path, tmp: Path, kind: str) -> Path:

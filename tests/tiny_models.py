@@ -2,6 +2,7 @@
 with the `gguf` package and SmolLM2's tokenizer, so llama.cpp loads and runs them: the text is
 nonsense, but deterministic, which is all a correctness test needs."""
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,3 +123,54 @@ def tiny_lfm2(path: Path) -> Path:
             writer.add_tensor(block + "shortconv.in_proj.weight", weights(3 * n_embd, n_embd))
             writer.add_tensor(block + "shortconv.out_proj.weight", weights(n_embd, n_embd))
     return _write(writer, path)
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_mlx_llama(directory: Path) -> Path:
+    """A tiny randomly initialised Llama as an mlx-lm model directory, with a byte-level BPE
+    tokenizer (GPT-2's alphabet, as Llama 3, Qwen and SmolLM2 use) trained on a few lines and
+    a ChatML template: the kind of model the mlx-community publishes, not a converted GGUF."""
+    import mlx.core as mx
+    from mlx_lm.models.llama import Model, ModelArgs
+    from mlx_lm.utils import save_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    lines = ["Once upon a time there was a model.", "héllo wörld, 中文 and emoji 😀", "def f(x):"]
+    tokenizer.train_from_iterator(lines * 20, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "bos_token": None, "chat_template": CHATML})
+    )
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tie_word_embeddings": True,
+    }
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    save_model(directory, model)
+    (directory / "config.json").write_text(json.dumps(config))
+    mx.clear_streams()
+    return directory
