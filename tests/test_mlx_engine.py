@@ -20,6 +20,7 @@ import modelhost.engines.mlxlm  # noqa: F401  (first: it puts OpenBLAS under mlx
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
+from airouter.errors import DeadlineExceeded, ResourceExhausted
 from airouter.v1 import generate_pb2
 from airouter.v1.gateway_pb2_grpc import GatewayStub
 from modelhost.config import ModelConfig, embedded_chat_model_config
@@ -33,6 +34,7 @@ from modelhost.generation import (
     Event,
     Finish,
     FinishReason,
+    Rejected,
     Sampling,
 )
 from tests.conftest import scrape_metrics, wait_until
@@ -85,7 +87,7 @@ class Collector:
         self.events.extend(events)
         if any(isinstance(e, Delta) for e in events):
             self.first_delta.set()
-        if any(isinstance(e, Finish) for e in events):
+        if any(isinstance(e, Finish | Rejected) for e in events):
             self.done.set()
 
     @property
@@ -247,6 +249,8 @@ def test_a_byte_level_bpe_llama_from_outside_runs_and_chats(tmp_path: Path) -> N
         )
         results = [collect(host.stub.Generate(request, timeout=60)) for _ in range(2)]
         assert host.model("tiny").engine == "mlx"
+        # What the kept cache holds, for prefix-aware routing, as a llama.cpp slot reports it.
+        assert host.model("tiny").cached_prefixes
     for result in results:
         assert result.finished.usage.completion_tokens == 12
         # <|im_start|> user \n héllo 😀 <|im_end|> \n <|im_start|> assistant \n, byte-level
@@ -272,6 +276,32 @@ def test_a_byte_level_bpe_llama_from_outside_runs_and_chats(tmp_path: Path) -> N
         assert engine.apply_chat_template([("user", "hi")]) == (
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         )
+    finally:
+        engine.close()
+
+
+def test_the_queue_bound_and_deadlines_hold_as_on_llama_cpp(tmp_path: Path) -> None:
+    directory = tiny_mlx_llama(tmp_path / "tiny-llama")
+    engine = MlxEngine(
+        directory,
+        name="tiny",
+        slots=1,
+        max_queue=1,
+        context_per_slot=512,
+        batch_tokens=64,
+        device="cpu",
+    )
+    try:
+        running, first = submit(engine, "Once upon a time", 400, ignore_eos=True)
+        assert first.first_delta.wait(30)
+        _, late = submit(engine, "Once", 4, deadline=time.perf_counter() + 0.2)
+        with pytest.raises(ResourceExhausted, match="queue of model 'tiny' is full"):
+            submit(engine, "Once", 4)
+        assert late.done.wait(30)
+        rejected = late.events[-1]
+        assert isinstance(rejected, Rejected) and isinstance(rejected.error, DeadlineExceeded)
+        engine.cancel(running)
+        assert first.finish.reason is FinishReason.CANCELLED
     finally:
         engine.close()
 
