@@ -13,7 +13,15 @@ from airouter.v1 import generate_pb2
 from modelhost.config import embedded_chat_model_config
 from modelhost.engines.llamacpp.engine import LlamaEngine
 from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
-from modelhost.generation import EngineRequest, Event, Finish, FinishReason, Rejected, Sampling
+from modelhost.generation import (
+    Delta,
+    EngineRequest,
+    Event,
+    Finish,
+    FinishReason,
+    Rejected,
+    Sampling,
+)
 from tests.conftest import Stack, wait_until
 from tests.streaming import collect, host_request
 
@@ -312,5 +320,41 @@ def test_a_prompt_that_shares_a_long_prefix_with_one_being_computed_waits_for_it
         assert first.cached_prompt_tokens == 0
         assert second.cached_prompt_tokens == len(document)
         assert second.reason is FinishReason.LENGTH
+    finally:
+        engine.close()
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_prompts_prefill(model_path) -> None:  # type: ignore[no-untyped-def]
+    """Prompt chunks go least-left-first: a short prompt submitted with (or just after) a long
+    one gets its first token while the long one is still being computed, instead of after its
+    whole prefill (head-of-line blocking: a chat turn behind a document)."""
+    model = LlamaModel(
+        model_path,
+        gpu_layers=0,
+        settings=ContextSettings(slots=2, context_per_slot=512, batch_tokens=64, threads=2),
+    )
+    engine = LlamaEngine(model, name="fair", slots=2, max_queue=4)
+    order: list[str] = []
+
+    def submit(name: str, prompt: list[int]) -> list[Event]:
+        received: list[Event] = []
+        request = engine_request(received, prompt, temperature=0.0)
+        request.max_tokens = 2
+
+        def on_events(events: list[Event]) -> None:
+            if any(isinstance(e, Delta) for e in events) and name not in order:
+                order.append(name)
+            received.extend(events)
+
+        request.on_events = on_events
+        engine.submit(request)
+        return received
+
+    try:
+        long = submit("long", [2, *range(1000, 1300)])  # five 64-token steps of prefill
+        short = submit("short", [2, *range(2000, 2010)])
+        for received in (long, short):
+            wait_until(lambda r=received: any(isinstance(e, Finish) for e in r), timeout=60)
+        assert order == ["short", "long"]
     finally:
         engine.close()

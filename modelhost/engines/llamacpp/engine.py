@@ -236,15 +236,17 @@ class LlamaEngine(Engine[_Sequence]):
                 seq.batch_index = n
                 add(seq.last_token, seq.slot, True)
                 sampling.append(seq)
-        # Then prompt chunks, oldest admission first, in the room left.
+        # Then prompt chunks in the room left, the least left to compute first: a short prompt
+        # (a chat's next turn) is not held behind a long document's chunks for its whole
+        # prefill, and the document takes what room the short ones leave.
         generating = n  # one token each: sampling[:generating] are these sequences
         chunked: list[tuple[_Sequence, int]] = []  # prompt chunks added, with where they began
-        for seq in self._running.values():
+        prefilling = [seq for seq in self._running.values() if not seq.prefilled]
+        prefilling.sort(key=lambda seq: len(seq.request.prompt) - seq.prompt_done)
+        for seq in prefilling:
             room = self._model.batch_tokens - n
             if room <= 0 or self._prompts_deferred:
                 break
-            if seq.prefilled:
-                continue
             prompt = seq.request.prompt
             end = min(len(prompt), seq.prompt_done + room)
             chunked.append((seq, seq.prompt_done))
