@@ -280,6 +280,30 @@ def test_a_byte_level_bpe_llama_from_outside_runs_and_chats(tmp_path: Path) -> N
         engine.close()
 
 
+def test_a_chat_template_that_refuses_the_messages_is_an_invalid_argument(tmp_path: Path) -> None:
+    directory = tiny_mlx_llama(tmp_path / "tiny-llama")
+    settings = json.loads((directory / "tokenizer_config.json").read_text())
+    settings["chat_template"] = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}" + settings["chat_template"]
+    )
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    with running_host(
+        [ModelConfig(name="tiny", path=directory, slots=1, context_length=128)]
+    ) as host:
+        request = host_request(model="tiny", messages=[("system", "Be brief."), ("user", "hi")])
+        with pytest.raises(grpc.RpcError) as refused:
+            collect(host.stub.Generate(request, timeout=60))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "System role not supported" in refused.value.details()
+        request = host_request(
+            model="tiny", messages=[("user", "hi")], max_tokens=2, ignore_eos=True
+        )
+        assert (
+            collect(host.stub.Generate(request, timeout=60)).finished.usage.completion_tokens == 2
+        )
+
+
 def test_the_queue_bound_and_deadlines_hold_as_on_llama_cpp(tmp_path: Path) -> None:
     directory = tiny_mlx_llama(tmp_path / "tiny-llama")
     engine = MlxEngine(
@@ -314,6 +338,8 @@ def malformed(base: Path, tmp: Path, kind: str) -> Path:
     config = json.loads((broken / "config.json").read_text())
     if kind == "no-config":
         (broken / "config.json").unlink()
+    elif kind == "no-tokenizer":
+        (broken / "tokenizer.json").unlink()
     elif kind == "unknown-architecture":
         config["model_type"] = "no_such_model"
     elif kind == "wrong-shapes":
@@ -327,6 +353,7 @@ def malformed(base: Path, tmp: Path, kind: str) -> Path:
     ("kind", "reason"),
     [
         ("no-config", "has no config.json"),
+        ("no-tokenizer", "has no tokenizer.json"),
         ("unknown-architecture", "no_such_model"),
         ("wrong-shapes", "shape"),
     ],
