@@ -64,6 +64,7 @@ def main() -> None:
     )
     host = ServerProcess("modelhost", "serve", "--device", args.device, "--config", str(models))
     gateway = ServerProcess("gateway", "serve", "--modelhost", host.address)
+    import mlx.core as mx
     from mlx_lm.utils import load_model
     from tokenizers import Tokenizer
 
@@ -95,6 +96,7 @@ def main() -> None:
     finally:
         gateway.stop()
         host.stop()
+        mx.clear_streams()  # this thread's MLX work ends here (see mlxlm.on_own_thread)
     loaded = next((line for line in host.log if line.get("event") == "model_loaded"), {})
     print(
         f"\nMLX engine through the gateway against mlx-lm's BatchGenerator in-process, "

@@ -141,6 +141,8 @@ def tiny_mlx_llama(directory: Path) -> Path:
     from mlx_lm.utils import save_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from modelhost.engines.mlxlm import on_own_thread
+
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -167,10 +169,13 @@ def tiny_mlx_llama(directory: Path) -> Path:
         "vocab_size": tokenizer.get_vocab_size(),
         "tie_word_embeddings": True,
     }
-    mx.random.seed(0)
-    model = Model(ModelArgs.from_dict(config))
-    mx.eval(model.parameters())
-    save_model(directory, model)
+
+    def write_weights() -> None:
+        mx.random.seed(0)
+        model = Model(ModelArgs.from_dict(config))
+        mx.eval(model.parameters())
+        save_model(directory, model)
+
+    on_own_thread(write_weights)
     (directory / "config.json").write_text(json.dumps(config))
-    mx.clear_streams()
     return directory

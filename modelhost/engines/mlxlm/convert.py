@@ -13,14 +13,16 @@ refused by name.
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from modelhost.engines.mlxlm import on_own_thread
 
 # Gemma's turn format (the GGUF carries no template): system text opens the first user turn.
 GEMMA_CHAT_TEMPLATE = (
@@ -114,19 +116,17 @@ def convert_gguf(
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         weights = dict(wrap(_gemma3_weights(reader), len(reader.tensors), "tensors"))
-        _write_float(staging, weights, config)
+        on_own_thread(partial(_write_float, staging, weights, config))
         del weights
         _write_tokenizer(staging, vocabulary)
         bits_and_group = QUANTIZATIONS[quantize]
         if bits_and_group is not None:
-            _quantize(staging, *bits_and_group)
+            on_own_thread(partial(_quantize, staging, *bits_and_group))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if "mlx.core" in sys.modules:
-            sys.modules["mlx.core"].clear_streams()  # see MlxEngine._leave_thread
     return target
 
 

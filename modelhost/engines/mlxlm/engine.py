@@ -165,9 +165,7 @@ class MlxEngine(Engine[_Sequence]):
     def _leave_thread(self) -> None:
         import mlx.core as mx
 
-        # MLX leaves a thread's streams to process exit otherwise, where tearing them down
-        # aborts now and then ("terminate called without an active exception").
-        mx.clear_streams()
+        mx.clear_streams()  # the thread's MLX work ends here (see mlxlm.on_own_thread)
 
     def _is_end_of_generation(self, token: int) -> bool:
         return token in self._end_of_generation
