@@ -91,7 +91,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         from tqdm import tqdm
 
-        from modelhost.engines.mlxlm.convert import UnsupportedGGUF, convert_gguf
+        from modelhost.engines.mlxlm.convert import ConversionError, convert_gguf
     except ImportError as exc:
         print(f"modelhost: {exc.name} is missing; pip install 'airouter[mlx]'", file=sys.stderr)
         return 2
@@ -104,7 +104,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     try:
         out = convert_gguf(args.gguf, args.out, quantize=args.quantize, progress=progress)
-    except UnsupportedGGUF as exc:
+    except ConversionError as exc:
         print(f"modelhost: {exc}", file=sys.stderr)
         return 2
     print(f'wrote {out}; serve it with path = "{out}" in models.toml', file=sys.stderr)

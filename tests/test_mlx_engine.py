@@ -433,6 +433,20 @@ def test_convert_gguf_refuses_other_architectures_and_other_files(tmp_path: Path
     )
     assert refused.returncode == 2 and "is not a readable GGUF file" in refused.stderr
     assert not (tmp_path / "out").exists()
+    # An OUT that is not a model directory is never replaced: a file, or a directory of
+    # other things (a mistyped path must not delete them); refused before any work.
+    keep = tmp_path / "documents"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("years of work")
+    for out, why in (
+        (keep, "is a directory with other things in it"),
+        (keep / "thesis.txt", "is not a directory"),
+    ):
+        refused = subprocess.run(
+            [*command, str(smollm2.path), str(out)], capture_output=True, text=True
+        )
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+    assert (keep / "thesis.txt").read_text() == "years of work"
 
 
 @pytest.mark.skipif(

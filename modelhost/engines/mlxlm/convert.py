@@ -69,7 +69,11 @@ _GEMMA3_TOP_NAMES = {
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
-class UnsupportedGGUF(ValueError):
+class ConversionError(ValueError):
+    """The conversion cannot be done as asked; the message says why and what to do."""
+
+
+class UnsupportedGGUF(ConversionError):
     """The file is not a GGUF this converter knows how to turn into an mlx-lm model."""
 
 
@@ -98,6 +102,7 @@ def convert_gguf(
 
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize is {quantize!r}; use one of {', '.join(QUANTIZATIONS)}")
+    _check_target(target)
     try:
         reader = GGUFReader(source)
     except (ValueError, OSError) as exc:
@@ -128,6 +133,19 @@ def convert_gguf(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _check_target(target: Path) -> None:
+    """Refuses a target that is not ours to replace: a file, or a directory with other
+    things in it than an earlier conversion (a mistyped OUT must never delete a home)."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ConversionError(f"{target} exists and is not a directory; choose another OUT")
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise ConversionError(
+            f"{target} is a directory with other things in it; convert-gguf replaces only an "
+            "empty directory or an earlier model directory: choose another OUT"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
 
 
 def cached_conversion(source: Path, cache_dir: Path, *, quantize: str = "q8") -> Path:
