@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -54,6 +55,33 @@ def mlx_config(name: str = "gemma-mlx", **settings: object) -> ModelConfig:
     return small(name, engine="mlx", **settings)
 
 
+@contextmanager
+def running_engine(
+    path: Path,
+    name: str,
+    *,
+    slots: int = 1,
+    context: int = 512,
+    batch_tokens: int = 64,
+    device: str = "cpu",
+) -> Iterator[MlxEngine]:
+    """An MLX engine on the model directory, as many may wait as there are slots; closed
+    after the block."""
+    engine = MlxEngine(
+        path,
+        name=name,
+        slots=slots,
+        max_queue=slots,
+        context_per_slot=context,
+        batch_tokens=batch_tokens,
+        device=device,
+    )
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
 @pytest.fixture(scope="module")
 def mlx_dir() -> Path:
     """The embedded GGUF converted for the CPU, as a host with engine = "mlx" finds it."""
@@ -62,17 +90,8 @@ def mlx_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def engine(mlx_dir: Path) -> Iterator[MlxEngine]:
-    engine = MlxEngine(
-        mlx_dir,
-        name="mlx",
-        slots=8,
-        max_queue=8,
-        context_per_slot=512,
-        batch_tokens=128,
-        device="cpu",
-    )
-    yield engine
-    engine.close()
+    with running_engine(mlx_dir, "mlx", slots=8, batch_tokens=128) as engine:
+        yield engine
 
 
 class Collector:
@@ -259,16 +278,7 @@ def test_a_byte_level_bpe_llama_from_outside_runs_and_chats(tmp_path: Path) -> N
         results[1].finished.usage.cached_prompt_tokens
         == results[1].finished.usage.prompt_tokens - 1
     )
-    engine = MlxEngine(
-        directory,
-        name="tiny",
-        slots=1,
-        max_queue=1,
-        context_per_slot=128,
-        batch_tokens=64,
-        device="cpu",
-    )
-    try:
+    with running_engine(directory, "tiny", context=128) as engine:
         text = "héllo wörld, 中文 and emoji 😀, then unseen ß and ∑"
         pieces = b"".join(engine._token_bytes(t) for t in engine.tokenize(text))
         assert pieces.decode() == text  # multi-byte characters split across tokens included
@@ -276,8 +286,6 @@ def test_a_byte_level_bpe_llama_from_outside_runs_and_chats(tmp_path: Path) -> N
         assert engine.apply_chat_template([("user", "hi")]) == (
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         )
-    finally:
-        engine.close()
 
 
 def test_a_chat_template_that_refuses_the_messages_is_an_invalid_argument(tmp_path: Path) -> None:
@@ -306,16 +314,7 @@ def test_a_chat_template_that_refuses_the_messages_is_an_invalid_argument(tmp_pa
 
 def test_the_queue_bound_and_deadlines_hold_as_on_llama_cpp(tmp_path: Path) -> None:
     directory = tiny_mlx_llama(tmp_path / "tiny-llama")
-    engine = MlxEngine(
-        directory,
-        name="tiny",
-        slots=1,
-        max_queue=1,
-        context_per_slot=512,
-        batch_tokens=64,
-        device="cpu",
-    )
-    try:
+    with running_engine(directory, "tiny") as engine:
         running, first = submit(engine, "Once upon a time", 400, ignore_eos=True)
         assert first.first_delta.wait(30)
         _, late = submit(engine, "Once", 4, deadline=time.perf_counter() + 0.2)
@@ -326,8 +325,6 @@ def test_the_queue_bound_and_deadlines_hold_as_on_llama_cpp(tmp_path: Path) -> N
         assert isinstance(rejected, Rejected) and isinstance(rejected.error, DeadlineExceeded)
         engine.cancel(running)
         assert first.finish.reason is FinishReason.CANCELLED
-    finally:
-        engine.close()
 
 
 def malformed(base: Path, tmp: Path, kind: str) -> Path:
@@ -406,15 +403,10 @@ def test_convert_gguf_writes_an_8_bit_model_that_decodes_as_llama_cpp_does(
     assert f'path = "{out}"' in converted.stderr
     quantization = json.loads((out / "config.json").read_text())["quantization"]
     assert quantization["bits"] == 8 and quantization["group_size"] == 32
-    q8 = MlxEngine(
-        out, name="q8", slots=1, max_queue=1, context_per_slot=256, batch_tokens=64, device="cpu"
-    )
-    try:
+    with running_engine(out, "q8", context=256) as q8:
         _, ours = submit(q8, PROMPT, 16)
         _, reference = submit(engine, PROMPT, 16)  # float32, equal to llama.cpp's (above)
         assert ours.text == reference.text
-    finally:
-        q8.close()
 
 
 def test_convert_gguf_refuses_other_architectures_and_other_files(tmp_path: Path) -> None:
@@ -455,21 +447,10 @@ def test_convert_gguf_refuses_other_architectures_and_other_files(tmp_path: Path
 )
 def test_metal_serves_the_mlx_model_on_the_gpu(tmp_path: Path) -> None:
     mlx_dir = model_files(mlx_config(), HostSettings(device="metal", threads=2, cache_dir=CACHE))
-    engine = MlxEngine(
-        mlx_dir,
-        name="metal",
-        slots=2,
-        max_queue=2,
-        context_per_slot=512,
-        batch_tokens=128,
-        device="metal",
-    )
-    try:
+    with running_engine(mlx_dir, "metal", slots=2, batch_tokens=128, device="metal") as engine:
         assert engine.describe()["mlx_device"] == "gpu"
         _, received = submit(engine, PROMPT, 16)
         assert received.finish.completion_tokens == 16
-    finally:
-        engine.close()
 
 
 def test_the_engine_is_named_in_status_and_metrics(mlx_dir: Path) -> None:

@@ -306,6 +306,14 @@ class Engine(ABC, Generic[S]):
         timings = Timings(queue_ms=waited_ms, total_ms=waited_ms)
         _emit(request, [self._finish_event(request, reason, 0, 0, timings, error)])
 
+    def _cannot_sample(self, request: EngineRequest, exc: Exception) -> None:
+        """Ends a request whose sampling settings the engine could not set up; the caller has
+        taken it off the queue, and the other requests go on."""
+        _log.exception("sampler_failed", model=self._name, request_id=request.id)
+        self._finish_waiting(
+            request, FinishReason.ERROR, f"cannot sample with these settings: {exc}"
+        )
+
     def _dequeued(self) -> None:
         with self._lock:
             self._queued -= 1

@@ -122,11 +122,8 @@ class LlamaEngine(Engine[_Sequence]):
                     self._model.n_vocab,
                     self._model.end_of_generation_tokens() if request.ignore_eos else [],
                 )
-            except Exception as exc:  # this request cannot run; the others go on
-                _log.exception("sampler_failed", model=self._name, request_id=request.id)
-                self._finish_waiting(
-                    request, FinishReason.ERROR, f"cannot sample with these settings: {exc}"
-                )
+            except Exception as exc:
+                self._cannot_sample(request, exc)
                 continue
             self._dequeued()
             slot, reused = self._place(request.prompt)

@@ -10,6 +10,7 @@ the `tokenizers` library (no torch, no hub). Supported: Gemma 3 text models; oth
 refused by name.
 """
 
+import functools
 import hashlib
 import json
 import shutil
@@ -151,15 +152,23 @@ def _check_target(target: Path) -> None:
 def cached_conversion(source: Path, cache_dir: Path, *, quantize: str = "q8") -> Path:
     """The converted directory for `source` under cache_dir, keyed by the file's sha256 and
     the quantization; converted on first use."""
-    digest = hashlib.sha256()
-    with source.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    target = cache_dir / f"{source.stem}-{digest.hexdigest()[:16]}-mlx-{quantize}"
+    stat = source.stat()
+    digest = _sha256(source.resolve(), stat.st_size, stat.st_mtime_ns)
+    target = cache_dir / f"{source.stem}-{digest[:16]}-mlx-{quantize}"
     if not (target / "config.json").is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         convert_gguf(source, target, quantize=quantize)
     return target
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """The file's sha256, once per file version per process: a host asks on every load."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _field(reader: Any, name: str, default: Any) -> Any:

@@ -16,16 +16,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from airouter.errors import InvalidArgument
 from airouter.labels import format_bytes
 from modelhost.engines.base import Blocks, Engine, Sequence, common_prefix, summarize_prefixes
 from modelhost.engines.mlxlm import BLAS
 from modelhost.generation import EngineRequest, FinishReason, Sampling
 from modelhost.text_stream import TextStream
-
-_log = structlog.get_logger()
 
 # Repetition penalty looks back this many tokens, as llama.cpp's penalty_last_n default.
 PENALTY_WINDOW = 64
@@ -74,11 +70,12 @@ class MlxEngine(Engine[_Sequence]):
         self._batch_tokens = batch_tokens
         self._device_name = device
         self.config = read_config(path)
+        settings = _tokenizer_settings(path)
         self._tokenizer = _load_tokenizer(path)
-        self._vocabulary = _token_table(path, self._tokenizer)
+        self._vocabulary = _token_table(self._tokenizer, settings)
         self.longest_token_bytes = max(len(b) for b in self._vocabulary.pieces)
-        self._end_of_generation = _end_of_generation(path, self.config, self._tokenizer)
-        self._template = _chat_template(path)
+        self._end_of_generation = _end_of_generation(path, self.config, self._tokenizer, settings)
+        self._template = _chat_template(path, settings)
         self._kept: list[_Kept] = []
         self._by_uid: dict[int, _Sequence] = {}
         self.weights_bytes = 0
@@ -179,11 +176,8 @@ class MlxEngine(Engine[_Sequence]):
             request = self._waiting.popleft()
             try:
                 sampler, processors = self._sampling(request)
-            except Exception as exc:  # this request cannot run; the others go on
-                _log.exception("sampler_failed", model=self._name, request_id=request.id)
-                self._finish_waiting(
-                    request, FinishReason.ERROR, f"cannot sample with these settings: {exc}"
-                )
+            except Exception as exc:
+                self._cannot_sample(request, exc)
                 continue
             self._dequeued()
             cache, reused = self._take_cache(request.prompt)
@@ -381,13 +375,15 @@ def _load_tokenizer(path: Path) -> Any:
         ) from None
 
 
-def _token_table(path: Path, tokenizer: Any) -> _Vocabulary:
+def _token_table(tokenizer: Any, settings: dict[str, Any]) -> _Vocabulary:
     """Every token's bytes, read from the vocabulary as the tokenizer's decoder would write
     them: byte-level BPE (GPT-2, Llama 3, Qwen) maps characters back to bytes; SentencePiece
     style (Gemma, Llama 2) writes '▁' as a space and <0xAB> as that byte."""
-    spec = json.loads((path / "tokenizer.json").read_text())
-    byte_level = "ByteLevel" in json.dumps(spec.get("decoder") or {})
-    special = frozenset(t["id"] for t in spec.get("added_tokens", []) if t.get("special"))
+    # The decoder's own JSON (small), not tokenizer.json again (33 MB for Gemma).
+    decoder = tokenizer.decoder.__getstate__() if tokenizer.decoder is not None else b""
+    byte_level = b'"ByteLevel"' in decoder
+    added = tokenizer.get_added_tokens_decoder()
+    special = frozenset(token for token, info in added.items() if info.special)
     to_byte = {ch: b for b, ch in _bytes_to_unicode().items()}
     pieces: list[bytes] = []
     for token in range(tokenizer.get_vocab_size(with_added_tokens=True)):
@@ -404,7 +400,6 @@ def _token_table(path: Path, tokenizer: Any) -> _Vocabulary:
             pieces.append(bytes([int(piece[3:5], 16)]))
         else:
             pieces.append(piece.replace("▁", " ").encode())
-    settings = _tokenizer_settings(path)
     bos, eos = _token_text(settings.get("bos_token")), _token_text(settings.get("eos_token"))
     return _Vocabulary(pieces, bos, eos)
 
@@ -423,7 +418,9 @@ def _token_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _end_of_generation(path: Path, config: dict[str, Any], tokenizer: Any) -> frozenset[int]:
+def _end_of_generation(
+    path: Path, config: dict[str, Any], tokenizer: Any, settings: dict[str, Any]
+) -> frozenset[int]:
     """EOS ids from config.json, generation_config.json and the tokenizer's eos_token."""
     ids: set[int] = set()
     sources = [config]
@@ -433,16 +430,16 @@ def _end_of_generation(path: Path, config: dict[str, Any], tokenizer: Any) -> fr
     for source in sources:
         value = source.get("eos_token_id")
         ids.update(value if isinstance(value, list) else [value] if isinstance(value, int) else [])
-    eos = _token_text(_tokenizer_settings(path).get("eos_token"))
+    eos = _token_text(settings.get("eos_token"))
     if eos and (token := tokenizer.token_to_id(eos)) is not None:
         ids.add(token)
     return frozenset(ids)
 
 
-def _chat_template(path: Path) -> Any:
+def _chat_template(path: Path, settings: dict[str, Any]) -> Any:
     """The model's Jinja chat template, compiled as transformers does (sandboxed, blocks
     trimmed); None when the model has none."""
-    source = _tokenizer_settings(path).get("chat_template")
+    source = settings.get("chat_template")
     if isinstance(source, list):  # named templates: the default one
         source = next((t.get("template") for t in source if t.get("name") == "default"), None)
     if (path / "chat_template.jinja").is_file():
