@@ -12,8 +12,10 @@ process's CPU time (user + system, from psutil, in 10 ms ticks: hence many token
 request) per relayed token. Beside it runs the floor: a bare grpc.aio process that passes the
 same stream's bytes through with no parsing, routing, metrics or tracing, so the table shows
 how much of the gateway's cost is its own and how much is the gRPC stack's per message.
-With --short N it also sends N sequential one-token requests per round through each relay and
-reports the CPU each request costs (the cost of a request rather than of a token).
+With --short N it also sends N one-token requests per round through each relay, one after
+another and from 8 concurrent clients, and reports the CPU each request costs (the cost of a
+request rather than of a token). The gateway runs on uvloop, as `gateway serve` does where it
+is installed; the floor runs twice, on asyncio's own loop and on uvloop.
 
 With --pace R the upstream sends R tokens a second per stream, as a decoding model does, so
 every token is its own message and its own wake-up all the way through (nothing piles up to
@@ -155,9 +157,9 @@ async def serve_passthrough(upstream: str) -> None:
     await server.wait_for_termination()
 
 
-def start_passthrough(upstream: str) -> tuple[subprocess.Popen[str], str]:
+def start_passthrough(upstream: str, loop: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.gateway", "--passthrough-for", upstream],
+        [sys.executable, "-m", "bench.gateway", "--passthrough-for", upstream, "--loop", loop],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -165,15 +167,20 @@ def start_passthrough(upstream: str) -> tuple[subprocess.Popen[str], str]:
     return process, f"127.0.0.1:{process.stdout.readline().strip()}"
 
 
-async def short_requests(address: str, count: int) -> None:
-    """`count` one-token requests, one after another, over one channel."""
+async def short_requests(address: str, count: int, clients: int = 1) -> None:
+    """`count` one-token requests over one channel, from `clients` clients that each send
+    their share one after another."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = gateway_pb2_grpc.GatewayStub(channel).Generate
         request = gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x")
         request.stopping.max_tokens = 1
-        for _ in range(count):
-            async for _response in call(request, timeout=30):
-                pass
+
+        async def client(share: int) -> None:
+            for _ in range(share):
+                async for _response in call(request, timeout=30):
+                    pass
+
+        await asyncio.gather(*(client(count // clients) for _ in range(clients)))
 
 
 async def measure(
@@ -204,6 +211,12 @@ async def measure(
         return list(await asyncio.gather(*(one() for _ in range(streams))))
 
 
+# The relays measured side by side: the gateway (on uvloop, as `gateway serve` runs), and the
+# floor, a bare grpc.aio relay, on asyncio's own loop and on uvloop.
+RELAYS = ("gateway", "bare", "bare uvloop")
+SHORT_CLIENTS = (1, 8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -212,29 +225,36 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=0, help="one-token requests per round")
     parser.add_argument("--pace", type=float, default=0, help="tokens a second per stream")
     parser.add_argument("--passthrough-for", help=argparse.SUPPRESS)  # the floor's process
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.passthrough_for:
-        asyncio.run(serve_passthrough(args.passthrough_for))
+        relay = serve_passthrough(args.passthrough_for)
+        if args.loop == "uvloop":
+            grpc_server.run(relay)
+        else:
+            asyncio.run(relay)
         return
 
     upstream = f"127.0.0.1:{serve_fast_host()}"
     gateway = ServerProcess("gateway", "serve", "--modelhost", upstream)
-    passthrough, passthrough_address = start_passthrough(upstream)
+    bare, bare_address = start_passthrough(upstream, "asyncio")
+    bare_uv, bare_uv_address = start_passthrough(upstream, "uvloop")
     relays = {
         "gateway": (gateway.address, psutil.Process(gateway.process.pid)),
-        "passthrough": (passthrough_address, psutil.Process(passthrough.pid)),
+        "bare": (bare_address, psutil.Process(bare.pid)),
+        "bare uvloop": (bare_uv_address, psutil.Process(bare_uv.pid)),
     }
     ttft: dict[tuple[str, int], list[float]] = {}
     cpu_per_token: dict[tuple[str, int], list[float]] = {}
-    cpu_per_request: dict[str, list[float]] = {}
+    cpu_per_request: dict[tuple[str, int], list[float]] = {}
 
-    def short(name: str) -> None:
+    def short(name: str, clients: int) -> None:
         """One-token requests through one relay, and its CPU per request recorded."""
         address, process = relays[name]
         before = sum(process.cpu_times()[:2])
-        asyncio.run(short_requests(address, args.short))
+        asyncio.run(short_requests(address, args.short, clients))
         spent = sum(process.cpu_times()[:2]) - before
-        cpu_per_request.setdefault(name, []).append(spent / args.short)
+        cpu_per_request.setdefault((name, clients), []).append(spent / args.short)
 
     def relayed(name: str, streams: int, tokens: int) -> list[float]:
         """TTFTs through one relay, and its CPU per token recorded."""
@@ -256,12 +276,14 @@ def main() -> None:
                 for name in relays:
                     ttft.setdefault((name, streams), []).extend(relayed(name, streams, args.tokens))
             if args.short:
-                for name in relays:
-                    short(name)
+                for clients in SHORT_CLIENTS:
+                    for name in relays:
+                        short(name, clients)
             print(f"round {_ + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         gateway.stop()
-        passthrough.kill()
+        bare.kill()
+        bare_uv.kill()
 
     how = f"{args.pace:g} tokens a second per stream" if args.pace else "as fast as it can"
     print(
@@ -271,18 +293,18 @@ def main() -> None:
     print(
         "| streams | TTFT direct p50 ms | TTFT via gateway p50 ms | added p50 ms "
         "| TTFT direct p99 ms | TTFT via gateway p99 ms | added p99 ms | gateway CPU per token us "
-        "| bare grpc.aio relay CPU per token us | gateway / bare |"
+        "| bare relay us | bare relay on uvloop us | gateway / bare | gateway / bare on uvloop |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     cpu = {key: statistics.median(values) * 1e6 for key, values in cpu_per_token.items()}
     for streams in args.streams:
         d, g = ttft["direct", streams], ttft["gateway", streams]
         p = {q: (np.percentile(d, q) * 1e3, np.percentile(g, q) * 1e3) for q in (50, 99)}
-        ours, bare = cpu["gateway", streams], cpu["passthrough", streams]
+        ours, bare_us, bare_uv_us = (cpu[name, streams] for name in RELAYS)
         print(
             f"| {streams} | {p[50][0]:.2f} | {p[50][1]:.2f} | {p[50][1] - p[50][0]:.2f} "
             f"| {p[99][0]:.2f} | {p[99][1]:.2f} | {p[99][1] - p[99][0]:.2f} | {ours:.1f} "
-            f"| {bare:.1f} | {ours / bare:.2f} |"
+            f"| {bare_us:.1f} | {bare_uv_us:.1f} | {ours / bare_us:.2f} | {ours / bare_uv_us:.2f} |"
         )
     print()
     one = min(args.streams)
@@ -292,12 +314,17 @@ def main() -> None:
     print(f"{'P1 TTFT added by the gateway, p50 (ms)':<44} {added:8.2f}  (goal <= 5)")
     print(f"{'P5 gateway CPU per relayed token (us)':<44} {worst_cpu:8.1f}  (goal <= 50)")
     if cpu_per_request:
-        ours = statistics.median(cpu_per_request["gateway"]) * 1e3
-        bare = statistics.median(cpu_per_request["passthrough"]) * 1e3
-        print(
-            f"{'CPU per one-token request (ms)':<44} {ours:8.2f}  (goal <= 1; bare relay "
-            f"{bare:.2f}, gateway / bare {ours / bare:.2f})"
-        )
+        print(f"\nCPU per one-token request, ms ({args.short} per round and relay; goal <= 1 ms)\n")
+        print("| clients | gateway | bare relay | bare relay on uvloop | gateway / bare |")
+        print("|---|---|---|---|---|")
+        for clients in SHORT_CLIENTS:
+            ours, bare_ms, bare_uv_ms = (
+                statistics.median(cpu_per_request[name, clients]) * 1e3 for name in RELAYS
+            )
+            print(
+                f"| {clients} | {ours:.2f} | {bare_ms:.2f} | {bare_uv_ms:.2f} "
+                f"| {ours / bare_ms:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     try:
         config = load_gateway_config(args.config, **flags)
-        asyncio.run(_serve(config, args.config, flags))
+        grpc_server.run(_serve(config, args.config, flags))
     except (ConfigError, SecurityError, StoreLocked) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2

@@ -151,7 +151,8 @@ class Host:
                 # The last message is in: let the call end with its status rather than cancel
                 # it, which the host would see (and count) as a client that left.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(call.code(), FINISH_WAIT_S)
+                    async with asyncio.timeout(FINISH_WAIT_S):  # no task, as wait_for makes
+                        await call.code()
             call.cancel()  # no-op once the call has ended
         if dropped:
             raise Unavailable(f"host {self.address} stopped answering: {dropped}")
@@ -461,7 +462,6 @@ async def merged_responses(
     their own reads them from then on, and token deltas that arrive while earlier ones are
     still being written go out as one message: a host that streams faster than its client
     costs fewer writes. Raises the call's error after the messages that came before it."""
-    loop = asyncio.get_running_loop()
     while True:
         try:
             response = await call.read()
@@ -474,9 +474,9 @@ async def merged_responses(
             raise
         if response is grpc.aio.EOF:
             return
-        started = loop.time()
+        started = time.monotonic()  # not loop.time(): uvloop's is in ms, as of the last poll
         yield response
-        if loop.time() - started >= SLOW_WRITE_S:
+        if time.monotonic() - started >= SLOW_WRITE_S:
             break
     pending: deque[gateway_pb2.GatewayGenerateResponse] = deque()
     arrived = asyncio.Event()

@@ -1,5 +1,6 @@
 """Prometheus metrics of the gateway, served at /metrics on its HTTP listener."""
 
+import functools
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 
@@ -61,6 +62,10 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.registry.register(_Live(pool, upstream))
+        # A metric's child for its label values, looked up once: prometheus_client's labels()
+        # validates and locks on every call, and a request records seven. The values are
+        # bounded (resolved model names, hosts, outcomes).
+        self._child = functools.cache(lambda metric, *values: metric.labels(*values))
 
     def watch_batches(
         self, item_states: Callable[[], Tally[str]], retries: Callable[[], int]
@@ -71,17 +76,18 @@ class GatewayMetrics:
     # --- RequestObserver (gateway.service) ---------------------------------------------
 
     def first_token(self, model: str, seconds: float) -> None:
-        self.ttft.labels(model).observe(seconds)
+        self._child(self.ttft, model).observe(seconds)
 
     def finished(self, model: str, f: generate_pb2.Finished, seconds: float) -> None:
+        child = self._child
         outcome = enum_label(generate_pb2.FinishReason, f.reason)
-        self.requests.labels(model, f.host, outcome).inc()
-        self.tokens.labels(model, "prompt").inc(f.usage.prompt_tokens)
-        self.tokens.labels(model, "completion").inc(f.usage.completion_tokens)
+        child(self.requests, model, f.host, outcome).inc()
+        child(self.tokens, model, "prompt").inc(f.usage.prompt_tokens)
+        child(self.tokens, model, "completion").inc(f.usage.completion_tokens)
         reused = min(f.usage.cached_prompt_tokens, f.usage.prompt_tokens)
-        self.prompt_tokens.labels(f.host, "reused").inc(reused)
-        self.prompt_tokens.labels(f.host, "computed").inc(f.usage.prompt_tokens - reused)
-        self.latency.labels(model).observe(seconds)
+        child(self.prompt_tokens, f.host, "reused").inc(reused)
+        child(self.prompt_tokens, f.host, "computed").inc(f.usage.prompt_tokens - reused)
+        child(self.latency, model).observe(seconds)
         if f.host == UPSTREAM_HOST and f.reason == generate_pb2.FINISH_REASON_ERROR:
             self.upstream_errors.labels("mid_stream").inc()
 

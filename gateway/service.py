@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import structlog
 from opentelemetry import trace
 
+from airouter import tracing
 from airouter.errors import (
     AirouterError,
     DeadlineExceeded,
@@ -258,7 +259,7 @@ class GatewayService:
         prefix: Prefix,
     ) -> list[router.Candidate]:
         """The ranked candidates, traced and logged with the choice and why."""
-        with _tracer.start_as_current_span("route") as span:
+        with tracing.span(_tracer, "route") as span:
             ranked = await self._candidates(request, deadline, self._hit_estimate(request, prefix))
             described = [c.describe() for c in ranked]
             span.set_attributes(
@@ -346,7 +347,8 @@ class GatewayService:
                     f"{'; '.join(failures) or 'none'}"
                 )
             request.model = name  # a host knows its models by name, not by capability
-            with _tracer.start_as_current_span(
+            with tracing.span(
+                _tracer,
                 f"attempt {host.address}",
                 kind=trace.SpanKind.CLIENT,
                 attributes={"server.address": host.address, "airouter.attempt": attempt},

@@ -275,7 +275,8 @@ async def relay_upstream(
     upstream's status); after it the stream ends with FINISH_REASON_ERROR."""
     path, body = openai_body(request)
     where = f"upstream {upstream.settings.base_url}"
-    with _tracer.start_as_current_span(
+    with tracing.span(
+        _tracer,
         f"openrouter {body['model']}",
         kind=trace.SpanKind.CLIENT,
         attributes={"server.address": upstream.settings.base_url, "url.path": path},

@@ -2,7 +2,6 @@
 `modelhost convert-gguf`: turn a GGUF into an MLX model directory for the MLX engine."""
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"modelhost: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(config, device))
+        grpc_server.run(_serve(config, device))
     except SecurityError as exc:
         print(f"modelhost: {exc}", file=sys.stderr)
         return 2

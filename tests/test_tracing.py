@@ -12,9 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from airouter import tracing
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from tests.conftest import LoopThread, wait_for_health, wait_until
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
@@ -347,3 +349,36 @@ def test_batch_items_are_traces_of_their_own_linked_to_the_batch(traced: Traced)
         assert by_name["route"].parent_id == item.span_id
         assert by_name[f"attempt {host}"].parent_id == item.span_id
         assert by_name["generate m"].parent_id == by_name[f"attempt {host}"].span_id
+
+
+def test_a_gateway_without_tracing_opens_no_spans_and_passes_a_callers_trace_on(
+    traced: Traced,
+) -> None:
+    # In this process no SDK is installed: the request path's spans are not even no-op spans.
+    tracer = trace.get_tracer("test")
+    request = gateway_request(model="m", prompt="Hi")
+    with tracing.request_span(tracer, request, [("x-request-id", "1")]) as span:
+        assert span is trace.INVALID_SPAN
+        with tracing.span(tracer, "route") as child:
+            assert child is trace.INVALID_SPAN
+        assert tracing.inject_metadata() == ()
+    # A caller's trace context still reaches the hosts through an untraced gateway.
+    host = next(h for h in traced.hosts if h.process.poll() is None)  # a test above kills one
+    untraced = ServerProcess("gateway", "serve", f"--modelhost={host.address}")
+    try:
+        wait_for_health(untraced.address)
+        trace_id, caller_span = "5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8"
+        with grpc.insecure_channel(untraced.address) as channel:
+            result = collect(
+                gateway_pb2_grpc.GatewayStub(channel).Generate(
+                    gateway_request(model="m", prompt="Hello", max_tokens=2),
+                    metadata=[("traceparent", f"00-{trace_id}-{caller_span}-01")],
+                    timeout=60,
+                )
+            )
+        assert result.finished.reason == generate_pb2.FINISH_REASON_LENGTH
+        spans = wait_for_spans(traced.receiver, trace_id, {"generate m"})
+        assert {s.service for s in spans} == {"airouter-modelhost"}
+        assert next(s for s in spans if s.name == "generate m").parent_id == caller_span
+    finally:
+        untraced.stop()
