@@ -1,16 +1,17 @@
 """Prefix-aware routing against load-only routing, on two real modelhosts.
 
     python -m bench.prefix_routing [--rounds 2] [--conversations 16] [--turns 4]
-        [--document-tokens 1500] [--threads 1]
+        [--document-tokens 1500] [--threads 1] [--think 0.5 3]
 
 Two `modelhost serve` processes with the embedded chat model (SmolLM2-135M-Instruct, 8 slots
 of 2,048 tokens each, --threads decoding threads each) and two `gateway serve` processes over
 them: one with `prefix_routing = false` (today's routing: residency and load) and one with
 it on. Each run sends --conversations concurrent conversations (started within 5 s; their
-users think 0.5-3 s between turns), each a ~--document-tokens system prompt of its own and
---turns user turns (greedy, 32 tokens an answer); a second kind
-of run gives every 4 conversations one shared document. Runs alternate between the two
-gateways, round by round, each with documents of its own (so no run finds another's cells).
+users think --think MIN MAX seconds between turns: 0.5-3 by default, a fast follow-up), each a
+~--document-tokens system prompt of its own and --turns user turns (greedy, 32 tokens an
+answer); a second kind of run gives every 4 conversations one shared document. Runs alternate
+between the two gateways, round by round, each with documents of its own (so no run finds
+another's cells).
 Reported per run kind and routing, over all rounds: TTFT p50/p99 of turns 2..N, prompt
 tokens computed and reused on turns 2..N (the hosts' `cached_prompt_tokens`), completion
 tokens per second of wall time, and requests per host.
@@ -35,9 +36,8 @@ from tests.processes import ServerProcess
 
 MODEL = "chat"
 ANSWER_TOKENS = 32
-# Conversations start within this many seconds, and their users think between turns.
+# Conversations start within this many seconds.
 START_SPREAD_S = 5.0
-THINK_S = (0.5, 3.0)
 QUESTIONS = [
     "Summarise the document in one sentence.",
     "Which department is named most often?",
@@ -85,14 +85,19 @@ def document(rng: random.Random, tokens: int) -> str:
 
 
 async def conversation(
-    stub: gateway_pb2_grpc.GatewayStub, n: int, system: str, turns: int, rng: random.Random
+    stub: gateway_pb2_grpc.GatewayStub,
+    n: int,
+    system: str,
+    turns: int,
+    think_s: tuple[float, float],
+    rng: random.Random,
 ) -> list[Turn]:
     messages = [("system", system)]
     results = []
     await asyncio.sleep(rng.uniform(0, START_SPREAD_S))
     for turn in range(turns):
         if turn:
-            await asyncio.sleep(rng.uniform(*THINK_S))  # the user reads and types
+            await asyncio.sleep(rng.uniform(*think_s))  # the user reads and types
         messages.append(("user", rng.choice(QUESTIONS)))
         request = gateway_pb2.GatewayGenerateRequest(model=MODEL)
         for role, content in messages:
@@ -146,6 +151,7 @@ async def run_once(
                 n,
                 documents[n // 4 if shared else n],
                 args.turns,
+                (args.think[0], args.think[1]),
                 random.Random(seed * 1000 + n),
             )
             for n in range(args.conversations)
@@ -193,6 +199,14 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--document-tokens", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1, help="decoding threads per host")
+    parser.add_argument(
+        "--think",
+        type=float,
+        nargs=2,
+        default=[0.5, 3.0],
+        metavar=("MIN", "MAX"),
+        help="seconds a user takes between turns",
+    )
     args = parser.parse_args()
 
     chat = embedded_chat_model_config()
@@ -238,8 +252,8 @@ def main() -> None:
     print(
         f"\n{args.conversations} conversations x {args.turns} turns, ~{args.document_tokens}-"
         f"token documents (own: one each; shared: one per 4 conversations), {ANSWER_TOKENS}-token "
-        f"answers, 2 hosts x 8 slots, {args.threads} thread(s) each, {args.rounds} rounds "
-        "interleaved\n"
+        f"answers, users think {args.think[0]:g}-{args.think[1]:g} s, 2 hosts x 8 slots, "
+        f"{args.threads} thread(s) each, {args.rounds} rounds interleaved\n"
     )
     print(
         "| documents | routing | TTFT p50 ms, turns 2+ | p99 ms | mean ms | turns 2+ that "
