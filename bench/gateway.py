@@ -211,9 +211,6 @@ async def measure(
         return list(await asyncio.gather(*(one() for _ in range(streams))))
 
 
-# The relays measured side by side: the gateway (on uvloop, as `gateway serve` runs), and the
-# floor, a bare grpc.aio relay, on asyncio's own loop and on uvloop.
-RELAYS = ("gateway", "bare", "bare uvloop")
 SHORT_CLIENTS = (1, 8)
 
 
@@ -239,6 +236,8 @@ def main() -> None:
     gateway = ServerProcess("gateway", "serve", "--modelhost", upstream)
     bare, bare_address = start_passthrough(upstream, "asyncio")
     bare_uv, bare_uv_address = start_passthrough(upstream, "uvloop")
+    # Side by side: the gateway (on uvloop, as `gateway serve` runs) and the floor, a bare
+    # grpc.aio relay, on asyncio's own loop and on uvloop; the tables keep this order.
     relays = {
         "gateway": (gateway.address, psutil.Process(gateway.process.pid)),
         "bare": (bare_address, psutil.Process(bare.pid)),
@@ -300,7 +299,7 @@ def main() -> None:
     for streams in args.streams:
         d, g = ttft["direct", streams], ttft["gateway", streams]
         p = {q: (np.percentile(d, q) * 1e3, np.percentile(g, q) * 1e3) for q in (50, 99)}
-        ours, bare_us, bare_uv_us = (cpu[name, streams] for name in RELAYS)
+        ours, bare_us, bare_uv_us = (cpu[name, streams] for name in relays)
         print(
             f"| {streams} | {p[50][0]:.2f} | {p[50][1]:.2f} | {p[50][1] - p[50][0]:.2f} "
             f"| {p[99][0]:.2f} | {p[99][1]:.2f} | {p[99][1] - p[99][0]:.2f} | {ours:.1f} "
@@ -319,7 +318,7 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for clients in SHORT_CLIENTS:
             ours, bare_ms, bare_uv_ms = (
-                statistics.median(cpu_per_request[name, clients]) * 1e3 for name in RELAYS
+                statistics.median(cpu_per_request[name, clients]) * 1e3 for name in relays
             )
             print(
                 f"| {clients} | {ours:.2f} | {bare_ms:.2f} | {bare_uv_ms:.2f} "
