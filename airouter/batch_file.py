@@ -5,8 +5,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from airouter.errors import InvalidArgument
-from airouter.openai_api import completion_json, error_json, not_text, parse_request
+from airouter.errors import InvalidArgument, not_text
+from airouter.openai_api import (
+    FINISH_REASON_NAMES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    completion_json,
+    error_json,
+    parse_request,
+)
 from airouter.v1 import gateway_pb2
 
 # The endpoints a batch line may name, and whether each is a chat.
@@ -49,13 +56,40 @@ def batch_item(line: str, number: int) -> gateway_pb2.BatchItem:
     if url not in BATCH_URLS:
         raise InvalidArgument(f"line {number}: url {url!r}: use {' or '.join(BATCH_URLS)}")
     try:
-        request, _, _ = parse_request(entry.get("body"), chat=BATCH_URLS[url])
+        parsed = parse_request(entry.get("body"), chat=BATCH_URLS[url])
     except InvalidArgument as exc:
         raise InvalidArgument(f"line {number}: body: {exc}") from None
+    try:
+        request = generate_request(parsed)
+    except UnicodeEncodeError as exc:
+        raise not_text(exc, f"line {number}: body: the body") from None
     try:
         return gateway_pb2.BatchItem(custom_id=custom_id, request=request)
     except UnicodeEncodeError as exc:
         raise not_text(exc, f"line {number}: custom_id") from None
+
+
+def generate_request(
+    parsed: ChatCompletionRequest | CompletionRequest,
+) -> gateway_pb2.GatewayGenerateRequest:
+    """The gateway's gRPC request for an OpenAI body; UnicodeEncodeError for a lone
+    surrogate in its text."""
+    request = gateway_pb2.GatewayGenerateRequest(model=parsed.model)
+    if isinstance(parsed, ChatCompletionRequest):
+        request.chat.SetInParent()
+        for message in parsed.messages:
+            request.chat.messages.add(role=message.role, content=message.content)
+    else:
+        request.prompt = parsed.text
+    for name, value in parsed.sampling().items():
+        setattr(request.sampling, name, value)
+    if parsed.token_limit is not None:
+        request.stopping.max_tokens = parsed.token_limit
+    request.stopping.stop.extend(parsed.stops)
+    request.stopping.ignore_eos = parsed.ignore_eos
+    if parsed.user:
+        request.conversation_id = parsed.user
+    return request
 
 
 def batch_output(
@@ -74,8 +108,10 @@ def batch_output(
             chat=result.chat,
             id=request_id,
             created=created,
+            model=result.finished.model,
             text=result.text,
-            finished=result.finished,
+            finish_reason=FINISH_REASON_NAMES.get(result.finished.reason, "stop"),
+            usage=result.finished.usage,
         )
         line["response"] = {"status_code": 200, "request_id": request_id, "body": body}
     elif result.state == gateway_pb2.BATCH_ITEM_STATE_CANCELLED:

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from airouter import add_common_flags
 from airouter.batch_cli import add_batch_commands, run_batch
 from airouter.labels import enum_label, format_bytes
 from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="airouter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_common_flags(parser)
     parser.add_argument(
         "--gateway",
         default=os.environ.get("AIROUTER_GATEWAY", DEFAULT_GATEWAY),

@@ -101,3 +101,25 @@ def error_for_code(code: str, message: str) -> AirouterError:
     """The domain error for a status name another service answered with (UNKNOWN, DATA_LOSS and
     the like become Internal)."""
     return _BY_CODE.get(code, Internal)(message)
+
+
+def not_text(exc: UnicodeEncodeError, where: str) -> InvalidArgument:
+    """JSON lets an escape such as "\\udc80" (half a surrogate pair) through; protobuf's text
+    fields refuse it. The caller's error, said as such."""
+    bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+    return InvalidArgument(
+        f"{where} holds a lone surrogate ({bad}), which is not text; send valid Unicode "
+        "(an escape from \\ud800 to \\udfff must be half of a pair)"
+    )
+
+
+# The most of a name a client chose that a message repeats: a 10,000-character model name
+# echoed whole would take the status past gRPC's metadata limit.
+SHOWN_CHARS = 64
+
+
+def shown(name: str) -> str:
+    """A client-chosen name as a message quotes it, shortened past SHOWN_CHARS."""
+    if len(name) <= SHOWN_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_CHARS]!r}... ({len(name)} characters)"

@@ -9,10 +9,9 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import _async as reflection_async
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from airouter import errors
+from airouter.reflection import serve_reflection
 from airouter.security import AuthInterceptor, Credentials
 
 _log = structlog.get_logger()
@@ -121,31 +120,8 @@ def new_server(
     server = grpc.aio.server(interceptors=interceptors, options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
-    serve_reflection(server, names)
+    serve_reflection(server, [*service_names, health.SERVICE_NAME])
     return server, health_servicer
-
-
-# Server reflection is served as v1 (what newer grpcurl and IDE clients ask first) and as
-# v1alpha. grpcio-reflection implements v1alpha only; the two services' messages are the same
-# field for field, so one servicer answers both names.
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-
-
-def serve_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
-    servicer = reflection_async.ReflectionServicer(service_names)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    v1 = grpc.method_handlers_generic_handler(
-        REFLECTION_V1,
-        {
-            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                servicer.ServerReflectionInfo,
-                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-            )
-        },
-    )
-    server.add_generic_rpc_handlers((v1,))
 
 
 async def mark_serving(

@@ -5,17 +5,21 @@ gateway's HTTP edge and by batch files; it knows nothing of transports.
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from airouter.errors import InvalidArgument
-from airouter.v1 import gateway_pb2, generate_pb2
+from airouter.v1 import generate_pb2
 
 # Strict: JSON true is no number and 1.0 no integer. Bounds are the protocol's field sizes.
 _UINT32 = (1 << 32) - 1
 StrictText = Annotated[str, Field(strict=True)]
 Probability = Annotated[float, Field(strict=True, ge=0, le=1)]
+
+
+# The sampling parameters of a body, as the protocol's SamplingParameters names them.
+SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
 
 class StreamOptions(BaseModel):
@@ -75,21 +79,20 @@ class _CompletionParams(BaseModel):
     # An extension: keep generating past end-of-generation tokens (benchmarks).
     ignore_eos: Annotated[bool, Field(strict=True)] = False
 
-    def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
-        request = gateway_pb2.GatewayGenerateRequest(model=self.model)
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(request.sampling, name, value)
-        max_tokens = self.max_completion_tokens or self.max_tokens
-        if max_tokens is not None:
-            request.stopping.max_tokens = max_tokens
-        if self.stop is not None:
-            request.stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop)
-        request.stopping.ignore_eos = self.ignore_eos
-        if self.user:
-            request.conversation_id = self.user
-        return request
+    def sampling(self) -> dict[str, Any]:
+        """The sampling parameters the client set, by the protocol's names."""
+        values = {name: getattr(self, name) for name in SAMPLING_NAMES}
+        return {name: value for name, value in values.items() if value is not None}
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
     def include_usage(self) -> bool:
@@ -121,12 +124,6 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionRequest(_CompletionParams):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
 
-    def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
-        request = super().to_request()
-        for message in self.messages:
-            request.chat.messages.add(role=message.role, content=message.content)
-        return request
-
 
 class CompletionRequest(_CompletionParams):
     # A string, or a list of exactly one (the legacy API allowed several prompts per call).
@@ -142,39 +139,20 @@ class CompletionRequest(_CompletionParams):
             )
         return value
 
-    def to_request(self) -> gateway_pb2.GatewayGenerateRequest:
-        request = super().to_request()
-        request.prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return request
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-def parse_request(
-    body: Any, *, chat: bool
-) -> tuple[gateway_pb2.GatewayGenerateRequest, bool, bool]:
-    """A gateway request from an OpenAI chat or text completion body; returns it with whether
-    to stream and whether to send usage in the stream. InvalidArgument names the field."""
+def parse_request(body: Any, *, chat: bool) -> "ChatCompletionRequest | CompletionRequest":
+    """An OpenAI chat or text completion body, validated; InvalidArgument names the field."""
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
     schema = ChatCompletionRequest if chat else CompletionRequest
     try:
-        parsed = schema.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         raise InvalidArgument(describe(exc)) from None
-    try:
-        request = parsed.to_request()
-    except UnicodeEncodeError as exc:
-        raise not_text(exc, "the body") from None
-    return request, parsed.stream, parsed.include_usage
-
-
-def not_text(exc: UnicodeEncodeError, where: str) -> InvalidArgument:
-    """JSON lets an escape such as "\\udc80" (half a surrogate pair) through; protobuf's text
-    fields refuse it. The caller's error, said as such."""
-    bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
-    return InvalidArgument(
-        f"{where} holds a lone surrogate ({bad}), which is not text; send valid Unicode "
-        "(an escape from \\ud800 to \\udfff must be half of a pair)"
-    )
 
 
 def describe(exc: ValidationError) -> str:
@@ -231,11 +209,12 @@ HTTP_FOR_STATUS: dict[str, tuple[int, str]] = {
     "UNAVAILABLE": (503, "service_unavailable"),
     "DEADLINE_EXCEEDED": (504, "timeout"),
 }
-# OpenAI's finish reasons; it has none for a cancelled stream, which ends as "stop".
+# Finish reasons as OpenAI's clients read them: OpenAI's own, and for a stream that was
+# cancelled (a shutdown) or failed, "cancelled" and "error": never a "stop" that did not happen.
 FINISH_REASON_NAMES = {
     generate_pb2.FINISH_REASON_STOP: "stop",
     generate_pb2.FINISH_REASON_LENGTH: "length",
-    generate_pb2.FINISH_REASON_CANCELLED: "stop",
+    generate_pb2.FINISH_REASON_CANCELLED: "cancelled",
     generate_pb2.FINISH_REASON_ERROR: "error",
 }
 
@@ -298,8 +277,16 @@ def chunk_json(
     }
 
 
-def usage_json(finished: generate_pb2.Finished) -> dict[str, Any]:
-    usage = finished.usage
+class TokenUsage(Protocol):
+    """Token counts as the protocol's Usage and the gateway's own both hold them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    cost_usd: float
+
+
+def usage_json(usage: TokenUsage) -> dict[str, Any]:
     body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -313,11 +300,17 @@ def usage_json(finished: generate_pb2.Finished) -> dict[str, Any]:
 
 
 def completion_json(
-    *, chat: bool, id: str, created: int, text: str, finished: generate_pb2.Finished
+    *,
+    chat: bool,
+    id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage: TokenUsage,
 ) -> dict[str, Any]:
     """A whole (non-streamed) completion."""
-    reason = FINISH_REASON_NAMES.get(finished.reason, "stop")
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -326,9 +319,9 @@ def completion_json(
         "id": id,
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
-        "model": finished.model,
+        "model": model,
         "choices": [choice],
-        "usage": usage_json(finished),
+        "usage": usage_json(usage),
     }
 
 

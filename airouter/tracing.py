@@ -14,15 +14,12 @@ holds the gateway's request, its routing and attempts, and the host's handling.
 import argparse
 import logging
 import os
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-
-from airouter.labels import enum_label
-from airouter.v1 import generate_pb2
 
 
 class _FinalizerDetach(logging.Filter):
@@ -145,54 +142,57 @@ def hex_ids(span_context: trace.SpanContext) -> tuple[str, str]:
     return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
 
 
-def operation(request: Any) -> str:
-    """The GenAI operation of a generate request: chat or text_completion."""
-    return "chat" if request.HasField("chat") else "text_completion"
-
-
 def request_span(
     tracer: trace.Tracer,
-    request: Any,
+    name: str,
+    attributes: Callable[[], dict[str, Any]],
     carrier: Iterable[tuple[str, Any]] | None,
-    name: str | None = None,
 ) -> Any:
     """The server span of a generate request, continuing the caller's trace context from
-    `carrier` (gRPC metadata or HTTP headers), with its GenAI request attributes. Named
-    `<operation> <model>` unless `name` says otherwise."""
+    `carrier` (gRPC metadata or HTTP headers), with its GenAI request attributes (asked for
+    only when a span is made)."""
     if not _on and not any(key.lower() == "traceparent" for key, _ in carrier or ()):
         return _NO_SPAN
     return tracer.start_as_current_span(
-        name or f"{operation(request)} {request.model}",
+        name,
         kind=trace.SpanKind.SERVER,
         context=extract_context(carrier),
-        attributes=request_attributes(request),
+        attributes=attributes(),
     )
 
 
-def request_attributes(request: Any) -> dict[str, Any]:
-    """GenAI attributes of a generate request (the gateway's or the host's message)."""
+def request_attributes(
+    *,
+    chat: bool,
+    model: str,
+    max_tokens: int | None,
+    temperature: float | None,
+    request_id: str,
+) -> dict[str, Any]:
+    """GenAI attributes of a generate request."""
     attributes: dict[str, Any] = {
-        GEN_AI_OPERATION: operation(request),
-        GEN_AI_REQUEST_MODEL: request.model,
+        GEN_AI_OPERATION: "chat" if chat else "text_completion",
+        GEN_AI_REQUEST_MODEL: model,
     }
-    if request.stopping.HasField("max_tokens"):
-        attributes[GEN_AI_MAX_TOKENS] = request.stopping.max_tokens
-    if request.sampling.HasField("temperature"):
-        attributes[GEN_AI_TEMPERATURE] = request.sampling.temperature
-    if request.request_id:  # the id in the logs and in the HTTP edge's x-request-id
-        attributes["airouter.request_id"] = request.request_id
+    if max_tokens is not None:
+        attributes[GEN_AI_MAX_TOKENS] = max_tokens
+    if temperature is not None:
+        attributes[GEN_AI_TEMPERATURE] = temperature
+    if request_id:  # the id in the logs and in the HTTP edge's x-request-id
+        attributes["airouter.request_id"] = request_id
     return attributes
 
 
-def finish_attributes(finished: Any) -> dict[str, Any]:
-    """GenAI attributes of a stream's Finished message."""
-    reason = enum_label(generate_pb2.FinishReason, finished.reason)
+def finish_attributes(
+    *, model: str, input_tokens: int, output_tokens: int, reason: str, host: str = ""
+) -> dict[str, Any]:
+    """GenAI attributes of a stream's end; reason as the protocol names it ("stop", ...)."""
     attributes: dict[str, Any] = {
-        GEN_AI_RESPONSE_MODEL: finished.model,
-        GEN_AI_INPUT_TOKENS: finished.usage.prompt_tokens,
-        GEN_AI_OUTPUT_TOKENS: finished.usage.completion_tokens,
+        GEN_AI_RESPONSE_MODEL: model,
+        GEN_AI_INPUT_TOKENS: input_tokens,
+        GEN_AI_OUTPUT_TOKENS: output_tokens,
         GEN_AI_FINISH_REASONS: [reason],
     }
-    if finished.host:
-        attributes["airouter.host"] = finished.host
+    if host:
+        attributes["airouter.host"] = host
     return attributes

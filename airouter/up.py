@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from airouter import add_log_level_flag
+
 # Longer than either server's default shutdown grace (30 s): they drain, then exit.
 STOP_WAIT_S = 40.0
 
@@ -21,13 +23,19 @@ def add_up_command(commands: argparse._SubParsersAction) -> None:  # type: ignor
         "up", help="run a modelhost and a gateway here, together (Ctrl-C stops both)"
     )
     up.add_argument("--config", type=Path, help="models.toml (default: the embedded models)")
-    up.add_argument("--device", help="auto, cpu, cuda or metal (default auto)")
+    up.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda", "metal"),
+        help="where the modelhost decodes (default auto)",
+    )
     up.add_argument("--listen", default="127.0.0.1:50050", help="the gateway's gRPC address")
     up.add_argument(
         "--http-listen", default="127.0.0.1:8080", help="the OpenAI-compatible HTTP address"
     )
-    up.add_argument("--modelhost-listen", default="127.0.0.1:50051", help="the modelhost's")
-    up.add_argument("--log-level", default="info")
+    up.add_argument(
+        "--modelhost-listen", default="127.0.0.1:50051", help="the modelhost's gRPC address"
+    )
+    add_log_level_flag(up)
 
 
 def _program(name: str) -> str:

@@ -33,7 +33,8 @@ import numpy as np
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, model_host_pb2, model_host_pb2_grpc
 from modelhost.config import ModelConfig, embedded_model_config, load_config
-from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel, default_threads
+from modelhost.device import default_threads
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from tests.processes import ServerProcess
 
 SETUPS = ("host", "gateway")

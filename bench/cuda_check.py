@@ -168,7 +168,8 @@ def in_process(args: argparse.Namespace) -> int:
     import llama_cpp
 
     from modelhost.config import load_config
-    from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel, default_threads
+    from modelhost.device import default_threads
+    from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 
     config = load_config(args.config).models[0]
     flash = config.flash_attention if args.flash_attention is None else args.flash_attention == "on"

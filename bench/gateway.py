@@ -105,15 +105,15 @@ class FastHost(model_host_pb2_grpc.ModelHostServicer):
         )
 
 
-def serve_fast_host() -> int:
-    """Starts FastHost on its own loop thread; returns its port."""
+def serve_fast_host(host: model_host_pb2_grpc.ModelHostServicer | None = None) -> int:
+    """Starts FastHost (or `host`) on its own loop thread; returns its port."""
     loop = asyncio.new_event_loop()
     started: list[int] = []
     ready = threading.Event()
 
     async def run() -> None:
         server, _ = grpc_server.new_server([SERVICE])
-        model_host_pb2_grpc.add_ModelHostServicer_to_server(FastHost(), server)
+        model_host_pb2_grpc.add_ModelHostServicer_to_server(host or FastHost(), server)
         started.append(grpc_server.bind(server, "127.0.0.1:0"))
         await server.start()
         ready.set()

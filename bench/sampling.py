@@ -25,7 +25,8 @@ import numpy as np
 
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import embedded_model_config
-from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel, default_threads
+from modelhost.device import default_threads
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from modelhost.engines.llamacpp.sampler import TokenSampler, _llama_chain
 from modelhost.generation import Sampling
 from tests.processes import ServerProcess

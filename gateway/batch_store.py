@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from airouter.v1 import gateway_pb2
+from gateway.generation import GenerateRequest
+from gateway.wire import request_from_pb, request_pb
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -50,6 +52,12 @@ FINAL_ITEM_STATES = (
 )
 
 
+def _encode(request: GenerateRequest) -> bytes:
+    # Requests are kept as the gRPC message's bytes: databases written before the gateway had
+    # its own types read the same.
+    return request_pb(request).SerializeToString(deterministic=True)
+
+
 class StoreLocked(Exception):
     """Another process runs the batches of this database."""
 
@@ -70,7 +78,7 @@ class StoredBatch:
 class PendingItem:
     index: int
     custom_id: str
-    request: gateway_pb2.GatewayGenerateRequest
+    request: GenerateRequest
     attempts: int
 
 
@@ -101,7 +109,7 @@ class BatchStore:
     def add_batch(
         self,
         batch_id: str,
-        items: list[gateway_pb2.BatchItem],
+        items: list[tuple[str, GenerateRequest]],
         trace_id: str,
         span_id: str,
     ) -> StoredBatch:
@@ -123,8 +131,8 @@ class BatchStore:
                 "INSERT INTO items (batch_id, idx, custom_id, request, state) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (
-                    (batch_id, i, item.custom_id, item.request.SerializeToString(), PENDING)
-                    for i, item in enumerate(items)
+                    (batch_id, i, custom_id, _encode(request), PENDING)
+                    for i, (custom_id, request) in enumerate(items)
                 ),
             )
         return StoredBatch(
@@ -153,12 +161,13 @@ class BatchStore:
         ).fetchall()
         return [StoredBatch(*row) for row in rows]
 
-    def items(self, batch_id: str) -> list[tuple[str, bytes]]:
-        """Each item's custom_id and stored request, in batch order."""
+    def same_items(self, batch_id: str, items: list[tuple[str, GenerateRequest]]) -> bool:
+        """Whether the batch holds exactly these items (a submit sent again)."""
         rows = self._db.execute(
             "SELECT custom_id, request FROM items WHERE batch_id = ? ORDER BY idx", (batch_id,)
         )
-        return [(row[0], bytes(row[1])) for row in rows]
+        kept = [(row[0], bytes(row[1])) for row in rows]
+        return kept == [(custom_id, _encode(request)) for custom_id, request in items]
 
     def item_states(self, batch_id: str) -> dict[int, int]:
         """How many of the batch's items are in each state."""
@@ -177,7 +186,10 @@ class BatchStore:
         )
         return [
             PendingItem(
-                idx, custom_id, gateway_pb2.GatewayGenerateRequest.FromString(request), attempts
+                idx,
+                custom_id,
+                request_from_pb(gateway_pb2.GatewayGenerateRequest.FromString(request)),
+                attempts,
             )
             for idx, custom_id, request, attempts in rows
         ]

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,13 +41,23 @@ from airouter.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    shown,
 )
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway import router
 from gateway.batch_store import FINAL_ITEM_STATES, BatchStore, PendingItem, StoredBatch
 from gateway.config import OPENROUTER_PREFIX
+from gateway.generation import (
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    finish_attributes,
+    request_attributes,
+    validate,
+)
 from gateway.metrics import GatewayMetrics
-from gateway.service import GatewayService, validate
+from gateway.service import GatewayService
+from gateway.wire import finished_pb
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -81,7 +91,7 @@ class _Item:
     batch: "_Batch"
     index: int
     custom_id: str
-    request: gateway_pb2.GatewayGenerateRequest
+    request: GenerateRequest
     attempts: int
     task: asyncio.Task[None] | None = None
 
@@ -93,7 +103,7 @@ class _Item:
             custom_id=self.custom_id,
             index=self.index,
             attempts=self.attempts,
-            chat=self.request.HasField("chat"),
+            chat=self.request.chat,
         )
         if error is not None:
             result.state = state
@@ -271,50 +281,50 @@ class BatchRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        """Stops the items and closes the database."""
+        """Stops the items, waits for the results being recorded, and closes the database."""
         await self.stop_items()
-        if self._store is not None:
-            await self._db(self._store.close)
-        self._executor.shutdown()
+        await asyncio.gather(*self._recording, return_exceptions=True)
+        store, self._store = self._store, None
+        if store is not None:
+            await self._db(store.close)
+            self._executor.shutdown()
 
     async def submit(
-        self, request: gateway_pb2.SubmitBatchRequest, carrier: Any = None
+        self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any = None
     ) -> gateway_pb2.Batch:
-        """Stores the batch (its span continues the caller's trace from `carrier`) and
-        returns it once it is on disk."""
-        batch_id = request.batch_id or f"batch_{uuid.uuid4().hex}"
-        _validate(batch_id, request.items)
+        """Stores the batch of (custom_id, request) items (its span continues the caller's
+        trace from `carrier`) and returns it once it is on disk; an empty batch_id gets
+        one."""
+        batch_id = batch_id or f"batch_{uuid.uuid4().hex}"
+        # Up to MAX_ITEMS items: checked on a worker thread, not the event loop.
+        await asyncio.to_thread(_validate, batch_id, items)
         async with self._submitting:
-            return await self._store_batch(batch_id, request, carrier)
+            return await self._store_batch(batch_id, items, carrier)
 
     async def _store_batch(
-        self, batch_id: str, request: gateway_pb2.SubmitBatchRequest, carrier: Any
+        self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any
     ) -> gateway_pb2.Batch:
         assert self._store is not None
         existing = self._batches.get(batch_id)
         if existing is not None:
-            kept = await self._db(self._store.items, batch_id)
-            sent = [(i.custom_id, i.request.SerializeToString()) for i in request.items]
-            if kept != sent:
+            if not await self._db(self._store.same_items, batch_id, items):
                 raise AlreadyExists(
-                    f"batch {batch_id!r} exists with other items; choose another batch_id"
+                    f"batch {shown(batch_id)} exists with other items; choose another batch_id"
                 )
             return existing.pb()  # the same submit again: nothing more to do
         with _tracer.start_as_current_span(
             f"batch {batch_id}",
             context=tracing.extract_context(carrier),
-            attributes={"airouter.batch.id": batch_id, "airouter.batch.items": len(request.items)},
+            attributes={"airouter.batch.id": batch_id, "airouter.batch.items": len(items)},
         ) as span:
             context = span.get_span_context()
             trace_id, span_id = tracing.hex_ids(context) if context.is_valid else ("", "")
-            stored = await self._db(
-                self._store.add_batch, batch_id, list(request.items), trace_id, span_id
-            )
+            stored = await self._db(self._store.add_batch, batch_id, items, trace_id, span_id)
         batch = self._batches[batch_id] = _Batch(stored)
         self._track(batch)
-        for index, item in enumerate(request.items):
-            self._enqueue(batch, PendingItem(index, item.custom_id, item.request, 0))
-        _log.info("batch_submitted", batch_id=batch_id, items=len(request.items))
+        for index, (custom_id, request) in enumerate(items):
+            self._enqueue(batch, PendingItem(index, custom_id, request, 0))
+        _log.info("batch_submitted", batch_id=batch_id, items=len(items))
         self._wake.set()
         return batch.pb()
 
@@ -327,7 +337,9 @@ class BatchRunner:
     async def cancel(self, batch_id: str) -> gateway_pb2.Batch:
         batch = self._batch(batch_id)
         if batch.stored.state == gateway_pb2.BATCH_STATE_COMPLETED:
-            raise FailedPrecondition(f"batch {batch_id!r} has already completed; nothing to cancel")
+            raise FailedPrecondition(
+                f"batch {shown(batch_id)} has already completed; nothing to cancel"
+            )
         if batch.active:
             assert self._store is not None
             # Nothing of the batch may start from here on: the dispatcher runs between awaits.
@@ -366,7 +378,7 @@ class BatchRunner:
     def _batch(self, batch_id: str) -> _Batch:
         batch = self._batches.get(batch_id)
         if batch is None:
-            raise NotFound(f"no batch {batch_id!r}; `airouter batch list` shows the batches")
+            raise NotFound(f"no batch {shown(batch_id)}; `airouter batch list` shows the batches")
         return batch
 
     def _enqueue(self, batch: _Batch, pending: PendingItem) -> None:
@@ -406,13 +418,13 @@ class BatchRunner:
             except TimeoutError:
                 pass
 
-    def _room(self, model: str, request: gateway_pb2.GatewayGenerateRequest) -> bool:
+    def _room(self, model: str, request: GenerateRequest) -> bool:
         """Whether another item of `model` may start now."""
         running = self._running_by_model[model]
         if model.startswith(OPENROUTER_PREFIX) or self._cloud.policy(request) == "cloud_only":
             return running < CLOUD_CONCURRENCY
         try:
-            ranked = router.candidates(self._pool.hosts, model, request.min_context_length)
+            ranked = router.candidates(self._pool.hosts, model, request.routing.min_context_length)
         except Unavailable:
             return False  # no host is up: the items wait for one rather than fail
         except (NotFound, InvalidArgument):
@@ -431,7 +443,12 @@ class BatchRunner:
 
     def _fail_now(self, item: _Item, exc: Exception) -> None:
         """Fails an item that the dispatcher could not even place, and goes on."""
-        _log.exception("batch_item_unplaceable", batch_id=item.batch.id, custom_id=item.custom_id)
+        _log.error(
+            "batch_item_unplaceable",
+            batch_id=item.batch.id,
+            custom_id=item.custom_id,
+            error=f"{type(exc).__name__}: {exc}",
+        )
         error = Internal(f"the gateway could not dispatch this item: {exc!r}")
         self._spawn_record(item.batch, [item.result(error)])
 
@@ -448,11 +465,9 @@ class BatchRunner:
     async def _run(self, item: _Item) -> None:
         batch = item.batch
         item.attempts += 1
-        request = gateway_pb2.GatewayGenerateRequest()
-        request.CopyFrom(item.request)
-        request.request_id = f"{batch.id}-{item.index}-{item.attempts}"
+        request = replace(item.request, request_id=f"{batch.id}-{item.index}-{item.attempts}")
         texts: list[str] = []
-        finished: generate_pb2.Finished | None = None
+        finished: Finished | None = None
         error: AirouterError | None = None
         try:
             with _tracer.start_as_current_span(
@@ -464,26 +479,26 @@ class BatchRunner:
                     "airouter.batch.custom_id": item.custom_id,
                     "airouter.batch.index": item.index,
                     "airouter.attempt": item.attempts,
-                    **tracing.request_attributes(request),
+                    **request_attributes(request),
                 },
             ) as span:
                 try:
                     stream = self._service.generate(request, self._item_timeout_s)
                     async with aclosing(stream):
-                        async for response in stream:
-                            if response.HasField("token"):
-                                texts.append(response.token.text)
+                        async for event in stream:
+                            if isinstance(event, Finished):
+                                finished = event
                             else:
-                                finished = response.finished
+                                texts.append(event.text)
                 except AirouterError as exc:
                     error = exc
                 if error is None:
                     if finished is None:
                         error = Unavailable("the stream ended early")
-                    elif finished.reason == generate_pb2.FINISH_REASON_ERROR:
+                    elif finished.reason is FinishReason.ERROR:
                         error = Unavailable(finished.error_message)
                     else:
-                        span.set_attributes(tracing.finish_attributes(finished))
+                        span.set_attributes(finish_attributes(finished))
                 if error is not None:
                     span.set_status(trace.StatusCode.ERROR, f"{error.code}: {error}")
         finally:
@@ -494,7 +509,7 @@ class BatchRunner:
         if error is None:
             assert finished is not None
             result.state, result.text = _SUCCEEDED, "".join(texts)
-            result.finished.CopyFrom(finished)
+            result.finished.CopyFrom(finished_pb(finished))
         elif (
             isinstance(error, _RETRYABLE)
             and item.attempts < self._max_attempts
@@ -579,11 +594,11 @@ class BatchRunner:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
 
 
-def _validate(batch_id: str, items: Any) -> None:
+def _validate(batch_id: str, items: list[tuple[str, GenerateRequest]]) -> None:
     if not BATCH_ID.fullmatch(batch_id):
         raise InvalidArgument(
-            f"batch_id {batch_id!r}: use 1 to 64 letters, digits, '_', '.' or '-', or leave it "
-            "empty for the gateway to choose"
+            f"batch_id {shown(batch_id)}: use 1 to 64 letters, digits, '_', '.' or '-', or "
+            "leave it empty for the gateway to choose"
         )
     if not items:
         raise InvalidArgument("the batch has no items; send at least one")
@@ -592,17 +607,17 @@ def _validate(batch_id: str, items: Any) -> None:
             f"the batch has {len(items)} items; split it into batches of at most {MAX_ITEMS}"
         )
     seen: set[str] = set()
-    for i, item in enumerate(items):
+    for i, (custom_id, request) in enumerate(items):
         where = f"items[{i}]"
-        if not item.custom_id:
+        if not custom_id:
             raise InvalidArgument(f"{where}.custom_id is empty; give every item a unique one")
-        if item.custom_id in seen:
+        if custom_id in seen:
             raise InvalidArgument(
-                f"{where}.custom_id {item.custom_id!r} is used twice; custom_ids must be unique"
+                f"{where}.custom_id {custom_id[:64]!r} is used twice; custom_ids must be unique"
             )
-        seen.add(item.custom_id)
+        seen.add(custom_id)
         try:
-            validate(item.request)
+            validate(request)
         except InvalidArgument as exc:
             raise InvalidArgument(f"{where}.request: {exc}") from None
 

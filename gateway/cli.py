@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from airouter import grpc_server
+from airouter import add_common_flags, add_log_level_flag, grpc_server
 from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
 from airouter.security import SecurityError, add_security_flags, security_flags
@@ -22,6 +22,7 @@ _log = structlog.get_logger()
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    add_common_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="route requests to modelhosts")
     serve.add_argument("--config", type=Path, help="gateway.toml; reread on SIGHUP")
@@ -36,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-listen",
         help="HOST:PORT of the OpenAI-compatible HTTP edge (default 127.0.0.1:8080)",
     )
-    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS")
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="how long accepted requests may take to finish at shutdown (default 30)",
+    )
     serve.add_argument(
         "--batch-db",
         type=Path,
@@ -45,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_flags(serve)
     serve.add_argument("--modelhost-ca", type=Path, help="CA of the modelhosts' certificates")
     add_tracing_flag(serve)
-    serve.add_argument("--log-level", default="info")
+    add_log_level_flag(serve)
     return parser
 
 

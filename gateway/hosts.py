@@ -9,8 +9,10 @@ host down at once, and it reconnects with jittered exponential backoff. gRPC kee
 channel notices a dead peer under an idle or a busy stream alike. A host that keeps failing
 requests cools down and rejoins only after a real one-token generation succeeds on it.
 
-The link speaks gRPC; what leaves it are gateway messages and the domain errors of
-airouter.errors.
+The link speaks gRPC through the generated stub: it builds the host's own GenerateRequest
+from the gateway's request, field by field, sending only what a host needs (never how the
+gateway routes: a conversation id is often an e-mail address); what leaves it are the
+gateway's events (gateway.generation) and the domain errors of airouter.errors.
 """
 
 import asyncio
@@ -31,8 +33,18 @@ from airouter import tracing
 from airouter.errors import AirouterError, Unavailable
 from airouter.grpc_server import error_from_rpc
 from airouter.security import bearer
-from airouter.v1 import gateway_pb2, generate_pb2, host_status_pb2, model_host_pb2
+from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
+from gateway.generation import (
+    Event,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    Sampling,
+    Stopping,
+    Token,
+)
 from gateway.standing import HostState, Standing
+from gateway.wire import fill_sampling, fill_stopping, finished_from_pb
 
 _log = structlog.get_logger()
 
@@ -46,7 +58,7 @@ WATCHDOG_INTERVALS = 3
 # waits are short so a host started just after the gateway (`airouter up`) joins at once.
 RECONNECT_BACKOFF_S = (0.1, 15.0)
 # For this long after the gateway starts, a request that no host can serve yet waits (within
-# its deadline, at most service.STARTUP_WAIT_S) while a host has not been up once, and such a
+# its deadline, at most the first-message budget) while a host has not been up once, and such a
 # host is retried at least every STARTING_RETRY_S.
 STARTING_S = 30.0
 STARTING_RETRY_S = 0.5
@@ -87,23 +99,7 @@ class Host:
     _held_of: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        # The gateway's request and response messages mirror the host's field for field, so
-        # the host's stream is parsed straight into the gateway's response type (no copy).
-        self.generate = self.channel.unary_stream(
-            "/airouter.v1.ModelHost/Generate",
-            request_serializer=gateway_pb2.GatewayGenerateRequest.SerializeToString,
-            response_deserializer=gateway_pb2.GatewayGenerateResponse.FromString,
-        )
-        self.list_models = self.channel.unary_unary(
-            "/airouter.v1.ModelHost/ListModels",
-            request_serializer=model_host_pb2.ListModelsRequest.SerializeToString,
-            response_deserializer=model_host_pb2.ListModelsResponse.FromString,
-        )
-        self.watch_status = self.channel.unary_stream(
-            "/airouter.v1.ModelHost/WatchStatus",
-            request_serializer=model_host_pb2.WatchStatusRequest.SerializeToString,
-            response_deserializer=model_host_pb2.WatchStatusResponse.FromString,
-        )
+        self.stub = model_host_pb2_grpc.ModelHostStub(self.channel)
 
     @property
     def state(self) -> HostState:
@@ -127,21 +123,26 @@ class Host:
         return time.time() - (time.monotonic() - self.standing.since)
 
     async def stream(
-        self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
-    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
-        """The host's Generate stream for the request, token deltas that pile up merged; a
-        failure is raised as the domain error of its status. Closing the generator cancels
-        the call, which stops the host's decoding."""
-        call = self.generate(
-            request, timeout=time_left_s, metadata=tracing.inject_metadata(self.metadata)
+        self, request: GenerateRequest, time_left_s: float | None
+    ) -> AsyncGenerator[Event, None]:
+        """The host's Generate stream for the request (its model named as the host knows
+        it), token deltas that pile up merged; a failure is raised as the domain error of its
+        status. Closing the generator cancels the call, which stops the host's decoding."""
+        call = self.stub.Generate(
+            host_request(request),
+            timeout=time_left_s,
+            metadata=tracing.inject_metadata(self.metadata),
         )
         self.calls[call] = ""
         finished = False
         try:
             async with contextlib.aclosing(merged_responses(call)) as responses:
                 async for response in responses:
-                    finished = response.HasField("finished")
-                    yield response
+                    if response.HasField("token"):
+                        yield Token(response.token.text, response.token.token_count)
+                    else:
+                        finished = True
+                        yield finished_from_pb(response.finished)
         except grpc.aio.AioRpcError as exc:
             if not self.calls.get(call):
                 raise error_from_rpc(exc) from None
@@ -226,6 +227,11 @@ class HostPool:
         # A SIGHUP reload and a DNS refresh reconcile one at a time, so neither reverts the
         # other's host list.
         self._reconciling = asyncio.Lock()
+        self._retire_hooks: list[Callable[[str], None]] = []
+
+    def on_retire(self, hook: Callable[[str], None]) -> None:
+        """Calls hook(address) when a host leaves the pool, to drop what is kept of it."""
+        self._retire_hooks.append(hook)
 
     async def start(self) -> None:
         await self.reconcile()
@@ -312,6 +318,8 @@ class HostPool:
         self.hosts.remove(host)
         self._watchers.pop(host.address).cancel()
         _log.info("host_removed", host=host.address, streams=sum(host.in_flight.values()))
+        for hook in self._retire_hooks:
+            hook(host.address)
 
         self._spawn(host.channel.close(grace=RETIRE_GRACE_S))
 
@@ -369,13 +377,13 @@ class HostPool:
         names = ready or [m.name for m in host.models]
         if not names:
             return False
-        request = gateway_pb2.GatewayGenerateRequest(model=names[0], prompt="Hello")
-        request.stopping.max_tokens = 1
-        request.sampling.temperature = 0.0
+        request = GenerateRequest(
+            names[0], prompt="Hello", sampling=Sampling(temperature=0.0), stopping=Stopping(1)
+        )
         try:
-            async for response in host.stream(request, 30.0):
-                if response.HasField("finished"):
-                    return response.finished.reason != generate_pb2.FINISH_REASON_ERROR
+            async for event in host.stream(request, 30.0):
+                if isinstance(event, Finished):
+                    return event.reason is not FinishReason.ERROR
         except AirouterError as exc:
             _log.info("host_probe_failed", host=host.address, error=str(exc))
         return False
@@ -405,13 +413,13 @@ class HostPool:
         silence_s = WATCHDOG_INTERVALS * WATCH_INTERVAL_MS / 1000
         while True:
             try:
-                catalog = await host.list_models(
+                catalog = await host.stub.ListModels(
                     model_host_pb2.ListModelsRequest(),
                     timeout=LIST_TIMEOUT_S,
                     metadata=host.metadata,
                 )
                 host.models = list(catalog.models)
-                stream = host.watch_status(
+                stream = host.stub.WatchStatus(
                     model_host_pb2.WatchStatusRequest(interval_ms=WATCH_INTERVAL_MS),
                     metadata=host.metadata,
                 )
@@ -454,9 +462,23 @@ class HostPool:
             backoff = min(backoff * 2, STARTING_RETRY_S if starting else RECONNECT_BACKOFF_S[1])
 
 
+def host_request(request: GenerateRequest) -> model_host_pb2.GenerateRequest:
+    """The host's request: what to generate, and nothing of how the gateway routes it."""
+    pb = model_host_pb2.GenerateRequest(request_id=request.request_id, model=request.model)
+    if request.messages is not None:
+        pb.chat.SetInParent()  # a chat even with no messages: the host says what is wrong
+        for message in request.messages:
+            pb.chat.messages.add(role=message.role, content=message.content)
+    else:
+        pb.prompt = request.prompt or ""
+    fill_sampling(pb.sampling, request.sampling)
+    fill_stopping(pb.stopping, request.stopping)
+    return pb
+
+
 async def merged_responses(
     call: grpc.aio.UnaryStreamCall,
-) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+) -> AsyncGenerator[model_host_pb2.GenerateResponse, None]:
     """The call's messages. While the client keeps up they are read and passed on one by one,
     one wake-up each. Once passing one on took SLOW_WRITE_S (the client is behind), a task of
     their own reads them from then on, and token deltas that arrive while earlier ones are
@@ -478,7 +500,7 @@ async def merged_responses(
         yield response
         if time.monotonic() - started >= SLOW_WRITE_S:
             break
-    pending: deque[gateway_pb2.GatewayGenerateResponse] = deque()
+    pending: deque[model_host_pb2.GenerateResponse] = deque()
     arrived = asyncio.Event()
     failure: list[grpc.aio.AioRpcError] = []
     done = False

@@ -6,24 +6,30 @@ cancels its request on the host, streamed or not.
 """
 
 import asyncio
+import functools
 import json
+import logging
 import re
 import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from airouter import tracing
-from airouter.errors import AirouterError, NotFound, Unauthenticated
+from airouter.errors import AirouterError, InvalidArgument, NotFound, Unauthenticated, shown
 from airouter.openai_api import (
-    FINISH_REASON_NAMES,
+    ChatCompletionRequest,
+    CompletionRequest,
     chunk_json,
     completion_json,
     error_json,
@@ -33,8 +39,22 @@ from airouter.openai_api import (
     usage_json,
 )
 from airouter.security import Credentials, accepts_token
+from airouter.v1 import generate_pb2
+from gateway.generation import (
+    MAX_GENERATE_BYTES,
+    Finished,
+    GenerateRequest,
+    Message,
+    Routing,
+    Sampling,
+    Stopping,
+    Token,
+    finish_attributes,
+    request_attributes,
+    validate,
+)
 from gateway.metrics import GatewayMetrics
-from gateway.service import MAX_GENERATE_BYTES, GatewayService
+from gateway.service import GatewayService
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -44,15 +64,82 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KEEPALIVE_S = 75.0
 REQUEST_ID = web.RequestKey("request_id", str)
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Bodies larger than this are parsed and validated off the event loop.
+LARGE_BODY_BYTES = 64 << 10
 
 
-def _model_json(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "airouter"}
+class _Connection(RequestHandler):
+    """aiohttp's connection handler, with what a request that its parser refused (headers
+    over 8 KB, a bad Content-Length or chunked encoding) gets: an OpenAI-shaped JSON 400 instead
+    of text/plain, and at most one log line (RefusalLog) instead of a traceback."""
+
+    got_request = False  # set once a request's headers have all arrived (the middleware)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        self.logger.warning("http_request_refused", exc_info=exc)
+        if request.writer.output_size > 0:  # a response has begun: the connection just ends
+            raise ConnectionError("the response has begun; it cannot become an error")
+        if status >= 500:
+            status_name, text = "INTERNAL", "the gateway failed to answer this request"
+        else:
+            reason = str(getattr(exc, "message", "") or message or "malformed request")
+            status_name, text = "INVALID_ARGUMENT", f"the HTTP request is malformed: {reason}"
+        http_status, body = error_json(status_name, text[:300])
+        response = web.json_response(body, status=http_status)
+        response.force_close()
+        return response
 
 
-def _close_if_no_request(handler: Any) -> None:
-    # _request_count: requests whose headers the connection has parsed (aiohttp's own count).
-    if getattr(handler, "_request_count", 1) == 0 and handler.transport is not None:
+class RefusalLog(logging.Logger):
+    """aiohttp's server logger for the HTTP edge: every refusal or failure aiohttp itself
+    handles is one JSON line with no traceback, and at most one a second (anyone who reaches
+    the port, before authentication, can cause them), counting the ones left out."""
+
+    EVERY_S = 1.0
+
+    def __init__(self) -> None:
+        super().__init__("airouter.http_edge")
+        self._next = 0.0
+        self._left_out = 0
+
+    def _event(self, event: str, exc_info: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        self._next = now + self.EVERY_S
+        error = exc_info if isinstance(exc_info, BaseException) else None
+        _log.warning(
+            event,
+            error_type=type(error).__name__ if error else "",
+            error=str(error)[:200] if error else "",
+            left_out=self._left_out,
+        )
+        self._left_out = 0
+
+    def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self._event(
+            str(msg) if msg == "http_request_refused" else "http_edge_error", kwargs.get("exc_info")
+        )
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        self._event("http_edge_error", exc_info)
+
+    def error(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self._event("http_edge_error", kwargs.get("exc_info"))
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        pass  # aiohttp's debug lines (non-HTTP bytes on the port) are noise here
+
+
+def _close_if_no_request(handler: _Connection) -> None:
+    if not handler.got_request and handler.transport is not None:
         handler.transport.close()
 
 
@@ -78,6 +165,8 @@ class HttpEdge:
         self._request_timeout_s = request_timeout_s
         self._header_timeout_s = header_timeout_s
         self._listener: asyncio.Server | None = None
+        self._refusals = RefusalLog()
+        self._first_seen: dict[str, int] = {}  # model name -> when /v1/models first listed it
         self.app = web.Application(
             middlewares=[self._errors, self._auth], client_max_size=MAX_GENERATE_BYTES
         )
@@ -94,8 +183,13 @@ class HttpEdge:
         # handler_cancellation: a client that disconnects cancels its handler, and with it the
         # host's generation (aiohttp lets handlers run on by default). An idle keep-alive
         # connection closes after KEEPALIVE_S (aiohttp's default is an hour).
+        # Connections are made by _connection, with these same settings.
         self._runner = web.AppRunner(
-            self.app, access_log=None, handler_cancellation=True, keepalive_timeout=KEEPALIVE_S
+            self.app,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=KEEPALIVE_S,
+            logger=self._refusals,
         )
         await self._runner.setup()
         try:
@@ -116,8 +210,15 @@ class HttpEdge:
         arrived within the header timeout: aiohttp itself would wait for them forever, so a
         client sending a byte at a time (slowloris) could hold connections open at will."""
         assert self._runner is not None and self._runner.server is not None
-        handler = self._runner.server()
-        asyncio.get_running_loop().call_later(self._header_timeout_s, _close_if_no_request, handler)
+        loop = asyncio.get_running_loop()
+        handler = _Connection(
+            self._runner.server,
+            loop=loop,
+            keepalive_timeout=KEEPALIVE_S,
+            access_log=None,  # type: ignore[arg-type]  # no access log, as AppRunner takes it
+            logger=self._refusals,
+        )
+        loop.call_later(self._header_timeout_s, _close_if_no_request, handler)
         return handler
 
     async def close(self) -> None:
@@ -130,6 +231,8 @@ class HttpEdge:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # The id that the gateway's and the hosts' logs and traces use; a client's own
         # x-request-id is kept when it is a sane one.
+        if isinstance(request.protocol, _Connection):
+            request.protocol.got_request = True
         given = request.headers.get("x-request-id", "")
         request[REQUEST_ID] = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
         try:
@@ -165,8 +268,15 @@ class HttpEdge:
 
     async def _models(self, request: web.Request) -> web.Response:
         listed = await self._service.list_models()
-        data = [_model_json(m.name) for m in listed.models]
+        data = [self._model_json(m) for m in listed.models]
         return web.json_response({"object": "list", "data": data})
+
+    def _model_json(self, model: generate_pb2.ModelInfo) -> dict[str, Any]:
+        """A model as OpenAI lists it: `created` is when its files were written, else when
+        this gateway first saw it (openrouter/ models, hosts that do not say)."""
+        seen = self._first_seen.setdefault(model.name, int(time.time()))
+        created = model.created_at.seconds if model.HasField("created_at") else seen
+        return {"id": model.name, "object": "model", "created": created, "owned_by": "airouter"}
 
     async def _model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: a model by name or alias (openrouter/ names included)."""
@@ -174,8 +284,8 @@ class HttpEdge:
         listed = await self._service.list_models()
         for model in listed.models:
             if wanted == model.name or wanted in model.aliases:
-                return web.json_response(_model_json(model.name))
-        raise NotFound(f"no model {wanted!r}; GET /v1/models lists them")
+                return web.json_response(self._model_json(model))
+        raise NotFound(f"no model {shown(wanted)}; GET /v1/models lists them")
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
@@ -184,20 +294,25 @@ class HttpEdge:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        try:
-            body: Any = json.loads((await request.read()).decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            return _error("INVALID_ARGUMENT", f"the body is not UTF-8 (byte {exc.start})")
-        except json.JSONDecodeError as exc:
-            return _error("INVALID_ARGUMENT", f"the body is not JSON: {exc}")
-        generate, stream, include_usage = parse_request(body, chat=chat)
-        generate.request_id = request[REQUEST_ID]
-        # A conversation's affinity hint; OpenAI's `user` field says the same for an end user.
-        generate.conversation_id = request.headers.get(
-            "x-conversation-id", generate.conversation_id
+        raw = await request.read()
+        # A large body is parsed and validated on a worker thread: the loop serves the rest.
+        if len(raw) > LARGE_BODY_BYTES:
+            parsed, generate = await asyncio.to_thread(_parse, raw, chat)
+        else:
+            parsed, generate = _parse(raw, chat)
+        generate = replace(
+            generate,
+            request_id=request[REQUEST_ID],
+            routing=Routing(
+                # A conversation's affinity hint; OpenAI's `user` says the same for an end user.
+                conversation_id=request.headers.get("x-conversation-id", parsed.user or "")
+            ),
         )
+        stream, include_usage = parsed.stream, parsed.include_usage
         headers = {"x-request-id": generate.request_id}
-        with tracing.request_span(_tracer, generate, request.headers.items()) as span:
+        attributes = functools.partial(request_attributes, generate)
+        name = f"{'chat' if chat else 'text_completion'} {generate.model}"
+        with tracing.request_span(_tracer, name, attributes, request.headers.items()) as span:
             responses = self._service.generate(generate, self._request_timeout_s)
             async with aclosing(responses):
                 ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -205,18 +320,20 @@ class HttpEdge:
                 first = await anext(responses)  # errors before the first token raise here
                 if not stream:
                     texts: list[str] = []
-                    message = first
-                    while not message.HasField("finished"):
-                        texts.append(message.token.text)
-                        message = await anext(responses)
-                    span.set_attributes(tracing.finish_attributes(message.finished))
+                    event = first
+                    while isinstance(event, Token):
+                        texts.append(event.text)
+                        event = await anext(responses)
+                    span.set_attributes(finish_attributes(event))
                     return web.json_response(
                         completion_json(
                             chat=chat,
                             id=ident,
                             created=created,
+                            model=event.model,
                             text="".join(texts),
-                            finished=message.finished,
+                            finish_reason=event.reason.value,
+                            usage=event.usage,
                         ),
                         headers=headers,
                     )
@@ -228,29 +345,27 @@ class HttpEdge:
                     }
                 )
                 await out.prepare(request)
-                message, model, opening = first, generate.model, True
+                event, model, opening = first, generate.model, True
                 while True:
-                    if message.HasField("finished"):
-                        finished = message.finished
-                        span.set_attributes(tracing.finish_attributes(finished))
-                        reason = FINISH_REASON_NAMES.get(finished.reason, "stop")
-                        if finished.error_message:
+                    if isinstance(event, Finished):
+                        span.set_attributes(finish_attributes(event))
+                        if event.error_message:
                             error = {
-                                "error": {"message": finished.error_message, "type": "server_error"}
+                                "error": {"message": event.error_message, "type": "server_error"}
                             }
                             await out.write(sse(error))
                         last = chunk_json(
                             chat=chat,
                             id=ident,
                             created=created,
-                            model=finished.model or model,
+                            model=event.model or model,
                             text="",
-                            finish_reason=reason,
+                            finish_reason=event.reason.value,
                             first=opening,
                         )
                         await out.write(sse(last))
                         if include_usage:
-                            usage = {**last, "choices": [], "usage": usage_json(finished)}
+                            usage = {**last, "choices": [], "usage": usage_json(event.usage)}
                             await out.write(sse(usage))
                         await out.write(sse("[DONE]"))
                         return out
@@ -259,10 +374,41 @@ class HttpEdge:
                         id=ident,
                         created=created,
                         model=model,
-                        text=message.token.text,
+                        text=event.text,
                         finish_reason=None,
                         first=opening,
                     )
                     await out.write(sse(chunk))
                     opening = False
-                    message = await anext(responses)
+                    event = await anext(responses)
+
+
+def _parse(
+    raw: bytes, chat: bool
+) -> tuple[ChatCompletionRequest | CompletionRequest, GenerateRequest]:
+    """The body as an OpenAI request and as the gateway's, validated; InvalidArgument says
+    what is wrong."""
+    try:
+        body: Any = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"the body is not UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"the body is not JSON: {exc}") from None
+    parsed = parse_request(body, chat=chat)
+    generate = generate_request(parsed)
+    validate(generate)
+    return parsed, generate
+
+
+def generate_request(parsed: ChatCompletionRequest | CompletionRequest) -> GenerateRequest:
+    """The gateway's request for an OpenAI body (the caller adds its id and routing)."""
+    messages = None
+    if isinstance(parsed, ChatCompletionRequest):
+        messages = tuple(Message(m.role, m.content) for m in parsed.messages)
+    return GenerateRequest(
+        model=parsed.model,
+        prompt=None if messages is not None else parsed.text,  # type: ignore[union-attr]
+        messages=messages,
+        sampling=Sampling(**parsed.sampling()),
+        stopping=Stopping(parsed.token_limit, tuple(parsed.stops), parsed.ignore_eos),
+    )

@@ -10,10 +10,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from airouter.errors import AirouterError
-from airouter.labels import enum_label
 from airouter.prometheus import request_histograms
-from airouter.v1 import generate_pb2
 from gateway.config import OPENROUTER_PREFIX
+from gateway.generation import Finished, FinishReason
 from gateway.hosts import HostPool
 from gateway.standing import HostState
 from gateway.upstream import UPSTREAM_HOST, OpenAIUpstream
@@ -78,9 +77,9 @@ class GatewayMetrics:
     def first_token(self, model: str, seconds: float) -> None:
         self._child(self.ttft, model).observe(seconds)
 
-    def finished(self, model: str, f: generate_pb2.Finished, seconds: float) -> None:
+    def finished(self, model: str, f: Finished, seconds: float) -> None:
         child = self._child
-        outcome = enum_label(generate_pb2.FinishReason, f.reason)
+        outcome = f.reason.value
         child(self.requests, model, f.host, outcome).inc()
         child(self.tokens, model, "prompt").inc(f.usage.prompt_tokens)
         child(self.tokens, model, "completion").inc(f.usage.completion_tokens)
@@ -88,7 +87,7 @@ class GatewayMetrics:
         child(self.prompt_tokens, f.host, "reused").inc(reused)
         child(self.prompt_tokens, f.host, "computed").inc(f.usage.prompt_tokens - reused)
         child(self.latency, model).observe(seconds)
-        if f.host == UPSTREAM_HOST and f.reason == generate_pb2.FINISH_REASON_ERROR:
+        if f.host == UPSTREAM_HOST and f.reason is FinishReason.ERROR:
             self.upstream_errors.labels("mid_stream").inc()
 
     def refused(self, model: str, error: AirouterError) -> None:

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from airouter.errors import InvalidArgument, NotFound, Unavailable
+from airouter.errors import InvalidArgument, NotFound, Unavailable, shown
 from airouter.v1 import generate_pb2
 from gateway.hosts import Host
 from gateway.prefixes import DEFAULT_PREFIX_POLICY, PrefixPolicy
@@ -76,13 +76,13 @@ def candidates(
         ]
         if elsewhere:
             raise Unavailable(
-                f"{requested!r} is served only by hosts that are not available: "
+                f"{shown(requested)} is served only by hosts that are not available: "
                 + "; ".join(f"{h.address}: {h.state.value} ({h.detail})" for h in elsewhere)
             )
         names = sorted({m.name for h in routable for m in h.models})
         tags = sorted({t for h in routable for m in h.models for t in m.capabilities})
         raise NotFound(
-            f"no available host serves {requested!r}; models: {', '.join(names) or 'none'}; "
+            f"no available host serves {shown(requested)}; models: {', '.join(names) or 'none'}; "
             f"capabilities (ask for capability:<tag>): {', '.join(tags) or 'none'}"
         )
     if min_context:
@@ -91,8 +91,8 @@ def candidates(
             largest = max(m.context_length for _, m in pairs)
             raise InvalidArgument(
                 f"min_context_length {min_context} exceeds the context of every model that "
-                f"matches {requested!r} (the largest has {largest}); ask for less or configure "
-                "a model with more context"
+                f"matches {shown(requested)} (the largest has {largest}); ask for less or "
+                "configure a model with more context"
             )
         pairs = wide
     ranked = [c for c in (_rank(h, m) for h, m in pairs) if c is not None]
@@ -100,7 +100,7 @@ def candidates(
         why = "; ".join(
             f"{h.address}/{m.name}: {_status_detail(h, m.name) or 'error'}" for h, m in pairs
         )
-        raise Unavailable(f"{requested!r} failed to load on every host that serves it: {why}")
+        raise Unavailable(f"{shown(requested)} failed to load on every host that serves it: {why}")
     ranked.sort(key=lambda c: (c.tier, -c.weight, c.ttft_ms))
     equals = [c for c in ranked if (c.tier, c.weight) == (ranked[0].tier, ranked[0].weight)]
     if len(equals) > 1:

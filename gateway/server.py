@@ -45,6 +45,7 @@ class RunningGateway:
         listeners, and this returns once the accepted ones have finished."""
         self.batches.drain()
         self.service.drain()
+        _log.info("draining", in_flight=self.service.in_flight)
         await self.batches.stop_items()  # they run again at the next start
         await self.service.drained()
 

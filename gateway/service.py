@@ -1,13 +1,13 @@
 """The gateway's one request path: resolve -> route -> attempt -> relay -> finish.
 
 The gRPC servicer, the HTTP edge and the batch runner are adapters over GatewayService: they
-turn their transport's request into a GatewayGenerateRequest, iterate `generate`, and turn
-its messages and domain errors (airouter.errors) back into their transport's. Metrics observe
+turn their transport's request into a gateway.generation.GenerateRequest, iterate `generate`,
+and turn its events and domain errors (airouter.errors) back into their transport's. Metrics observe
 the path through a RequestObserver; tracing spans are opened here.
 
 Before the first message a host that is down, full, silent past its first-message budget, or
 that ends the request with an error and no token, is skipped for the next candidate, within the
-caller's deadline; after it, a failure ends the stream with FINISH_REASON_ERROR naming the cause.
+caller's deadline; after it, a failure ends the stream with an `error` finish naming the cause.
 """
 
 import asyncio
@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -28,30 +28,34 @@ from airouter.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
-    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
+    shown,
 )
 from airouter.prefix import NO_PREFIX, Prefix, prefix_of
 from airouter.v1 import gateway_pb2, generate_pb2
 from gateway import router
 from gateway.config import OPENROUTER_PREFIX
+from gateway.generation import (
+    Event,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    Token,
+    error_finish,
+    validate,
+)
 from gateway.hosts import Host, HostPool
-from gateway.prefixes import DEFAULT_PREFIX_POLICY, PrefixMemory, PrefixPolicy
+from gateway.prefixes import DEFAULT_PREFIX_POLICY, PrefixMemory, PrefixPolicy, routing_blocks
 from gateway.upstream import OpenAIUpstream, relay_upstream
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
 
-# The largest Generate request: what a host accepts (gRPC's default message size). Only
-# SubmitBatch may be larger (the gateway server's limit).
-MAX_GENERATE_BYTES = 4 << 20
-# The longest conversation id kept for routing affinity.
-MAX_CONVERSATION_ID = 256
-# How long a request waits for a host to become available before it fails.
-STARTUP_WAIT_S = 3.0
+# Prompts larger than this are hashed for routing off the event loop.
+LARGE_PROMPT_BYTES = 64 << 10
 # How long a listing right after start waits for hosts to be tried.
 FIRST_CONTACT_WAIT_S = 3.0
 # Errors before the first token after which another host may well succeed.
@@ -63,11 +67,6 @@ _SATURATED_TIER = 3
 UNKNOWN_MODEL = "(unknown)"
 OTHER_CLOUD_MODEL = f"{OPENROUTER_PREFIX}(other)"
 
-_POLICY_NAMES = {
-    gateway_pb2.ROUTING_POLICY_LOCAL_ONLY: "local_only",
-    gateway_pb2.ROUTING_POLICY_LOCAL_FIRST: "local_first",
-    gateway_pb2.ROUTING_POLICY_CLOUD_ONLY: "cloud_only",
-}
 # When hosts disagree on a model's state, the merged entry shows the most usable one.
 _STATE_RANK = {
     state: rank
@@ -100,11 +99,11 @@ class CloudRouting:
     allowed_models: tuple[str, ...] = ()
     allow_policy_override: bool = False
 
-    def policy(self, request: gateway_pb2.GatewayGenerateRequest) -> str:
+    def policy(self, request: GenerateRequest) -> str:
         operator = self.model_policies.get(request.model, self.default_policy)
-        if not request.routing_policy:
+        if request.routing.policy is None:
             return operator
-        asked = _POLICY_NAMES[request.routing_policy]
+        asked = request.routing.policy.value
         return asked if asked == "local_only" or self.allow_policy_override else operator
 
     def check_allowed(self, model: str, policy: str) -> None:
@@ -115,8 +114,8 @@ class CloudRouting:
         if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.allowed_models):
             return
         raise PermissionDenied(
-            f"{model!r} runs in the cloud, and this gateway's policy for it is local_only; the "
-            "operator can admit it with cloud_allowed_models in gateway.toml"
+            f"{shown(model)} runs in the cloud, and this gateway's policy for it is local_only; "
+            "the operator can admit it with cloud_allowed_models in gateway.toml"
         )
 
 
@@ -124,7 +123,7 @@ class RequestObserver(Protocol):
     """What the request path reports as it goes (metrics implement it)."""
 
     def first_token(self, model: str, seconds: float) -> None: ...
-    def finished(self, model: str, finished: generate_pb2.Finished, seconds: float) -> None: ...
+    def finished(self, model: str, finished: Finished, seconds: float) -> None: ...
     def refused(self, model: str, error: AirouterError) -> None: ...
     def failed_over(self, host: str) -> None: ...
 
@@ -145,6 +144,7 @@ class GatewayService:
         self.first_message_s = first_message_s
         self.prefix_policy = prefix_policy
         self.prefixes = PrefixMemory()
+        pool.on_retire(self.prefixes.forget)
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -155,13 +155,18 @@ class GatewayService:
         to another gateway; those accepted finish, whether streaming or waiting for a host."""
         self.draining = True
 
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet finished."""
+        return self._in_flight
+
     async def drained(self) -> None:
         """Returns once no request is in flight."""
         await self._idle.wait()
 
     async def generate(
-        self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
-    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        self, request: GenerateRequest, time_left_s: float | None
+    ) -> AsyncGenerator[Event, None]:
         """The stream of the host (or the cloud) that serves the request; raises a domain
         error when it cannot be served before a first message."""
         started = time.perf_counter()
@@ -174,15 +179,13 @@ class GatewayService:
                 raise Unavailable("the gateway is shutting down; send the request to another")
             validate(request)
             async with aclosing(self._serve(request, time_left_s)) as responses:
-                async for response in responses:
-                    if first and response.HasField("token"):
+                async for event in responses:
+                    if first and isinstance(event, Token):
                         self.observer.first_token(label, time.perf_counter() - started)
                         first = False
-                    if response.HasField("finished"):
-                        self.observer.finished(
-                            label, response.finished, time.perf_counter() - started
-                        )
-                    yield response
+                    elif isinstance(event, Finished):
+                        self.observer.finished(label, event, time.perf_counter() - started)
+                    yield event
         except AirouterError as exc:
             self.observer.refused(label, exc)
             raise
@@ -204,11 +207,11 @@ class GatewayService:
         return requested if known else UNKNOWN_MODEL
 
     async def _serve(
-        self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
-    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+        self, request: GenerateRequest, time_left_s: float | None
+    ) -> AsyncGenerator[Event, None]:
         deadline = None if time_left_s is None else time.monotonic() + time_left_s
         if not request.request_id:
-            request.request_id = uuid.uuid4().hex
+            request = replace(request, request_id=uuid.uuid4().hex)
         requested = request.model
         log = _log.bind(request_id=request.request_id, model=requested)
         cloud = self.cloud
@@ -220,17 +223,23 @@ class GatewayService:
             if not requested.startswith(OPENROUTER_PREFIX):
                 if fallback is None:
                     raise FailedPrecondition(
-                        f"{requested!r} is to run in the cloud but has no cloud model; add it "
+                        f"{shown(requested)} is to run in the cloud but has no cloud model; add it "
                         "to cloud_models in gateway.toml, or ask for routing_policy local_only"
                     )
-                request.model = fallback
+                request = request.with_model(fallback)
             async with aclosing(relay_upstream(cloud.upstream, request, deadline)) as responses:
                 async for response in responses:
                     yield response
             return
         local_first = policy == "local_first" and fallback is not None
         try:
-            prefix = request_prefix(request) if self.prefix_policy.enabled else NO_PREFIX
+            prefix = NO_PREFIX
+            if self.prefix_policy.enabled:
+                # Hashing a large prompt runs on a worker thread: the loop serves the rest.
+                if request.size() > LARGE_PROMPT_BYTES:
+                    prefix = await asyncio.to_thread(request_prefix, request)
+                else:
+                    prefix = request_prefix(request)
             ranked = await self._route(request, deadline, log, prefix)
             if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
                 raise ResourceExhausted("every host that serves it is saturated")
@@ -246,14 +255,14 @@ class GatewayService:
             log.info("cloud_fallback", cloud_model=fallback, reason=str(exc))
             trace.get_current_span().add_event("cloud_fallback", {"airouter.reason": str(exc)})
         assert fallback is not None
-        request.model = fallback
+        request = request.with_model(fallback)
         async with aclosing(relay_upstream(cloud.upstream, request, deadline)) as responses:
             async for response in responses:
                 yield response
 
     async def _route(
         self,
-        request: gateway_pb2.GatewayGenerateRequest,
+        request: GenerateRequest,
         deadline: float | None,
         log: Any,
         prefix: Prefix,
@@ -281,34 +290,33 @@ class GatewayService:
             )
         return ranked
 
-    def _hit_estimate(
-        self, request: gateway_pb2.GatewayGenerateRequest, prefix: Prefix
-    ) -> router.HitEstimate | None:
+    def _hit_estimate(self, request: GenerateRequest, prefix: Prefix) -> router.HitEstimate | None:
         """Prompt tokens a host holds for the request; the conversation's last host counts as
         holding at least enough to be preferred."""
         if not self.prefix_policy.enabled:
             return None
-        last = self.prefixes.last_host(request.conversation_id)
+        last = self.prefixes.last_host(request.routing.conversation_id)
         if not prefix.blocks and last is None:
             return None
         floor = self.prefix_policy.min_tokens
+        blocks = routing_blocks(prefix.blocks)
 
         def hit(host: Host, model: generate_pb2.ModelInfo) -> int:
-            tokens = self.prefixes.expected_hit(host, model.name, prefix.blocks)
+            tokens = self.prefixes.expected_hit(host, model.name, blocks)
             return max(tokens, floor) if host.address == last else tokens
 
         return hit
 
     async def _candidates(
         self,
-        request: gateway_pb2.GatewayGenerateRequest,
+        request: GenerateRequest,
         deadline: float | None,
         hit: router.HitEstimate | None = None,
     ) -> list[router.Candidate]:
         """The ranked candidates. While some host may still be starting (the gateway has just
         started, or the host with it) a request nothing can serve waits for the pool's view to
-        change, within its deadline and at most STARTUP_WAIT_S."""
-        give_up = time.monotonic() + STARTUP_WAIT_S
+        change, within its deadline and at most the first-message budget."""
+        give_up = time.monotonic() + self.first_message_s
         if deadline is not None:
             give_up = min(give_up, deadline)
         while True:
@@ -316,7 +324,7 @@ class GatewayService:
                 return router.candidates(
                     self.pool.hosts,
                     request.model,
-                    request.min_context_length,
+                    request.routing.min_context_length,
                     hit=hit,
                     policy=self.prefix_policy,
                 )
@@ -328,12 +336,12 @@ class GatewayService:
 
     async def _attempts(
         self,
-        request: gateway_pb2.GatewayGenerateRequest,
+        request: GenerateRequest,
         ranked: list[router.Candidate],
         deadline: float | None,
         log: Any,
         prefix: Prefix,
-    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    ) -> AsyncGenerator[Event, None]:
         """Tries the candidates in order until one streams."""
         requested = request.model
         failures: list[str] = []
@@ -343,10 +351,9 @@ class GatewayService:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise DeadlineExceeded(
-                    f"the deadline passed before a host could serve {requested!r}; tried: "
+                    f"the deadline passed before a host could serve {shown(requested)}; tried: "
                     f"{'; '.join(failures) or 'none'}"
                 )
-            request.model = name  # a host knows its models by name, not by capability
             with tracing.span(
                 _tracer,
                 f"attempt {host.address}",
@@ -354,7 +361,9 @@ class GatewayService:
                 attributes={"server.address": host.address, "airouter.attempt": attempt},
             ) as span:
                 try:
-                    relay = self._relay(host, name, request, left, span, prefix)
+                    # A host knows its models by name, not by alias or capability.
+                    on_host = request.with_model(name)
+                    relay = self._relay(host, name, on_host, left, span, prefix)
                     async with aclosing(relay) as responses:
                         async for response in responses:
                             yield response
@@ -368,21 +377,23 @@ class GatewayService:
                     last = exc.cause
         if isinstance(last, ResourceExhausted):
             raise ResourceExhausted(
-                f"every host that serves {requested!r} is full: {'; '.join(failures)}"
+                f"every host that serves {shown(requested)} is full: {'; '.join(failures)}"
             )
         if isinstance(last, DeadlineExceeded):
-            raise DeadlineExceeded(f"no host answered {requested!r} in time: {'; '.join(failures)}")
-        raise Unavailable(f"no host could serve {requested!r}; tried: {'; '.join(failures)}")
+            raise DeadlineExceeded(
+                f"no host answered {shown(requested)} in time: {'; '.join(failures)}"
+            )
+        raise Unavailable(f"no host could serve {shown(requested)}; tried: {'; '.join(failures)}")
 
     async def _relay(
         self,
         host: Host,
         name: str,
-        request: gateway_pb2.GatewayGenerateRequest,
+        request: GenerateRequest,
         time_left_s: float | None,
         span: trace.Span,
         prefix: Prefix,
-    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    ) -> AsyncGenerator[Event, None]:
         """One attempt on one host. Raises _FailedOver when the next host should be tried,
         another domain error when the request is the caller's to fix; after the first message
         every failure becomes an `error` finish."""
@@ -409,17 +420,17 @@ class GatewayService:
                 if isinstance(exc, Unavailable | Internal):
                     self.pool.record_failure(host, f"{exc.code}: {exc}")
                 raise _FailedOver(exc) from None
-            if first.HasField("finished") and first.finished.reason == _ERROR:
+            if isinstance(first, Finished) and first.reason is FinishReason.ERROR:
                 # Failed before any token (decode failure, engine crash): another host may not.
-                self.pool.record_failure(host, first.finished.error_message)
-                raise _FailedOver(Internal(first.finished.error_message or "generation failed"))
-            message: gateway_pb2.GatewayGenerateResponse | None = first
+                self.pool.record_failure(host, first.error_message)
+                raise _FailedOver(Internal(first.error_message or "generation failed"))
+            message: Event | None = first
             while message is not None:
-                if message.HasField("finished"):
-                    message.finished.host = host.address
-                    prompt_tokens = message.finished.usage.prompt_tokens
-                    if message.finished.reason != _ERROR:
-                        self.prefixes.remember(request.conversation_id, host)
+                if isinstance(message, Finished):
+                    message.host = host.address
+                    prompt_tokens = message.usage.prompt_tokens
+                    if message.reason is not FinishReason.ERROR:
+                        self.prefixes.remember(request.routing.conversation_id, host)
                     yield message
                     return
                 yield message
@@ -427,15 +438,22 @@ class GatewayService:
                     message = await anext(stream)
                 except StopAsyncIteration:
                     message = None
+                except DeadlineExceeded:
+                    # The caller's deadline (the host's call ends with it): not the host's fault.
+                    span.set_status(trace.StatusCode.ERROR, "the request's deadline passed")
+                    yield error_finish(
+                        host.address, "had not finished when the request's deadline passed"
+                    )
+                    return
                 except AirouterError as exc:
                     _log.warning("host_failed_mid_stream", host=host.address, error=str(exc))
                     self.pool.record_failure(host, f"failed mid-stream: {exc.code}")
                     span.set_status(trace.StatusCode.ERROR, str(exc))
-                    yield _error_finish(host.address, f"failed mid-stream: {exc}")
+                    yield error_finish(host.address, f"failed mid-stream: {exc}")
                     return
             self.pool.record_failure(host, "a stream ended without a result")
             span.set_status(trace.StatusCode.ERROR, "no result")
-            yield _error_finish(host.address, "ended the stream without a result")
+            yield error_finish(host.address, "ended the stream without a result")
         finally:
             host.in_flight[name] -= 1
             if sent is not None:
@@ -460,6 +478,11 @@ class GatewayService:
                     entry.state, entry.state_detail = state, detail
                 elif _STATE_RANK.get(state, 9) < _STATE_RANK.get(entry.state, 9):
                     entry.state, entry.state_detail = state, detail
+                if model.HasField("created_at") and (
+                    not entry.HasField("created_at")
+                    or model.created_at.seconds < entry.created_at.seconds
+                ):
+                    entry.created_at.CopyFrom(model.created_at)
                 entry.hosts.append(host.address)
                 if state == generate_pb2.MODEL_STATE_READY:
                     entry.resident_hosts.append(host.address)
@@ -477,43 +500,8 @@ class _FailedOver(Exception):
         self.cause = cause
 
 
-_ERROR = generate_pb2.FINISH_REASON_ERROR
-
-
-def request_prefix(request: gateway_pb2.GatewayGenerateRequest) -> Prefix:
+def request_prefix(request: GenerateRequest) -> Prefix:
     """The prompt's prefix blocks, hashed as the hosts hash them."""
-    if request.HasField("chat"):
-        return prefix_of(None, [(m.role, m.content) for m in request.chat.messages])
+    if request.messages is not None:
+        return prefix_of(None, [(m.role, m.content) for m in request.messages])
     return prefix_of(request.prompt, None)
-
-
-def validate(request: gateway_pb2.GatewayGenerateRequest) -> None:
-    """Refuses what no host could serve, cheaply and before any routing."""
-    if not request.model:
-        raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
-    if request.routing_policy and request.routing_policy not in _POLICY_NAMES:
-        raise InvalidArgument(
-            f"routing_policy {request.routing_policy} is unknown; use one of "
-            + ", ".join(gateway_pb2.RoutingPolicy.Name(p) for p in _POLICY_NAMES)
-        )
-    if not request.prompt and not request.chat.messages:
-        raise InvalidArgument("the request has neither a prompt nor chat messages")
-    if len(request.conversation_id) > MAX_CONVERSATION_ID:
-        raise InvalidArgument(
-            f"conversation_id (OpenAI's `user`, or X-Conversation-Id) is "
-            f"{len(request.conversation_id)} characters; at most {MAX_CONVERSATION_ID}"
-        )
-    size = request.ByteSize()
-    if size > MAX_GENERATE_BYTES:
-        raise InvalidArgument(
-            f"the request is {size / (1 << 20):.1f} MiB; a generate request may be at most "
-            f"{MAX_GENERATE_BYTES >> 20} MiB"
-        )
-
-
-def _error_finish(host: str, why: str) -> gateway_pb2.GatewayGenerateResponse:
-    return gateway_pb2.GatewayGenerateResponse(
-        finished=generate_pb2.Finished(
-            reason=generate_pb2.FINISH_REASON_ERROR, error_message=f"host {host} {why}", host=host
-        )
-    )

@@ -1,6 +1,8 @@
 """airouter.v1.Gateway over gRPC: a thin adapter over the gateway's service core and its
 batches. Domain errors become statuses in airouter.grpc_server's interceptor."""
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -8,13 +10,18 @@ import grpc
 from opentelemetry import trace
 
 from airouter import tracing
+from airouter.errors import InvalidArgument
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.batches import BatchRunner
+from gateway.generation import Finished, GenerateRequest, finish_attributes, request_attributes
 from gateway.hosts import Host
 from gateway.service import FIRST_CONTACT_WAIT_S, GatewayService
 from gateway.standing import HostState
+from gateway.wire import event_pb, request_from_pb
 
 _tracer = trace.get_tracer("airouter.gateway")
+# Requests larger than this are translated off the event loop.
+LARGE_REQUEST_BYTES = 64 << 10
 HOST_STATE_TO_PB = {
     HostState.UP: gateway_pb2.HOST_STATE_UP,
     HostState.DOWN: gateway_pb2.HOST_STATE_DOWN,
@@ -33,13 +40,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
-        with tracing.request_span(_tracer, request, context.invocation_metadata()) as span:
-            stream = self._service.generate(request, context.time_remaining())
+        # A large request (thousands of messages) is translated on a worker thread.
+        if request.ByteSize() > LARGE_REQUEST_BYTES:
+            generate = await asyncio.to_thread(request_from_pb, request)
+        else:
+            generate = request_from_pb(request)
+        attributes = functools.partial(request_attributes, generate)
+        name = f"{'chat' if generate.chat else 'text_completion'} {generate.model}"
+        metadata = context.invocation_metadata()
+        with tracing.request_span(_tracer, name, attributes, metadata) as span:
+            stream = self._service.generate(generate, context.time_remaining())
             async with aclosing(stream):  # a client leaving cancels the host call at once
-                async for response in stream:
-                    if response.HasField("finished"):
-                        span.set_attributes(tracing.finish_attributes(response.finished))
-                    yield response
+                async for event in stream:
+                    if isinstance(event, Finished):
+                        span.set_attributes(finish_attributes(event))
+                    yield event_pb(event)
 
     async def ListModels(
         self, request: gateway_pb2.GatewayListModelsRequest, context: grpc.aio.ServicerContext
@@ -56,7 +71,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def SubmitBatch(
         self, request: gateway_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.SubmitBatchResponse:
-        batch = await self._batches.submit(request, context.invocation_metadata())
+        items = await asyncio.to_thread(batch_items, request)  # up to 50,000: off the loop
+        batch = await self._batches.submit(request.batch_id, items, context.invocation_metadata())
         return gateway_pb2.SubmitBatchResponse(batch=batch)
 
     async def GetBatch(
@@ -80,6 +96,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.CancelBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CancelBatchResponse:
         return gateway_pb2.CancelBatchResponse(batch=await self._batches.cancel(request.batch_id))
+
+
+def batch_items(request: gateway_pb2.SubmitBatchRequest) -> list[tuple[str, GenerateRequest]]:
+    """A batch's items in the gateway's terms; InvalidArgument names the item."""
+    items = []
+    for i, item in enumerate(request.items):
+        try:
+            items.append((item.custom_id, request_from_pb(item.request)))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"items[{i}].request: {exc}") from None
+    return items
 
 
 def host_info_pb(host: Host) -> gateway_pb2.HostInfo:

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import trace
 
 from airouter import tracing
@@ -39,13 +40,23 @@ from airouter.errors import (
     Unauthenticated,
     Unavailable,
 )
-from airouter.v1 import gateway_pb2, generate_pb2
 from gateway.config import OPENROUTER_PREFIX
+from gateway.generation import (
+    SAMPLING_FIELDS,
+    Event,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    Token,
+    finish_attributes,
+)
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
 
 DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+# The most data one server-sent event may carry (a chunk is a few hundred bytes).
+MAX_EVENT_CHARS = 1 << 20
 # Transient: a timeout, rate limiting, or a server-side failure (5xx).
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 # Statuses that are the request's (or the account's) own: no retry.
@@ -216,13 +227,19 @@ async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
             if "error" in event:
                 error = event["error"]
                 message = error.get("message", "") if isinstance(error, dict) else str(error)
-                raise failed(f"error: {message};")
-            yield _chunk(event)
+                raise failed(f"error: {str(message)[:500]};")
+            try:
+                chunk = _chunk(event)
+            except ValueError as exc:
+                raise failed(f"sent an event not of OpenAI's shape ({exc})") from None
+            yield chunk
             yielded = True
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         if yielded:
             raise UpstreamStreamError(f"the upstream connection broke mid-stream: {exc}") from exc
         raise
+    except (ValueError, HttpProcessingError):  # a line past the reader's limit, or an event
+        raise failed("sent more in one line or event than the gateway reads") from None
     raise failed("ended the stream without [DONE]")
 
 
@@ -230,46 +247,78 @@ async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     """The `data` of each server-sent event; comments (keep-alives) and other fields are
     skipped, multi-line data is joined with newlines."""
     lines: list[str] = []
+    size = 0
     async for raw in content:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line:
             if lines:
                 yield "\n".join(lines)
-                lines = []
+                lines, size = [], 0
         elif line.startswith("data:"):
             lines.append(line[5:].removeprefix(" "))
+            size += len(line)
+            if size > MAX_EVENT_CHARS:
+                raise ValueError("an event too large")
     if lines:
         yield "\n".join(lines)
 
 
 def _chunk(event: dict[str, Any]) -> Chunk:
-    chunk = Chunk(model=str(event.get("model", "")), raw=event)
+    """A chunk of an event; ValueError says what in the event is not of OpenAI's shape."""
+    model = event.get("model", "")
+    chunk = Chunk(model=model if isinstance(model, str) else "", raw=event)
     choices = event.get("choices") or []
+    if not isinstance(choices, list):
+        raise ValueError("choices is not a list")
     if choices:
         choice = choices[0]
+        if not isinstance(choice, dict):
+            raise ValueError("choices[0] is not an object")
         delta = choice.get("delta") or {}
-        chunk.text = delta.get("content") or choice.get("text") or ""
-        chunk.finish_reason = choice.get("finish_reason")
+        if not isinstance(delta, dict):
+            raise ValueError("choices[0].delta is not an object")
+        text = delta.get("content") or choice.get("text") or ""
+        if not isinstance(text, str):
+            raise ValueError("the content is not a string")
+        chunk.text = text
+        reason = choice.get("finish_reason")
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError("finish_reason is not a string")
+        chunk.finish_reason = reason
     usage = event.get("usage")
     if usage:
-        chunk.prompt_tokens = usage.get("prompt_tokens")
-        chunk.completion_tokens = usage.get("completion_tokens")
-        chunk.cost = usage.get("cost")
+        if not isinstance(usage, dict):
+            raise ValueError("usage is not an object")
+        chunk.prompt_tokens = _count(usage, "prompt_tokens")
+        chunk.completion_tokens = _count(usage, "completion_tokens")
+        cost = usage.get("cost")
+        if cost is not None and (not isinstance(cost, int | float) or isinstance(cost, bool)):
+            raise ValueError("usage.cost is not a number")
+        chunk.cost = None if cost is None else float(cost)
     return chunk
+
+
+def _count(usage: dict[str, Any], name: str) -> int | None:
+    value = usage.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 32:
+        raise ValueError(f"usage.{name} is not a token count")
+    return value
 
 
 # What Finished.host says of a request the upstream served.
 UPSTREAM_HOST = "openrouter"
 _FINISH_REASONS = {
-    "stop": generate_pb2.FINISH_REASON_STOP,
-    "length": generate_pb2.FINISH_REASON_LENGTH,
-    "error": generate_pb2.FINISH_REASON_ERROR,
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "error": FinishReason.ERROR,
 }
 
 
 async def relay_upstream(
-    upstream: OpenAIUpstream, request: gateway_pb2.GatewayGenerateRequest, deadline: float | None
-) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+    upstream: OpenAIUpstream, request: GenerateRequest, deadline: float | None
+) -> AsyncGenerator[Event, None]:
     """Streams an `openrouter/<vendor>/<model>` request from the OpenAI-compatible upstream,
     in the gateway's messages. Errors before the first token are raised (mapped from the
     upstream's status); after it the stream ends with FINISH_REASON_ERROR."""
@@ -283,25 +332,26 @@ async def relay_upstream(
     ) as span:
         stream = _upstream_stream(upstream, request, deadline, path, body, where)
         async with aclosing(stream):  # a client leaving closes the upstream response at once
-            async for response in stream:
-                if response.HasField("finished"):
-                    span.set_attributes(tracing.finish_attributes(response.finished))
-                    if response.finished.error_message:
-                        span.set_status(trace.StatusCode.ERROR, response.finished.error_message)
-                yield response
+            async for event in stream:
+                if isinstance(event, Finished):
+                    span.set_attributes(finish_attributes(event))
+                    if event.error_message:
+                        span.set_status(trace.StatusCode.ERROR, event.error_message)
+                yield event
 
 
 async def _upstream_stream(
     upstream: OpenAIUpstream,
-    request: gateway_pb2.GatewayGenerateRequest,
+    request: GenerateRequest,
     deadline: float | None,
     path: str,
     body: dict[str, Any],
     where: str,
-) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
+) -> AsyncGenerator[Event, None]:
     started = time.monotonic()
     first_token_ms = 0.0
-    finish = generate_pb2.Finished(host=UPSTREAM_HOST)
+    finish = Finished(FinishReason.STOP, host=UPSTREAM_HOST)
+    reason: FinishReason | None = None
     sent = False
     try:
         async for chunk in upstream.stream(path, body, deadline):
@@ -311,47 +361,50 @@ async def _upstream_stream(
                 if not sent:
                     first_token_ms = (time.monotonic() - started) * 1e3
                 sent = True
-                yield gateway_pb2.GatewayGenerateResponse(
-                    token=generate_pb2.TokenDelta(text=chunk.text, token_count=1)
-                )
+                yield Token(chunk.text, 1)
             if chunk.finish_reason:
-                finish.reason = _FINISH_REASONS.get(
-                    chunk.finish_reason, generate_pb2.FINISH_REASON_STOP
-                )
+                reason = _FINISH_REASONS.get(chunk.finish_reason, FinishReason.STOP)
             if chunk.prompt_tokens is not None:
                 finish.usage.prompt_tokens = chunk.prompt_tokens
                 finish.usage.completion_tokens = chunk.completion_tokens or 0
                 finish.usage.cost_usd = chunk.cost or 0.0
-        if not finish.reason:
+        if reason is None:
             raise UpstreamStreamError("the stream ended without a finish reason")
+        finish.reason = reason
     except (UpstreamStreamError, AirouterError) as exc:
         if not sent:
             if isinstance(exc, AirouterError):
                 raise
             raise Unavailable(f"{where}: {exc}") from None
-        finish.reason = generate_pb2.FINISH_REASON_ERROR
+        finish.reason = FinishReason.ERROR
         finish.error_message = f"{where} failed mid-stream: {exc}"
+    except Exception as exc:  # never a traceback to the client: a bug here ends the stream
+        _log.error("upstream_relay_failed", error_type=type(exc).__name__)
+        if not sent:
+            raise Unavailable(f"{where}: its answer could not be read") from None
+        finish.reason = FinishReason.ERROR
+        finish.error_message = f"{where}: its stream could not be read past this point"
     total_ms = (time.monotonic() - started) * 1e3
     finish.timings.time_to_first_token_ms = first_token_ms
     finish.timings.total_ms = total_ms
-    yield gateway_pb2.GatewayGenerateResponse(finished=finish)
+    yield finish
 
 
-def openai_body(request: gateway_pb2.GatewayGenerateRequest) -> tuple[str, dict[str, Any]]:
+def openai_body(request: GenerateRequest) -> tuple[str, dict[str, Any]]:
     """The OpenAI API path and JSON body for a gateway request: chat messages go to
     /chat/completions, a raw prompt to /completions."""
     body: dict[str, Any] = {"model": request.model.removeprefix(OPENROUTER_PREFIX)}
-    if request.HasField("chat"):
+    if request.messages is not None:
         path = "/chat/completions"
-        body["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
     else:
         path = "/completions"
         body["prompt"] = request.prompt
-    sampling = request.sampling
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
-        if sampling.HasField(name):
-            body[name] = getattr(sampling, name)
-    if request.stopping.HasField("max_tokens"):
+    for name in SAMPLING_FIELDS:
+        value = getattr(request.sampling, name)
+        if value is not None:
+            body[name] = value
+    if request.stopping.max_tokens is not None:
         body["max_tokens"] = request.stopping.max_tokens
     if request.stopping.stop:
         body["stop"] = list(request.stopping.stop)

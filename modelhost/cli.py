@@ -7,7 +7,7 @@ from pathlib import Path
 
 import structlog
 
-from airouter import grpc_server
+from airouter import add_common_flags, add_log_level_flag, grpc_server
 from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
 from airouter.security import SecurityError, add_security_flags, security_flags
@@ -21,18 +21,19 @@ _log = structlog.get_logger()
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelhost", description=__doc__)
+    add_common_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the configured models over gRPC")
     serve.add_argument("--listen", help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})")
     serve.add_argument("--device", choices=DEVICES, help="where to decode (default auto)")
-    serve.add_argument("--config", type=Path, help="models.toml; default: the embedded model")
+    serve.add_argument("--config", type=Path, help="models.toml; default: the two embedded models")
     serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: none)")
     serve.add_argument(
         "--memory-budget", help="memory the models may use, e.g. 6GiB (default: all but 15%%)"
     )
     add_security_flags(serve)
     add_tracing_flag(serve)
-    serve.add_argument("--log-level", default="info")
+    add_log_level_flag(serve)
     convert = commands.add_parser(
         "convert-gguf",
         help="convert a GGUF (Gemma 3) into an mlx-lm model directory",
@@ -40,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rebuilds the tokenizer from its vocabulary and quantizes again with mlx-lm.",
     )
     convert.add_argument("gguf", type=Path, help="the GGUF file")
-    convert.add_argument("out", type=Path, help="the directory to write (replaced if present)")
+    convert.add_argument(
+        "out", type=Path, help="the directory to write (a new one, or one it wrote before)"
+    )
     convert.add_argument(
         "--quantize",
         choices=["q8", "q4", "none"],

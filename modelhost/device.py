@@ -1,15 +1,25 @@
-"""Which accelerator the host decodes on: `--device auto|cpu|cuda|metal`."""
+"""Which accelerator the host decodes on: `--device auto|cpu|cuda|metal`, as the present
+hardware and the installed engines allow."""
 
+import os
 import platform
 import sys
 
-from modelhost.engines.llamacpp.model import supports_gpu_offload
+from modelhost.engines import ENGINES, backend
 
 DEVICES = ("auto", "cpu", "cuda", "metal")
-_CUDA_BUILD_HINT = (
-    'reinstall it with CUDA: CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall '
-    "--no-cache-dir llama-cpp-python"
-)
+
+
+def default_threads() -> int:
+    """Threads for decoding: every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _engine_support(device: str) -> tuple[bool, str]:
+    """Whether some installed engine decodes on `device`, and why each cannot."""
+    why_not = {name: backend(name).unsupported(device) for name in ENGINES}
+    supported = any(why is None for why in why_not.values())
+    return supported, "; ".join(f"{name}: {why}" for name, why in why_not.items() if why)
 
 
 class DeviceError(Exception):
@@ -46,7 +56,6 @@ def resolve_device(requested: str) -> str:
         raise DeviceError(f"unknown device {requested!r}; use one of {', '.join(DEVICES)}")
     if requested == "cpu":
         return "cpu"
-    gpu_build = supports_gpu_offload()
     if requested == "cuda":
         names, why_none = cuda_devices()
         if not names:
@@ -54,10 +63,11 @@ def resolve_device(requested: str) -> str:
                 f"--device cuda: no CUDA device found ({why_none}). "
                 "Run with --device cpu, or --device auto to use what is present."
             )
-        if not gpu_build:
+        supported, why = _engine_support("cuda")
+        if not supported:
             raise DeviceError(
-                f"--device cuda: found {', '.join(names)}, but this llama-cpp-python was built "
-                f"without a GPU backend; {_CUDA_BUILD_HINT}"
+                f"--device cuda: found {', '.join(names)}, but no installed engine can use it "
+                f"({why})"
             )
         return "cuda"
     if requested == "metal":
@@ -65,14 +75,12 @@ def resolve_device(requested: str) -> str:
             raise DeviceError(
                 "--device metal needs an Apple Silicon Mac; run with --device cpu or --device auto"
             )
-        if not gpu_build:
-            raise DeviceError(
-                "--device metal: this llama-cpp-python was built without Metal; reinstall it with "
-                "pip install --force-reinstall --no-cache-dir llama-cpp-python"
-            )
+        supported, why = _engine_support("metal")
+        if not supported:
+            raise DeviceError(f"--device metal: no installed engine can use Metal ({why})")
         return "metal"
-    if gpu_build and _is_apple_silicon():
+    if _is_apple_silicon() and _engine_support("metal")[0]:
         return "metal"
-    if gpu_build and cuda_devices()[0]:
+    if cuda_devices()[0] and _engine_support("cuda")[0]:
         return "cuda"
     return "cpu"

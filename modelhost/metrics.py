@@ -16,7 +16,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from airouter.errors import AirouterError
-from airouter.grpc_server import status_for
 from airouter.labels import enum_label
 from airouter.prometheus import request_histograms
 from airouter.v1 import generate_pb2, host_status_pb2
@@ -57,7 +56,7 @@ class RequestMetrics:
         self.latency.labels(model).observe(finish.timings.total_ms / 1000)
 
     def refused(self, model: str, error: AirouterError) -> None:
-        self.requests.labels(model, status_for(error).name.lower()).inc()
+        self.requests.labels(model, error.code.lower()).inc()
 
 
 class HostCollector(Collector):

@@ -27,6 +27,7 @@ from airouter.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    shown,
 )
 from airouter.labels import format_bytes
 from modelhost.config import ModelConfig
@@ -154,7 +155,7 @@ class Residency:
         resident = self._by_name.get(name)
         if resident is None:
             known = ", ".join(sorted(m.config.name for m in self.models))
-            raise NotFound(f"model {name!r} is not served by this host; it serves: {known}")
+            raise NotFound(f"model {shown(name)} is not served by this host; it serves: {known}")
         return resident
 
     def models_bytes(self) -> int:

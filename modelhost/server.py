@@ -13,7 +13,8 @@ from airouter.labels import format_bytes
 from airouter.security import Credentials, check_unprotected_listener
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import HostConfig
-from modelhost.engines.llamacpp.model import build_features, default_threads, supports_gpu_offload
+from modelhost.device import default_threads
+from modelhost.engines import ENGINES, backend
 from modelhost.memory import MemoryProbe, parse_size, reserve_bytes
 from modelhost.metrics import MetricsServer, RequestMetrics, start_metrics_server
 from modelhost.residency import Residency
@@ -58,9 +59,8 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
         check_unprotected_listener(config.metrics_listen, "/metrics", config.insecure)
     if warning:
         _log.warning("serving_without_protection", detail=warning)
-    # Which instruction sets llama.cpp was built for: a build with -march=native on one CPU
-    # (or AMX on a Xeon) crashes in llama_decode on another; this says what to rebuild.
-    _log.info("llama_cpp_build", features=build_features(), gpu_offload=supports_gpu_offload())
+    for name in ENGINES:
+        _log.info("engine_build", engine=name, **backend(name).build())
     probe = MemoryProbe(device)
     budget = memory_budget(config, probe)
     _log.info("memory_budget", device=device, budget=format_bytes(budget))

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,18 @@ MODEL_STATE_TO_PB = {
 MIN_WATCH_INTERVAL_MS = 100
 
 
+def _request_attributes(request: model_host_pb2.GenerateRequest) -> dict[str, object]:
+    return tracing.request_attributes(
+        chat=request.HasField("chat"),
+        model=request.model,
+        max_tokens=request.stopping.max_tokens if request.stopping.HasField("max_tokens") else None,
+        temperature=(
+            request.sampling.temperature if request.sampling.HasField("temperature") else None
+        ),
+        request_id=request.request_id,
+    )
+
+
 class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
     """Translates ModelHost RPCs; all model work happens in GenerationService and the engine."""
 
@@ -48,14 +61,22 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
     ) -> AsyncIterator[model_host_pb2.GenerateResponse]:
         metadata = context.invocation_metadata()
         name = f"generate {request.model}"
-        with tracing.request_span(_tracer, request, metadata, name) as span:
+        attributes = functools.partial(_request_attributes, request)
+        with tracing.request_span(_tracer, name, attributes, metadata) as span:
             spec = spec_from_pb(request)
             events = self._service.generate(spec, context.time_remaining())
             async with aclosing(events):
                 async for event in events:
                     message = event_to_pb(event)
                     if isinstance(event, Finish):
-                        span.set_attributes(tracing.finish_attributes(message.finished))
+                        span.set_attributes(
+                            tracing.finish_attributes(
+                                model=event.model,
+                                input_tokens=event.prompt_tokens,
+                                output_tokens=event.completion_tokens,
+                                reason=event.reason.value,
+                            )
+                        )
                         _record_phases(event)
                     yield message
 
@@ -193,7 +214,7 @@ def event_to_pb(event: Delta | Finish) -> model_host_pb2.GenerateResponse:
 
 def model_info_pb(resident: ResidentModel) -> generate_pb2.ModelInfo:
     config = resident.config
-    return generate_pb2.ModelInfo(
+    info = generate_pb2.ModelInfo(
         name=config.name,
         aliases=config.aliases,
         capabilities=config.capabilities,
@@ -202,6 +223,10 @@ def model_info_pb(resident: ResidentModel) -> generate_pb2.ModelInfo:
         state_detail=resident.detail,
         slots=config.slots,
     )
+    written = config.files_written_at()
+    if written is not None:
+        info.created_at.FromSeconds(int(written))
+    return info
 
 
 def host_status_pb(residency: Residency) -> host_status_pb2.HostStatus:

@@ -10,6 +10,10 @@ included, for the tests of the upstream client. The model name picks the behavio
     vendor/truncated      one chunk, then the response ends: no finish reason, no [DONE]
     vendor/no-finish      the whole text and [DONE], but no chunk with a finish reason
     vendor/garbled        one chunk, then an event that is not JSON
+    vendor/null-choice    one chunk, then {"choices": [null]}
+    vendor/usage-number   one chunk, then "usage": 5
+    vendor/content-number one chunk, then a delta whose content is a number
+    vendor/long-line      one chunk, then a 200 KB line (past the client's line limit)
     vendor/slow           waits 5 s before the first byte
     vendor/401, /402, /403, /400   that status with an OpenRouter-style error body
 """
@@ -22,6 +26,13 @@ from typing import Any
 from aiohttp import web
 
 API_KEY = "sk-or-test-5e1f0c"
+# Events of the wrong shape that some upstream may send after its first chunk.
+MALFORMED = {
+    "null-choice": b'data: {"choices": [null]}\n\n',
+    "usage-number": b'data: {"choices": [], "usage": 5}\n\n',
+    "content-number": b'data: {"choices": [{"delta": {"content": 7}}]}\n\n',
+    "long-line": b"data: " + b"x" * 200_000 + b"\n\n",
+}
 
 
 class FakeOpenRouter:
@@ -90,6 +101,11 @@ class FakeOpenRouter:
             return response
         if behaviour == "garbled":
             await response.write(b'data: {"choices": [{"delta\n\n')
+            return response
+        if behaviour in MALFORMED:
+            await response.write(MALFORMED[behaviour])
+            await _event(response, _delta(model, "", finish_reason="stop"))
+            await response.write(b"data: [DONE]\n\n")
             return response
         if behaviour == "no-finish":
             await _event(response, _delta(model, " world"))

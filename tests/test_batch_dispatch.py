@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from airouter.errors import AlreadyExists, NotFound
-from airouter.v1 import gateway_pb2, generate_pb2
+from airouter.v1 import gateway_pb2
+from gateway.batch_store import BatchStore
 from gateway.batches import BatchRunner
+from gateway.generation import Event, Finished, FinishReason, GenerateRequest, Token
 from gateway.hosts import HostPool
 from gateway.metrics import GatewayMetrics
 from gateway.service import CloudRouting, GatewayService
@@ -29,28 +31,17 @@ class FakeService(GatewayService):
         self.any_started = asyncio.Event()
 
     async def generate(
-        self, request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
-    ) -> AsyncGenerator[gateway_pb2.GatewayGenerateResponse, None]:
-        self.started.append(request.prompt)
+        self, request: GenerateRequest, time_left_s: float | None
+    ) -> AsyncGenerator[Event, None]:
+        self.started.append(request.prompt or "")
         self.any_started.set()
         await self.release.wait()
-        yield gateway_pb2.GatewayGenerateResponse(token=generate_pb2.TokenDelta(text="ok"))
-        yield gateway_pb2.GatewayGenerateResponse(
-            finished=generate_pb2.Finished(reason=generate_pb2.FINISH_REASON_STOP, model=MODEL)
-        )
+        yield Token("ok")
+        yield Finished(FinishReason.STOP, model=MODEL)
 
 
-def batch(count: int, model: str = MODEL) -> gateway_pb2.SubmitBatchRequest:
-    return gateway_pb2.SubmitBatchRequest(
-        batch_id="b1",
-        items=[
-            gateway_pb2.BatchItem(
-                custom_id=f"i{i}",
-                request=gateway_pb2.GatewayGenerateRequest(model=model, prompt=f"p{i}"),
-            )
-            for i in range(count)
-        ],
-    )
+def batch(count: int, model: str = MODEL) -> list[tuple[str, GenerateRequest]]:
+    return [(f"i{i}", GenerateRequest(model, prompt=f"p{i}")) for i in range(count)]
 
 
 def with_runner(
@@ -92,7 +83,7 @@ async def settle(runner: BatchRunner, batch_id: str) -> gateway_pb2.Batch:
 
 def test_a_cancel_lets_no_waiting_item_start(tmp_path: Path) -> None:
     async def body(runner: BatchRunner, service: FakeService) -> None:
-        await runner.submit(batch(3))
+        await runner.submit("b1", batch(3))
         async with asyncio.timeout(5):
             await service.any_started.wait()
         assert service.started == ["p0"]  # one slot: one item runs
@@ -111,7 +102,7 @@ def test_an_item_that_cannot_be_placed_fails_alone(
 ) -> None:
     room = BatchRunner._room
 
-    def boom(self: BatchRunner, model: str, request: gateway_pb2.GatewayGenerateRequest) -> bool:
+    def boom(self: BatchRunner, model: str, request: GenerateRequest) -> bool:
         if request.prompt == "p1":
             raise KeyError("something no validation foresaw")
         return room(self, model, request)
@@ -120,7 +111,7 @@ def test_an_item_that_cannot_be_placed_fails_alone(
 
     async def body(runner: BatchRunner, service: FakeService) -> None:
         service.release.set()
-        await runner.submit(batch(4))
+        await runner.submit("b1", batch(4))
         done = await settle(runner, "b1")
         assert done.counts.succeeded == 3 and done.counts.failed == 1
         results = [r async for r, _ in runner.results("b1", 0)]
@@ -133,11 +124,13 @@ def test_an_item_that_cannot_be_placed_fails_alone(
 
 def test_concurrent_submits_of_one_batch_id_store_it_once(tmp_path: Path) -> None:
     async def body(runner: BatchRunner, service: FakeService) -> None:
-        first, second = await asyncio.gather(runner.submit(batch(2)), runner.submit(batch(2)))
+        first, second = await asyncio.gather(
+            runner.submit("b1", batch(2)), runner.submit("b1", batch(2))
+        )
         assert first.id == second.id == "b1"
         other = batch(2)
-        other.items[1].request.prompt = "different"  # same custom_ids, other content
-        results = await asyncio.gather(runner.submit(other), return_exceptions=True)
+        other[1] = ("i1", GenerateRequest(MODEL, prompt="different"))  # same ids, other content
+        results = await asyncio.gather(runner.submit("b1", other), return_exceptions=True)
         assert isinstance(results[0], AlreadyExists)
 
     with_runner(tmp_path, body)
@@ -146,7 +139,7 @@ def test_concurrent_submits_of_one_batch_id_store_it_once(tmp_path: Path) -> Non
 def test_finished_batches_are_deleted_after_their_retention(tmp_path: Path) -> None:
     async def body(runner: BatchRunner, service: FakeService) -> None:
         service.release.set()
-        await runner.submit(batch(2))
+        await runner.submit("b1", batch(2))
         await settle(runner, "b1")
         assert runner._item_states()["succeeded"] == 2
         await asyncio.sleep(0.3)
@@ -157,3 +150,38 @@ def test_finished_batches_are_deleted_after_their_retention(tmp_path: Path) -> N
         assert runner.all() == []
 
     with_runner(tmp_path, body, retention_s=0.2)
+
+
+def test_close_waits_for_the_results_being_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result recorded by a task of its own (an item the dispatcher could not place) is on
+    disk once close() returns, not lost with the database closed under it."""
+
+    def boom(self: BatchRunner, model: str, request: GenerateRequest) -> bool:
+        raise KeyError("something no validation foresaw")
+
+    monkeypatch.setattr(BatchRunner, "_room", boom)
+    spawn_record = BatchRunner._spawn_record
+    recording: list[asyncio.Event] = []
+
+    def spawned(self: BatchRunner, *args: Any) -> None:
+        spawn_record(self, *args)
+        recording[0].set()
+
+    monkeypatch.setattr(BatchRunner, "_spawn_record", spawned)
+
+    async def body(runner: BatchRunner, service: FakeService) -> None:
+        recording.append(asyncio.Event())
+        await runner.submit("b1", batch(1))
+        async with asyncio.timeout(10):
+            await recording[0].wait()  # the failure is being recorded on a task of its own
+        await runner.close()
+
+    with_runner(tmp_path, body)
+    store = BatchStore(tmp_path / "batches.sqlite3")
+    try:
+        [result] = store.results("b1", 0, 10)
+        assert result.state == gateway_pb2.BATCH_ITEM_STATE_FAILED
+    finally:
+        store.close()

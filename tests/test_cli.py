@@ -264,7 +264,8 @@ def test_airouter_up_then_generate_answers_from_the_instruct_model_and_ctrl_c_st
 
 def test_the_modelhost_logs_what_its_llama_cpp_was_built_for(servers) -> None:  # type: ignore[no-untyped-def]
     host, _ = servers
-    [build] = [r for r in host.log if r["event"] == "llama_cpp_build"]
+    builds = [r for r in host.log if r["event"] == "engine_build"]
+    [build] = [r for r in builds if r["engine"] == "llama.cpp"]
     assert "AVX2" in build["features"]["CPU"]  # CI's build names its instruction sets
     assert build["gpu_offload"] is False
 

@@ -44,7 +44,8 @@ def config_error(tmp_path: Path, text: str) -> str:
         ),
         (
             '[[models]]\nname = "a"\nengine = "vllm"\n',
-            "line 3, models[0].engine: Input should be 'auto', 'llama.cpp' or 'mlx'",
+            "line 3, models[0].engine: Value error, unknown engine 'vllm'; use auto, llama.cpp, "
+            "mlx",
         ),
     ],
 )

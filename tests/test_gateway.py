@@ -3,9 +3,9 @@
 import asyncio
 import json
 import signal
-import time
 import urllib.error
 import urllib.request
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +13,12 @@ import grpc
 import pytest
 import structlog.testing
 
-from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from airouter.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    generate_pb2,
+    model_host_pb2,
+)
 from airouter.v1.model_host_pb2 import ListModelsRequest
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from gateway.hosts import merged_responses
@@ -21,7 +26,7 @@ from gateway.server import start_gateway
 from modelhost.config import HostConfig, ModelConfig
 from modelhost.generation import Delta, Finish, FinishReason, Timings, merge_deltas
 from modelhost.server import start_host
-from tests.conftest import Stack, gateway_config, host_config
+from tests.conftest import Stack, gateway_config, host_config, wait_until
 from tests.processes import ServerProcess, free_port_address
 from tests.streaming import collect, gateway_request, host_request
 
@@ -148,10 +153,7 @@ def test_cancelling_at_the_gateway_cancels_on_the_host(stack: Stack) -> None:
     next(call)
     assert engine.load().slots_busy == 1
     call.cancel()
-    deadline = time.monotonic() + 5
-    while engine.load().slots_busy and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.load().slots_busy == 0
+    wait_until(lambda: engine.load().slots_busy == 0, 5)
 
 
 def test_deadline_reaches_the_host(stack: Stack) -> None:
@@ -162,10 +164,7 @@ def test_deadline_reaches_the_host(stack: Stack) -> None:
         collect(call)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     engine = stack.engine("gemma-3-270m")
-    deadline = time.monotonic() + 5
-    while engine.load().slots_busy and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.load().slots_busy == 0
+    wait_until(lambda: engine.load().slots_busy == 0, 5)
 
 
 def test_a_model_that_failed_to_load_is_unavailable_with_the_reason(
@@ -201,35 +200,51 @@ def test_a_model_that_failed_to_load_is_unavailable_with_the_reason(
         stack.loop.run(host.stop(0))
 
 
-def test_tokens_that_wait_for_the_client_go_out_as_one_message(stack: Stack) -> None:
+class _QueuedCall:
+    """Enough of a grpc.aio.UnaryStreamCall for merged_responses: messages as the test puts
+    them in."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[object] = asyncio.Queue()
+
+    async def read(self) -> object:
+        return await self.messages.get()
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def test_tokens_that_wait_for_the_client_go_out_as_one_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Once the client side was slow, the relay reads the host on a task of its own; what
     piles up while the client side is busy again is merged, and nothing is lost or
     reordered."""
+    monkeypatch.setattr("gateway.hosts.SLOW_WRITE_S", 0.0)  # every write counts as slow
 
-    async def relay_slowly() -> list[gateway_pb2.GatewayGenerateResponse]:
-        async with grpc.aio.insecure_channel(stack.host_address) as channel:
-            generate = channel.unary_stream(
-                "/airouter.v1.ModelHost/Generate",
-                request_serializer=gateway_pb2.GatewayGenerateRequest.SerializeToString,
-                response_deserializer=gateway_pb2.GatewayGenerateResponse.FromString,
-            )
-            request = gateway_request(prompt="Once upon a time", max_tokens=30, ignore_eos=True)
-            request.sampling.temperature = 0.0
-            received = []
-            async for response in merged_responses(generate(request, timeout=60)):
-                received.append(response)
-                if len(received) <= 2:
-                    await asyncio.sleep(1.0)  # slow: the host decodes the rest meanwhile
-            return received
+    def token(text: str) -> model_host_pb2.GenerateResponse:
+        return model_host_pb2.GenerateResponse(
+            token=generate_pb2.TokenDelta(text=text, token_count=1)
+        )
 
-    received = stack.loop.run(relay_slowly())
-    *deltas, last = received
-    assert last.HasField("finished") and last.finished.usage.completion_tokens == 30
-    assert sum(d.token.token_count for d in deltas) == 30
-    # One by one until the first slow write; from then on the reader takes what is buffered
-    # while the client is busy, and the rest goes out as one message after the second pause.
-    assert [d.token.token_count for d in deltas[:1]] == [1]
-    assert len(deltas) <= 4 and deltas[-1].token.token_count >= 25
+    async def relay() -> list[model_host_pb2.GenerateResponse]:
+        call = _QueuedCall()
+        call.messages.put_nowait(token("0"))
+        received = []
+        async for response in merged_responses(call):  # type: ignore[arg-type]
+            received.append(response)
+            if len(received) == 1:  # the client is busy while the host sends the rest
+                for i in range(1, 30):
+                    call.messages.put_nowait(token(f" {i}"))
+                finished = generate_pb2.Finished(reason=generate_pb2.FINISH_REASON_LENGTH)
+                call.messages.put_nowait(model_host_pb2.GenerateResponse(finished=finished))
+                call.messages.put_nowait(grpc.aio.EOF)
+        return received
+
+    *deltas, last = asyncio.run(relay())
+    assert last.HasField("finished")
+    assert [d.token.token_count for d in deltas] == [1, 29]
+    assert "".join(d.token.text for d in deltas) == " ".join(str(i) for i in range(30))
 
 
 def test_merge_deltas_joins_runs_of_deltas_only() -> None:
@@ -253,9 +268,10 @@ def test_a_draining_gateway_finishes_what_it_accepted_and_refuses_the_rest(stack
                     pool.submit(lambda: collect(stub.Generate(request, timeout=60)))
                     for _ in range(8)
                 ]
-                time.sleep(0.3)
+                engine = stack.engine("gemma-3-270m")
+                wait_until(lambda: (engine.load().slots_busy, engine.load().queued) == (4, 4))
                 gateway.process.send_signal(signal.SIGTERM)
-                time.sleep(0.3)
+                wait_until(lambda: any(r["event"] == "draining" for r in list(gateway.log)))
                 with pytest.raises(grpc.RpcError) as refused:
                     collect(stub.Generate(request, timeout=10))
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -300,14 +316,19 @@ def test_a_request_sent_before_its_host_listens_waits_for_it(stack: Stack, extra
     waits for the host within its deadline instead of an immediate UNAVAILABLE."""
     address = free_port_address()
     gateway = extra_gateway([address])
-    time.sleep(0.5)  # the gateway has tried the host and found nothing listening
+    listed = gateway_pb2.ListHostsRequest()
+    # The gateway has tried the host and found nothing listening.
+    wait_until(lambda: gateway.stub.ListHosts(listed, timeout=10).hosts[0].state_detail)
     with ThreadPoolExecutor(1) as pool:
         reply = pool.submit(
             lambda: collect(
                 gateway.stub.Generate(gateway_request(prompt="Hi", max_tokens=2), timeout=30)
             )
         )
-        time.sleep(1.0)
+        # A host slower to start than the 3 s the gateway used to wait: the request waits
+        # within its deadline (and the first-message budget) for it.
+        done, _ = futures.wait([reply], timeout=3.5)
+        assert not done, reply.exception() or reply.result()
         config = host_config().model_copy(update={"listen": address})
         host = stack.loop.run(start_host(config, "cpu"))
         try:
@@ -322,7 +343,9 @@ def test_a_completed_stream_is_never_counted_as_cancelled(stack: Stack) -> None:
     with structlog.testing.capture_logs() as logs:
         for i in range(40):
             collect(stack.gateway_stub.Generate(gateway_request(prompt=f"Hi {i}", max_tokens=2)))
-        time.sleep(0.5)
+        # The host logs each request's end after its last message: one line per request,
+        # finished or cancelled.
+        wait_until(lambda: sum(e["event"].startswith("generation_") for e in list(logs)) >= 40)
     events = [e["event"] for e in logs]
     assert events.count("generation_finished") >= 40
     assert "generation_cancelled" not in events

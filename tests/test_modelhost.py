@@ -3,9 +3,11 @@
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llama_cpp import Llama
@@ -310,3 +312,59 @@ def test_chat_with_a_model_without_a_chat_template_is_a_failed_precondition(stac
             )
     finally:
         stack.loop.run(host.stop(0))
+
+
+def _describe(channel: grpc.Channel, method: str, requests: list[Any]) -> list[Any]:
+    call = channel.stream_stream(
+        f"/{method}/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    return list(call(iter(requests), timeout=10))
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+@pytest.mark.parametrize("server", ["host", "gateway"])
+def test_every_symbol_reflection_lists_can_be_described(
+    stack: Stack, server: str, version: str
+) -> None:
+    """As grpcurl describe and buf curl --list-methods walk a server: every service, each of
+    its methods, and the types they take and return, then every file those name."""
+    address = stack.host_address if server == "host" else stack.gateway_address
+    method = f"grpc.reflection.{version}.ServerReflection"
+    with grpc.insecure_channel(address) as channel:
+        [listed] = _describe(
+            channel, method, [reflection_pb2.ServerReflectionRequest(list_services="")]
+        )
+        services = [s.name for s in listed.list_services_response.service]
+        assert "grpc.reflection.v1.ServerReflection" in services
+        files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+        symbols = []
+        for service in services:
+            [found] = _describe(
+                channel,
+                method,
+                [reflection_pb2.ServerReflectionRequest(file_containing_symbol=service)],
+            )
+            assert not found.HasField("error_response"), service
+            for raw in found.file_descriptor_response.file_descriptor_proto:
+                proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+                files[proto.name] = proto
+            package, _, name = service.rpartition(".")
+            [described] = [
+                s for f in files.values() if f.package == package for s in f.service
+                if s.name == name
+            ]  # fmt: skip
+            for rpc in described.method:
+                symbols += [f"{service}.{rpc.name}", rpc.input_type[1:], rpc.output_type[1:]]
+        requests = [
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=s) for s in symbols
+        ]
+        requests += [
+            reflection_pb2.ServerReflectionRequest(file_by_filename=d)
+            for f in files.values()
+            for d in f.dependency
+        ]
+        for request, answer in zip(requests, _describe(channel, method, requests), strict=True):
+            assert not answer.HasField("error_response"), request
+            assert answer.file_descriptor_response.file_descriptor_proto

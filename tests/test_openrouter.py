@@ -2,8 +2,11 @@
 comments, retries, errors before and after the first token, deadlines, connection reuse."""
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -235,6 +238,11 @@ def test_openrouter_errors_keep_their_meaning_through_the_gateway(cloud_gateway)
         ("truncated", "without [DONE]"),
         ("no-finish", "without a finish reason"),
         ("garbled", "not a JSON object"),
+        ("null-choice", "choices[0] is not an object"),
+        ("usage-number", "usage is not an object"),
+        ("content-number", "content is not a string"),
+        # aiohttp reads a line past its limit in pieces: the event is then no JSON.
+        ("long-line", "not a JSON object"),
     ]:
         broken = collect(
             stub.Generate(gateway_request(model=f"openrouter/vendor/{behaviour}", prompt="Hi"))
@@ -266,3 +274,42 @@ def test_policies_per_request_and_per_model(cloud_gateway) -> None:  # type: ign
         collect(stub.Generate(nowhere, timeout=30))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "add it to cloud_models" in info.value.details()
+
+
+@pytest.mark.parametrize("behaviour", ["null-choice", "usage-number", "long-line"])
+def test_a_malformed_upstream_event_ends_an_http_stream_with_an_error_and_done(
+    tmp_path: Path, behaviour: str
+) -> None:
+    loop = LoopThread()
+    server = FakeOpenRouter()
+    loop.run(server.start())
+    key = tmp_path / "openrouter-key"
+    key.write_text(API_KEY)
+    config = gateway_config(
+        [free_port_address()],
+        http_listen="127.0.0.1:0",
+        openrouter_base_url=server.base_url,
+        openrouter_api_key_file=key,
+        cloud_allowed_models=["openrouter/vendor/*"],
+    )
+    gateway = loop.run(start_gateway(config))
+    try:
+        assert gateway.http is not None
+        body = {"model": f"openrouter/vendor/{behaviour}", "prompt": "Hi", "stream": True}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.http.port}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read().decode()
+        events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+        assert json.loads(events[0])["choices"][0]["text"] == "Hello"
+        assert "not of OpenAI's shape" in events[1] or "not a JSON object" in events[1]
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "error"
+        assert events[-1] == "[DONE]"
+        assert "Traceback" not in text
+    finally:
+        loop.run(gateway.stop(0))
+        loop.run(server.stop())
+        loop.close()

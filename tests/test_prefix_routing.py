@@ -17,6 +17,7 @@ from airouter.openai_api import parse_request
 from airouter.prefix import LINEAR_UNTIL, STEP, message_blocks, prefix_of, prompt_blocks
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, host_status_pb2
 from gateway import router
+from gateway.generation import Finished, FinishReason, GenerateRequest, Message, Routing
 from gateway.hosts import Host, HostPool
 from gateway.prefixes import STATUS_LAG_S, PrefixMemory, PrefixPolicy
 from gateway.server import start_gateway
@@ -30,6 +31,10 @@ from tests.test_service import MODEL, Observer, fake_host, finish, plays, serve,
 
 DOC = "A long document. " * 400  # ~6.8 kB: ~1,700 tokens
 CHAT = [("system", DOC), ("user", "What is it about?")]
+
+
+def chat_request(messages: list[tuple[str, str]]) -> GenerateRequest:
+    return GenerateRequest(MODEL, messages=tuple(Message(r, c) for r, c in messages))
 
 
 class Clock:
@@ -103,15 +108,11 @@ def test_a_raw_prompt_s_blocks_end_every_step_then_at_doubling_sizes() -> None:
 
 
 def test_the_gateway_hashes_a_request_as_the_host_hashes_its_messages() -> None:
-    request = gateway_pb2.GatewayGenerateRequest(model=MODEL)
-    for role, content in CHAT:
-        request.chat.messages.add(role=role, content=content)
+    request = chat_request(CHAT)
     assert request_prefix(request).blocks == message_blocks(CHAT)
-    assert request_prefix(gateway_pb2.GatewayGenerateRequest(prompt=DOC)).blocks == prompt_blocks(
-        DOC
-    )
+    assert request_prefix(GenerateRequest(MODEL, prompt=DOC)).blocks == prompt_blocks(DOC)
     # And the same size, so both turn a block's end into tokens alike (serving.py's prefix_of).
-    assert request_prefix(gateway_pb2.GatewayGenerateRequest(prompt=DOC)) == prefix_of(DOC, None)
+    assert request_prefix(GenerateRequest(MODEL, prompt=DOC)) == prefix_of(DOC, None)
     assert request_prefix(request) == prefix_of(None, CHAT)
 
 
@@ -218,12 +219,12 @@ def test_one_service_keeps_a_conversation_on_its_host(conversation: str) -> None
         service = GatewayService(pool, CloudRouting(upstream), Observer(), 5.0)
         served = []
         for _ in range(12):
-            request = gateway_pb2.GatewayGenerateRequest(
-                model=MODEL, prompt="Hi", conversation_id=conversation
+            request = GenerateRequest(
+                MODEL, prompt="Hi", routing=Routing(conversation_id=conversation)
             )
-            async for message in service.generate(request, 10.0):
-                if message.HasField("finished"):
-                    served.append(message.finished.host)
+            async for event in service.generate(request, 10.0):
+                if isinstance(event, Finished):
+                    served.append(event.host)
         return served
 
     served = asyncio.run(run())
@@ -235,9 +236,7 @@ def test_one_service_keeps_a_conversation_on_its_host(conversation: str) -> None
 
 def test_an_overlong_conversation_id_is_refused() -> None:
     a = fake_host("a:1", plays(token("x"), finish()))
-    request = gateway_pb2.GatewayGenerateRequest(
-        model=MODEL, prompt="Hi", conversation_id="c" * 300
-    )
+    request = GenerateRequest(MODEL, prompt="Hi", routing=Routing(conversation_id="c" * 300))
     _, error, _ = serve([a], request)
     assert error is not None and error.code == "INVALID_ARGUMENT"
     assert "conversation_id" in str(error) and not a.calls  # type: ignore[attr-defined]
@@ -248,16 +247,14 @@ def test_route_chosen_says_what_the_host_holds() -> None:
     b = fake_host("b:1", plays(token("x"), finish()))
     blocks = message_blocks(CHAT)
     report(b, {blocks[0].hash: 1700}, 0.0)
-    request = gateway_pb2.GatewayGenerateRequest(model=MODEL)
-    for role, content in CHAT:
-        request.chat.messages.add(role=role, content=content)
+    request = chat_request(CHAT)
     with structlog.testing.capture_logs() as logs:
         out, error, _ = serve([a, b], request)
-    assert error is None and out[-1].finished.host == "b:1"
+    assert error is None and out[-1].host == "b:1"
     route = next(e for e in logs if e["event"] == "route_chosen")
     assert route["host"] == "b:1" and route["prefix_tokens"] == 1700
     assert "holds ~1700 prompt tokens" in route["reason"]
-    assert generate_pb2.FINISH_REASON_STOP == out[-1].finished.reason
+    assert out[-1].reason is FinishReason.STOP
 
 
 # --- end to end: two real hosts behind one gateway --------------------------------------
@@ -303,23 +300,37 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[s
 
 
 def chat(stub: Any, messages: list[tuple[str, str]]) -> Any:
-    request = gateway_request(model="chat", messages=messages, max_tokens=8, temperature=0.0)
+    request = gateway_request(
+        model="chat", messages=messages, max_tokens=8, temperature=0.0, ignore_eos=True
+    )
     return collect(stub.Generate(request, timeout=60))
 
 
-@pytest.mark.parametrize("pause_s", [0.0, 2.5])
+def reported_at(stub: Any, address: str) -> float:
+    """When the host's status that the gateway holds was taken (the host's clock)."""
+    listed = stub.ListHosts(gateway_pb2.ListHostsRequest(), timeout=10).hosts
+    status = next(h.status for h in listed if h.address == address)
+    return status.observed_at.ToNanoseconds() / 1e9
+
+
+@pytest.mark.parametrize("after_reports", [False, True])
 def test_a_conversation_s_next_turn_lands_where_its_start_is_cached(
-    two_hosts: tuple[list[str], Any], pause_s: float
+    two_hosts: tuple[list[str], Any], after_reports: bool
 ) -> None:
     """Turn 2 goes to the host that served turn 1, and its usage shows the reuse: right after
     turn 1 (the gateway's record of what it sent) and after the hosts' reports took over."""
     _, stub = two_hosts
     for n in range(4):
-        document = f"Report {n} ({pause_s}). " + " ".join(f"item {n}-{i};" for i in range(120))
+        document = f"Report {n} ({after_reports}). " + " ".join(
+            f"item {n}-{i};" for i in range(120)
+        )
         turn = [("system", document), ("user", "What is the first item?")]
         first = chat(stub, turn)
         assert first.finished.reason == generate_pb2.FINISH_REASON_LENGTH
-        time.sleep(pause_s)
+        if after_reports:  # the gateway has a report taken well after turn 1 ended
+            lag = time.time() + STATUS_LAG_S + 0.5
+            host = first.finished.host
+            wait_until(lambda host=host, lag=lag: reported_at(stub, host) > lag)
         second = chat(stub, [*turn, ("assistant", first.text), ("user", "And the last?")])
         assert second.finished.host == first.finished.host, n
         # The whole first prompt (the document) came from the cache.
@@ -328,5 +339,4 @@ def test_a_conversation_s_next_turn_lands_where_its_start_is_cached(
 
 def test_openai_s_user_field_is_the_conversation_hint() -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "user": "alice"}
-    request, _, _ = parse_request(body, chat=True)
-    assert request.conversation_id == "alice"
+    assert parse_request(body, chat=True).user == "alice"

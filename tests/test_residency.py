@@ -101,8 +101,7 @@ def test_keep_alive_unloads_idle_models(footprint: int) -> None:
         wait_until(lambda: host.states()["now"] == NOT_LOADED, timeout=5)
         assert host.states()["soon"] == READY
         wait_until(lambda: host.states()["soon"] == NOT_LOADED, timeout=5)
-        time.sleep(1.5)
-        assert host.states()["never"] == READY
+        assert host.states()["never"] == READY  # past the others' keep-alive, still loaded
         host.generate("now")  # loads again on use
         assert host.status().cache.loads == 4
 
@@ -206,10 +205,12 @@ def test_load_and_unload_errors() -> None:
 def test_status_reports_memory_load_and_recent_rates() -> None:
     with running_host([small("a", slots=2, keep_alive=60)], memory_budget="3GiB") as host:
         host.stub.LoadModel(model_host_pb2.LoadModelRequest(model="a"), timeout=60)
-        time.sleep(1.2)  # the host samples token counts once a second
+        # The host samples token counts once a second: one sample before, one after.
+        samples = host.server.residency.resolve("a").rate_samples
+        wait_until(lambda: len(samples) >= 1)
         for _ in range(2):
             host.generate("a", max_tokens=16, ignore_eos=True)
-        time.sleep(1.2)
+        wait_until(lambda: host.status().models[0].recent_tokens_per_second > 0)
         status = host.status()
         assert status.device == "cpu" and status.host_name
         memory = status.memory

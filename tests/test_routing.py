@@ -4,7 +4,6 @@ names of its own; the gateway runs in-process and is asked only over gRPC."""
 
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ import grpc
 import pytest
 import structlog.testing
 
-from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, model_host_pb2
+from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from gateway.server import RunningGateway, start_gateway
 from tests.conftest import LoopThread, gateway_config, wait_for_health, wait_until
 from tests.processes import ServerProcess, free_port_address
@@ -24,6 +24,11 @@ UP = gateway_pb2.HOST_STATE_UP
 DOWN = gateway_pb2.HOST_STATE_DOWN
 COOLING_DOWN = gateway_pb2.HOST_STATE_COOLING_DOWN
 DRAINING = gateway_pb2.HOST_STATE_DRAINING
+
+
+def queued(host: ModelHostStub, model: str) -> int:
+    status = host.GetStatus(model_host_pb2.GetStatusRequest(), timeout=10).status
+    return next(m.queue_depth for m in status.models if m.name == model)
 
 
 def model_toml(
@@ -180,7 +185,9 @@ def test_killing_a_host_fails_over_before_the_first_token_and_errors_after_it(
     waiting = threading.Thread(target=lambda: results.append(cluster.generate("failover")))
     with structlog.testing.capture_logs() as logs:
         waiting.start()
-        time.sleep(0.5)
+        with grpc.insecure_channel(b.address) as channel:
+            host = ModelHostStub(channel)
+            wait_until(lambda: queued(host, "failover") == 1)  # it waits for B's one slot
         b.kill()
         ended = collect(running)
         waiting.join(timeout=60)

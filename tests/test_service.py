@@ -17,14 +17,23 @@ from airouter.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from airouter.v1 import gateway_pb2, generate_pb2, host_status_pb2
+from airouter.v1 import generate_pb2, host_status_pb2
+from gateway.generation import (
+    Event,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    Policy,
+    Routing,
+    Token,
+)
 from gateway.hosts import Host, HostPool
 from gateway.service import UNKNOWN_MODEL, CloudRouting, GatewayService
 from gateway.standing import HostState
 from gateway.upstream import OpenAIUpstream, UpstreamSettings
 
 MODEL = "m"
-Script = Callable[[gateway_pb2.GatewayGenerateRequest], AsyncIterator[Any]]
+Script = Callable[[GenerateRequest], AsyncIterator[Any]]
 
 
 class _Channel:
@@ -44,7 +53,7 @@ class Observer:
     def first_token(self, model: str, seconds: float) -> None:
         self.events.append(("first_token", model))
 
-    def finished(self, model: str, finished: generate_pb2.Finished, seconds: float) -> None:
+    def finished(self, model: str, finished: Finished, seconds: float) -> None:
         self.events.append(("finished", (model, finished.reason, finished.host)))
 
     def refused(self, model: str, error: AirouterError) -> None:
@@ -54,16 +63,12 @@ class Observer:
         self.events.append(("failed_over", host))
 
 
-def token(text: str) -> gateway_pb2.GatewayGenerateResponse:
-    return gateway_pb2.GatewayGenerateResponse(token=generate_pb2.TokenDelta(text=text))
+def token(text: str) -> Token:
+    return Token(text)
 
 
-def finish(
-    reason: int = generate_pb2.FINISH_REASON_STOP, error: str = ""
-) -> gateway_pb2.GatewayGenerateResponse:
-    return gateway_pb2.GatewayGenerateResponse(
-        finished=generate_pb2.Finished(reason=reason, error_message=error, model=MODEL)
-    )
+def finish(reason: FinishReason = FinishReason.STOP, error: str = "") -> Finished:
+    return Finished(reason, error_message=error, model=MODEL)
 
 
 def fake_host(address: str, script: Script, *, free_slots: int = 1) -> Host:
@@ -81,11 +86,9 @@ def fake_host(address: str, script: Script, *, free_slots: int = 1) -> Host:
         ]
     )
     host.standing.updated(0.0, draining=False)
-    calls: list[gateway_pb2.GatewayGenerateRequest] = []
+    calls: list[GenerateRequest] = []
 
-    async def stream(
-        request: gateway_pb2.GatewayGenerateRequest, time_left_s: float | None
-    ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
+    async def stream(request: GenerateRequest, time_left_s: float | None) -> AsyncIterator[Event]:
         calls.append(request)
         async for message in script(request):
             yield message
@@ -98,7 +101,7 @@ def fake_host(address: str, script: Script, *, free_slots: int = 1) -> Host:
 def plays(*messages: Any, hang: bool = False) -> Script:
     """A host that sends `messages` (an exception among them is raised there)."""
 
-    async def script(_: gateway_pb2.GatewayGenerateRequest) -> AsyncIterator[Any]:
+    async def script(_: GenerateRequest) -> AsyncIterator[Any]:
         for message in messages:
             if isinstance(message, Exception):
                 raise message
@@ -111,25 +114,25 @@ def plays(*messages: Any, hang: bool = False) -> Script:
 
 def serve(
     hosts: list[Host],
-    request: gateway_pb2.GatewayGenerateRequest | None = None,
+    request: GenerateRequest | None = None,
     *,
     first_message_s: float = 5.0,
     time_left_s: float | None = 10.0,
     **cloud: Any,
-) -> tuple[list[gateway_pb2.GatewayGenerateResponse], AirouterError | None, Observer]:
+) -> tuple[list[Event], AirouterError | None, Observer]:
     """Runs one request through a service over `hosts` (the first is ranked first)."""
     observer = Observer()
 
-    async def run() -> tuple[list[gateway_pb2.GatewayGenerateResponse], AirouterError | None]:
+    async def run() -> tuple[list[Event], AirouterError | None]:
         pool = HostPool([])
         pool.hosts = hosts
         upstream = OpenAIUpstream(UpstreamSettings(api_key=None))
         routing = CloudRouting(upstream, **cloud)
         service = GatewayService(pool, routing, observer, first_message_s)
-        out: list[gateway_pb2.GatewayGenerateResponse] = []
+        out: list[Event] = []
         try:
             async for message in service.generate(
-                request or gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="Hi"),
+                request or GenerateRequest(MODEL, prompt="Hi"),
                 time_left_s,
             ):
                 out.append(message)
@@ -155,20 +158,20 @@ def test_a_host_that_refuses_before_its_first_message_fails_over_to_the_next() -
     b = fake_host("b:1", plays(token("Hel"), token("lo"), finish()))
     out, error, observer = serve(ordered(a, b))
     assert error is None
-    assert "".join(m.token.text for m in out if m.HasField("token")) == "Hello"
-    assert out[-1].finished.host == "b:1"
+    assert "".join(m.text for m in out if isinstance(m, Token)) == "Hello"
+    assert out[-1].host == "b:1"
     assert ("failed_over", "a:1") in observer.events
-    assert ("finished", (MODEL, generate_pb2.FINISH_REASON_STOP, "b:1")) in observer.events
+    assert ("finished", (MODEL, FinishReason.STOP, "b:1")) in observer.events
     assert len(a.standing.failures) == 1  # counts toward a's cool-down
 
 
 def test_an_error_finish_before_any_token_fails_over_and_counts_toward_cool_down() -> None:
-    a = fake_host("a:1", plays(finish(generate_pb2.FINISH_REASON_ERROR, "llama_decode -1")))
+    a = fake_host("a:1", plays(finish(FinishReason.ERROR, "llama_decode -1")))
     b = fake_host("b:1", plays(token("ok"), finish()))
     hosts = ordered(a, b)
     for _ in range(3):
         out, error, _ = serve(hosts)
-        assert error is None and out[-1].finished.host == "b:1"
+        assert error is None and out[-1].host == "b:1"
     assert a.state is HostState.COOLING_DOWN
     assert "llama_decode -1" in a.detail
 
@@ -177,7 +180,7 @@ def test_a_silent_host_fails_over_within_the_first_message_budget() -> None:
     a = fake_host("a:1", plays(hang=True))
     b = fake_host("b:1", plays(token("ok"), finish()))
     out, error, observer = serve(ordered(a, b), first_message_s=0.05)
-    assert error is None and out[-1].finished.host == "b:1"
+    assert error is None and out[-1].host == "b:1"
     assert ("failed_over", "a:1") in observer.events
 
 
@@ -194,10 +197,10 @@ def test_a_failure_mid_stream_ends_with_an_error_finish_naming_the_cause() -> No
     b = fake_host("b:1", plays(token("never"), finish()))
     out, error, _ = serve(ordered(a, b))
     assert error is None
-    assert out[0].token.text == "Hel"
-    assert out[-1].finished.reason == generate_pb2.FINISH_REASON_ERROR
-    assert "a:1" in out[-1].finished.error_message
-    assert "Socket closed" in out[-1].finished.error_message
+    assert out[0].text == "Hel"
+    assert out[-1].reason == FinishReason.ERROR
+    assert "a:1" in out[-1].error_message
+    assert "Socket closed" in out[-1].error_message
     assert not b.calls  # no second host after a token was sent
 
 
@@ -205,8 +208,8 @@ def test_a_stream_that_ends_without_a_result_is_not_a_success() -> None:
     a = fake_host("a:1", plays(token("Hel")))
     out, error, _ = serve([a])
     assert error is None
-    assert out[-1].finished.reason == generate_pb2.FINISH_REASON_ERROR
-    assert "without a result" in out[-1].finished.error_message
+    assert out[-1].reason == FinishReason.ERROR
+    assert "without a result" in out[-1].error_message
 
 
 def test_the_request_s_own_error_is_not_failed_over() -> None:
@@ -229,17 +232,21 @@ def test_every_host_full_is_resource_exhausted() -> None:
 @pytest.mark.parametrize(
     ("request_", "needle"),
     [
-        (gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x", routing_policy=99), "99"),  # type: ignore[arg-type]
-        (gateway_pb2.GatewayGenerateRequest(prompt="x"), "model is empty"),
-        (gateway_pb2.GatewayGenerateRequest(model=MODEL), "neither a prompt"),
+        (GenerateRequest("", prompt="x"), "model is empty"),
+        (GenerateRequest(MODEL), "neither a prompt"),
+        (GenerateRequest(MODEL, prompt="\udc80"), "lone surrogate"),
         (
-            gateway_pb2.GatewayGenerateRequest(model=MODEL, prompt="x" * (5 << 20)),
+            GenerateRequest(MODEL, prompt="x", routing=Routing(conversation_id="u" * 257)),
+            "at most 256",
+        ),
+        (
+            GenerateRequest(MODEL, prompt="x" * (5 << 20)),
             "the request is 5.0 MiB; a generate request may be at most 4 MiB",
         ),
     ],
 )
 def test_bad_requests_are_refused_before_any_host_is_asked(
-    request_: gateway_pb2.GatewayGenerateRequest, needle: str
+    request_: GenerateRequest, needle: str
 ) -> None:
     a = fake_host("a:1", plays(token("never"), finish()))
     _, error, _ = serve([a], request_)
@@ -250,7 +257,7 @@ def test_bad_requests_are_refused_before_any_host_is_asked(
 def test_an_unknown_model_name_is_counted_under_one_label() -> None:
     a = fake_host("a:1", plays(token("never"), finish()))
     for name in ("x" * 10_000, "another-made-up-name"):
-        _, error, observer = serve([a], gateway_pb2.GatewayGenerateRequest(model=name, prompt="x"))
+        _, error, observer = serve([a], GenerateRequest(name, prompt="x"))
         assert isinstance(error, NotFound)
         assert observer.events == [("refused", (UNKNOWN_MODEL, "NOT_FOUND"))]
 
@@ -263,8 +270,8 @@ def test_no_host_up_is_unavailable_with_each_host_s_state() -> None:
     assert "a:1: down (no status update for 3 s)" in str(error)
 
 
-def cloud_request(model: str, policy: int = 0) -> gateway_pb2.GatewayGenerateRequest:
-    return gateway_pb2.GatewayGenerateRequest(model=model, prompt="x", routing_policy=policy)  # type: ignore[arg-type]
+def cloud_request(model: str, policy: Policy | None = None) -> GenerateRequest:
+    return GenerateRequest(model, prompt="x", routing=Routing(policy))
 
 
 # The fake upstream is never started: a request that passes the operator's gate fails there.
@@ -288,13 +295,13 @@ def test_an_operator_local_only_forbids_cloud_models_it_has_not_allowed() -> Non
 
 def test_the_operator_s_policy_wins_over_the_request_s_unless_it_allows_overrides() -> None:
     a = fake_host("a:1", plays(token("local"), finish()))
-    cloud_only = cloud_request(MODEL, gateway_pb2.ROUTING_POLICY_CLOUD_ONLY)
+    cloud_only = cloud_request(MODEL, Policy.CLOUD_ONLY)
     routing = {"cloud_models": {MODEL: "openrouter/openai/gpt-5"}}
     out, error, _ = serve([a], cloud_only, **routing)
-    assert error is None and out[-1].finished.host == "a:1"  # stayed local
+    assert error is None and out[-1].host == "a:1"  # stayed local
     _, error, _ = serve([a], cloud_only, allow_policy_override=True, **routing)
     assert isinstance(error, Unavailable) and NOT_STARTED in str(error)  # went to the cloud
     # Asking for local_only spends nothing: always honoured.
-    local_only = cloud_request(MODEL, gateway_pb2.ROUTING_POLICY_LOCAL_ONLY)
+    local_only = cloud_request(MODEL, Policy.LOCAL_ONLY)
     out, error, _ = serve([a], local_only, default_policy="cloud_only", **routing)
-    assert error is None and out[-1].finished.host == "a:1"
+    assert error is None and out[-1].host == "a:1"

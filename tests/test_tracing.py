@@ -1,6 +1,7 @@
 """One trace from client to token: the gateway and modelhost processes export their spans over
 OTLP/gRPC to a receiver started here (the OpenTelemetry collector's own service definition)."""
 
+import functools
 import json
 import threading
 import time
@@ -17,7 +18,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from airouter import tracing
-from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, model_host_pb2
+from airouter.v1.model_host_pb2_grpc import ModelHostStub
+from gateway.generation import GenerateRequest, request_attributes
 from tests.conftest import LoopThread, wait_for_health, wait_until
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 from tests.processes import ServerProcess
@@ -139,6 +142,16 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
     server.stop(0)
 
 
+def resident_on(stub: gateway_pb2_grpc.GatewayStub, model: str) -> list[str]:
+    listed = stub.ListModels(gateway_pb2.GatewayListModelsRequest(), timeout=10).models
+    return next((list(m.resident_hosts) for m in listed if m.name == model), [])
+
+
+def queued(host: ModelHostStub, model: str) -> int:
+    status = host.GetStatus(model_host_pb2.GetStatusRequest(), timeout=10).status
+    return next(m.queue_depth for m in status.models if m.name == model)
+
+
 def wait_for_spans(receiver: Receiver, trace_id: str, names: set[str]) -> list[Span]:
     deadline = time.monotonic() + 20
     while True:
@@ -150,8 +163,9 @@ def wait_for_spans(receiver: Receiver, trace_id: str, names: set[str]) -> list[S
 
 
 def test_one_trace_holds_gateway_routing_host_and_engine_spans(traced: Traced) -> None:
-    # "m" is resident on the first host only: the request lands there.
-    time.sleep(1.5)  # the gateway's view of the hosts is current
+    # "m" is resident on the first host only: the request lands there, once the gateway's
+    # view of the hosts says so.
+    wait_until(lambda: resident_on(traced.stub, "m") == [traced.hosts[0].address])
     request = gateway_request(model="m", prompt="Hello", max_tokens=4, temperature=0.0)
     result = collect(
         traced.stub.Generate(request, metadata=[("traceparent", CLIENT_TRACEPARENT)], timeout=60)
@@ -225,7 +239,9 @@ def test_a_failover_shows_both_attempts_in_one_trace(traced: Traced) -> None:
 
     thread = threading.Thread(target=waiting)
     thread.start()
-    time.sleep(0.5)  # it waits in the first host's queue
+    with grpc.insecure_channel(first.address) as channel:
+        host = ModelHostStub(channel)
+        wait_until(lambda: queued(host, "m") == 1)  # it waits in the first host's queue
     first.kill()
     thread.join(timeout=60)
     assert results and results[0].finished.host == second.address  # type: ignore[attr-defined]
@@ -356,8 +372,8 @@ def test_a_gateway_without_tracing_opens_no_spans_and_passes_a_callers_trace_on(
 ) -> None:
     # In this process no SDK is installed: the request path's spans are not even no-op spans.
     tracer = trace.get_tracer("test")
-    request = gateway_request(model="m", prompt="Hi")
-    with tracing.request_span(tracer, request, [("x-request-id", "1")]) as span:
+    attributes = functools.partial(request_attributes, GenerateRequest("m", prompt="Hi"))
+    with tracing.request_span(tracer, "generate m", attributes, [("x-request-id", "1")]) as span:
         assert span is trace.INVALID_SPAN
         with tracing.span(tracer, "route") as child:
             assert child is trace.INVALID_SPAN

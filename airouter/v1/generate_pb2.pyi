@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -126,7 +129,7 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error_message: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "aliases", "capabilities", "context_length", "state", "state_detail", "slots", "hosts", "resident_hosts")
+    __slots__ = ("name", "aliases", "capabilities", "context_length", "state", "state_detail", "slots", "hosts", "resident_hosts", "created_at")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +139,7 @@ class ModelInfo(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -145,4 +149,5 @@ class ModelInfo(_message.Message):
     slots: int
     hosts: _containers.RepeatedScalarFieldContainer[str]
     resident_hosts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., state_detail: _Optional[str] = ..., slots: _Optional[int] = ..., hosts: _Optional[_Iterable[str]] = ..., resident_hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., capabilities: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., state_detail: _Optional[str] = ..., slots: _Optional[int] = ..., hosts: _Optional[_Iterable[str]] = ..., resident_hosts: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -1,71 +1,72 @@
-"""The llama.cpp engine (llama-cpp-python): GGUF files on CPU, CUDA and Metal."""
+"""The llama.cpp engine (llama-cpp-python): GGUF files on CPU, CUDA and Metal.
 
+This module imports without llama-cpp-python; the engine's modules import it when a model
+is estimated, opened, or a device is asked about.
+"""
+
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import structlog
+from modelhost.engines.interface import Engine, EngineBackend, HostSettings
 
-from modelhost.config import ModelConfig
-from modelhost.engines.llamacpp.engine import LlamaEngine
-from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
-from modelhost.gguf_header import read_gguf_header
-from modelhost.memory import estimate_footprint
+if TYPE_CHECKING:
+    from modelhost.config import ModelConfig
 
-_log = structlog.get_logger()
-
-
-def gpu_layers(config: ModelConfig, device: str) -> int:
-    """Layers to offload: as configured, else all of them on a GPU and none on the CPU."""
-    if config.gpu_layers is not None:
-        return config.gpu_layers
-    return 0 if device == "cpu" else -1
+_MISSING = (
+    "llama-cpp-python is not installed here; install it with pip install llama-cpp-python "
+    "(see the README for the CMAKE_ARGS of CPU, CUDA and Metal builds)"
+)
+_CUDA_BUILD_HINT = (
+    'reinstall it with CUDA: CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall '
+    "--no-cache-dir llama-cpp-python"
+)
 
 
-def estimate_bytes(config: ModelConfig, path: Path, device: str) -> int:
-    """The footprint from the GGUF header: weights on the device, KV cache, compute buffers."""
-    header = read_gguf_header(path)
-    layers = max(header.arch_int("block_count"), 1)
-    offloaded = gpu_layers(config, device)
-    if device == "cpu":
-        share = 1.0
-    else:
-        share = 1.0 if offloaded < 0 else min(offloaded / (layers + 1), 1.0)
-    return estimate_footprint(
-        header,
-        on_device_share=share,
-        context_tokens=config.slots * config.context_length,
-        batch_tokens=config.batch_tokens,
-        cache_type_k=config.cache_type_k,
-        cache_type_v=config.cache_type_v,
-        slots=config.slots,
-        full_swa_cache=config.full_swa_cache,
-    )
+class LlamaBackend(EngineBackend):
+    name = "llama.cpp"
+
+    def claims(self, path: Path) -> bool:
+        return not path.is_dir()  # a GGUF file
+
+    def unsupported(self, device: str) -> str | None:
+        try:
+            from modelhost.engines.llamacpp.model import supports_gpu_offload
+        except ImportError:
+            return _MISSING
+        if device == "cpu":
+            return None
+        if not supports_gpu_offload():
+            if device == "cuda":
+                return f"this llama-cpp-python was built without a GPU backend; {_CUDA_BUILD_HINT}"
+            return (
+                "this llama-cpp-python was built without Metal; reinstall it with "
+                "pip install --force-reinstall --no-cache-dir llama-cpp-python"
+            )
+        if device == "metal" and sys.platform != "darwin":
+            return "Metal is macOS's"
+        return None
+
+    def build(self) -> dict[str, object]:
+        # Which instruction sets llama.cpp was built for: a build with -march=native on one
+        # CPU (or AMX on a Xeon) crashes in llama_decode on another; this says what to rebuild.
+        try:
+            from modelhost.engines.llamacpp.model import build_features, supports_gpu_offload
+        except ImportError:
+            return {"installed": False}
+        return {"features": build_features(), "gpu_offload": supports_gpu_offload()}
+
+    def estimate_bytes(self, config: "ModelConfig", path: Path, device: str) -> int:
+        from modelhost.engines.llamacpp.loading import estimate_bytes
+
+        return estimate_bytes(config, path, device)
+
+    def open(self, config: "ModelConfig", path: Path, host: HostSettings) -> Engine:
+        try:
+            from modelhost.engines.llamacpp.loading import open_engine
+        except ImportError:
+            raise RuntimeError(_MISSING) from None
+        return open_engine(config, path, host.device, host.threads)
 
 
-def open_engine(config: ModelConfig, path: Path, device: str, threads: int) -> LlamaEngine:
-    model = LlamaModel(
-        path,
-        gpu_layers=gpu_layers(config, device),
-        settings=ContextSettings(
-            slots=config.slots,
-            context_per_slot=config.context_length,
-            batch_tokens=config.batch_tokens,
-            threads=threads,
-            flash_attention=config.flash_attention,
-            cache_type_k=config.cache_type_k,
-            cache_type_v=config.cache_type_v,
-            full_swa_cache=config.full_swa_cache,
-        ),
-        chat_template=config.chat_template,
-    )
-    if config.context_length > model.context_train:
-        _log.warning(
-            "context_beyond_training",
-            model=config.name,
-            context_length=config.context_length,
-            trained_on=model.context_train,
-        )
-    try:
-        return LlamaEngine(model, name=config.name, slots=config.slots, max_queue=config.max_queue)
-    except BaseException:
-        model.close()
-        raise
+BACKEND = LlamaBackend()

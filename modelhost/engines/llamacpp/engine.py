@@ -16,9 +16,15 @@ import llama_cpp
 import structlog
 
 from airouter.labels import format_bytes
-from modelhost.engines.base import Blocks, Engine, Sequence, common_prefix, summarize_prefixes
 from modelhost.engines.llamacpp.model import LlamaModel
 from modelhost.engines.llamacpp.sampler import TokenSampler
+from modelhost.engines.scheduler import (
+    Blocks,
+    Sequence,
+    StepLoopEngine,
+    common_prefix,
+    summarize_prefixes,
+)
 from modelhost.generation import EngineRequest, FinishReason
 from modelhost.text_stream import TextStream
 
@@ -53,7 +59,7 @@ class _Sequence(Sequence):
         return self.prompt_done == len(self.request.prompt)
 
 
-class LlamaEngine(Engine[_Sequence]):
+class LlamaEngine(StepLoopEngine[_Sequence]):
     """Decodes up to `slots` requests together in one llama.cpp context."""
 
     kind = "llama.cpp"

@@ -5,7 +5,6 @@ and may run on any thread.
 """
 
 import ctypes
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -260,8 +259,3 @@ class LlamaModel:
             is_eog = llama_cpp.llama_vocab_is_eog
             self._end_of_generation = [t for t in range(self.n_vocab) if is_eog(self.vocab, t)]
         return self._end_of_generation
-
-
-def default_threads() -> int:
-    """Threads for decoding: every core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -8,10 +8,18 @@ it: everything under this package imports mlx only after this module ran.
 
 import ctypes
 import ctypes.util
+import importlib.util
+import platform
 import sys
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from modelhost.engines.interface import Engine, EngineBackend, HostSettings
+
+if TYPE_CHECKING:
+    from modelhost.config import ModelConfig
 
 T = TypeVar("T")
 
@@ -52,3 +60,59 @@ def on_own_thread(work: Callable[[], T]) -> T:
     if failure:
         raise failure[0]
     return result[0]
+
+
+_MISSING = "the MLX engine is not installed here; install it with pip install 'airouter[mlx]'"
+
+
+class MlxBackend(EngineBackend):
+    name = "mlx"
+
+    def claims(self, path: Path) -> bool:
+        return path.is_dir()  # an mlx-lm model directory (a GGUF it takes only when asked)
+
+    def unsupported(self, device: str) -> str | None:
+        if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
+            return _MISSING
+        if device == "cuda":
+            return "MLX does not run on CUDA"
+        if device == "metal" and not (sys.platform == "darwin" and platform.machine() == "arm64"):
+            return "MLX's Metal backend needs an Apple Silicon Mac"
+        return None
+
+    def build(self) -> dict[str, object]:
+        return {"installed": self.unsupported("cpu") is None, "blas": BLAS}
+
+    def model_files(self, config: "ModelConfig", host: HostSettings) -> Path:
+        """A GGUF is converted once into the cache directory: to 8 bits on a GPU, to float32
+        on the CPU (where mlx's quantized kernels are slower than a float32 BLAS)."""
+        path = config.model_path(host.cache_dir)
+        if path.is_file():
+            from modelhost.engines.mlxlm.convert import cached_conversion
+
+            quantize = "none" if host.device == "cpu" else "q8"
+            path = cached_conversion(path, host.cache_dir / "mlx", quantize=quantize)
+        return path
+
+    def estimate_bytes(self, config: "ModelConfig", path: Path, device: str) -> int:
+        from modelhost.engines.mlxlm.engine import estimate_bytes
+
+        return estimate_bytes(path, config.slots, config.context_length)
+
+    def open(self, config: "ModelConfig", path: Path, host: HostSettings) -> Engine:
+        try:
+            from modelhost.engines.mlxlm.engine import MlxEngine
+        except ImportError:
+            raise RuntimeError(_MISSING) from None
+        return MlxEngine(
+            path,
+            name=config.name,
+            slots=config.slots,
+            max_queue=config.max_queue,
+            context_per_slot=config.context_length,
+            batch_tokens=config.batch_tokens,
+            device=host.device,
+        )
+
+
+BACKEND = MlxBackend()

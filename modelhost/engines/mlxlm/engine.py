@@ -18,8 +18,14 @@ from typing import Any
 
 from airouter.errors import InvalidArgument
 from airouter.labels import format_bytes
-from modelhost.engines.base import Blocks, Engine, Sequence, common_prefix, summarize_prefixes
 from modelhost.engines.mlxlm import BLAS
+from modelhost.engines.scheduler import (
+    Blocks,
+    Sequence,
+    StepLoopEngine,
+    common_prefix,
+    summarize_prefixes,
+)
 from modelhost.generation import EngineRequest, FinishReason, Sampling
 from modelhost.text_stream import TextStream
 
@@ -48,7 +54,7 @@ class _Sequence(Sequence):
     uid: int = -1
 
 
-class MlxEngine(Engine[_Sequence]):
+class MlxEngine(StepLoopEngine[_Sequence]):
     """Decodes up to `slots` requests together with mlx-lm's BatchGenerator."""
 
     kind = "mlx"

@@ -1,25 +1,23 @@
-"""What the host needs from an engine, and the scheduling every engine shares.
-
-An engine owns one loaded model and decodes up to `slots` requests together on a thread of
-its own. The event loop only enqueues work (`submit`, `cancel`) and receives events through
-each request's `on_events` callback, which the engine calls from its thread. The queue bound,
-deadlines in the queue, cancellation, stop strings, timings and the Finish event are the same
-for every engine and live here; an engine supplies how requests take a slot, one decode step,
-and what a token's bytes are.
+"""The step-loop scheduler: an Engine that decodes up to `slots` requests together, one step
+at a time, on a thread of its own. The queue bound, deadlines in the queue, cancellation, stop
+strings, timings and the Finish event live here; an engine built on it supplies how requests
+take a slot, one decode step, and what a token's bytes are. An engine with a scheduler of its
+own implements modelhost.engines.interface.Engine directly.
 """
 
 import queue
 import threading
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import structlog
 
 from airouter.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from modelhost.engines.interface import Engine, EngineLoad
 from modelhost.generation import (
     Delta,
     EngineRequest,
@@ -40,20 +38,6 @@ REPORTED_FIRST = 4
 Blocks = tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True)
-class EngineLoad:
-    """A snapshot of how busy an engine is."""
-
-    slots: int
-    slots_busy: int
-    queued: int
-    tokens_generated: int
-    prompt_tokens_reused: int
-    decode_steps: int  # steps that produced tokens: tokens / steps shows how much is batched
-    # Prefix blocks whose cells some slot holds: hash -> tokens up to the block's end.
-    cached_prefixes: dict[int, int] = field(default_factory=dict)
-
-
 @dataclass(eq=False)
 class Sequence:
     """A request that has a slot: what every engine tracks while it generates."""
@@ -72,10 +56,8 @@ class Sequence:
 S = TypeVar("S", bound=Sequence)
 
 
-class Engine(ABC, Generic[S]):
-    """Decodes up to `slots` requests together on a dedicated thread."""
-
-    kind: ClassVar[str]  # "llama.cpp", "mlx": a label on metrics and traces
+class StepLoopEngine(Engine, Generic[S]):
+    """Decodes up to `slots` requests together on a dedicated thread, a step at a time."""
 
     def __init__(self, *, name: str, slots: int, max_queue: int) -> None:
         self._name = name
@@ -107,32 +89,6 @@ class Engine(ABC, Generic[S]):
             raise self._start_error
 
     # --- the host's side -------------------------------------------------------------
-
-    @property
-    @abstractmethod
-    def context_per_request(self) -> int:
-        """Tokens one request may use, prompt and generated together."""
-
-    @abstractmethod
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of text with the model's BOS; special tokens written in text are honoured.
-        Safe to call from any thread."""
-
-    @abstractmethod
-    def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:
-        """The prompt for a conversation, ending with the assistant's turn; None when the
-        model has no chat template this engine can render."""
-
-    @abstractmethod
-    def footprint_bytes(self, device: str) -> int:
-        """Memory the loaded model takes from `device`'s budget, measured."""
-
-    def describe(self) -> dict[str, object]:
-        """Where the model went, for the load's log line (layers offloaded, buffers, ...)."""
-        return {}
-
-    def scan_vocabulary(self) -> None:
-        """Slow look-ups over the vocabulary, run off the engine thread after a load."""
 
     def load(self) -> EngineLoad:
         with self._lock:

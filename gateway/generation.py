@@ -1,0 +1,199 @@
+"""The gateway's own generate request, the events of its stream and its outcome.
+
+Every front door (gRPC, the OpenAI HTTP edge, batch files) turns its transport's request into a
+GenerateRequest, and the events back; the host link builds the host's own request from one,
+field by field, and the upstream link an OpenAI body. Nothing below the doors and the links
+sees a wire message. A request says what to generate (input, sampling, stopping) and how to
+route it (Routing): the routing half stays in the gateway.
+"""
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from airouter import tracing
+from airouter.errors import InvalidArgument, not_text
+
+# The longest conversation id kept for routing affinity.
+MAX_CONVERSATION_ID = 256
+
+
+class Policy(enum.Enum):
+    """Where a request may run."""
+
+    LOCAL_ONLY = "local_only"
+    LOCAL_FIRST = "local_first"  # the model's cloud model when no host can serve it
+    CLOUD_ONLY = "cloud_only"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A chat turn, rendered by the host with the model's chat template."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How tokens are chosen; None leaves a parameter to the host's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    """When generation stops; max_tokens None: the context left after the prompt."""
+
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate past end-of-generation tokens (benchmarks)
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """How the gateway places the request; never sent to a host."""
+
+    policy: Policy | None = None  # None: the operator's policy for the model
+    min_context_length: int = 0  # only models with at least this context per request
+    # The conversation (or end user) the request belongs to, for affinity; often an e-mail
+    # address (OpenAI's `user`), so it stays in the gateway.
+    conversation_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """What to generate for whom: a raw prompt or chat messages (exactly one), and how."""
+
+    model: str  # a name, an alias, "capability:<tag>" or "openrouter/<vendor>/<model>"
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stopping: Stopping = field(default_factory=Stopping)
+    routing: Routing = field(default_factory=Routing)
+    request_id: str = ""
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
+
+    def with_model(self, model: str) -> "GenerateRequest":
+        return replace(self, model=model)
+
+    def size(self) -> int:
+        """The bytes of text the request carries (what a host must receive); raises
+        UnicodeEncodeError for a lone surrogate, which no host can receive."""
+        texts = [self.model, self.prompt or "", *self.stopping.stop, self.routing.conversation_id]
+        for message in self.messages or ():
+            texts += (message.role, message.content)
+        return sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # the model ended its turn or produced a stop string
+    LENGTH = "length"  # max_tokens was reached
+    CANCELLED = "cancelled"  # the client or a shutdown stopped it
+    ERROR = "error"  # it failed after it had started; Finished.error_message says why
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV cells a host still held
+    cost_usd: float = 0.0  # what the upstream charged; 0 for local models
+
+
+@dataclass(slots=True)
+class Timings:
+    """Milliseconds spent in each phase."""
+
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class Token:
+    """Newly decoded text and how many tokens produced it."""
+
+    text: str
+    token_count: int = 1
+
+
+@dataclass(slots=True)
+class Finished:
+    """The outcome: the last event of every stream."""
+
+    reason: FinishReason
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    error_message: str = ""
+    model: str = ""  # the configured name of the model that served it
+    host: str = ""  # the host (or "openrouter") that served it
+
+
+Event = Token | Finished
+
+
+def request_attributes(request: GenerateRequest) -> dict[str, Any]:
+    """The request's GenAI span attributes."""
+    return tracing.request_attributes(
+        chat=request.chat,
+        model=request.model,
+        max_tokens=request.stopping.max_tokens,
+        temperature=request.sampling.temperature,
+        request_id=request.request_id,
+    )
+
+
+def finish_attributes(finished: Finished) -> dict[str, Any]:
+    """The outcome's GenAI span attributes."""
+    return tracing.finish_attributes(
+        model=finished.model,
+        input_tokens=finished.usage.prompt_tokens,
+        output_tokens=finished.usage.completion_tokens,
+        reason=finished.reason.value,
+        host=finished.host,
+    )
+
+
+def error_finish(host: str, why: str) -> Finished:
+    return Finished(FinishReason.ERROR, error_message=f"host {host} {why}", host=host)
+
+
+# The largest request the gateway relays: a host accepts 4 MiB messages (gRPC's default).
+MAX_GENERATE_BYTES = 4 << 20
+
+
+def validate(request: GenerateRequest) -> None:
+    """Refuses what no host could serve, cheaply and before any routing."""
+    if not request.model:
+        raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
+    if not request.prompt and not request.messages:
+        raise InvalidArgument("the request has neither a prompt nor chat messages")
+    conversation = request.routing.conversation_id
+    if len(conversation) > MAX_CONVERSATION_ID:
+        raise InvalidArgument(
+            f"conversation_id (OpenAI's `user`, or X-Conversation-Id) is "
+            f"{len(conversation)} characters; at most {MAX_CONVERSATION_ID}"
+        )
+    try:
+        size = request.size()
+    except UnicodeEncodeError as exc:
+        raise not_text(exc, "the request") from None
+    if size > MAX_GENERATE_BYTES:
+        raise InvalidArgument(
+            f"the request is {size / (1 << 20):.1f} MiB; a generate request may be at most "
+            f"{MAX_GENERATE_BYTES >> 20} MiB"
+        )

@@ -1,0 +1,150 @@
+"""The gateway's domain types (gateway.generation) as airouter.v1 messages and back: what the
+gRPC door and the batch store's encoding share. The host link builds the host's own request
+(gateway.hosts); nothing else here knows the wire."""
+
+from airouter.errors import InvalidArgument
+from airouter.v1 import gateway_pb2, generate_pb2
+from gateway.generation import (
+    SAMPLING_FIELDS,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    Message,
+    Policy,
+    Routing,
+    Sampling,
+    Stopping,
+    Timings,
+    Token,
+    Usage,
+)
+
+POLICY_FROM_PB = {
+    gateway_pb2.ROUTING_POLICY_LOCAL_ONLY: Policy.LOCAL_ONLY,
+    gateway_pb2.ROUTING_POLICY_LOCAL_FIRST: Policy.LOCAL_FIRST,
+    gateway_pb2.ROUTING_POLICY_CLOUD_ONLY: Policy.CLOUD_ONLY,
+}
+_POLICY_TO_PB = {policy: number for number, policy in POLICY_FROM_PB.items()}
+REASON_FROM_PB = {
+    generate_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+    generate_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    generate_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+    generate_pb2.FINISH_REASON_ERROR: FinishReason.ERROR,
+}
+_REASON_TO_PB = {reason: number for number, reason in REASON_FROM_PB.items()}
+_TIMINGS = ("queue_ms", "prefill_ms", "decode_ms", "time_to_first_token_ms", "total_ms")
+
+
+def sampling_from_pb(pb: generate_pb2.SamplingParameters) -> Sampling:
+    return Sampling(**{name: getattr(pb, name) for name in SAMPLING_FIELDS if pb.HasField(name)})
+
+
+def fill_sampling(pb: generate_pb2.SamplingParameters, sampling: Sampling) -> None:
+    for name in SAMPLING_FIELDS:
+        value = getattr(sampling, name)
+        if value is not None:
+            setattr(pb, name, value)
+
+
+def stopping_from_pb(pb: generate_pb2.StoppingCriteria) -> Stopping:
+    max_tokens = pb.max_tokens if pb.HasField("max_tokens") else None
+    return Stopping(max_tokens, tuple(pb.stop), pb.ignore_eos)
+
+
+def fill_stopping(pb: generate_pb2.StoppingCriteria, stopping: Stopping) -> None:
+    if stopping.max_tokens is not None:
+        pb.max_tokens = stopping.max_tokens
+    pb.stop.extend(stopping.stop)
+    pb.ignore_eos = stopping.ignore_eos
+
+
+def request_from_pb(pb: gateway_pb2.GatewayGenerateRequest) -> GenerateRequest:
+    """The domain request of a gRPC one; an unknown routing_policy is InvalidArgument."""
+    policy = None
+    if pb.routing_policy:
+        policy = POLICY_FROM_PB.get(pb.routing_policy)
+        if policy is None:
+            raise InvalidArgument(
+                f"routing_policy {pb.routing_policy} is unknown; use one of "
+                + ", ".join(gateway_pb2.RoutingPolicy.Name(p) for p in POLICY_FROM_PB)
+            )
+    chat = pb.HasField("chat")
+    return GenerateRequest(
+        model=pb.model,
+        prompt=None if chat else pb.prompt,
+        messages=tuple(Message(m.role, m.content) for m in pb.chat.messages) if chat else None,
+        sampling=sampling_from_pb(pb.sampling),
+        stopping=stopping_from_pb(pb.stopping),
+        routing=Routing(policy, pb.min_context_length, pb.conversation_id),
+        request_id=pb.request_id,
+    )
+
+
+def request_pb(request: GenerateRequest) -> gateway_pb2.GatewayGenerateRequest:
+    """The gRPC message of a domain request (the batch store keeps requests so)."""
+    pb = gateway_pb2.GatewayGenerateRequest(
+        request_id=request.request_id,
+        model=request.model,
+        min_context_length=request.routing.min_context_length,
+        conversation_id=request.routing.conversation_id,
+    )
+    if request.routing.policy is not None:
+        pb.routing_policy = _POLICY_TO_PB[request.routing.policy]
+    if request.messages is not None:
+        pb.chat.SetInParent()  # the oneof is a chat even with no messages
+        for message in request.messages:
+            pb.chat.messages.add(role=message.role, content=message.content)
+    else:
+        pb.prompt = request.prompt or ""
+    fill_sampling(pb.sampling, request.sampling)
+    fill_stopping(pb.stopping, request.stopping)
+    return pb
+
+
+def finished_from_pb(pb: generate_pb2.Finished) -> Finished:
+    """The outcome a host (or a stored result) reports; an unknown reason is an error."""
+    reason = REASON_FROM_PB.get(pb.reason, FinishReason.ERROR)
+    error = pb.error_message
+    if pb.reason not in REASON_FROM_PB and not error:
+        error = f"the stream ended with an unknown finish reason ({pb.reason})"
+    usage = pb.usage
+    return Finished(
+        reason,
+        Usage(
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_prompt_tokens,
+            usage.cost_usd,
+        ),
+        Timings(*(getattr(pb.timings, name) for name in _TIMINGS)),
+        error,
+        pb.model,
+        pb.host,
+    )
+
+
+def finished_pb(finished: Finished) -> generate_pb2.Finished:
+    usage = finished.usage
+    return generate_pb2.Finished(
+        reason=_REASON_TO_PB[finished.reason],
+        usage=generate_pb2.Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_prompt_tokens=usage.cached_prompt_tokens,
+            cost_usd=usage.cost_usd,
+        ),
+        timings=generate_pb2.Timings(
+            **{name: getattr(finished.timings, name) for name in _TIMINGS}
+        ),
+        error_message=finished.error_message,
+        model=finished.model,
+        host=finished.host,
+    )
+
+
+def event_pb(event: Token | Finished) -> gateway_pb2.GatewayGenerateResponse:
+    if isinstance(event, Token):
+        return gateway_pb2.GatewayGenerateResponse(
+            token=generate_pb2.TokenDelta(text=event.text, token_count=event.token_count)
+        )
+    return gateway_pb2.GatewayGenerateResponse(finished=finished_pb(event))
