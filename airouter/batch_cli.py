@@ -13,15 +13,17 @@ from pathlib import Path
 from typing import IO
 
 import grpc
-from google.protobuf import json_format
 
 from airouter.batch_file import batch_output, read_batch_file
 from airouter.errors import InvalidArgument
-from airouter.labels import enum_label
+from airouter.labels import JSON_HELP, enum_label, message_json
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
 
 # A results stream that drops (the gateway restarts) is resumed for this long.
 RESUME_FOR_S = 60.0
+
+
+BATCH_ID_HELP = "the batch's id, as submit printed it (batch list shows them all)"
 
 
 def add_batch_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -33,15 +35,15 @@ def add_batch_commands(commands: "argparse._SubParsersAction[argparse.ArgumentPa
     submit.add_argument("--wait", action="store_true", help="then write the results")
     submit.add_argument("-o", "--output", type=Path, help="results file (default stdout)")
     results = actions.add_parser("results", help="write a batch's results as OpenAI JSONL")
-    results.add_argument("batch_id")
+    results.add_argument("batch_id", help=BATCH_ID_HELP)
     results.add_argument("-o", "--output", type=Path, help="results file (default stdout)")
     status = actions.add_parser("status", help="a batch's state and counts")
-    status.add_argument("batch_id")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("batch_id", help=BATCH_ID_HELP)
+    status.add_argument("--json", action="store_true", help=JSON_HELP)
     listing = actions.add_parser("list", help="every stored batch, newest first")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
     cancel = actions.add_parser("cancel", help="stop a batch")
-    cancel.add_argument("batch_id")
+    cancel.add_argument("batch_id", help=BATCH_ID_HELP)
 
 
 def run_batch(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int:
@@ -63,14 +65,12 @@ def run_batch(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> i
         return write_results(stub, args.batch_id, args.output)
     if command == "status":
         batch = stub.GetBatch(gateway_pb2.GetBatchRequest(batch_id=args.batch_id)).batch
-        print(json.dumps(json_format.MessageToDict(batch)) if args.json else format_batch(batch))
+        print(message_json(batch) if args.json else format_batch(batch))
         return 0
     if command == "list":
         batches = stub.ListBatches(gateway_pb2.ListBatchesRequest()).batches
         for batch in batches:
-            print(
-                json.dumps(json_format.MessageToDict(batch)) if args.json else format_batch(batch)
-            )
+            print(message_json(batch) if args.json else format_batch(batch))
         return 0
     batch = stub.CancelBatch(gateway_pb2.CancelBatchRequest(batch_id=args.batch_id)).batch
     print(format_batch(batch))

@@ -12,7 +12,6 @@ airouter batch submit requests.jsonl --wait -o results.jsonl
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from airouter import add_common_flags
 from airouter.batch_cli import add_batch_commands, run_batch
-from airouter.labels import enum_label, format_bytes
+from airouter.labels import JSON_HELP, enum_label, format_bytes, message_json
 from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
 from airouter.up import add_up_command, run_up
 from airouter.v1 import (
@@ -47,7 +45,7 @@ DEFAULT_RAW_MODEL = "gemma-3-270m"
 DEFAULT_MAX_TOKENS = 256
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="airouter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate text from a prompt")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="what to say (or, with --raw, the text to continue)")
     gen.add_argument(
         "--model",
         help=f"model, alias or capability:<tag> (default {DEFAULT_CHAT_MODEL}; with --raw "
@@ -83,14 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_TOKENS,
         help="most tokens to generate (default %(default)s; 0: up to the context's end)",
     )
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument(
+        "--temperature", type=float, help="0 picks the likeliest token (default: the host's, 0.8)"
+    )
+    gen.add_argument("--seed", type=int, help="the same seed and request give the same text")
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat turn")
     gen.add_argument("--json", action="store_true", help="print one JSON object per event")
 
     models = commands.add_parser("models", help="list the models the gateway can reach")
-    models.add_argument("--json", action="store_true")
+    models.add_argument("--json", action="store_true", help=JSON_HELP)
 
     status = commands.add_parser("status", help="show a modelhost's memory, models and load")
     status.add_argument(
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         help="modelhost HOST:PORT (default $AIROUTER_MODELHOST or %(default)s)",
     )
     status.add_argument("--watch", action="store_true", help="redraw on every change")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help=JSON_HELP)
 
     hosts = commands.add_parser(
         "hosts",
@@ -112,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         help="ask this modelhost directly, repeatable (or $AIROUTER_MODELHOSTS, "
         "comma-separated); default: every host the gateway knows",
     )
-    hosts.add_argument("--json", action="store_true")
+    hosts.add_argument("--json", action="store_true", help=JSON_HELP)
 
     add_batch_commands(commands)
     add_up_command(commands)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "up":
         return run_up(args)
     try:
@@ -156,7 +159,7 @@ def _generate(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> i
     finished = None
     for response in stub.Generate(request):
         if args.json:
-            print(json.dumps(json_format.MessageToDict(response)), flush=True)
+            print(message_json(response), flush=True)
         elif response.HasField("token"):
             sys.stdout.write(response.token.text)
             sys.stdout.flush()
@@ -176,7 +179,7 @@ def _generate(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> i
 def _models(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int:
     response = stub.ListModels(gateway_pb2.GatewayListModelsRequest())
     if args.json:
-        print(json.dumps(json_format.MessageToDict(response), indent=2))
+        print(message_json(response, indent=2))
         return 0
     print(
         f"{'MODEL':<24} {'ALIASES':<14} {'STATE':<11} {'CONTEXT':>7} {'SLOTS':>5}  "
@@ -250,7 +253,7 @@ def _hosts(args: argparse.Namespace) -> int:
             hosts = list(stub.ListHosts(gateway_pb2.ListHostsRequest(), timeout=10).hosts)
     if args.json:
         response = gateway_pb2.ListHostsResponse(hosts=hosts)
-        print(json.dumps(json_format.MessageToDict(response), indent=2))
+        print(message_json(response, indent=2))
     else:
         print(format_hosts(hosts))
     return 0 if all(h.state == gateway_pb2.HOST_STATE_UP for h in hosts) else 1
@@ -304,7 +307,7 @@ def format_hosts(hosts: list[gateway_pb2.HostInfo]) -> str:
 
 def _print_status(status: host_status_pb2.HostStatus, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(json_format.MessageToDict(status)), flush=True)
+        print(message_json(status), flush=True)
         return
     print(format_status(status), flush=True)
 

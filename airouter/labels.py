@@ -1,9 +1,12 @@
 """How protocol enum values and sizes are shown: the words logs, metrics and tables use."""
 
 import functools
+import json
 import re
 
+from google.protobuf import json_format
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from google.protobuf.message import Message
 
 
 @functools.cache  # a handful of values, several lookups per request
@@ -17,3 +20,14 @@ def enum_label(enum: EnumTypeWrapper, value: int) -> str:
 def format_bytes(n: float) -> str:
     """A size as people read it: GiB from one GiB up, else MiB."""
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+
+
+JSON_HELP = "print the protocol's JSON (lowerCamelCase names, every field) instead of a table"
+
+
+def message_json(message: Message, indent: int | None = None) -> str:
+    """A message as the CLI's --json prints it: the protocol's JSON names (lowerCamelCase),
+    enum names, and every field, zeros and empty strings included, so a script finds the same
+    keys in every object."""
+    fields = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    return json.dumps(fields, indent=indent)

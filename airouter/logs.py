@@ -2,10 +2,30 @@
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
 from airouter.tracing import add_trace_ids
+
+
+def exception_in_one_line(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: an exception a line carries (`_log.exception`, exc_info) becomes
+    its type and message. No line holds a traceback: tracebacks are multi-line, can be had
+    by anyone who can make the server fail, and tell an operator nothing they can act on."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    error = exc_info if isinstance(exc_info, BaseException) else None
+    if isinstance(exc_info, tuple):
+        error = exc_info[1]
+    if error is not None:
+        event.setdefault("error_type", type(error).__name__)
+        event.setdefault("error", str(error)[:500])
+    return event
 
 
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
@@ -21,7 +41,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            exception_in_one_line,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -14,10 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from airouter.v1 import gateway_pb2
+from gateway.batch_records import BatchState, ItemResult, ItemState
 from gateway.generation import GenerateRequest
-from gateway.wire import request_from_pb, request_pb
+from gateway.wire import (
+    item_result_bytes,
+    item_result_from_bytes,
+    request_bytes,
+    request_from_bytes,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -44,18 +50,10 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_by_sequence ON items (batch_id, sequence);
 """
 
-PENDING = gateway_pb2.BATCH_ITEM_STATE_PENDING
-FINAL_ITEM_STATES = (
-    gateway_pb2.BATCH_ITEM_STATE_SUCCEEDED,
-    gateway_pb2.BATCH_ITEM_STATE_FAILED,
-    gateway_pb2.BATCH_ITEM_STATE_CANCELLED,
-)
 
-
-def _encode(request: GenerateRequest) -> bytes:
-    # Requests are kept as the gRPC message's bytes: databases written before the gateway had
-    # its own types read the same.
-    return request_pb(request).SerializeToString(deterministic=True)
+def _stored(row: tuple[Any, ...]) -> "StoredBatch":
+    batch_id, created, finished, state, *rest = row
+    return StoredBatch(batch_id, created, finished, BatchState(state), *rest)
 
 
 class StoreLocked(Exception):
@@ -67,7 +65,7 @@ class StoredBatch:
     id: str
     created_at: float
     finished_at: float | None
-    state: gateway_pb2.BatchState
+    state: BatchState
     total: int
     last_sequence: int
     trace_id: str
@@ -121,7 +119,7 @@ class BatchStore:
                 (
                     batch_id,
                     created,
-                    gateway_pb2.BATCH_STATE_IN_PROGRESS,
+                    BatchState.IN_PROGRESS,
                     len(items),
                     trace_id,
                     span_id,
@@ -131,7 +129,7 @@ class BatchStore:
                 "INSERT INTO items (batch_id, idx, custom_id, request, state) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (
-                    (batch_id, i, custom_id, _encode(request), PENDING)
+                    (batch_id, i, custom_id, request_bytes(request), ItemState.PENDING)
                     for i, (custom_id, request) in enumerate(items)
                 ),
             )
@@ -139,7 +137,7 @@ class BatchStore:
             batch_id,
             created,
             None,
-            gateway_pb2.BATCH_STATE_IN_PROGRESS,
+            BatchState.IN_PROGRESS,
             len(items),
             0,
             trace_id,
@@ -152,14 +150,14 @@ class BatchStore:
             "FROM batches WHERE id = ?",
             (batch_id,),
         ).fetchone()
-        return StoredBatch(*row) if row else None
+        return _stored(row) if row else None
 
     def batches(self) -> list[StoredBatch]:
         rows = self._db.execute(
             "SELECT id, created_at, finished_at, state, total, last_sequence, trace_id, span_id "
             "FROM batches ORDER BY created_at DESC"
         ).fetchall()
-        return [StoredBatch(*row) for row in rows]
+        return [_stored(row) for row in rows]
 
     def same_items(self, batch_id: str, items: list[tuple[str, GenerateRequest]]) -> bool:
         """Whether the batch holds exactly these items (a submit sent again)."""
@@ -167,14 +165,14 @@ class BatchStore:
             "SELECT custom_id, request FROM items WHERE batch_id = ? ORDER BY idx", (batch_id,)
         )
         kept = [(row[0], bytes(row[1])) for row in rows]
-        return kept == [(custom_id, _encode(request)) for custom_id, request in items]
+        return kept == [(custom_id, request_bytes(request)) for custom_id, request in items]
 
-    def item_states(self, batch_id: str) -> dict[int, int]:
+    def item_states(self, batch_id: str) -> dict[ItemState, int]:
         """How many of the batch's items are in each state."""
         rows = self._db.execute(
             "SELECT state, COUNT(*) FROM items WHERE batch_id = ? GROUP BY state", (batch_id,)
         )
-        return dict(rows.fetchall())
+        return {ItemState(state): count for state, count in rows.fetchall()}
 
     def unfinished_items(self, batch_id: str) -> list[PendingItem]:
         """Items without a result, in batch order: those that were running when the gateway
@@ -188,7 +186,7 @@ class BatchStore:
             PendingItem(
                 idx,
                 custom_id,
-                request_from_pb(gateway_pb2.GatewayGenerateRequest.FromString(request)),
+                request_from_bytes(request),
                 attempts,
             )
             for idx, custom_id, request, attempts in rows
@@ -202,9 +200,7 @@ class BatchStore:
                 (attempts, batch_id, index),
             )
 
-    def record_results(
-        self, batch_id: str, results: list[gateway_pb2.BatchItemResult]
-    ) -> list[gateway_pb2.BatchItemResult]:
+    def record_results(self, batch_id: str, results: list[ItemResult]) -> list[ItemResult]:
         """Stores final results of items that have none yet, numbering them in order, and
         closes the batch when its last item is done; returns those stored (with sequence)."""
         stored = []
@@ -221,7 +217,7 @@ class BatchStore:
                         result.state,
                         result.attempts,
                         result.sequence,
-                        result.SerializeToString(),
+                        item_result_bytes(result),
                         batch_id,
                         result.index,
                     ),
@@ -236,9 +232,9 @@ class BatchStore:
                     "ELSE ? END WHERE id = ?",
                     (
                         time.time(),
-                        gateway_pb2.BATCH_STATE_IN_PROGRESS,
-                        gateway_pb2.BATCH_STATE_COMPLETED,
-                        gateway_pb2.BATCH_STATE_CANCELLED,
+                        BatchState.IN_PROGRESS,
+                        BatchState.COMPLETED,
+                        BatchState.CANCELLED,
                         batch_id,
                     ),
                 )
@@ -260,19 +256,17 @@ class BatchStore:
                 self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
         return ids
 
-    def set_state(self, batch_id: str, state: int) -> None:
+    def set_state(self, batch_id: str, state: BatchState) -> None:
         with self._transaction():
             self._db.execute("UPDATE batches SET state = ? WHERE id = ?", (state, batch_id))
 
-    def results(
-        self, batch_id: str, after_sequence: int, limit: int
-    ) -> list[gateway_pb2.BatchItemResult]:
+    def results(self, batch_id: str, after_sequence: int, limit: int) -> list[ItemResult]:
         rows = self._db.execute(
             "SELECT result FROM items WHERE batch_id = ? AND sequence > ? "
             "ORDER BY sequence LIMIT ?",
             (batch_id, after_sequence, limit),
         )
-        return [gateway_pb2.BatchItemResult.FromString(row[0]) for row in rows]
+        return [item_result_from_bytes(row[0]) for row in rows]
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -13,6 +13,7 @@ thousands of items stays readable in Jaeger.
 """
 
 import asyncio
+import dataclasses
 import random
 import re
 import time
@@ -43,9 +44,17 @@ from airouter.errors import (
     Unavailable,
     shown,
 )
-from airouter.v1 import gateway_pb2, generate_pb2
+from airouter.v1 import generate_pb2
 from gateway import router
-from gateway.batch_store import FINAL_ITEM_STATES, BatchStore, PendingItem, StoredBatch
+from gateway.batch_records import (
+    FINAL_ITEM_STATES,
+    BatchInfo,
+    BatchState,
+    Counts,
+    ItemResult,
+    ItemState,
+)
+from gateway.batch_store import BatchStore, PendingItem, StoredBatch
 from gateway.config import OPENROUTER_PREFIX
 from gateway.generation import (
     Finished,
@@ -57,7 +66,6 @@ from gateway.generation import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.service import GatewayService
-from gateway.wire import finished_pb
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -77,13 +85,13 @@ DISPATCH_POLL_S = 0.5
 _RETRYABLE = (Unavailable, ResourceExhausted, DeadlineExceeded, Internal)
 # The largest sequence SQLite's INTEGER holds: an after_sequence beyond it is past the end.
 _MAX_SEQUENCE = (1 << 63) - 1
-_SUCCEEDED = gateway_pb2.BATCH_ITEM_STATE_SUCCEEDED
-_FAILED = gateway_pb2.BATCH_ITEM_STATE_FAILED
-_CANCELLED = gateway_pb2.BATCH_ITEM_STATE_CANCELLED
+_SUCCEEDED = ItemState.SUCCEEDED
+_FAILED = ItemState.FAILED
+_CANCELLED = ItemState.CANCELLED
 # The item states as BatchCounts names them: pending, running, succeeded, ...
-_ITEM_STATES = [f.name for f in gateway_pb2.BatchCounts.DESCRIPTOR.fields if f.name != "total"]
-_IN_PROGRESS = gateway_pb2.BATCH_STATE_IN_PROGRESS
-_CANCELLING = gateway_pb2.BATCH_STATE_CANCELLING
+_ITEM_STATES = [f.name for f in dataclasses.fields(Counts) if f.name != "total"]
+_IN_PROGRESS = BatchState.IN_PROGRESS
+_CANCELLING = BatchState.CANCELLING
 
 
 @dataclass(eq=False)
@@ -95,26 +103,23 @@ class _Item:
     attempts: int
     task: asyncio.Task[None] | None = None
 
-    def result(
-        self, error: AirouterError | None = None, state: "gateway_pb2.BatchItemState" = _FAILED
-    ) -> gateway_pb2.BatchItemResult:
-        """The item's result record; with an error, failed (or `state`) with its code."""
-        result = gateway_pb2.BatchItemResult(
-            custom_id=self.custom_id,
-            index=self.index,
-            attempts=self.attempts,
-            chat=self.request.chat,
+    def result(self, error: AirouterError, state: ItemState = _FAILED) -> ItemResult:
+        """The item's result record: failed (or `state`) with the error's code."""
+        return ItemResult(
+            self.custom_id,
+            self.index,
+            state,
+            self.attempts,
+            self.request.chat,
+            error_code=error.code,
+            error_message=str(error),
         )
-        if error is not None:
-            result.state = state
-            result.error_code, result.error_message = error.code, str(error)
-        return result
 
 
 @dataclass(eq=False)
 class _Batch:
     stored: StoredBatch
-    finals: Counter[int] = field(default_factory=Counter)  # items with a result, by state
+    finals: Counter[ItemState] = field(default_factory=Counter)  # items with a result
     # Items ready to run, per requested model, in batch order.
     pending: dict[str, deque[_Item]] = field(default_factory=dict)
     retrying: set[_Item] = field(default_factory=set)  # waiting out their backoff
@@ -129,9 +134,9 @@ class _Batch:
     def active(self) -> bool:
         return self.stored.state in (_IN_PROGRESS, _CANCELLING)
 
-    def counts(self) -> gateway_pb2.BatchCounts:
+    def counts(self) -> Counts:
         running, done = len(self.running), sum(self.finals.values())
-        return gateway_pb2.BatchCounts(
+        return Counts(
             total=self.stored.total,
             pending=self.stored.total - running - done,
             running=running,
@@ -140,12 +145,11 @@ class _Batch:
             cancelled=self.finals[_CANCELLED],
         )
 
-    def pb(self) -> gateway_pb2.Batch:
-        batch = gateway_pb2.Batch(id=self.id, state=self.stored.state, counts=self.counts())
-        batch.created_at.FromNanoseconds(int(self.stored.created_at * 1e9))
-        if self.stored.finished_at is not None:
-            batch.finished_at.FromNanoseconds(int(self.stored.finished_at * 1e9))
-        return batch
+    def info(self) -> BatchInfo:
+        stored = self.stored
+        return BatchInfo(
+            self.id, stored.state, self.counts(), stored.created_at, stored.finished_at
+        )
 
     def link(self) -> list[trace.Link]:
         if not self.stored.trace_id:
@@ -291,7 +295,7 @@ class BatchRunner:
 
     async def submit(
         self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any = None
-    ) -> gateway_pb2.Batch:
+    ) -> BatchInfo:
         """Stores the batch of (custom_id, request) items (its span continues the caller's
         trace from `carrier`) and returns it once it is on disk; an empty batch_id gets
         one."""
@@ -303,7 +307,7 @@ class BatchRunner:
 
     async def _store_batch(
         self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any
-    ) -> gateway_pb2.Batch:
+    ) -> BatchInfo:
         assert self._store is not None
         existing = self._batches.get(batch_id)
         if existing is not None:
@@ -311,7 +315,7 @@ class BatchRunner:
                 raise AlreadyExists(
                     f"batch {shown(batch_id)} exists with other items; choose another batch_id"
                 )
-            return existing.pb()  # the same submit again: nothing more to do
+            return existing.info()  # the same submit again: nothing more to do
         with _tracer.start_as_current_span(
             f"batch {batch_id}",
             context=tracing.extract_context(carrier),
@@ -326,17 +330,17 @@ class BatchRunner:
             self._enqueue(batch, PendingItem(index, custom_id, request, 0))
         _log.info("batch_submitted", batch_id=batch_id, items=len(items))
         self._wake.set()
-        return batch.pb()
+        return batch.info()
 
-    def get(self, batch_id: str) -> gateway_pb2.Batch:
-        return self._batch(batch_id).pb()
+    def get(self, batch_id: str) -> BatchInfo:
+        return self._batch(batch_id).info()
 
-    def all(self) -> list[gateway_pb2.Batch]:
-        return [b.pb() for b in reversed(self._batches.values())]
+    def all(self) -> list[BatchInfo]:
+        return [b.info() for b in reversed(self._batches.values())]
 
-    async def cancel(self, batch_id: str) -> gateway_pb2.Batch:
+    async def cancel(self, batch_id: str) -> BatchInfo:
         batch = self._batch(batch_id)
-        if batch.stored.state == gateway_pb2.BATCH_STATE_COMPLETED:
+        if batch.stored.state is BatchState.COMPLETED:
             raise FailedPrecondition(
                 f"batch {shown(batch_id)} has already completed; nothing to cancel"
             )
@@ -349,11 +353,11 @@ class BatchRunner:
             await self._db(self._store.set_state, batch_id, _CANCELLING)
             await self._cancel_items(batch, waiting)
             _log.info("batch_cancelled", batch_id=batch_id, **_counts_log(batch))
-        return batch.pb()
+        return batch.info()
 
     async def results(
         self, batch_id: str, after_sequence: int
-    ) -> AsyncIterator[tuple[gateway_pb2.BatchItemResult, gateway_pb2.BatchCounts]]:
+    ) -> AsyncIterator[tuple[ItemResult, Counts]]:
         """The batch's results after `after_sequence`, then each new one, until the last."""
         batch = self._batch(batch_id)
         assert self._store is not None
@@ -452,7 +456,7 @@ class BatchRunner:
         error = Internal(f"the gateway could not dispatch this item: {exc!r}")
         self._spawn_record(item.batch, [item.result(error)])
 
-    def _spawn_record(self, batch: "_Batch", results: list[gateway_pb2.BatchItemResult]) -> None:
+    def _spawn_record(self, batch: "_Batch", results: list[ItemResult]) -> None:
         task = asyncio.create_task(self._record(batch, results))
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
@@ -505,11 +509,17 @@ class BatchRunner:
             batch.running.discard(item)
             self._running_by_model[item.request.model] -= 1
             self._wake.set()
-        result = item.result(error)
         if error is None:
             assert finished is not None
-            result.state, result.text = _SUCCEEDED, "".join(texts)
-            result.finished.CopyFrom(finished_pb(finished))
+            result = ItemResult(
+                item.custom_id,
+                item.index,
+                _SUCCEEDED,
+                item.attempts,
+                item.request.chat,
+                text="".join(texts),
+                finished=finished,
+            )
         elif (
             isinstance(error, _RETRYABLE)
             and item.attempts < self._max_attempts
@@ -528,6 +538,7 @@ class BatchRunner:
                     error=str(error),
                     attempts=item.attempts,
                 )
+            result = item.result(error)
         await asyncio.shield(self._record(batch, [result]))
 
     async def _retry_later(self, item: _Item, error: AirouterError) -> None:
@@ -564,7 +575,7 @@ class BatchRunner:
         results = [i.result(cancelled, _CANCELLED) for i in sorted(waiting, key=lambda i: i.index)]
         await asyncio.shield(self._record(batch, results))
 
-    async def _record(self, batch: _Batch, results: list[gateway_pb2.BatchItemResult]) -> None:
+    async def _record(self, batch: _Batch, results: list[ItemResult]) -> None:
         """Commits the results, then counts and announces those that were new."""
         assert self._store is not None
         stored = await self._db(self._store.record_results, batch.id, results)

@@ -328,10 +328,13 @@ class HostPool:
 
     def starting(self) -> bool:
         """Whether some host may still be starting: it has not been tried yet, or, early in
-        the gateway's life, it has not been up once (a host started at the same time)."""
+        the gateway's life, it has not been up once and did not answer (a host started at the
+        same time is not listening yet; one that refused the gateway's token is)."""
         if not all(h.contacted for h in self.hosts):
             return True
-        return self._early() and not all(h.standing.ever_up for h in self.hosts)
+        return self._early() and not all(
+            h.standing.ever_up or h.standing.answered for h in self.hosts
+        )
 
     def _early(self) -> bool:
         return time.monotonic() - self._started < STARTING_S
@@ -412,6 +415,7 @@ class HostPool:
         backoff = RECONNECT_BACKOFF_S[0]
         silence_s = WATCHDOG_INTERVALS * WATCH_INTERVAL_MS / 1000
         while True:
+            answered = False
             try:
                 catalog = await host.stub.ListModels(
                     model_host_pb2.ListModelsRequest(),
@@ -453,9 +457,10 @@ class HostPool:
                     stream.cancel()
             except grpc.aio.AioRpcError as exc:
                 why = f"{exc.code().name}: {exc.details()}"
+                answered = exc.code() not in _NOT_LISTENING
             host.status = None
             before = host.state
-            host.standing.lost(time.monotonic(), why)
+            host.standing.lost(time.monotonic(), why, answered=answered)
             self._changed_standing(host, before)
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
             starting = self._early() and not host.standing.ever_up
@@ -545,3 +550,5 @@ def _name_of(entry: str) -> str:
 
 
 _READY = generate_pb2.MODEL_STATE_READY
+# How a host that is not listening (yet) fails: connection refused, or no answer in time.
+_NOT_LISTENING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

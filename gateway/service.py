@@ -35,7 +35,7 @@ from airouter.errors import (
     shown,
 )
 from airouter.prefix import NO_PREFIX, Prefix, prefix_of
-from airouter.v1 import gateway_pb2, generate_pb2
+from airouter.v1 import generate_pb2
 from gateway import router
 from gateway.config import OPENROUTER_PREFIX
 from gateway.generation import (
@@ -316,9 +316,11 @@ class GatewayService:
         """The ranked candidates. While some host may still be starting (the gateway has just
         started, or the host with it) a request nothing can serve waits for the pool's view to
         change, within its deadline and at most the first-message budget."""
-        give_up = time.monotonic() + self.first_message_s
+        now = time.monotonic()
+        give_up = now + self.first_message_s
         if deadline is not None:
-            give_up = min(give_up, deadline)
+            # A little before the caller's deadline, so the caller learns why.
+            give_up = min(give_up, deadline - min(1.0, 0.1 * (deadline - now)))
         while True:
             try:
                 return router.candidates(
@@ -460,7 +462,7 @@ class GatewayService:
                 self.prefixes.finished(sent, prefix, prompt_tokens)
             await stream.aclose()  # cancels the host's call if the client left
 
-    async def list_models(self) -> gateway_pb2.GatewayListModelsResponse:
+    async def list_models(self) -> "ModelListing":
         """The models of the available hosts, merged by name with their live state."""
         pool = self.pool
         await pool.first_contact(FIRST_CONTACT_WAIT_S)
@@ -486,10 +488,19 @@ class GatewayService:
                 entry.hosts.append(host.address)
                 if state == generate_pb2.MODEL_STATE_READY:
                     entry.resident_hosts.append(host.address)
-        return gateway_pb2.GatewayListModelsResponse(
-            models=[merged[name] for name in sorted(merged)],
-            unreachable_hosts=[h.address for h in pool.hosts if not h.routable],
+        return ModelListing(
+            [merged[name] for name in sorted(merged)],
+            [h.address for h in pool.hosts if not h.routable],
         )
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """The hosts' catalogs merged by name (each entry as the host link reports a model, with
+    the hosts that serve it and where it is resident), and the hosts that could not say."""
+
+    models: list[generate_pb2.ModelInfo]
+    unreachable_hosts: list[str]
 
 
 class _FailedOver(Exception):

@@ -17,7 +17,7 @@ from gateway.generation import Finished, GenerateRequest, finish_attributes, req
 from gateway.hosts import Host
 from gateway.service import FIRST_CONTACT_WAIT_S, GatewayService
 from gateway.standing import HostState
-from gateway.wire import event_pb, request_from_pb
+from gateway.wire import batch_pb, counts_pb, event_pb, item_result_pb, request_from_pb
 
 _tracer = trace.get_tracer("airouter.gateway")
 # Requests larger than this are translated off the event loop.
@@ -59,7 +59,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def ListModels(
         self, request: gateway_pb2.GatewayListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GatewayListModelsResponse:
-        return await self._service.list_models()
+        listing = await self._service.list_models()
+        return gateway_pb2.GatewayListModelsResponse(
+            models=listing.models, unreachable_hosts=listing.unreachable_hosts
+        )
 
     async def ListHosts(
         self, request: gateway_pb2.ListHostsRequest, context: grpc.aio.ServicerContext
@@ -73,29 +76,32 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.SubmitBatchResponse:
         items = await asyncio.to_thread(batch_items, request)  # up to 50,000: off the loop
         batch = await self._batches.submit(request.batch_id, items, context.invocation_metadata())
-        return gateway_pb2.SubmitBatchResponse(batch=batch)
+        return gateway_pb2.SubmitBatchResponse(batch=batch_pb(batch))
 
     async def GetBatch(
         self, request: gateway_pb2.GetBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetBatchResponse:
-        return gateway_pb2.GetBatchResponse(batch=self._batches.get(request.batch_id))
+        return gateway_pb2.GetBatchResponse(batch=batch_pb(self._batches.get(request.batch_id)))
 
     async def ListBatches(
         self, request: gateway_pb2.ListBatchesRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListBatchesResponse:
-        return gateway_pb2.ListBatchesResponse(batches=self._batches.all())
+        return gateway_pb2.ListBatchesResponse(batches=[batch_pb(b) for b in self._batches.all()])
 
     async def StreamBatchResults(
         self, request: gateway_pb2.StreamBatchResultsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.StreamBatchResultsResponse]:
         results = self._batches.results(request.batch_id, request.after_sequence)
         async for result, counts in results:
-            yield gateway_pb2.StreamBatchResultsResponse(result=result, counts=counts)
+            yield gateway_pb2.StreamBatchResultsResponse(
+                result=item_result_pb(result), counts=counts_pb(counts)
+            )
 
     async def CancelBatch(
         self, request: gateway_pb2.CancelBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.CancelBatchResponse:
-        return gateway_pb2.CancelBatchResponse(batch=await self._batches.cancel(request.batch_id))
+        cancelled = await self._batches.cancel(request.batch_id)
+        return gateway_pb2.CancelBatchResponse(batch=batch_pb(cancelled))
 
 
 def batch_items(request: gateway_pb2.SubmitBatchRequest) -> list[tuple[str, GenerateRequest]]:

@@ -32,6 +32,9 @@ class Standing:
     since: float = 0.0  # when the state was entered
     contacted: bool = False  # the gateway has tried to reach the host at least once
     ever_up: bool = False  # the host has been up at least once since the gateway started
+    # The last time the link broke, the host answered (it refused us: a wrong token, TLS):
+    # it is listening, so it is not one still starting up.
+    answered: bool = False
     failures: deque[float] = field(default_factory=deque)
     cooldown_s: float = COOLDOWN_S[0]
     cooldown_until: float = 0.0
@@ -59,9 +62,11 @@ class Standing:
             return False
         return self._enter(HostState.UP, "its status stream is live", now)
 
-    def lost(self, now: float, why: str) -> bool:
-        """The link to the host broke. Returns whether the state changed."""
+    def lost(self, now: float, why: str, *, answered: bool = False) -> bool:
+        """The link to the host broke (`answered`: the host itself refused the link). Returns
+        whether the state changed."""
         self.contacted = True
+        self.answered = answered
         if self.state is HostState.UP and self.failed(now, why):
             return True
         if self.state is HostState.COOLING_DOWN:

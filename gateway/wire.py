@@ -1,9 +1,10 @@
-"""The gateway's domain types (gateway.generation) as airouter.v1 messages and back: what the
-gRPC door and the batch store's encoding share. The host link builds the host's own request
-(gateway.hosts); nothing else here knows the wire."""
+"""The gateway's domain types (gateway.generation, gateway.batch_records) as airouter.v1
+messages and back: what the gRPC door and the batch store's encoding share. The host link
+builds the host's own request (gateway.hosts); nothing else here knows the wire."""
 
 from airouter.errors import InvalidArgument
 from airouter.v1 import gateway_pb2, generate_pb2
+from gateway.batch_records import BatchInfo, Counts, ItemResult, ItemState
 from gateway.generation import (
     SAMPLING_FIELDS,
     Finished,
@@ -148,3 +149,79 @@ def event_pb(event: Token | Finished) -> gateway_pb2.GatewayGenerateResponse:
             token=generate_pb2.TokenDelta(text=event.text, token_count=event.token_count)
         )
     return gateway_pb2.GatewayGenerateResponse(finished=finished_pb(event))
+
+
+def counts_pb(counts: Counts) -> gateway_pb2.BatchCounts:
+    return gateway_pb2.BatchCounts(
+        total=counts.total,
+        pending=counts.pending,
+        running=counts.running,
+        succeeded=counts.succeeded,
+        failed=counts.failed,
+        cancelled=counts.cancelled,
+    )
+
+
+def batch_pb(batch: BatchInfo) -> gateway_pb2.Batch:
+    # The states' numbers are the protocol's (batch_records says so).
+    pb = gateway_pb2.Batch(
+        id=batch.id,
+        state=int(batch.state),  # type: ignore[arg-type]
+        counts=counts_pb(batch.counts),
+    )
+    pb.created_at.FromNanoseconds(int(batch.created_at * 1e9))
+    if batch.finished_at is not None:
+        pb.finished_at.FromNanoseconds(int(batch.finished_at * 1e9))
+    return pb
+
+
+def item_result_pb(result: ItemResult) -> gateway_pb2.BatchItemResult:
+    pb = gateway_pb2.BatchItemResult(
+        custom_id=result.custom_id,
+        index=result.index,
+        sequence=result.sequence,
+        state=int(result.state),  # type: ignore[arg-type]
+        text=result.text,
+        error_code=result.error_code,
+        error_message=result.error_message,
+        attempts=result.attempts,
+        chat=result.chat,
+    )
+    if result.finished is not None:
+        pb.finished.CopyFrom(finished_pb(result.finished))
+    return pb
+
+
+def item_result_from_pb(pb: gateway_pb2.BatchItemResult) -> ItemResult:
+    return ItemResult(
+        custom_id=pb.custom_id,
+        index=pb.index,
+        state=ItemState(pb.state),
+        attempts=pb.attempts,
+        chat=pb.chat,
+        text=pb.text,
+        finished=finished_from_pb(pb.finished) if pb.HasField("finished") else None,
+        error_code=pb.error_code,
+        error_message=pb.error_message,
+        sequence=pb.sequence,
+    )
+
+
+# The batch store keeps requests and results as these messages' bytes, so databases written
+# before the gateway had its own types read the same.
+
+
+def request_bytes(request: GenerateRequest) -> bytes:
+    return request_pb(request).SerializeToString(deterministic=True)
+
+
+def request_from_bytes(data: bytes) -> GenerateRequest:
+    return request_from_pb(gateway_pb2.GatewayGenerateRequest.FromString(data))
+
+
+def item_result_bytes(result: ItemResult) -> bytes:
+    return item_result_pb(result).SerializeToString()
+
+
+def item_result_from_bytes(data: bytes) -> ItemResult:
+    return item_result_from_pb(gateway_pb2.BatchItemResult.FromString(data))

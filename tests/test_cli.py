@@ -1,5 +1,6 @@
 """The three commands as a user runs them: separate processes, real ports, real signals."""
 
+import argparse
 import json
 import os
 import signal
@@ -11,7 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from airouter.cli import build_parser as airouter_parser
 from airouter.v1 import gateway_pb2_grpc, generate_pb2
+from gateway.cli import build_parser as gateway_parser
+from modelhost.cli import build_parser as modelhost_parser
 from modelhost.device import cuda_devices
 from tests.conftest import wait_for_health
 from tests.processes import BIN, ServerProcess, free_port_address
@@ -92,6 +96,32 @@ def test_airouter_status_shows_the_host_table(servers) -> None:  # type: ignore[
     assert "ready" in row and "934 MiB" in row and "0/8" in row  # the lean SWA cache
     as_json = json.loads(airouter(gateway, "status", "--json", "--modelhost", host.address).stdout)
     assert as_json["device"] == "cpu" and as_json["models"][0]["name"] == "gemma-3-270m"
+    # The protocol's JSON names, every field present even at zero: the same keys always.
+    model = as_json["models"][0]
+    assert model["slotsBusy"] == 0 and model["queueDepth"] == 0 and "state_detail" not in model
+
+
+def test_every_command_says_its_version_and_explains_its_flags() -> None:
+    for command in ("airouter", "modelhost", "gateway"):
+        done = subprocess.run(
+            [str(BIN / command), "--version"], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0 and done.stdout.startswith(f"{command} "), done
+        assert done.stdout.split()[1][0].isdigit()
+    parsers = [airouter_parser(), gateway_parser(), modelhost_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += action.choices.values()
+            else:
+                assert action.help, (parser.prog, action.option_strings or action.dest)
+    assert (
+        "{auto,cpu,cuda,metal}"
+        in subprocess.run(
+            [str(BIN / "airouter"), "up", "--help"], capture_output=True, text=True, timeout=60
+        ).stdout
+    )
 
 
 def test_airouter_status_of_an_unreachable_host_fails_clearly(servers) -> None:  # type: ignore[no-untyped-def]
