@@ -16,6 +16,14 @@ from dataclasses import dataclass
 # Raw prompts: a block boundary every STEP bytes up to LINEAR_UNTIL, then at doubling sizes.
 STEP = 1024
 LINEAR_UNTIL = 8 * 1024
+# The gateway's routing looks at no more than this many blocks of a prompt, so that scoring
+# costs the event loop the same for a chat of 20,000 messages as for one of 40: the last
+# TAIL_BLOCKS (where a conversation's next turn parts from its last) and a sample of the rest
+# at absolute positions 0-3 and then growing by half (the same positions in every prompt, so
+# two prompts that share a long start share sampled blocks). A block's hash covers everything
+# before it, so a sampled hit still says how much of the prompt is shared.
+TAIL_BLOCKS = 32
+HEAD_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -77,3 +85,14 @@ def prefix_of(prompt: str | None, messages: Sequence[tuple[str, str]] | None) ->
         return Prefix(blocks, blocks[-1].end)
     text = prompt or ""
     return Prefix(prompt_blocks(text), len(text.encode("utf-8", "surrogatepass")))
+
+
+def routing_blocks(blocks: list[Block]) -> list[Block]:
+    """The blocks routing looks at: at most TAIL_BLOCKS + ~HEAD_BLOCKS + log1.5(n) of them."""
+    if len(blocks) <= TAIL_BLOCKS + HEAD_BLOCKS:
+        return blocks
+    head, index = [], 0
+    while index < len(blocks) - TAIL_BLOCKS:
+        head.append(blocks[index])
+        index = index + 1 if index < HEAD_BLOCKS else index + index // 2
+    return head + blocks[-TAIL_BLOCKS:]

@@ -17,7 +17,9 @@ import argparse
 import asyncio
 import json
 import statistics
+import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -46,17 +48,16 @@ def chat_body(messages: int, first: str, tokens: int) -> bytes:
     return json.dumps({"model": MODEL, "messages": turns, "max_tokens": tokens}).encode()
 
 
-async def probe(session: aiohttp.ClientSession, url: str, stop: asyncio.Event) -> list[float]:
+def probe(url: str, stop: threading.Event) -> list[float]:
+    """GET /v1/models every 20 ms until `stop`, on a thread of its own (the bench's loop is
+    busy sending); each request's latency."""
     waits = []
     while not stop.is_set():
         started = time.perf_counter()
-        async with session.get(f"{url}/v1/models") as response:
-            await response.read()
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=60) as response:
+            response.read()
         waits.append(time.perf_counter() - started)
-        try:
-            await asyncio.wait_for(stop.wait(), 0.02)
-        except TimeoutError:
-            pass
+        stop.wait(0.02)
     return waits
 
 
@@ -64,23 +65,22 @@ async def measure(url: str, args: argparse.Namespace) -> tuple[list[float], list
     headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        stop = asyncio.Event()
-        quiet = asyncio.create_task(probe(session, url, stop))
-        await asyncio.sleep(1.0)
-        stop.set()
-        before = await quiet
-
-        held = chat_body(args.messages, "hold", 3600)
 
         async def post(body: bytes) -> None:
             async with session.post(f"{url}/v1/chat/completions", data=body, headers=headers) as r:
                 await r.read()
 
+        stop = threading.Event()
+        quiet = asyncio.create_task(asyncio.to_thread(probe, url, stop))
+        await asyncio.sleep(1.0)
+        stop.set()
+        before = await quiet
+        held = chat_body(args.messages, "hold", 3600)
         in_flight = [asyncio.create_task(post(held)) for _ in range(args.in_flight)]
-        await asyncio.sleep(2.0)  # they have reached the host and hold their slots
-        stop = asyncio.Event()
-        loud = asyncio.create_task(probe(session, url, stop))
         burst = [chat_body(args.messages, f"burst {i}", 1) for i in range(args.burst)]
+        await asyncio.sleep(2.0)  # they have reached the host and hold their slots
+        stop = threading.Event()
+        loud = asyncio.create_task(asyncio.to_thread(probe, url, stop))
         await asyncio.gather(*(post(body) for body in burst))
         stop.set()
         during = await loud

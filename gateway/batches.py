@@ -65,6 +65,7 @@ from gateway.generation import (
     validate,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.offload import off_loop
 from gateway.service import GatewayService
 
 _log = structlog.get_logger()
@@ -301,7 +302,7 @@ class BatchRunner:
         one."""
         batch_id = batch_id or f"batch_{uuid.uuid4().hex}"
         # Up to MAX_ITEMS items: checked on a worker thread, not the event loop.
-        await asyncio.to_thread(_validate, batch_id, items)
+        await off_loop(_validate, batch_id, items)
         async with self._submitting:
             return await self._store_batch(batch_id, items, carrier)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from airouter import tracing
 from airouter.errors import InvalidArgument, not_text
+from airouter.prefix import Prefix, prefix_of, routing_blocks
 
 # The longest conversation id kept for routing affinity.
 MAX_CONVERSATION_ID = 256
@@ -26,12 +27,11 @@ class Policy(enum.Enum):
     CLOUD_ONLY = "cloud_only"
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A chat turn, rendered by the host with the model's chat template."""
-
-    role: str
-    content: str
+# A chat turn: (role, content), rendered by the host with the model's chat template. A plain
+# tuple of two strings, which Python's cycle collector stops tracking: a chat of 20,000
+# messages held by each of a hundred requests in flight would otherwise be two million
+# objects that every full collection walks, with the event loop stopped.
+Message = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,9 @@ class Routing:
     # The conversation (or end user) the request belongs to, for affinity; often an e-mail
     # address (OpenAI's `user`), so it stays in the gateway.
     conversation_id: str = ""
+    # The prompt's prefix as routing looks at it (request_prefix), when a door has hashed it
+    # already (off the event loop, for a large request); else the service hashes it.
+    prefix: Prefix | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +95,8 @@ class GenerateRequest:
         """The bytes of text the request carries (what a host must receive); raises
         UnicodeEncodeError for a lone surrogate, which no host can receive."""
         texts = [self.model, self.prompt or "", *self.stopping.stop, self.routing.conversation_id]
-        for message in self.messages or ():
-            texts += (message.role, message.content)
+        for role, content in self.messages or ():
+            texts += (role, content)
         return sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
 
 
@@ -144,6 +147,13 @@ class Finished:
 
 
 Event = Token | Finished
+
+
+def request_prefix(request: GenerateRequest) -> Prefix:
+    """The prompt's prefix as routing looks at it: its blocks hashed as the hosts hash them,
+    sampled (airouter.prefix.routing_blocks), and its size."""
+    whole = prefix_of(request.prompt, request.messages or None)
+    return Prefix(routing_blocks(whole.blocks), whole.size)
 
 
 def request_attributes(request: GenerateRequest) -> dict[str, Any]:

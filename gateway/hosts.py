@@ -43,6 +43,7 @@ from gateway.generation import (
     Stopping,
     Token,
 )
+from gateway.offload import heavy, off_loop
 from gateway.standing import HostState, Standing
 from gateway.wire import fill_sampling, fill_stopping, finished_from_pb
 
@@ -128,10 +129,9 @@ class Host:
         """The host's Generate stream for the request (its model named as the host knows
         it), token deltas that pile up merged; a failure is raised as the domain error of its
         status. Closing the generator cancels the call, which stops the host's decoding."""
+        pb = await off_loop(host_request, request) if heavy(request) else host_request(request)
         call = self.stub.Generate(
-            host_request(request),
-            timeout=time_left_s,
-            metadata=tracing.inject_metadata(self.metadata),
+            pb, timeout=time_left_s, metadata=tracing.inject_metadata(self.metadata)
         )
         self.calls[call] = ""
         finished = False
@@ -472,8 +472,8 @@ def host_request(request: GenerateRequest) -> model_host_pb2.GenerateRequest:
     pb = model_host_pb2.GenerateRequest(request_id=request.request_id, model=request.model)
     if request.messages is not None:
         pb.chat.SetInParent()  # a chat even with no messages: the host says what is wrong
-        for message in request.messages:
-            pb.chat.messages.add(role=message.role, content=message.content)
+        for role, content in request.messages:
+            pb.chat.messages.add(role=role, content=content)
     else:
         pb.prompt = request.prompt or ""
     fill_sampling(pb.sampling, request.sampling)

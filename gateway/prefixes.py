@@ -26,14 +26,6 @@ STATUS_LAG_S = 0.5
 CONVERSATIONS = 10_000
 # Prompt bytes per token, to weigh a sent prompt's blocks before the host reports them.
 BYTES_PER_TOKEN = 4
-# Routing looks at no more than this many blocks of a prompt, so that scoring costs the
-# event loop the same for a chat of 20,000 messages as for one of 40: the last TAIL_BLOCKS
-# (where a conversation's next turn parts from its last) and a sample of the rest at
-# absolute positions 0-3 and then growing by half (the same positions in every prompt, so two
-# prompts that share a long start share sampled blocks). A block's hash covers everything
-# before it, so a sampled hit still says how much of the prompt is shared.
-TAIL_BLOCKS = 32
-HEAD_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -69,7 +61,7 @@ class PrefixMemory:
     def sent(self, host: Host, model: str, prefix: Prefix) -> SentPrompt | None:
         if not prefix.blocks:
             return None
-        tokens = {b.hash: b.end // BYTES_PER_TOKEN for b in routing_blocks(prefix.blocks)}
+        tokens = {b.hash: b.end // BYTES_PER_TOKEN for b in prefix.blocks}
         prompt = SentPrompt(model, tokens)
         self._live(host).append(prompt)  # pruned here too: a host never ranked stays bounded
         return prompt
@@ -78,8 +70,7 @@ class PrefixMemory:
         """The request ended; with the host's token count its blocks' ends are the host's."""
         prompt.finished_at = self.clock()
         if prompt_tokens:
-            sampled = Prefix(routing_blocks(prefix.blocks), prefix.size)
-            prompt.tokens = sampled.token_ends(prompt_tokens)
+            prompt.tokens = prefix.token_ends(prompt_tokens)
 
     def expected_hit(self, host: Host, model: str, blocks: list[Block]) -> int:
         """Prompt tokens `host` is expected to hold for a prompt of these blocks (a prompt's
@@ -123,14 +114,3 @@ class PrefixMemory:
 
     def last_host(self, conversation: str) -> str | None:
         return self._conversations.get(conversation) if conversation else None
-
-
-def routing_blocks(blocks: list[Block]) -> list[Block]:
-    """The blocks routing looks at: at most TAIL_BLOCKS + ~HEAD_BLOCKS + log1.5(n) of them."""
-    if len(blocks) <= TAIL_BLOCKS + HEAD_BLOCKS:
-        return blocks
-    head, index = [], 0
-    while index < len(blocks) - TAIL_BLOCKS:
-        head.append(blocks[index])
-        index = index + 1 if index < HEAD_BLOCKS else index + index // 2
-    return head + blocks[-TAIL_BLOCKS:]

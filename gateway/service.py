@@ -34,7 +34,7 @@ from airouter.errors import (
     Unavailable,
     shown,
 )
-from airouter.prefix import NO_PREFIX, Prefix, prefix_of
+from airouter.prefix import NO_PREFIX, Prefix
 from airouter.v1 import generate_pb2
 from gateway import router
 from gateway.config import OPENROUTER_PREFIX
@@ -45,17 +45,17 @@ from gateway.generation import (
     GenerateRequest,
     Token,
     error_finish,
+    request_prefix,
     validate,
 )
 from gateway.hosts import Host, HostPool
-from gateway.prefixes import DEFAULT_PREFIX_POLICY, PrefixMemory, PrefixPolicy, routing_blocks
+from gateway.offload import heavy, off_loop
+from gateway.prefixes import DEFAULT_PREFIX_POLICY, PrefixMemory, PrefixPolicy
 from gateway.upstream import OpenAIUpstream, relay_upstream
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
 
-# Prompts larger than this are hashed for routing off the event loop.
-LARGE_PROMPT_BYTES = 64 << 10
 # How long a listing right after start waits for hosts to be tried.
 FIRST_CONTACT_WAIT_S = 3.0
 # Errors before the first token after which another host may well succeed.
@@ -177,7 +177,10 @@ class GatewayService:
         try:
             if self.draining:
                 raise Unavailable("the gateway is shutting down; send the request to another")
-            validate(request)
+            if heavy(request):
+                await off_loop(validate, request)
+            else:
+                validate(request)
             async with aclosing(self._serve(request, time_left_s)) as responses:
                 async for event in responses:
                     if first and isinstance(event, Token):
@@ -234,12 +237,12 @@ class GatewayService:
         local_first = policy == "local_first" and fallback is not None
         try:
             prefix = NO_PREFIX
-            if self.prefix_policy.enabled:
-                # Hashing a large prompt runs on a worker thread: the loop serves the rest.
-                if request.size() > LARGE_PROMPT_BYTES:
-                    prefix = await asyncio.to_thread(request_prefix, request)
-                else:
-                    prefix = request_prefix(request)
+            if self.prefix_policy.enabled and request.routing.prefix is not None:
+                prefix = request.routing.prefix  # a door hashed it off the loop
+            elif self.prefix_policy.enabled and heavy(request):
+                prefix = await off_loop(request_prefix, request)
+            elif self.prefix_policy.enabled:
+                prefix = request_prefix(request)
             ranked = await self._route(request, deadline, log, prefix)
             if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
                 raise ResourceExhausted("every host that serves it is saturated")
@@ -299,7 +302,7 @@ class GatewayService:
         if not prefix.blocks and last is None:
             return None
         floor = self.prefix_policy.min_tokens
-        blocks = routing_blocks(prefix.blocks)
+        blocks = prefix.blocks
 
         def hit(host: Host, model: generate_pb2.ModelInfo) -> int:
             tokens = self.prefixes.expected_hit(host, model.name, blocks)
@@ -509,10 +512,3 @@ class _FailedOver(Exception):
     def __init__(self, cause: AirouterError) -> None:
         super().__init__(str(cause))
         self.cause = cause
-
-
-def request_prefix(request: GenerateRequest) -> Prefix:
-    """The prompt's prefix blocks, hashed as the hosts hash them."""
-    if request.messages is not None:
-        return prefix_of(None, [(m.role, m.content) for m in request.messages])
-    return prefix_of(request.prompt, None)

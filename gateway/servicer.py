@@ -1,10 +1,10 @@
 """airouter.v1.Gateway over gRPC: a thin adapter over the gateway's service core and its
 batches. Domain errors become statuses in airouter.grpc_server's interceptor."""
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 
 import grpc
 from opentelemetry import trace
@@ -13,8 +13,15 @@ from airouter import tracing
 from airouter.errors import InvalidArgument
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.batches import BatchRunner
-from gateway.generation import Finished, GenerateRequest, finish_attributes, request_attributes
+from gateway.generation import (
+    Finished,
+    GenerateRequest,
+    finish_attributes,
+    request_attributes,
+    request_prefix,
+)
 from gateway.hosts import Host
+from gateway.offload import off_loop, off_process
 from gateway.service import FIRST_CONTACT_WAIT_S, GatewayService
 from gateway.standing import HostState
 from gateway.wire import batch_pb, counts_pb, event_pb, item_result_pb, request_from_pb
@@ -42,7 +49,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
         # A large request (thousands of messages) is translated on a worker thread.
         if request.ByteSize() > LARGE_REQUEST_BYTES:
-            generate = await asyncio.to_thread(request_from_pb, request)
+            generate = await off_process(large_request, request.SerializeToString())
         else:
             generate = request_from_pb(request)
         attributes = functools.partial(request_attributes, generate)
@@ -74,7 +81,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def SubmitBatch(
         self, request: gateway_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.SubmitBatchResponse:
-        items = await asyncio.to_thread(batch_items, request)  # up to 50,000: off the loop
+        items = await off_loop(batch_items, request)  # up to 50,000
         batch = await self._batches.submit(request.batch_id, items, context.invocation_metadata())
         return gateway_pb2.SubmitBatchResponse(batch=batch_pb(batch))
 
@@ -102,6 +109,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.CancelBatchResponse:
         cancelled = await self._batches.cancel(request.batch_id)
         return gateway_pb2.CancelBatchResponse(batch=batch_pb(cancelled))
+
+
+def large_request(data: bytes) -> GenerateRequest:
+    """A large Generate request in the gateway's terms, its prefix hashed for routing (in the
+    heavy-work process)."""
+    generate = request_from_pb(gateway_pb2.GatewayGenerateRequest.FromString(data))
+    prefix = request_prefix(generate)
+    return replace(generate, routing=replace(generate.routing, prefix=prefix))
 
 
 def batch_items(request: gateway_pb2.SubmitBatchRequest) -> list[tuple[str, GenerateRequest]]:

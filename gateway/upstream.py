@@ -50,6 +50,7 @@ from gateway.generation import (
     Token,
     finish_attributes,
 )
+from gateway.offload import heavy, off_loop
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -322,7 +323,7 @@ async def relay_upstream(
     """Streams an `openrouter/<vendor>/<model>` request from the OpenAI-compatible upstream,
     in the gateway's messages. Errors before the first token are raised (mapped from the
     upstream's status); after it the stream ends with FINISH_REASON_ERROR."""
-    path, body = openai_body(request)
+    path, body = await off_loop(openai_body, request) if heavy(request) else openai_body(request)
     where = f"upstream {upstream.settings.base_url}"
     with tracing.span(
         _tracer,
@@ -396,7 +397,7 @@ def openai_body(request: GenerateRequest) -> tuple[str, dict[str, Any]]:
     body: dict[str, Any] = {"model": request.model.removeprefix(OPENROUTER_PREFIX)}
     if request.messages is not None:
         path = "/chat/completions"
-        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        body["messages"] = [{"role": r, "content": c} for r, c in request.messages]
     else:
         path = "/completions"
         body["prompt"] = request.prompt

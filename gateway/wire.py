@@ -10,7 +10,6 @@ from gateway.generation import (
     Finished,
     FinishReason,
     GenerateRequest,
-    Message,
     Policy,
     Routing,
     Sampling,
@@ -73,7 +72,7 @@ def request_from_pb(pb: gateway_pb2.GatewayGenerateRequest) -> GenerateRequest:
     return GenerateRequest(
         model=pb.model,
         prompt=None if chat else pb.prompt,
-        messages=tuple(Message(m.role, m.content) for m in pb.chat.messages) if chat else None,
+        messages=tuple((m.role, m.content) for m in pb.chat.messages) if chat else None,
         sampling=sampling_from_pb(pb.sampling),
         stopping=stopping_from_pb(pb.stopping),
         routing=Routing(policy, pb.min_context_length, pb.conversation_id),
@@ -93,8 +92,8 @@ def request_pb(request: GenerateRequest) -> gateway_pb2.GatewayGenerateRequest:
         pb.routing_policy = _POLICY_TO_PB[request.routing.policy]
     if request.messages is not None:
         pb.chat.SetInParent()  # the oneof is a chat even with no messages
-        for message in request.messages:
-            pb.chat.messages.add(role=message.role, content=message.content)
+        for role, content in request.messages:
+            pb.chat.messages.add(role=role, content=content)
     else:
         pb.prompt = request.prompt or ""
     fill_sampling(pb.sampling, request.sampling)

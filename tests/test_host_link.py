@@ -23,7 +23,6 @@ from airouter.v1 import (
 )
 from gateway.generation import (
     GenerateRequest,
-    Message,
     Policy,
     Routing,
     Sampling,
@@ -52,7 +51,12 @@ FORWARDED = {
     "stopping.stop": "stopping.stop",
     "stopping.ignore_eos": "stopping.ignore_eos",
 }
-GATEWAY_ONLY = {"routing.policy", "routing.min_context_length", "routing.conversation_id"}
+GATEWAY_ONLY = {
+    "routing.policy",
+    "routing.min_context_length",
+    "routing.conversation_id",
+    "routing.prefix",
+}
 
 
 def leaves(cls: type, prefix: str = "") -> set[str]:
@@ -82,7 +86,7 @@ def test_every_field_of_the_gateway_s_request_is_forwarded_or_kept_by_the_gatewa
     routing = Routing(Policy.LOCAL_FIRST, 1024, EMAIL)
     chat = GenerateRequest(
         MODEL,
-        messages=(Message("system", "be brief"), Message("user", "hi")),
+        messages=(("system", "be brief"), ("user", "hi")),
         sampling=sampling,
         stopping=stopping,
         routing=routing,
@@ -94,7 +98,7 @@ def test_every_field_of_the_gateway_s_request_is_forwarded_or_kept_by_the_gatewa
             continue
         sent, got = at(chat, leaf), at(pb, path)
         if leaf == "messages":
-            got = tuple(Message(m.role, m.content) for m in got)
+            got = tuple((m.role, m.content) for m in got)
         elif isinstance(sent, tuple):
             got = tuple(got)
         assert got == sent, leaf
@@ -296,3 +300,24 @@ def test_prefix_state_of_retired_hosts_is_dropped(linked: Linked) -> None:
     linked.loop.run(pool.reconcile([]))  # the host leaves the pool
     assert service.prefixes.last_host("u1") is None
     assert not service.prefixes._sent
+
+
+def test_a_large_chat_reaches_the_host_whole_through_either_door(linked: Linked) -> None:
+    # Past offload.HEAVY_MESSAGES: parsed, translated and hashed away from the event loop.
+    turns = [("user" if i % 2 else "assistant", f"message {i} é") for i in range(3000)]
+    request = gateway_pb2.GatewayGenerateRequest(model=MODEL, conversation_id=EMAIL)
+    for role, content in turns:
+        request.chat.messages.add(role=role, content=content)
+    request.stopping.max_tokens = 2
+    assert list(linked.stub.Generate(request, timeout=60))[-1].finished.reason
+    body = {
+        "model": MODEL,
+        "messages": [{"role": r, "content": c} for r, c in turns],
+        "max_tokens": 2,
+        "user": EMAIL,
+    }
+    assert linked.http(body, "/v1/chat/completions")[0] == 200
+    for raw in linked.host.received:
+        host_request_pb = model_host_pb2.GenerateRequest.FromString(raw)
+        assert [(m.role, m.content) for m in host_request_pb.chat.messages] == turns
+        assert EMAIL.encode() not in raw

@@ -344,8 +344,12 @@ def test_requests_aiohttp_cannot_parse_get_a_json_400_and_at_most_a_line_a_secon
                         if not headers.endswith(b"0\r\n"):
                             s.sendall(b"\r\n")
                         answer = b""
-                        while chunk := s.recv(65536):
-                            answer += chunk
+                        try:
+                            while chunk := s.recv(65536):
+                                answer += chunk
+                        except ConnectionResetError:
+                            pass  # the server closed with our excess unread: a reset after it
+                    assert answer, f"{name}: no answer before the connection ended"
                     head, _, body = answer.partition(b"\r\n\r\n")
                     assert head.split(b" ", 2)[1] == b"400", (name, head)
                     assert b"Content-Type: application/json" in head, name

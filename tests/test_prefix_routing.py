@@ -17,11 +17,11 @@ from airouter.openai_api import parse_request
 from airouter.prefix import LINEAR_UNTIL, STEP, message_blocks, prefix_of, prompt_blocks
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, host_status_pb2
 from gateway import router
-from gateway.generation import Finished, FinishReason, GenerateRequest, Message, Routing
+from gateway.generation import Finished, FinishReason, GenerateRequest, Routing, request_prefix
 from gateway.hosts import Host, HostPool
 from gateway.prefixes import STATUS_LAG_S, PrefixMemory, PrefixPolicy
 from gateway.server import start_gateway
-from gateway.service import CloudRouting, GatewayService, request_prefix
+from gateway.service import CloudRouting, GatewayService
 from gateway.upstream import OpenAIUpstream, UpstreamSettings
 from modelhost.config import embedded_chat_model_config
 from tests.conftest import LoopThread, gateway_config, wait_for_health, wait_until
@@ -34,7 +34,7 @@ CHAT = [("system", DOC), ("user", "What is it about?")]
 
 
 def chat_request(messages: list[tuple[str, str]]) -> GenerateRequest:
-    return GenerateRequest(MODEL, messages=tuple(Message(r, c) for r, c in messages))
+    return GenerateRequest(MODEL, messages=tuple(messages))
 
 
 class Clock:

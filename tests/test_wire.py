@@ -7,7 +7,6 @@ from gateway.generation import (
     Finished,
     FinishReason,
     GenerateRequest,
-    Message,
     Policy,
     Routing,
     Sampling,
@@ -26,7 +25,7 @@ from gateway.wire import (
 
 FULL = GenerateRequest(
     "m",
-    messages=(Message("system", "be brief"), Message("user", "héllo")),
+    messages=(("system", "be brief"), ("user", "héllo")),
     sampling=Sampling(0.5, 0.75, 7, 0.125, 1.25, 42),
     stopping=Stopping(9, ("END",), True),
     routing=Routing(Policy.CLOUD_ONLY, 1024, "alice@example.com"),
