@@ -54,18 +54,16 @@ class _Reflection(reflection_async.ReflectionServicer):
             return answer
         parent, _, member = name.rpartition(".")
         pool = descriptor_pool.Default()
-        try:
-            service = pool.FindServiceByName(parent)
-            if member in service.methods_by_name:
-                return super()._file_containing_symbol(request, parent)
-        except KeyError:
-            pass
-        try:
-            message = pool.FindMessageTypeByName(parent)
-            if member in message.fields_by_name:
-                return super()._file_containing_symbol(request, parent)
-        except KeyError:
-            pass
+        # A method is found through its service, a field through its message.
+        for find, members in (
+            (pool.FindServiceByName, "methods_by_name"),
+            (pool.FindMessageTypeByName, "fields_by_name"),
+        ):
+            try:
+                if member in getattr(find(parent), members):
+                    return super()._file_containing_symbol(request, parent)
+            except KeyError:
+                pass
         return answer
 
 

@@ -45,7 +45,7 @@ from gateway.generation import (
 )
 from gateway.offload import heavy, off_loop
 from gateway.standing import HostState, Standing
-from gateway.wire import fill_sampling, fill_stopping, finished_from_pb
+from gateway.wire import fill_generation, finished_from_pb
 
 _log = structlog.get_logger()
 
@@ -469,15 +469,8 @@ class HostPool:
 
 def host_request(request: GenerateRequest) -> model_host_pb2.GenerateRequest:
     """The host's request: what to generate, and nothing of how the gateway routes it."""
-    pb = model_host_pb2.GenerateRequest(request_id=request.request_id, model=request.model)
-    if request.messages is not None:
-        pb.chat.SetInParent()  # a chat even with no messages: the host says what is wrong
-        for role, content in request.messages:
-            pb.chat.messages.add(role=role, content=content)
-    else:
-        pb.prompt = request.prompt or ""
-    fill_sampling(pb.sampling, request.sampling)
-    fill_stopping(pb.stopping, request.stopping)
+    pb = model_host_pb2.GenerateRequest()
+    fill_generation(pb, request)
     return pb
 
 

@@ -3,7 +3,7 @@ messages and back: what the gRPC door and the batch store's encoding share. The 
 builds the host's own request (gateway.hosts); nothing else here knows the wire."""
 
 from airouter.errors import InvalidArgument
-from airouter.v1 import gateway_pb2, generate_pb2
+from airouter.v1 import gateway_pb2, generate_pb2, model_host_pb2
 from gateway.batch_records import BatchInfo, Counts, ItemResult, ItemState
 from gateway.generation import (
     SAMPLING_FIELDS,
@@ -83,22 +83,30 @@ def request_from_pb(pb: gateway_pb2.GatewayGenerateRequest) -> GenerateRequest:
 def request_pb(request: GenerateRequest) -> gateway_pb2.GatewayGenerateRequest:
     """The gRPC message of a domain request (the batch store keeps requests so)."""
     pb = gateway_pb2.GatewayGenerateRequest(
-        request_id=request.request_id,
-        model=request.model,
         min_context_length=request.routing.min_context_length,
         conversation_id=request.routing.conversation_id,
     )
     if request.routing.policy is not None:
         pb.routing_policy = _POLICY_TO_PB[request.routing.policy]
+    fill_generation(pb, request)
+    return pb
+
+
+def fill_generation(
+    pb: gateway_pb2.GatewayGenerateRequest | model_host_pb2.GenerateRequest,
+    request: GenerateRequest,
+) -> None:
+    """Sets what to generate (id, model, input, sampling, stopping) on either service's
+    Generate request, field by field."""
+    pb.request_id, pb.model = request.request_id, request.model
     if request.messages is not None:
-        pb.chat.SetInParent()  # the oneof is a chat even with no messages
+        pb.chat.SetInParent()  # a chat even with no messages: the host says what is wrong
         for role, content in request.messages:
             pb.chat.messages.add(role=role, content=content)
     else:
         pb.prompt = request.prompt or ""
     fill_sampling(pb.sampling, request.sampling)
     fill_stopping(pb.stopping, request.stopping)
-    return pb
 
 
 def finished_from_pb(pb: generate_pb2.Finished) -> Finished:

@@ -147,10 +147,7 @@ def test_cancelled_stream_frees_its_slot_within_a_decode_step(stack: Stack) -> N
     assert engine.load().slots_busy == 1
     before = engine.load().tokens_generated
     call.cancel()
-    deadline = time.monotonic() + 5
-    while engine.load().slots_busy and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.load().slots_busy == 0
+    wait_until(lambda: engine.load().slots_busy == 0, 5)
     # Only the tokens already in flight when the cancel landed were decoded.
     assert engine.load().tokens_generated - before <= 5
 
@@ -161,9 +158,7 @@ def test_requests_past_the_queue_limit_get_resource_exhausted(stack: Stack) -> N
     next(running)  # holds the only slot
     waiting = stub.Generate(host_request(model="gemma-one-slot", prompt="B", max_tokens=2))
     engine = stack.engine("gemma-one-slot")
-    deadline = time.monotonic() + 5
-    while engine.load().queued < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: engine.load().queued >= 1, 5)
     error = rpc_error(stub.Generate(host_request(model="gemma-one-slot", prompt="C")))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "retry later" in error.details() and "gemma-one-slot" in error.details()

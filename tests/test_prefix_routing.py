@@ -340,3 +340,20 @@ def test_a_conversation_s_next_turn_lands_where_its_start_is_cached(
 def test_openai_s_user_field_is_the_conversation_hint() -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "user": "alice"}
     assert parse_request(body, chat=True).user == "alice"
+
+
+def test_routing_looks_at_a_bounded_number_of_blocks_whatever_the_prompt() -> None:
+    """Scoring a chat of 20,000 messages against a host's sent prompts costs what scoring one
+    of 40 does: routing keeps the last blocks (where a next turn parts) and a sample of the
+    start, at the same positions in every prompt."""
+    messages = tuple(("user" if i % 2 else "assistant", f"m{i}") for i in range(20_000))
+    prefix = request_prefix(GenerateRequest(MODEL, messages=messages))
+    whole = message_blocks(list(messages))
+    assert len(prefix.blocks) <= 64
+    assert prefix.blocks[-32:] == whole[-32:] and prefix.blocks[:4] == whole[:4]
+    memory, a = PrefixMemory(Clock()), host("a:1")
+    sent = memory.sent(a, MODEL, prefix)
+    assert sent is not None and len(sent.tokens) <= 64
+    # The conversation's next turn is found where its start went.
+    next_turn = GenerateRequest(MODEL, messages=(*messages, ("assistant", "ok"), ("user", "?")))
+    assert memory.expected_hit(a, MODEL, request_prefix(next_turn).blocks) > 0
