@@ -8,7 +8,7 @@ route it (Routing): the routing half stays in the gateway.
 """
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from airouter import tracing
@@ -46,7 +46,8 @@ class Sampling:
     seed: int | None = None
 
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+# Its fields, as the protocol's SamplingParameters and OpenAI's bodies name them too.
+SAMPLING_FIELDS = tuple(f.name for f in fields(Sampling))
 
 
 @dataclass(frozen=True, slots=True)
