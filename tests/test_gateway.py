@@ -34,9 +34,9 @@ from tests.streaming import collect, gateway_request, host_request
 class ExtraGateway:
     """A second gateway over a chosen list of hosts, stopped when the test ends."""
 
-    def __init__(self, stack: Stack, hosts: list[str]) -> None:
+    def __init__(self, stack: Stack, hosts: list[str], **config: object) -> None:
         self._stack = stack
-        self.running = stack.loop.run(start_gateway(gateway_config(hosts)))
+        self.running = stack.loop.run(start_gateway(gateway_config(hosts, **config)))
         self._channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
         self.stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
@@ -49,8 +49,8 @@ class ExtraGateway:
 def extra_gateway(stack: Stack):  # type: ignore[no-untyped-def]
     made: list[ExtraGateway] = []
 
-    def make(hosts: list[str]) -> ExtraGateway:
-        made.append(ExtraGateway(stack, hosts))
+    def make(hosts: list[str], **config: object) -> ExtraGateway:
+        made.append(ExtraGateway(stack, hosts, **config))
         return made[-1]
 
     yield make
@@ -115,7 +115,9 @@ def test_no_reachable_host_is_unavailable_naming_the_hosts_tried(
     stack: Stack, extra_gateway
 ) -> None:  # type: ignore[no-untyped-def]
     dead = [free_port_address(), free_port_address()]
-    gateway = extra_gateway(dead)
+    # Hosts never up may still be starting: a request waits for them up to the first-message
+    # budget (within its deadline), then says which hosts it tried.
+    gateway = extra_gateway(dead, first_message_timeout_s=1.0)
     with pytest.raises(grpc.RpcError) as info:
         collect(gateway.stub.Generate(gateway_request(prompt="hi")))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE

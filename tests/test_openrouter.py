@@ -191,6 +191,8 @@ def cloud_gateway(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         openrouter_api_key_file=key,
         default_policy="local_first",
         allow_policy_override=True,
+        # The local host never comes up: the cloud takes over after this wait for it.
+        first_message_timeout_s=1.0,
         model_policies={"capability:code": "cloud_only"},
         cloud_models={
             "gemma-3-270m": "openrouter/vendor/ok",
