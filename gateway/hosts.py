@@ -139,7 +139,8 @@ class Host:
             async with contextlib.aclosing(merged_responses(call)) as responses:
                 async for response in responses:
                     if response.HasField("token"):
-                        yield Token(response.token.text, response.token.token_count)
+                        delta = response.token
+                        yield Token(delta.text, delta.token_count)
                     else:
                         finished = True
                         yield finished_from_pb(response.finished)
