@@ -54,7 +54,7 @@ from gateway.generation import (
     validate,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.offload import heavy, off_process
+from gateway.offload import HEAVY_SIZE, heavy, off_process
 from gateway.service import GatewayService
 
 _log = structlog.get_logger()
@@ -65,8 +65,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KEEPALIVE_S = 75.0
 REQUEST_ID = web.RequestKey("request_id", str)
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Bodies larger than this are parsed and validated off the event loop.
-LARGE_BODY_BYTES = 64 << 10
 
 
 class _Connection(RequestHandler):
@@ -297,7 +295,7 @@ class HttpEdge:
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         raw = await request.read()
         # A large body is parsed and validated on a worker thread: the loop serves the rest.
-        if len(raw) > LARGE_BODY_BYTES:
+        if len(raw) > HEAVY_SIZE:
             generate, stream, include_usage = await off_process(_parse, raw, chat)
         else:
             generate, stream, include_usage = _parse(raw, chat)

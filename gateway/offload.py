@@ -22,9 +22,10 @@ T = TypeVar("T")
 _thread = ThreadPoolExecutor(1, thread_name_prefix="heavy-work")
 _process: ProcessPoolExecutor | None = None
 
-# A request is heavy past this many chat messages or characters of text.
+# A request is heavy past this many chat messages, or past this much text: characters of a
+# parsed request, bytes of a body or message not parsed yet.
 HEAVY_MESSAGES = 256
-HEAVY_CHARS = 64 << 10
+HEAVY_SIZE = 64 << 10
 
 
 async def off_loop(work: Callable[..., T], *args: object) -> T:
@@ -50,4 +51,4 @@ def heavy(request: GenerateRequest) -> bool:
     if len(messages) > HEAVY_MESSAGES:
         return True
     chars = len(request.prompt or "") + sum(len(content) for _, content in messages)
-    return chars > HEAVY_CHARS
+    return chars > HEAVY_SIZE

@@ -236,13 +236,7 @@ class GatewayService:
             return
         local_first = policy == "local_first" and fallback is not None
         try:
-            prefix = NO_PREFIX
-            if self.prefix_policy.enabled and request.routing.prefix is not None:
-                prefix = request.routing.prefix  # a door hashed it off the loop
-            elif self.prefix_policy.enabled and heavy(request):
-                prefix = await off_loop(request_prefix, request)
-            elif self.prefix_policy.enabled:
-                prefix = request_prefix(request)
+            prefix = await self._prefix(request)
             ranked = await self._route(request, deadline, log, prefix)
             if local_first and all(c.tier >= _SATURATED_TIER for c in ranked):
                 raise ResourceExhausted("every host that serves it is saturated")
@@ -262,6 +256,17 @@ class GatewayService:
         async with aclosing(relay_upstream(cloud.upstream, request, deadline)) as responses:
             async for response in responses:
                 yield response
+
+    async def _prefix(self, request: GenerateRequest) -> Prefix:
+        """The prompt's prefix for routing: as a door hashed it off the loop, else hashed here
+        (a heavy request on the heavy-work thread)."""
+        if not self.prefix_policy.enabled:
+            return NO_PREFIX
+        if request.routing.prefix is not None:
+            return request.routing.prefix
+        if heavy(request):
+            return await off_loop(request_prefix, request)
+        return request_prefix(request)
 
     async def _route(
         self,
@@ -302,10 +307,9 @@ class GatewayService:
         if not prefix.blocks and last is None:
             return None
         floor = self.prefix_policy.min_tokens
-        blocks = prefix.blocks
 
         def hit(host: Host, model: generate_pb2.ModelInfo) -> int:
-            tokens = self.prefixes.expected_hit(host, model.name, blocks)
+            tokens = self.prefixes.expected_hit(host, model.name, prefix.blocks)
             return max(tokens, floor) if host.address == last else tokens
 
         return hit

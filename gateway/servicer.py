@@ -21,14 +21,12 @@ from gateway.generation import (
     request_prefix,
 )
 from gateway.hosts import Host
-from gateway.offload import off_loop, off_process
+from gateway.offload import HEAVY_SIZE, off_loop, off_process
 from gateway.service import FIRST_CONTACT_WAIT_S, GatewayService
 from gateway.standing import HostState
 from gateway.wire import batch_pb, counts_pb, event_pb, item_result_pb, request_from_pb
 
 _tracer = trace.get_tracer("airouter.gateway")
-# Requests larger than this are translated off the event loop.
-LARGE_REQUEST_BYTES = 64 << 10
 HOST_STATE_TO_PB = {
     HostState.UP: gateway_pb2.HOST_STATE_UP,
     HostState.DOWN: gateway_pb2.HOST_STATE_DOWN,
@@ -48,7 +46,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
         # A large request (thousands of messages) is translated on a worker thread.
-        if request.ByteSize() > LARGE_REQUEST_BYTES:
+        if request.ByteSize() > HEAVY_SIZE:
             generate = await off_process(large_request, request.SerializeToString())
         else:
             generate = request_from_pb(request)
