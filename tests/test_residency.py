@@ -94,13 +94,16 @@ def test_model_that_can_never_fit_says_what_is_needed(footprint: int) -> None:
 
 
 def test_keep_alive_unloads_idle_models(footprint: int) -> None:
-    models = [small("now", keep_alive=0), small("soon", keep_alive=1), small("never")]
+    # "soon" keeps 5 s: loading "never" after it and the host's once-a-second sweep that
+    # unloads "now" can take more than a second on a busy machine (a 1 s keep-alive made the
+    # check that "soon" outlives "now" flaky).
+    models = [small("now", keep_alive=0), small("soon", keep_alive=5), small("never")]
     with running_host(models) as host:
         for name in ("now", "soon", "never"):
             host.generate(name)
         wait_until(lambda: host.states()["now"] == NOT_LOADED, timeout=5)
         assert host.states()["soon"] == READY
-        wait_until(lambda: host.states()["soon"] == NOT_LOADED, timeout=5)
+        wait_until(lambda: host.states()["soon"] == NOT_LOADED, timeout=15)
         assert host.states()["never"] == READY  # past the others' keep-alive, still loaded
         host.generate("now")  # loads again on use
         assert host.status().cache.loads == 4
