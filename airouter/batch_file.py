@@ -9,11 +9,14 @@ from airouter.errors import InvalidArgument, not_text
 from airouter.openai_api import (
     FINISH_REASON_NAMES,
     ChatCompletionRequest,
+    ChoiceJson,
     CompletionRequest,
     completion_json,
     error_json,
     parse_request,
 )
+from airouter.output import PLAIN
+from airouter.output_wire import fill_output, fill_turn, logprob_from_pb
 from airouter.v1 import gateway_pb2
 
 # The endpoints a batch line may name, and whether each is a chat.
@@ -78,7 +81,7 @@ def generate_request(
     if isinstance(parsed, ChatCompletionRequest):
         request.chat.SetInParent()
         for message in parsed.messages:
-            request.chat.messages.add(role=message.role, content=message.content)
+            fill_turn(request.chat.messages.add(), message.turn())
     else:
         request.prompt = parsed.text
     for name, value in parsed.sampling().items():
@@ -89,6 +92,9 @@ def generate_request(
     request.stopping.ignore_eos = parsed.ignore_eos
     if parsed.user:
         request.conversation_id = parsed.user
+    output = parsed.output()
+    if output is not PLAIN:
+        fill_output(request.output, output)
     return request
 
 
@@ -109,9 +115,9 @@ def batch_output(
             id=request_id,
             created=created,
             model=result.finished.model,
-            text=result.text,
-            finish_reason=FINISH_REASON_NAMES.get(result.finished.reason, "stop"),
+            choices=_choices(result),
             usage=result.finished.usage,
+            logprobs=any(c.logprobs for c in result.choices),
         )
         line["response"] = {"status_code": 200, "request_id": request_id, "body": body}
     elif result.state == gateway_pb2.BATCH_ITEM_STATE_CANCELLED:
@@ -120,3 +126,19 @@ def batch_output(
         status, body = error_json(result.error_code, result.error_message)
         line["response"] = {"status_code": status, "request_id": request_id, "body": body}
     return line
+
+
+def _choices(result: gateway_pb2.BatchItemResult) -> list[ChoiceJson]:
+    if not result.choices:
+        reason = FINISH_REASON_NAMES.get(result.finished.reason, "stop")
+        return [ChoiceJson(0, result.text, reason)]
+    return [
+        ChoiceJson(
+            c.index,
+            c.text,
+            FINISH_REASON_NAMES.get(c.reason, "stop"),
+            tuple((t.id, t.name, t.arguments) for t in c.tool_calls),
+            tuple(logprob_from_pb(lp) for lp in c.logprobs),
+        )
+        for c in result.choices
+    ]

@@ -5,11 +5,27 @@ gateway's HTTP edge and by batch files; it knows nothing of transports.
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from airouter.errors import InvalidArgument
+from airouter.output import (
+    MAX_CHOICES,
+    MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
+    PLAIN,
+    Call,
+    Constraint,
+    ConstraintKind,
+    OutputOptions,
+    TokenLogprob,
+    Tool,
+    ToolChoice,
+    Turn,
+    make_turn,
+)
 from airouter.v1 import generate_pb2
 
 # Strict: JSON true is no number and 1.0 no integer. Bounds are the protocol's field sizes.
@@ -29,11 +45,86 @@ class StreamOptions(BaseModel):
 
 
 class _TextFormat(BaseModel):
-    """response_format: plain text only (no JSON mode or schemas yet)."""
-
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
+
+
+class _JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+class _JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, Field(strict=True)] = "response"
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = Field(
+        default_factory=lambda: {"type": "object"}
+    )
+    strict: Annotated[bool, Field(strict=True)] | None = None
+
+
+class _JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: _JsonSchema
+
+
+class _RegexFormat(BaseModel):
+    """An extension: the whole answer matches a regular expression (Rust regex syntax)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["regex"]
+    regex: Annotated[str, Field(strict=True, min_length=1)]
+
+
+class _GrammarFormat(BaseModel):
+    """An extension: the answer follows a grammar, llguidance's Lark or llama.cpp's GBNF."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["grammar"]
+    grammar: Annotated[str, Field(strict=True, min_length=1)]
+    syntax: Literal["lark", "gbnf"] = "lark"
+
+
+ResponseFormat = Annotated[
+    _TextFormat | _JsonObjectFormat | _JsonSchemaFormat | _RegexFormat | _GrammarFormat,
+    Field(discriminator="type"),
+]
+
+
+class _FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, Field(strict=True, min_length=1)]
+    description: Annotated[str, Field(strict=True)] | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Annotated[bool, Field(strict=True)] | None = None
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: _FunctionIn
+
+
+class _FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, Field(strict=True, min_length=1)]
+
+
+class _NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: _FunctionName
 
 
 class _CompletionParams(BaseModel):
@@ -58,20 +149,14 @@ class _CompletionParams(BaseModel):
     stream_options: StreamOptions | None = None
     # The caller's end user: a conversation's affinity hint for routing.
     user: Annotated[str, Field(strict=True)] | None = None
-    # What airouter cannot do is refused, never silently ignored: one choice per request, and
-    # no log probabilities yet.
-    n: Literal[1] | None = None
-    logprobs: Literal[False] | None = None
-    top_logprobs: Literal[0] | None = None
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES)] | None = None
+    response_format: ResponseFormat | None = None
+    # What airouter cannot do is refused, never silently ignored.
     echo: Literal[False] | None = None
     # OpenAI's, at their neutral values only (what clients such as LangChain send by default).
     presence_penalty: Literal[0] | None = None
     frequency_penalty: Literal[0] | None = None
     logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None
-    response_format: _TextFormat | None = None
-    tools: Annotated[list[Any], Field(max_length=0)] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: Annotated[bool, Field(strict=True)] | None = None
     # OpenAI's bookkeeping, which changes nothing here.
     metadata: dict[str, Any] | None = None
     store: Annotated[bool, Field(strict=True)] | None = None
@@ -98,12 +183,51 @@ class _CompletionParams(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def constraint(self) -> Constraint | None:
+        fmt = self.response_format
+        if fmt is None or isinstance(fmt, _TextFormat):
+            return None
+        if isinstance(fmt, _JsonObjectFormat):
+            return Constraint(ConstraintKind.JSON_OBJECT)
+        if isinstance(fmt, _JsonSchemaFormat):
+            return Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(fmt.json_schema.schema_))
+        if isinstance(fmt, _RegexFormat):
+            return Constraint(ConstraintKind.REGEX, fmt.regex)
+        return Constraint(ConstraintKind(fmt.syntax), fmt.grammar)
+
+    def output(self) -> OutputOptions:
+        """What the answer carries beyond text, as the protocol's OutputOptions says it."""
+        return OutputOptions(constraint=self.constraint(), n=self.n or 1)
+
+
+class _FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[str, Field(strict=True)]
+    arguments: Annotated[str, Field(strict=True)] = ""
+
+
+class _ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: Annotated[str, Field(strict=True, min_length=1)]
+    type: Literal["function"] = "function"
+    function: _FunctionCallIn
+
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Annotated[str, Field(strict=True, min_length=1)]
-    content: str
+    content: str | None = None
+    tool_calls: list[_ToolCallIn] | None = None
+    tool_call_id: Annotated[str, Field(strict=True)] | None = None
+
+    def turn(self) -> Turn:
+        """The message as both services hold a turn; OpenAI's `developer` is the system."""
+        role = "system" if self.role == "developer" else self.role
+        calls = tuple((c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return make_turn(role, self.content or "", self.tool_call_id or "", calls)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -123,11 +247,55 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(_CompletionParams):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    tools: Annotated[list[ToolIn], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None
+    parallel_tool_calls: Annotated[bool, Field(strict=True)] | None = None
+    logprobs: Annotated[bool, Field(strict=True)] | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def output(self) -> OutputOptions:
+        choice = self.tool_choice
+        if isinstance(choice, _NamedToolChoice):
+            mode, function = ToolChoice.FUNCTION, choice.function.name
+        else:
+            mode, function = ToolChoice(choice or "auto"), ""
+        tools = tuple(
+            Tool(
+                t.function.name,
+                t.function.description or "",
+                json.dumps(t.function.parameters) if t.function.parameters is not None else "",
+            )
+            for t in self.tools or ()
+        )
+        if not tools and choice is None:
+            mode = ToolChoice.AUTO
+        options = OutputOptions(
+            constraint=self.constraint(),
+            tools=tools,
+            tool_choice=mode,
+            tool_function=function,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs or 0,
+            n=self.n or 1,
+        )
+        return PLAIN if options == PLAIN else options
 
 
 class CompletionRequest(_CompletionParams):
     # A string, or a list of exactly one (the legacy API allowed several prompts per call).
     prompt: str | list[StrictText]
+    # The legacy API's logprobs: how many alternatives to report at each step (0 to 5 there).
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def output(self) -> OutputOptions:
+        options = OutputOptions(
+            constraint=self.constraint(),
+            logprobs=self.logprobs is not None,
+            top_logprobs=self.logprobs or 0,
+            n=self.n or 1,
+        )
+        return PLAIN if options == PLAIN else options
 
     @field_validator("prompt")
     @classmethod
@@ -180,20 +348,23 @@ def describe(exc: ValidationError) -> str:
             "not a field airouter knows (OpenAI's, or the extensions top_k, min_p, "
             "repetition_penalty, ignore_eos); check its spelling"
         )
-    elif error["type"] == "too_long" and path in ("tools", "logit_bias"):
-        message = f"{path} are not supported yet; leave {path} out or empty"
+    elif error["type"] == "too_long" and path == "logit_bias":
+        message = "logit_bias is not supported; leave it out or empty"
+    elif error["type"] == "too_long" and path == "tools":
+        message = f"at most {MAX_TOOLS} tools are allowed in one request"
+    elif error["type"] == "union_tag_invalid" and path == "response_format":
+        message = (
+            "type must be one of text, json_object, json_schema, or the extensions regex and "
+            "grammar"
+        )
     return f"{path}: {message}" if path else message
 
 
 # Why a parameter airouter does not support is refused (never ignored).
 _UNSUPPORTED = {
-    "n": "only n = 1 is supported; send one request per choice",
     "presence_penalty": "only 0 is supported; use repetition_penalty (an extension) instead",
     "frequency_penalty": "only 0 is supported; use repetition_penalty (an extension) instead",
-    "response_format.type": "only {'type': 'text'} is supported (no JSON mode yet)",
-    "tool_choice": "tools are not supported yet; leave tool_choice out or 'none'",
-    "logprobs": "log probabilities are not supported yet; leave logprobs out",
-    "top_logprobs": "log probabilities are not supported yet; leave top_logprobs out",
+    "tool_choice": "must be none, auto, required or {'type': 'function', 'function': {...}}",
     "echo": "echo is not supported; the prompt is not returned",
 }
 # gRPC status name -> (HTTP status, OpenAI error type), as the OpenAI API and its SDKs expect.
@@ -216,6 +387,7 @@ FINISH_REASON_NAMES = {
     generate_pb2.FINISH_REASON_LENGTH: "length",
     generate_pb2.FINISH_REASON_CANCELLED: "cancelled",
     generate_pb2.FINISH_REASON_ERROR: "error",
+    generate_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -248,32 +420,81 @@ def error_json(
     }
 
 
+def logprobs_json(
+    chat: bool, logprobs: "list[TokenLogprob] | tuple[TokenLogprob, ...]", offset: int = 0
+) -> dict[str, Any]:
+    """Log probabilities as OpenAI reports them: chat's `content` list, or the legacy
+    completions' parallel lists (text offsets counted from `offset`)."""
+    if chat:
+        return {"content": [_token_json(lp, top=True) for lp in logprobs], "refusal": None}
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.text)
+    return {
+        "tokens": [lp.text for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{t.text: t.logprob for t in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _token_json(logprob: TokenLogprob, *, top: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "token": logprob.text,
+        "logprob": logprob.logprob,
+        "bytes": list(logprob.token),
+    }
+    if top:
+        body["top_logprobs"] = [_token_json(t) for t in logprob.top]
+    return body
+
+
+def tool_call_json(
+    call_index: int, id: str, name: str, arguments: str, *, streamed: bool
+) -> dict[str, Any]:
+    """A tool call as a message holds it, or as a stream's delta (with its index)."""
+    call: dict[str, Any] = {
+        "id": id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+    return {"index": call_index, **call} if streamed else call
+
+
 def chunk_json(
     *,
     chat: bool,
     id: str,
     created: int,
     model: str,
-    text: str,
-    finish_reason: str | None,
+    text: str = "",
+    finish_reason: str | None = None,
     first: bool = False,
+    choice: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    tool_call: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One streamed chunk, chat (`delta`) or text completion (`text`) shaped; a chat's first
-    delta carries the role, as OpenAI's do."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
+    """One streamed chunk of one choice, chat (`delta`) or text completion (`text`) shaped; a
+    chat choice's first delta carries the role, as OpenAI's do."""
+    body: dict[str, Any] = {"index": choice}
     if chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if text:
             delta["content"] = text
-        choice["delta"] = delta
+        if tool_call is not None:
+            delta["tool_calls"] = [tool_call]
+        body["delta"] = delta
     else:
-        choice["text"] = text
+        body["text"] = text
+    body["logprobs"] = logprobs
+    body["finish_reason"] = finish_reason
     return {
         "id": id,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": [body],
     }
 
 
@@ -299,28 +520,54 @@ def usage_json(usage: TokenUsage) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class ChoiceJson:
+    """What one choice of a whole completion holds."""
+
+    index: int
+    text: str
+    finish_reason: str
+    tool_calls: tuple[Call, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
 def completion_json(
     *,
     chat: bool,
     id: str,
     created: int,
     model: str,
-    text: str,
-    finish_reason: str,
-    usage: TokenUsage,
+    choices: list[ChoiceJson],
+    usage: "TokenUsage",
+    logprobs: bool = False,
 ) -> dict[str, Any]:
     """A whole (non-streamed) completion."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
+    bodies = []
+    for choice in choices:
+        body: dict[str, Any] = {"index": choice.index}
+        if chat:
+            calls = [
+                tool_call_json(i, *call, streamed=False) for i, call in enumerate(choice.tool_calls)
+            ]
+            # OpenAI's content is null beside calls and no text.
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": choice.text or (None if calls else ""),
+            }
+            if calls:
+                message["tool_calls"] = calls
+            body["message"] = message
+        else:
+            body["text"] = choice.text
+        body["logprobs"] = logprobs_json(chat, choice.logprobs) if logprobs else None
+        body["finish_reason"] = choice.finish_reason
+        bodies.append(body)
     return {
         "id": id,
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": bodies,
         "usage": usage_json(usage),
     }
 

@@ -13,6 +13,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from airouter.output import Turn
+
 # Raw prompts: a block boundary every STEP bytes up to LINEAR_UNTIL, then at doubling sizes.
 STEP = 1024
 LINEAR_UNTIL = 8 * 1024
@@ -38,11 +40,14 @@ def _chain(previous: bytes, data: bytes) -> bytes:
     return hashlib.blake2b(previous + data, digest_size=8).digest()
 
 
-def message_blocks(messages: Sequence[tuple[str, str]]) -> list[Block]:
+def message_blocks(messages: Sequence[Turn]) -> list[Block]:
     """A conversation's blocks: one per message, each covering it and all before it."""
     blocks: list[Block] = []
     digest, end = b"chat", 0
-    for role, content in messages:
+    for turn in messages:
+        role, content = turn[0], turn[1]
+        if len(turn) > 2:  # a tool's result or an assistant's calls: those count too
+            content = f"{content}\0{turn[2:]!r}"
         data = content.encode("utf-8", "surrogatepass")
         digest = _chain(digest, role.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
         end += len(data)
@@ -79,7 +84,7 @@ class Prefix:
 NO_PREFIX = Prefix([], 0)
 
 
-def prefix_of(prompt: str | None, messages: Sequence[tuple[str, str]] | None) -> Prefix:
+def prefix_of(prompt: str | None, messages: Sequence[Turn] | None) -> Prefix:
     if messages:
         blocks = message_blocks(messages)
         return Prefix(blocks, blocks[-1].end)

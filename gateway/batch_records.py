@@ -4,7 +4,7 @@ keeps and answers with, and the gRPC door (gateway.wire) and the store translate
 import enum
 from dataclasses import dataclass
 
-from gateway.generation import Finished
+from gateway.generation import ChoiceOutput, Finished
 
 
 class BatchState(enum.IntEnum):
@@ -43,6 +43,7 @@ class ItemResult:
     error_code: str = ""  # the status name of the last failure (FAILED, CANCELLED)
     error_message: str = ""
     sequence: int = 0  # the order in which results were recorded, from 1
+    choices: tuple[ChoiceOutput, ...] = ()  # every choice, when more than text was asked for
 
 
 @dataclass(frozen=True)

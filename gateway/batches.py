@@ -44,6 +44,7 @@ from airouter.errors import (
     Unavailable,
     shown,
 )
+from airouter.output import PLAIN
 from airouter.v1 import generate_pb2
 from gateway import router
 from gateway.batch_records import (
@@ -60,6 +61,7 @@ from gateway.generation import (
     Finished,
     FinishReason,
     GenerateRequest,
+    Outputs,
     finish_attributes,
     request_attributes,
     validate,
@@ -471,7 +473,7 @@ class BatchRunner:
         batch = item.batch
         item.attempts += 1
         request = replace(item.request, request_id=f"{batch.id}-{item.index}-{item.attempts}")
-        texts: list[str] = []
+        outputs = Outputs()
         finished: Finished | None = None
         error: AirouterError | None = None
         try:
@@ -494,7 +496,7 @@ class BatchRunner:
                             if isinstance(event, Finished):
                                 finished = event
                             else:
-                                texts.append(event.text)
+                                outputs.add(event)
                 except AirouterError as exc:
                     error = exc
                 if error is None:
@@ -518,8 +520,10 @@ class BatchRunner:
                 _SUCCEEDED,
                 item.attempts,
                 item.request.chat,
-                text="".join(texts),
+                text=outputs.text(),
                 finished=finished,
+                # Kept where the request asked for more than one choice's text.
+                choices=outputs.choices(finished) if item.request.output is not PLAIN else (),
             )
         elif (
             isinstance(error, _RETRYABLE)

@@ -13,6 +13,15 @@ from typing import Any
 
 from airouter import tracing
 from airouter.errors import InvalidArgument, not_text
+from airouter.output import (
+    PLAIN,
+    Call,
+    OutputOptions,
+    TokenLogprob,
+    Turn,
+    turn_parts,
+    validate_output,
+)
 from airouter.prefix import Prefix, prefix_of, routing_blocks
 
 # The longest conversation id kept for routing affinity.
@@ -27,11 +36,8 @@ class Policy(enum.Enum):
     CLOUD_ONLY = "cloud_only"
 
 
-# A chat turn: (role, content), rendered by the host with the model's chat template. A plain
-# tuple of two strings, which Python's cycle collector stops tracking: a chat of 20,000
-# messages held by each of a hundred requests in flight would otherwise be two million
-# objects that every full collection walks, with the event loop stopped.
-Message = tuple[str, str]
+# A chat turn (airouter.output.Turn), rendered by the host with the model's chat template.
+Message = Turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,7 @@ class GenerateRequest:
     stopping: Stopping = field(default_factory=Stopping)
     routing: Routing = field(default_factory=Routing)
     request_id: str = ""
+    output: OutputOptions = PLAIN  # constrained output, tools, logprobs, n
 
     @property
     def chat(self) -> bool:
@@ -96,9 +103,13 @@ class GenerateRequest:
         """The bytes of text the request carries (what a host must receive); raises
         UnicodeEncodeError for a lone surrogate, which no host can receive."""
         texts = [self.model, self.prompt or "", *self.stopping.stop, self.routing.conversation_id]
-        for role, content in self.messages or ():
-            texts += (role, content)
-        return sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
+        for turn in self.messages or ():
+            role, content, call_id, calls = turn_parts(turn)
+            texts += (role, content, call_id)
+            for call in calls:
+                texts += call
+        size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
+        return size + (self.output.size() if self.output is not PLAIN else 0)
 
 
 class FinishReason(enum.Enum):
@@ -106,6 +117,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens was reached
     CANCELLED = "cancelled"  # the client or a shutdown stopped it
     ERROR = "error"  # it failed after it had started; Finished.error_message says why
+    TOOL_CALLS = "tool_calls"  # the model called tools
 
 
 @dataclass(slots=True)
@@ -133,6 +145,28 @@ class Token:
 
     text: str
     token_count: int = 1
+    choice: int = 0  # which of the request's n choices
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a tool call: the first names it, the rest add argument text."""
+
+    call_index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+    choice: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceEnd:
+    """How one of several choices ended."""
+
+    index: int
+    reason: "FinishReason"
+    completion_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -145,9 +179,60 @@ class Finished:
     error_message: str = ""
     model: str = ""  # the configured name of the model that served it
     host: str = ""  # the host (or "openrouter") that served it
+    choices: tuple[ChoiceEnd, ...] = ()  # with n > 1: how each choice ended
 
 
-Event = Token | Finished
+Event = Token | ToolCallDelta | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceOutput:
+    """What one choice produced, gathered from its stream."""
+
+    index: int
+    text: str = ""
+    tool_calls: tuple[Call, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    reason: FinishReason = FinishReason.STOP
+
+
+class Outputs:
+    """A stream's text, tool calls and log probabilities gathered choice by choice (for an
+    answer that is not streamed: a whole completion, a batch item's result)."""
+
+    def __init__(self) -> None:
+        self._texts: dict[int, list[str]] = {}
+        self._calls: dict[int, list[list[str]]] = {}
+        self._logprobs: dict[int, list[TokenLogprob]] = {}
+
+    def add(self, event: Token | ToolCallDelta) -> None:
+        if isinstance(event, Token):
+            self._texts.setdefault(event.choice, []).append(event.text)
+            if event.logprobs:
+                self._logprobs.setdefault(event.choice, []).extend(event.logprobs)
+            return
+        calls = self._calls.setdefault(event.choice, [])
+        if event.call_index < len(calls):  # more of a call's arguments
+            calls[event.call_index][2] += event.arguments
+        else:
+            calls.append([event.id, event.name, event.arguments])
+
+    def text(self, choice: int = 0) -> str:
+        return "".join(self._texts.get(choice, ()))
+
+    def choices(self, finished: Finished) -> tuple[ChoiceOutput, ...]:
+        """Every choice's output; how each ended comes from `finished`."""
+        reasons = {c.index: c.reason for c in finished.choices} or {0: finished.reason}
+        return tuple(
+            ChoiceOutput(
+                index,
+                self.text(index),
+                tuple((c[0], c[1], c[2]) for c in self._calls.get(index, ())),
+                tuple(self._logprobs.get(index, ())),
+                reason,
+            )
+            for index, reason in sorted(reasons.items())
+        )
 
 
 def request_prefix(request: GenerateRequest) -> Prefix:
@@ -208,3 +293,5 @@ def validate(request: GenerateRequest) -> None:
             f"the request is {size / (1 << 20):.1f} MiB; a generate request may be at most "
             f"{MAX_GENERATE_BYTES >> 20} MiB"
         )
+    if request.output is not PLAIN:
+        validate_output(request.output)

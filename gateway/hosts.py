@@ -45,7 +45,7 @@ from gateway.generation import (
 )
 from gateway.offload import heavy, off_loop
 from gateway.standing import HostState, Standing
-from gateway.wire import fill_generation, finished_from_pb
+from gateway.wire import fill_generation, finished_from_pb, token_from_pb, tool_call_from_pb
 
 _log = structlog.get_logger()
 
@@ -140,7 +140,12 @@ class Host:
                 async for response in responses:
                     if response.HasField("token"):
                         delta = response.token
-                        yield Token(delta.text, delta.token_count)
+                        if delta.choice_index or delta.logprobs:
+                            yield token_from_pb(delta)
+                        else:
+                            yield Token(delta.text, delta.token_count)
+                    elif response.HasField("tool_call"):
+                        yield tool_call_from_pb(response.tool_call)
                     else:
                         finished = True
                         yield finished_from_pb(response.finished)
@@ -523,13 +528,15 @@ async def merged_responses(
             arrived.clear()
             while pending:
                 response = pending.popleft()
-                if response.HasField("token") and pending and pending[0].HasField("token"):
-                    texts, count = [response.token.text], response.token.token_count
-                    while pending and pending[0].HasField("token"):
+                if response.HasField("token") and _same_choice(response, pending):
+                    merged = response.token
+                    texts, count = [merged.text], merged.token_count
+                    while _same_choice(response, pending):
                         token = pending.popleft().token
                         texts.append(token.text)
                         count += token.token_count
-                    response.token.text, response.token.token_count = "".join(texts), count
+                        merged.logprobs.extend(token.logprobs)
+                    merged.text, merged.token_count = "".join(texts), count
                 yield response
             if done and not pending:
                 if failure:
@@ -537,6 +544,17 @@ async def merged_responses(
                 return
     finally:
         reader.cancel()
+
+
+def _same_choice(
+    response: model_host_pb2.GenerateResponse, pending: deque[model_host_pb2.GenerateResponse]
+) -> bool:
+    """Whether the next pending message is a token delta of the response's choice."""
+    return bool(
+        pending
+        and pending[0].HasField("token")
+        and pending[0].token.choice_index == response.token.choice_index
+    )
 
 
 def _name_of(entry: str) -> str:

@@ -13,7 +13,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -29,21 +29,27 @@ from airouter import tracing
 from airouter.errors import AirouterError, InvalidArgument, NotFound, Unauthenticated, shown
 from airouter.openai_api import (
     ChatCompletionRequest,
+    ChoiceJson,
     CompletionRequest,
     chunk_json,
     completion_json,
     error_json,
+    logprobs_json,
     openai_message,
     parse_request,
     sse,
+    tool_call_json,
     usage_json,
 )
 from airouter.security import Credentials, accepts_token
 from airouter.v1 import generate_pb2
 from gateway.generation import (
     MAX_GENERATE_BYTES,
+    ChoiceEnd,
+    Event,
     Finished,
     GenerateRequest,
+    Outputs,
     Routing,
     Sampling,
     Stopping,
@@ -315,23 +321,8 @@ class HttpEdge:
                 created = int(time.time())
                 first = await anext(responses)  # errors before the first token raise here
                 if not stream:
-                    texts: list[str] = []
-                    event = first
-                    while isinstance(event, Token):
-                        texts.append(event.text)
-                        event = await anext(responses)
-                    span.set_attributes(finish_attributes(event))
-                    return web.json_response(
-                        completion_json(
-                            chat=chat,
-                            id=ident,
-                            created=created,
-                            model=event.model,
-                            text="".join(texts),
-                            finish_reason=event.reason.value,
-                            usage=event.usage,
-                        ),
-                        headers=headers,
+                    return await self._whole(
+                        responses, first, chat, ident, created, generate, span, headers
                     )
                 out = web.StreamResponse(
                     headers={
@@ -341,42 +332,102 @@ class HttpEdge:
                     }
                 )
                 await out.prepare(request)
-                event, model, opening = first, generate.model, True
-                while True:
-                    if isinstance(event, Finished):
-                        span.set_attributes(finish_attributes(event))
-                        if event.error_message:
-                            error = {
-                                "error": {"message": event.error_message, "type": "server_error"}
-                            }
-                            await out.write(sse(error))
-                        last = chunk_json(
-                            chat=chat,
-                            id=ident,
-                            created=created,
-                            model=event.model or model,
-                            text="",
-                            finish_reason=event.reason.value,
-                            first=opening,
-                        )
-                        await out.write(sse(last))
-                        if include_usage:
-                            usage = {**last, "choices": [], "usage": usage_json(event.usage)}
-                            await out.write(sse(usage))
-                        await out.write(sse("[DONE]"))
-                        return out
-                    chunk = chunk_json(
-                        chat=chat,
-                        id=ident,
-                        created=created,
-                        model=model,
-                        text=event.text,
-                        finish_reason=None,
-                        first=opening,
+                await self._stream(
+                    out, responses, first, chat, ident, created, generate, span, include_usage
+                )
+                return out
+
+    async def _whole(
+        self,
+        responses: AsyncIterator[Event],
+        event: Event,
+        chat: bool,
+        ident: str,
+        created: int,
+        generate: GenerateRequest,
+        span: Any,
+        headers: dict[str, str],
+    ) -> web.Response:
+        outputs = Outputs()
+        while not isinstance(event, Finished):
+            outputs.add(event)
+            event = await anext(responses)
+        span.set_attributes(finish_attributes(event))
+        choices = [
+            ChoiceJson(c.index, c.text, c.reason.value, c.tool_calls, c.logprobs)
+            for c in outputs.choices(event)
+        ]
+        body = completion_json(
+            chat=chat,
+            id=ident,
+            created=created,
+            model=event.model,
+            choices=choices,
+            usage=event.usage,
+            logprobs=generate.output.logprobs,
+        )
+        return web.json_response(body, headers=headers)
+
+    async def _stream(
+        self,
+        out: web.StreamResponse,
+        responses: AsyncIterator[Event],
+        event: Event,
+        chat: bool,
+        ident: str,
+        created: int,
+        generate: GenerateRequest,
+        span: Any,
+        include_usage: bool,
+    ) -> None:
+        model = generate.model
+        chunk = functools.partial(chunk_json, chat=chat, id=ident, created=created)
+        opened: set[int] = set()  # choices whose first chunk (with the role) went out
+        offsets: dict[int, int] = {}  # text sent per choice: legacy logprobs' text_offset
+        while True:
+            if isinstance(event, Finished):
+                span.set_attributes(finish_attributes(event))
+                if event.error_message:
+                    error = {"error": {"message": event.error_message, "type": "server_error"}}
+                    await out.write(sse(error))
+                ends = event.choices or (ChoiceEnd(0, event.reason),)
+                for end in ends:
+                    last = chunk(
+                        model=event.model or model,
+                        choice=end.index,
+                        finish_reason=end.reason.value,
+                        first=end.index not in opened,
                     )
-                    await out.write(sse(chunk))
-                    opening = False
+                    await out.write(sse(last))
+                if include_usage:
+                    usage = {**last, "choices": [], "usage": usage_json(event.usage)}
+                    await out.write(sse(usage))
+                await out.write(sse("[DONE]"))
+                return
+            choice = event.choice
+            if isinstance(event, Token):
+                if not event.text and not event.logprobs:
                     event = await anext(responses)
+                    continue
+                logprobs = None
+                if event.logprobs:
+                    logprobs = logprobs_json(chat, event.logprobs, offsets.get(choice, 0))
+                offsets[choice] = offsets.get(choice, 0) + len(event.text)
+                body = chunk(
+                    model=model,
+                    choice=choice,
+                    text=event.text,
+                    first=choice not in opened,
+                    logprobs=logprobs,
+                )
+            else:
+                call = tool_call_json(
+                    event.call_index, event.id, event.name, event.arguments, streamed=True
+                )
+                body = chunk(model=model, choice=choice, first=choice not in opened, tool_call=call)
+            opened.add(choice)
+            await out.write(sse(body))
+            event = await anext(responses)
 
 
 def _parse(raw: bytes, chat: bool) -> tuple[GenerateRequest, bool, bool]:
@@ -402,7 +453,7 @@ def generate_request(parsed: ChatCompletionRequest | CompletionRequest) -> Gener
     """The gateway's request for an OpenAI body (the caller adds its id)."""
     messages = None
     if isinstance(parsed, ChatCompletionRequest):
-        messages = tuple((m.role, m.content) for m in parsed.messages)
+        messages = tuple(m.turn() for m in parsed.messages)
     return GenerateRequest(
         model=parsed.model,
         prompt=None if messages is not None else parsed.text,  # type: ignore[union-attr]
@@ -410,4 +461,5 @@ def generate_request(parsed: ChatCompletionRequest | CompletionRequest) -> Gener
         sampling=Sampling(**parsed.sampling()),
         stopping=Stopping(parsed.token_limit, tuple(parsed.stops), parsed.ignore_eos),
         routing=Routing(conversation_id=parsed.user or ""),
+        output=parsed.output(),
     )

@@ -50,5 +50,8 @@ def heavy(request: GenerateRequest) -> bool:
     messages = request.messages or ()
     if len(messages) > HEAVY_MESSAGES:
         return True
-    chars = len(request.prompt or "") + sum(len(content) for _, content in messages)
+    output = request.output
+    if output.constraint is not None or output.tools:
+        return True  # compiling a schema or grammar the first time costs milliseconds
+    chars = len(request.prompt or "") + sum(len(turn[1]) for turn in messages)
     return chars > HEAVY_SIZE

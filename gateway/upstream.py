@@ -33,6 +33,7 @@ from airouter import tracing
 from airouter.errors import (
     AirouterError,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -40,14 +41,26 @@ from airouter.errors import (
     Unauthenticated,
     Unavailable,
 )
+from airouter.output import (
+    PLAIN,
+    ConstraintKind,
+    OutputOptions,
+    TokenLogprob,
+    ToolChoice,
+    Turn,
+    openai_tool,
+    turn_parts,
+)
 from gateway.config import OPENROUTER_PREFIX
 from gateway.generation import (
     SAMPLING_FIELDS,
+    ChoiceEnd,
     Event,
     Finished,
     FinishReason,
     GenerateRequest,
     Token,
+    ToolCallDelta,
     finish_attributes,
 )
 from gateway.offload import heavy, off_loop
@@ -87,10 +100,13 @@ class UpstreamSettings:
 
 @dataclass
 class Chunk:
-    """One streamed piece of a completion, in the gateway's terms."""
+    """One streamed piece of a completion, in the gateway's terms: text of the first choice
+    (`text`), every choice's text and call pieces (`events`) and how choices ended."""
 
     text: str = ""
     finish_reason: str | None = None
+    events: list[Token | ToolCallDelta] = field(default_factory=list)
+    finish_reasons: dict[int, str] = field(default_factory=dict)
     model: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -271,21 +287,8 @@ def _chunk(event: dict[str, Any]) -> Chunk:
     choices = event.get("choices") or []
     if not isinstance(choices, list):
         raise ValueError("choices is not a list")
-    if choices:
-        choice = choices[0]
-        if not isinstance(choice, dict):
-            raise ValueError("choices[0] is not an object")
-        delta = choice.get("delta") or {}
-        if not isinstance(delta, dict):
-            raise ValueError("choices[0].delta is not an object")
-        text = delta.get("content") or choice.get("text") or ""
-        if not isinstance(text, str):
-            raise ValueError("the content is not a string")
-        chunk.text = text
-        reason = choice.get("finish_reason")
-        if reason is not None and not isinstance(reason, str):
-            raise ValueError("finish_reason is not a string")
-        chunk.finish_reason = reason
+    for position, choice in enumerate(choices):
+        _choice_pieces(chunk, position, choice)
     usage = event.get("usage")
     if usage:
         if not isinstance(usage, dict):
@@ -297,6 +300,71 @@ def _chunk(event: dict[str, Any]) -> Chunk:
             raise ValueError("usage.cost is not a number")
         chunk.cost = None if cost is None else float(cost)
     return chunk
+
+
+def _choice_pieces(chunk: Chunk, position: int, choice: Any) -> None:
+    """One choice of a chunk: its text, log probabilities, call pieces and finish reason."""
+    where = f"choices[{position}]"
+    if not isinstance(choice, dict):
+        raise ValueError(f"{where} is not an object")
+    index = choice.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1 << 16:
+        raise ValueError(f"{where}.index is not a choice's index")
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise ValueError(f"{where}.delta is not an object")
+    text = delta.get("content") or choice.get("text") or ""
+    if not isinstance(text, str):
+        raise ValueError("the content is not a string")
+    logprobs = _logprobs(choice.get("logprobs"), where)
+    if text or logprobs:
+        chunk.events.append(Token(text, 1, index, logprobs))
+        if index == 0:
+            chunk.text += text
+    calls = delta.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise ValueError(f"{where}.delta.tool_calls is not a list")
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise ValueError(f"{where}.delta.tool_calls has a call without a function")
+        fields = (call.get("index", 0), call.get("id") or "", function.get("name") or "")
+        arguments = function.get("arguments") or ""
+        if not isinstance(fields[0], int) or not all(
+            isinstance(f, str) for f in (*fields[1:], arguments)
+        ):
+            raise ValueError(f"{where}.delta.tool_calls has a call of the wrong shape")
+        chunk.events.append(ToolCallDelta(fields[0], fields[1], fields[2], arguments, index))
+    reason = choice.get("finish_reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError("finish_reason is not a string")
+    if reason is not None:
+        chunk.finish_reasons[index] = reason
+        if index == 0:
+            chunk.finish_reason = reason
+
+
+def _logprobs(value: Any, where: str) -> tuple[TokenLogprob, ...]:
+    """A chat choice's logprobs.content, as the gateway's; () when absent."""
+    if not value:
+        return ()
+    content = value.get("content") if isinstance(value, dict) else None
+    if not isinstance(content, list):
+        return ()  # legacy completions' shape: not relayed
+    try:
+        return tuple(
+            TokenLogprob(
+                bytes(entry.get("bytes") or entry["token"].encode()),
+                float(entry["logprob"]),
+                tuple(
+                    TokenLogprob(bytes(t.get("bytes") or t["token"].encode()), float(t["logprob"]))
+                    for t in entry.get("top_logprobs") or ()
+                ),
+            )
+            for entry in content
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError(f"{where}.logprobs is not of OpenAI's shape") from None
 
 
 def _count(usage: dict[str, Any], name: str) -> int | None:
@@ -314,6 +382,7 @@ _FINISH_REASONS = {
     "stop": FinishReason.STOP,
     "length": FinishReason.LENGTH,
     "error": FinishReason.ERROR,
+    "tool_calls": FinishReason.TOOL_CALLS,
 }
 
 
@@ -352,26 +421,28 @@ async def _upstream_stream(
     started = time.monotonic()
     first_token_ms = 0.0
     finish = Finished(FinishReason.STOP, host=UPSTREAM_HOST)
-    reason: FinishReason | None = None
+    reasons: dict[int, FinishReason] = {}
     sent = False
     try:
         async for chunk in upstream.stream(path, body, deadline):
             if chunk.model:
                 finish.model = chunk.model
-            if chunk.text:
+            for event in chunk.events:
                 if not sent:
                     first_token_ms = (time.monotonic() - started) * 1e3
                 sent = True
-                yield Token(chunk.text, 1)
-            if chunk.finish_reason:
-                reason = _FINISH_REASONS.get(chunk.finish_reason, FinishReason.STOP)
+                yield event
+            for index, name in chunk.finish_reasons.items():
+                reasons[index] = _FINISH_REASONS.get(name, FinishReason.STOP)
             if chunk.prompt_tokens is not None:
                 finish.usage.prompt_tokens = chunk.prompt_tokens
                 finish.usage.completion_tokens = chunk.completion_tokens or 0
                 finish.usage.cost_usd = chunk.cost or 0.0
-        if reason is None:
+        if 0 not in reasons:
             raise UpstreamStreamError("the stream ended without a finish reason")
-        finish.reason = reason
+        finish.reason = reasons[0]
+        if request.output.n > 1:
+            finish.choices = tuple(ChoiceEnd(i, r) for i, r in sorted(reasons.items()))
     except (UpstreamStreamError, AirouterError) as exc:
         if not sent:
             if isinstance(exc, AirouterError):
@@ -397,10 +468,12 @@ def openai_body(request: GenerateRequest) -> tuple[str, dict[str, Any]]:
     body: dict[str, Any] = {"model": request.model.removeprefix(OPENROUTER_PREFIX)}
     if request.messages is not None:
         path = "/chat/completions"
-        body["messages"] = [{"role": r, "content": c} for r, c in request.messages]
+        body["messages"] = [_message_json(turn) for turn in request.messages]
     else:
         path = "/completions"
         body["prompt"] = request.prompt
+    if request.output is not PLAIN:
+        _output_json(body, request.output, chat=request.messages is not None)
     for name in SAMPLING_FIELDS:
         value = getattr(request.sampling, name)
         if value is not None:
@@ -410,3 +483,54 @@ def openai_body(request: GenerateRequest) -> tuple[str, dict[str, Any]]:
     if request.stopping.stop:
         body["stop"] = list(request.stopping.stop)
     return path, body
+
+
+def _message_json(turn: Turn) -> dict[str, Any]:
+    role, content, call_id, calls = turn_parts(turn)
+    message: dict[str, Any] = {"role": role, "content": content}
+    if call_id:
+        message["tool_call_id"] = call_id
+    if calls:
+        message["content"] = content or None
+        message["tool_calls"] = [
+            {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+            for i, n, a in calls
+        ]
+    return message
+
+
+def _output_json(body: dict[str, Any], output: OutputOptions, *, chat: bool) -> None:
+    """What the answer carries beyond text, in OpenAI's fields. Regular expressions and
+    grammars have no OpenAI field: such a request runs on local hosts only."""
+    constraint = output.constraint
+    if constraint is not None:
+        if constraint.kind is ConstraintKind.JSON_OBJECT:
+            body["response_format"] = {"type": "json_object"}
+        elif constraint.kind is ConstraintKind.JSON_SCHEMA:
+            schema = json.loads(constraint.text)
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "response", "schema": schema},
+            }
+        else:
+            raise FailedPrecondition(
+                f"a {constraint.kind.value} constraint runs on local hosts only (OpenAI's API has "
+                "no such field); ask for routing_policy local_only"
+            )
+    if output.tools:
+        body["tools"] = [openai_tool(tool) for tool in output.tools]
+        if output.tool_choice is ToolChoice.FUNCTION:
+            body["tool_choice"] = {"type": "function", "function": {"name": output.tool_function}}
+        else:
+            body["tool_choice"] = output.tool_choice.value
+        if not output.parallel_tool_calls:
+            body["parallel_tool_calls"] = False
+    if output.logprobs:
+        if chat:
+            body["logprobs"] = True
+            if output.top_logprobs:
+                body["top_logprobs"] = output.top_logprobs
+        else:
+            body["logprobs"] = output.top_logprobs
+    if output.n != 1:
+        body["n"] = output.n

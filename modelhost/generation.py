@@ -5,12 +5,17 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from airouter.errors import AirouterError, InvalidArgument
+from airouter.output import PLAIN, OutputOptions, TokenLogprob, Turn, turn_parts
+
+if TYPE_CHECKING:
+    from modelhost.constraints import TokenConstraint
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -56,13 +61,21 @@ def validate_stop(stop: list[str]) -> None:
             )
 
 
-def validate_messages(messages: list[tuple[str, str]]) -> None:
-    """Raises InvalidArgument for a conversation llama.cpp's templates cannot render."""
-    for i, (role, _content) in enumerate(messages):
+def validate_messages(messages: list[Turn]) -> None:
+    """Raises InvalidArgument for a conversation no template can render."""
+    for i, turn in enumerate(messages):
+        role, _content, call_id, calls = turn_parts(turn)
         if role not in CHAT_ROLES:
             raise InvalidArgument(
                 f"chat.messages[{i}].role is {role!r}; it must be one of {', '.join(CHAT_ROLES)}"
             )
+        if role == "tool" and not call_id:
+            raise InvalidArgument(
+                f"chat.messages[{i}] is a tool result without tool_call_id; name the call it "
+                "answers"
+            )
+        if calls and role != "assistant":
+            raise InvalidArgument(f"chat.messages[{i}] has tool_calls but is not the assistant's")
 
 
 def resolve_max_tokens(requested: int | None, prompt_tokens: int, context: int, model: str) -> int:
@@ -89,6 +102,16 @@ class FinishReason(enum.Enum):
     LENGTH = "length"
     CANCELLED = "cancelled"
     ERROR = "error"
+    TOOL_CALLS = "tool_calls"  # set by the host's tool-call parsing, never by an engine
+
+
+@dataclass(frozen=True, slots=True)
+class StepLogprobs:
+    """What a sampler reports of one step: the chosen token's log probability and the most
+    likely tokens' (id, log probability), most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -108,6 +131,19 @@ class Delta:
 
     text: str
     token_count: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
+    choice: int = 0  # which of the request's n choices
+
+
+@dataclass(frozen=True)
+class ToolCallPiece:
+    """A piece of a tool call (the first names it; the rest add argument text)."""
+
+    call_index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +158,8 @@ class Finish:
     model: str = ""  # the configured name of the model that served the request
     cached_prompt_tokens: int = 0  # prompt tokens whose KV cells an earlier request left
     engine: str = ""  # the engine that ran it: "llama.cpp", "mlx"
+    # With n > 1: (choice, why it ended, tokens it generated) for each.
+    choices: tuple[tuple[int, FinishReason, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,11 +179,12 @@ class GenerationSpec:
     request_id: str
     model: str
     prompt: str | None
-    messages: list[tuple[str, str]] | None
+    messages: list[Turn] | None
     sampling: Sampling
     max_tokens: int | None
     stop: list[str]
     ignore_eos: bool = False
+    output: OutputOptions = PLAIN
 
 
 @dataclass(eq=False)  # compared and hashed by identity: callers may reuse request ids
@@ -165,6 +204,11 @@ class EngineRequest:
     # The prompt's prefix blocks (airouter.prefix) as (hash, tokens up to the block's end):
     # what the host reports holding once the slot's cells cover them.
     blocks: tuple[tuple[int, int], ...] = ()
+    constraint: "TokenConstraint | None" = None  # what the output must be
+    top_logprobs: int | None = None  # report logprobs with this many alternatives; None: none
+    # The request's other choices (n > 1) share this object: a choice waits for the first
+    # to compute the prompt, then copies its cells.
+    siblings: object | None = None
 
 
 def merge_deltas(events: list[Event]) -> list[Event]:
@@ -172,8 +216,13 @@ def merge_deltas(events: list[Event]) -> list[Event]:
     merged: list[Event] = []
     for event in events:
         last = merged[-1] if merged else None
-        if isinstance(event, Delta) and isinstance(last, Delta):
-            merged[-1] = Delta(last.text + event.text, last.token_count + event.token_count)
+        if isinstance(event, Delta) and isinstance(last, Delta) and event.choice == last.choice:
+            merged[-1] = Delta(
+                last.text + event.text,
+                last.token_count + event.token_count,
+                last.logprobs + event.logprobs,
+                last.choice,
+            )
         else:
             merged.append(event)
     return merged

@@ -13,9 +13,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from airouter import tracing
+from airouter.output_wire import logprob_pb, output_from_pb, turn_from_pb
 from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
 from modelhost.engines import engine_kind
-from modelhost.generation import Delta, Finish, FinishReason, GenerationSpec, Sampling
+from modelhost.generation import (
+    Delta,
+    Finish,
+    FinishReason,
+    GenerationSpec,
+    Sampling,
+    ToolCallPiece,
+)
 from modelhost.residency import ModelState, Residency, ResidentModel
 from modelhost.serving import GenerationService
 
@@ -25,6 +33,7 @@ FINISH_REASON_TO_PB = {
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: generate_pb2.FINISH_REASON_ERROR,
+    FinishReason.TOOL_CALLS: generate_pb2.FINISH_REASON_TOOL_CALLS,
 }
 MODEL_STATE_TO_PB = {
     ModelState.NOT_LOADED: generate_pb2.MODEL_STATE_NOT_LOADED,
@@ -174,21 +183,33 @@ def spec_from_pb(request: model_host_pb2.GenerateRequest) -> GenerationSpec:
         model=request.model,
         prompt=request.prompt if request.HasField("prompt") else None,
         messages=(
-            [(m.role, m.content) for m in request.chat.messages]
-            if request.HasField("chat")
-            else None
+            [turn_from_pb(m) for m in request.chat.messages] if request.HasField("chat") else None
         ),
         sampling=sampling,
         max_tokens=stopping.max_tokens if stopping.HasField("max_tokens") else None,
         stop=list(stopping.stop),
         ignore_eos=stopping.ignore_eos,
+        output=output_from_pb(request.output),
     )
 
 
-def event_to_pb(event: Delta | Finish) -> model_host_pb2.GenerateResponse:
+def event_to_pb(event: Delta | ToolCallPiece | Finish) -> model_host_pb2.GenerateResponse:
     if isinstance(event, Delta):
+        token = generate_pb2.TokenDelta(text=event.text, token_count=event.token_count)
+        if event.choice:
+            token.choice_index = event.choice
+        if event.logprobs:
+            token.logprobs.extend(logprob_pb(lp) for lp in event.logprobs)
+        return model_host_pb2.GenerateResponse(token=token)
+    if isinstance(event, ToolCallPiece):
         return model_host_pb2.GenerateResponse(
-            token=generate_pb2.TokenDelta(text=event.text, token_count=event.token_count)
+            tool_call=generate_pb2.ToolCallDelta(
+                choice_index=event.choice,
+                call_index=event.call_index,
+                id=event.id,
+                name=event.name,
+                arguments=event.arguments,
+            )
         )
     t = event.timings
     return model_host_pb2.GenerateResponse(
@@ -208,6 +229,12 @@ def event_to_pb(event: Delta | Finish) -> model_host_pb2.GenerateResponse:
             ),
             error_message=event.error,
             model=event.model,
+            choices=[
+                generate_pb2.ChoiceFinished(
+                    index=i, reason=FINISH_REASON_TO_PB[reason], completion_tokens=tokens
+                )
+                for i, reason, tokens in event.choices
+            ],
         )
     )
 

@@ -21,6 +21,8 @@ from airouter.v1 import (
     host_status_pb2,
     model_host_pb2,
 )
+from airouter.output import Constraint, ConstraintKind, OutputOptions, Tool, ToolChoice
+from airouter.output_wire import output_from_pb, turn_from_pb
 from gateway.generation import (
     GenerateRequest,
     Policy,
@@ -50,6 +52,15 @@ FORWARDED = {
     "stopping.max_tokens": "stopping.max_tokens",
     "stopping.stop": "stopping.stop",
     "stopping.ignore_eos": "stopping.ignore_eos",
+    # OutputOptions travel as the protocol's message of that name (airouter.output_wire).
+    "output.constraint": "output.constraint",
+    "output.tools": "output.tools",
+    "output.tool_choice": "output.tool_choice.mode",
+    "output.tool_function": "output.tool_choice.function",
+    "output.parallel_tool_calls": "output.parallel_tool_calls",
+    "output.logprobs": "output.logprobs",
+    "output.top_logprobs": "output.top_logprobs",
+    "output.n": "output.n",
 }
 GATEWAY_ONLY = {
     "routing.policy",
@@ -84,24 +95,45 @@ def test_every_field_of_the_gateway_s_request_is_forwarded_or_kept_by_the_gatewa
     sampling = Sampling(0.5, 0.75, 7, 0.125, 1.25, 42)
     stopping = Stopping(9, ("END", "STOP"), True)
     routing = Routing(Policy.LOCAL_FIRST, 1024, EMAIL)
+    output = OutputOptions(
+        tools=(Tool("get_weather", "the weather", '{"type": "object"}'),),
+        tool_choice=ToolChoice.FUNCTION,
+        tool_function="get_weather",
+        parallel_tool_calls=False,
+        logprobs=True,
+        top_logprobs=3,
+        n=2,
+    )
     chat = GenerateRequest(
         MODEL,
-        messages=(("system", "be brief"), ("user", "hi")),
+        messages=(
+            ("system", "be brief"),
+            ("user", "hi"),
+            ("assistant", "", "", (("call_1", "get_weather", '{"city": "Oslo"}'),)),
+            ("tool", "sunny", "call_1", ()),
+        ),
         sampling=sampling,
         stopping=stopping,
         routing=routing,
         request_id="req-1",
+        output=output,
     )
     pb = host_request(chat)
+    received = output_from_pb(pb.output)
     for leaf, path in FORWARDED.items():
         if leaf == "prompt":
             continue
         sent, got = at(chat, leaf), at(pb, path)
         if leaf == "messages":
-            got = tuple((m.role, m.content) for m in got)
+            got = tuple(turn_from_pb(m) for m in got)
+        elif leaf.startswith("output."):
+            got = getattr(received, leaf.removeprefix("output."))
         elif isinstance(sent, tuple):
             got = tuple(got)
         assert got == sent, leaf
+    schema = Constraint(ConstraintKind.JSON_SCHEMA, '{"type": "object"}')
+    constrained = dataclasses.replace(chat, output=OutputOptions(constraint=schema))
+    assert output_from_pb(host_request(constrained).output).constraint == schema
     assert host_request(dataclasses.replace(chat, messages=None, prompt="raw")).prompt == "raw"
     assert EMAIL.encode() not in pb.SerializeToString()
 

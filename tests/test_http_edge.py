@@ -205,8 +205,8 @@ CHAT = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}]
         ([1, 2], "must be a JSON object"),
         ({**CHAT, "temprature": 0.5}, "temprature: not a field airouter knows"),
         ({**CHAT, "presence_penalty": 0.5}, "presence_penalty: only 0 is supported"),
-        ({**CHAT, "tools": [{"type": "function"}]}, "tools are not supported yet"),
-        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format.type"),
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools[0].function: required"),
+        ({**CHAT, "response_format": {"type": "xml"}}, "response_format: type must be one of"),
         # JSON escapes that decode to half a surrogate pair: not text protobuf can carry.
         (
             {**CHAT, "messages": [{"role": "user", "content": "a\udc80"}]},
@@ -395,9 +395,10 @@ def test_http_conventions_models_by_id_methods_request_ids_and_refusals(
     assert mine.headers["x-request-id"] == "my-trace-42"
     # What airouter cannot do is refused with a 400 naming the field, never ignored.
     for extra, needle in [
-        ({"n": 2}, "only n = 1"),
-        ({"logprobs": True}, "log probabilities are not supported"),
-        ({"top_logprobs": 5}, "log probabilities are not supported"),
+        ({"n": 17}, "less than or equal to 16"),
+        ({"n": 0}, "greater than or equal to 1"),
+        ({"top_logprobs": 21}, "less than or equal to 20"),
+        ({"top_logprobs": 5}, "needs logprobs true"),
     ]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(

@@ -65,7 +65,7 @@ BATCH_ITEM_STATE_FAILED: BatchItemState
 BATCH_ITEM_STATE_CANCELLED: BatchItemState
 
 class GatewayGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping", "min_context_length", "routing_policy", "conversation_id")
+    __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping", "min_context_length", "routing_policy", "conversation_id", "output")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class GatewayGenerateRequest(_message.Message):
     MIN_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -84,15 +85,18 @@ class GatewayGenerateRequest(_message.Message):
     min_context_length: int
     routing_policy: RoutingPolicy
     conversation_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ..., min_context_length: _Optional[int] = ..., routing_policy: _Optional[_Union[RoutingPolicy, str]] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+    output: _generate_pb2.OutputOptions
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ..., min_context_length: _Optional[int] = ..., routing_policy: _Optional[_Union[RoutingPolicy, str]] = ..., conversation_id: _Optional[str] = ..., output: _Optional[_Union[_generate_pb2.OutputOptions, _Mapping]] = ...) -> None: ...
 
 class GatewayGenerateResponse(_message.Message):
-    __slots__ = ("token", "finished")
+    __slots__ = ("token", "finished", "tool_call")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     token: _generate_pb2.TokenDelta
     finished: _generate_pb2.Finished
-    def __init__(self, token: _Optional[_Union[_generate_pb2.TokenDelta, _Mapping]] = ..., finished: _Optional[_Union[_generate_pb2.Finished, _Mapping]] = ...) -> None: ...
+    tool_call: _generate_pb2.ToolCallDelta
+    def __init__(self, token: _Optional[_Union[_generate_pb2.TokenDelta, _Mapping]] = ..., finished: _Optional[_Union[_generate_pb2.Finished, _Mapping]] = ..., tool_call: _Optional[_Union[_generate_pb2.ToolCallDelta, _Mapping]] = ...) -> None: ...
 
 class GatewayListModelsRequest(_message.Message):
     __slots__ = ()
@@ -235,7 +239,7 @@ class Batch(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[BatchState, str]] = ..., counts: _Optional[_Union[BatchCounts, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BatchItemResult(_message.Message):
-    __slots__ = ("custom_id", "index", "sequence", "state", "text", "finished", "error_code", "error_message", "attempts", "chat")
+    __slots__ = ("custom_id", "index", "sequence", "state", "text", "finished", "error_code", "error_message", "attempts", "chat", "choices")
     CUSTOM_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +250,7 @@ class BatchItemResult(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     custom_id: str
     index: int
     sequence: int
@@ -256,4 +261,19 @@ class BatchItemResult(_message.Message):
     error_message: str
     attempts: int
     chat: bool
-    def __init__(self, custom_id: _Optional[str] = ..., index: _Optional[int] = ..., sequence: _Optional[int] = ..., state: _Optional[_Union[BatchItemState, str]] = ..., text: _Optional[str] = ..., finished: _Optional[_Union[_generate_pb2.Finished, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., attempts: _Optional[int] = ..., chat: _Optional[bool] = ...) -> None: ...
+    choices: _containers.RepeatedCompositeFieldContainer[ChoiceOutput]
+    def __init__(self, custom_id: _Optional[str] = ..., index: _Optional[int] = ..., sequence: _Optional[int] = ..., state: _Optional[_Union[BatchItemState, str]] = ..., text: _Optional[str] = ..., finished: _Optional[_Union[_generate_pb2.Finished, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., attempts: _Optional[int] = ..., chat: _Optional[bool] = ..., choices: _Optional[_Iterable[_Union[ChoiceOutput, _Mapping]]] = ...) -> None: ...
+
+class ChoiceOutput(_message.Message):
+    __slots__ = ("index", "text", "tool_calls", "logprobs", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    tool_calls: _containers.RepeatedCompositeFieldContainer[_generate_pb2.ToolCall]
+    logprobs: _containers.RepeatedCompositeFieldContainer[_generate_pb2.TokenLogprob]
+    reason: _generate_pb2.FinishReason
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[_generate_pb2.ToolCall, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[_generate_pb2.TokenLogprob, _Mapping]]] = ..., reason: _Optional[_Union[_generate_pb2.FinishReason, str]] = ...) -> None: ...

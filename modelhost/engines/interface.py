@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from airouter.errors import InvalidArgument
 from modelhost.generation import EngineRequest
 
 if TYPE_CHECKING:
     from modelhost.config import ModelConfig
+    from modelhost.constraints import ConstraintCompiler
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,16 @@ class Engine(ABC):
     def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:
         """The prompt for a conversation, ending with the assistant's turn; None when the
         model has no chat template this engine can render."""
+
+    def chat_template_source(self) -> str | None:
+        """The model's Jinja chat template (the GGUF's tokenizer.chat_template, or what the
+        config sets), for conversations with tools; None when there is none."""
+        return None
+
+    def constraints(self) -> "ConstraintCompiler":
+        """Compiles output constraints against the model's vocabulary (see
+        modelhost.constraints); InvalidArgument where the engine cannot constrain."""
+        raise InvalidArgument(f"the {self.kind} engine cannot constrain its output")
 
     @abstractmethod
     def footprint_bytes(self, device: str) -> int:

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 import structlog
 
 from airouter.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from airouter.output import TokenLogprob
 from modelhost.engines.interface import Engine, EngineLoad
 from modelhost.generation import (
     Delta,
@@ -25,6 +26,7 @@ from modelhost.generation import (
     Finish,
     FinishReason,
     Rejected,
+    StepLogprobs,
     Timings,
 )
 from modelhost.text_stream import TextStream
@@ -51,6 +53,7 @@ class Sequence:
     unreported: int = 0  # generated tokens not yet covered by a Delta
     first_token_at: float | None = None
     events: list[Event] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens not yet in a Delta
 
 
 S = TypeVar("S", bound=Sequence)
@@ -274,21 +277,29 @@ class StepLoopEngine(Engine, Generic[S]):
         with self._lock:
             self._queued -= 1
 
-    def _accept(self, seq: S, token: int, now: float) -> None:
-        """Takes one generated token: text, stop strings, end of generation, max_tokens."""
+    def _accept(self, seq: S, token: int, now: float, logprobs: StepLogprobs | None = None) -> None:
+        """Takes one generated token: its constraint, text, log probability, stop strings,
+        end of generation, max_tokens."""
         if seq.first_token_at is None:
             seq.first_token_at = now
         if self._is_end_of_generation(token) and not seq.request.ignore_eos:
             self._finish(seq, FinishReason.STOP)
             return
+        constraint = seq.request.constraint
+        if constraint is not None:
+            constraint.advance(token)
         seq.generated += 1
         seq.unreported += 1
         self._tokens_generated += 1
-        text = seq.text.feed(self._token_bytes(token))
+        piece = self._token_bytes(token)
+        if logprobs is not None:
+            top = tuple(TokenLogprob(self._token_bytes(t), lp) for t, lp in logprobs.top)
+            seq.logprobs.append(TokenLogprob(piece, logprobs.logprob, top))
+        text = seq.text.feed(piece)
         if text:
-            seq.events.append(Delta(text, seq.unreported))
+            seq.events.append(Delta(text, seq.unreported, self._take_logprobs(seq)))
             seq.unreported = 0
-        if seq.text.stopped:
+        if seq.text.stopped or (constraint is not None and constraint.complete):
             self._finish(seq, FinishReason.STOP)
         elif seq.generated >= seq.request.max_tokens:
             self._finish(seq, FinishReason.LENGTH)
@@ -301,7 +312,7 @@ class StepLoopEngine(Engine, Generic[S]):
         now = time.perf_counter()
         rest = seq.text.flush() if reason is not FinishReason.ERROR else ""
         if rest:
-            seq.events.append(Delta(rest, seq.unreported))
+            seq.events.append(Delta(rest, seq.unreported, self._take_logprobs(seq)))
         request = seq.request
         first = seq.first_token_at
         timings = Timings(
@@ -316,6 +327,13 @@ class StepLoopEngine(Engine, Generic[S]):
         )
         del self._running[request]
         self._release(seq, reason)
+
+    @staticmethod
+    def _take_logprobs(seq: S) -> tuple[TokenLogprob, ...]:
+        if not seq.logprobs:
+            return ()
+        taken, seq.logprobs = tuple(seq.logprobs), []
+        return taken
 
     def _deliver(self, seq: S) -> None:
         if seq.events:

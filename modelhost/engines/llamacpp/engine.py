@@ -16,8 +16,9 @@ import llama_cpp
 import structlog
 
 from airouter.labels import format_bytes
+from modelhost.constraints import ConstraintCompiler
 from modelhost.engines.llamacpp.model import LlamaModel
-from modelhost.engines.llamacpp.sampler import TokenSampler
+from modelhost.engines.llamacpp.sampler import NoTokenAllowed, TokenSampler
 from modelhost.engines.scheduler import (
     Blocks,
     Sequence,
@@ -73,6 +74,7 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         # A step found no KV room for its prompt chunks: the next one decodes only generating
         # sequences (llama_decode returned 1, which is back-pressure, not a failure).
         self._prompts_deferred = False
+        self._constraints = ConstraintCompiler(model.guidance_tokenizer, model.n_vocab)
         self._start()
 
     @property
@@ -84,6 +86,14 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
 
     def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:
         return self._model.apply_chat_template(messages)
+
+    def chat_template_source(self) -> str | None:
+        template = self._model.chat_template
+        # A llama.cpp built-in name ("chatml", "gemma") is not a Jinja template.
+        return template.decode("utf-8", "replace") if template and b"{" in template else None
+
+    def constraints(self) -> ConstraintCompiler:
+        return self._constraints
 
     def footprint_bytes(self, device: str) -> int:
         """Bytes of llama.cpp's buffers on `device`: on cuda the GPU's buffers only, on cpu
@@ -127,6 +137,8 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
                     request.sampling,
                     self._model.n_vocab,
                     self._model.end_of_generation_tokens() if request.ignore_eos else [],
+                    constraint=request.constraint,
+                    top_logprobs=request.top_logprobs,
                 )
             except Exception as exc:
                 self._cannot_sample(request, exc)
@@ -150,8 +162,16 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
     def _shares_a_prefill(self, request: EngineRequest) -> bool:
         """Whether a running sequence is still computing a long prefix of this prompt: then
         the request waits for those cells instead of computing them beside it (a burst that
-        shares a document; SGLang's scheduler does the same within a batch). Only where a
-        slot's cells can be lent midway: not on recurrent or sliding-window models."""
+        shares a document, the choices of one request; SGLang's scheduler does the same within
+        a batch). Only where a slot's cells can be lent midway: not on recurrent or
+        sliding-window models, except to a request's other choices, which share the whole
+        prompt and copy it once computed."""
+        siblings = request.siblings
+        if siblings is not None and not self._model.recurrent:
+            if any(
+                s.request.siblings is siblings and not s.prefilled for s in self._running.values()
+            ):
+                return True
         if self._model.recurrent or self._model.sliding_window > 0:
             return False
         for seq in self._running.values():
@@ -285,8 +305,14 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         self._decode_steps += bool(sampling)
         for seq in sampling:
             logits = llama_cpp.llama_get_logits_ith(self._model.ctx, seq.batch_index)
-            assert seq.sampler is not None
-            self._accept(seq, seq.sampler.sample(logits), now)
+            sampler = seq.sampler
+            assert sampler is not None
+            try:
+                token = sampler.sample(logits)
+            except NoTokenAllowed as exc:
+                self._finish(seq, FinishReason.ERROR, f"the output constraint failed: {exc}")
+                continue
+            self._accept(seq, token, now, sampler.logprobs)
         for seq in sampling:
             self._deliver(seq)
 

@@ -22,7 +22,8 @@ import random
 import llama_cpp
 import numpy as np
 
-from modelhost.generation import Sampling
+from modelhost.constraints import TokenConstraint
+from modelhost.generation import Sampling, StepLogprobs
 
 # Tokens the repetition penalty looks back over.
 PENALTY_WINDOW = 64
@@ -31,11 +32,28 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
 
 
-class TokenSampler:
-    """One request's sampling state: its settings, its recent tokens and its seeded RNG."""
+class NoTokenAllowed(Exception):
+    """The sequence's constraint admits no token (its matcher failed)."""
 
-    def __init__(self, sampling: Sampling, n_vocab: int, banned: list[int]) -> None:
+
+class TokenSampler:
+    """One request's sampling state: its settings, its recent tokens and its seeded RNG; its
+    constraint, and whether it reports log probabilities (`top_logprobs` alternatives, None
+    for none)."""
+
+    def __init__(
+        self,
+        sampling: Sampling,
+        n_vocab: int,
+        banned: list[int],
+        *,
+        constraint: TokenConstraint | None = None,
+        top_logprobs: int | None = None,
+    ) -> None:
         self._sampling = sampling
+        self._constraint = constraint
+        self._top_logprobs = top_logprobs
+        self.logprobs: StepLogprobs | None = None  # the last sampled token's
         self._n_vocab = n_vocab
         self._banned = np.asarray(banned, dtype=np.int64)  # e.g. end-of-generation tokens
         self._recent: collections.deque[int] = collections.deque(maxlen=PENALTY_WINDOW)
@@ -53,18 +71,28 @@ class TokenSampler:
             self._chain = None
 
     def sample(self, logits_pointer: ctypes._Pointer) -> int:  # type: ignore[type-arg]
-        """The next token; may overwrite the logits row it is given."""
+        """The next token; may overwrite the logits row it is given. Raises NoTokenAllowed
+        when the constraint admits none."""
         logits = np.ctypeslib.as_array(logits_pointer, shape=(self._n_vocab,))
+        raw = logits.copy() if self._top_logprobs is not None else None
         if self._banned.size:
             logits[self._banned] = -np.inf
         if self._recent and self._sampling.repetition_penalty != 1.0:
             self._penalize(logits)
-        if self._chain is None:
-            token = int(logits.argmax())
-        else:
-            token = self._draw(logits)
+        token = self._pick(logits)
+        constraint = self._constraint
+        if constraint is not None and not constraint.allows(token):
+            # Masking costs a vocabulary-wide pass; most tokens never need it.
+            if not constraint.mask(logits):
+                raise NoTokenAllowed(constraint.error or "the constraint admits no token here")
+            token = self._pick(logits)
+        if raw is not None:
+            self.logprobs = step_logprobs(raw, token, self._top_logprobs or 0)
         self._recent.append(token)
         return token
+
+    def _pick(self, logits: np.ndarray) -> int:
+        return int(logits.argmax()) if self._chain is None else self._draw(logits)
 
     def _penalize(self, logits: np.ndarray) -> None:
         # llama.cpp's repetition penalty: shrink the logit of every recently seen token.
@@ -125,6 +153,19 @@ class TokenSampler:
 # Logits below the top one, widening: the tokens above e^-8 of the top's probability nearly
 # always hold the nucleus (and the top 40); flat distributions widen the search.
 _NUCLEUS_THRESHOLDS = (-8.0, -16.0, -32.0, -math.inf)
+
+
+def step_logprobs(raw: np.ndarray, token: int, top: int) -> StepLogprobs:
+    """The chosen token's log probability under the model's own distribution (the raw
+    logits' softmax), and the `top` most likely tokens', most likely first."""
+    peak = float(raw.max())
+    log_total = peak + math.log(float(np.exp(raw - peak).sum(dtype=np.float64)))
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top:
+        ids = _top_k(raw, top)
+        ids = ids[np.argsort(-raw[ids], kind="stable")]
+        alternatives = tuple((int(i), float(raw[i]) - log_total) for i in ids)
+    return StepLogprobs(float(raw[token]) - log_total, alternatives)
 
 
 def _top_k(logits: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""Constrained decoding, one path for every engine: llguidance matchers over the model's own
+vocabulary, checked token by token.
+
+Each constrained sequence carries a TokenConstraint. The engine samples as it would without
+one, then asks the constraint whether the token may follow (a few microseconds); only when it
+may not does the constraint compute the whole vocabulary's mask and the engine sample again
+from the masked row, as llama.cpp's server does with its grammars. Most tokens of a
+well-prompted model pass the check, so a constrained sequence costs about what a free one
+does, and the free sequences of the same batch pay nothing.
+
+A grammar is compiled once per model and cached; each request gets a copy of the compiled
+matcher (microseconds).
+"""
+
+import collections
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from airouter.errors import InvalidArgument
+
+# Compiled matchers kept per model, by grammar text.
+CACHED_GRAMMARS = 256
+
+
+class TokenConstraint:
+    """One sequence's constraint: which tokens may come next, and whether it is complete."""
+
+    def __init__(self, matcher: Any, n_vocab: int) -> None:
+        self._matcher = matcher
+        self._n_vocab = n_vocab
+        self._mask = np.empty(((n_vocab + 31) // 32,), dtype=np.int32)
+        self.masks_computed = 0  # how often the quick check failed (for the benchmark)
+
+    def allows(self, token: int) -> bool:
+        return bool(self._matcher.validate_tokens([token]))
+
+    def advance(self, token: int) -> None:
+        """Takes a token `allows` accepted."""
+        self._matcher.consume_token(token)
+
+    @property
+    def complete(self) -> bool:
+        """Nothing more may follow: the sequence is done."""
+        return bool(self._matcher.is_stopped())
+
+    @property
+    def accepting(self) -> bool:
+        """The output so far is whole (the sequence may end here)."""
+        return bool(self._matcher.is_accepting())
+
+    def mask(self, logits: np.ndarray) -> bool:
+        """Sets the logits of every token that may not come next to -inf, in place; False when
+        none may (the matcher has failed: error says why)."""
+        self.masks_computed += 1
+        self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        if self._matcher.is_error():
+            return False
+        bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little", count=len(logits))
+        np.copyto(logits, -np.inf, where=~bits.view(bool))
+        return bool(self._mask.any())
+
+    @property
+    def error(self) -> str:
+        return (
+            str(self._matcher.get_error()).strip().splitlines()[0]
+            if self._matcher.is_error()
+            else ""
+        )
+
+
+class ConstraintCompiler:
+    """A model's grammars compiled against its vocabulary. The llguidance tokenizer is built
+    on first use (a walk over the vocabulary: seconds for a 262k one), so hosts that never see
+    a constraint never pay for it. Thread-safe; call from worker threads, never the loop."""
+
+    def __init__(self, build_tokenizer: Callable[[], Any], n_vocab: int) -> None:
+        self._build_tokenizer = build_tokenizer
+        self.n_vocab = n_vocab  # the width of a logits row, which masks must cover
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+        self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._build_tokenizer()
+            return self._tokenizer
+
+    def constraint(self, grammar: str, where: str) -> TokenConstraint:
+        """A fresh constraint for one sequence; InvalidArgument naming `where` when the
+        grammar does not compile for this model."""
+        import llguidance
+
+        tokenizer = self.tokenizer()
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+        if compiled is None:
+            compiled = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+            if compiled.is_error():
+                error = str(compiled.get_error()).strip().splitlines()[0][:300]
+                raise InvalidArgument(f"{where}: cannot be used: {error}")
+            with self._lock:
+                self._compiled[grammar] = compiled
+                while len(self._compiled) > CACHED_GRAMMARS:
+                    self._compiled.popitem(last=False)
+        return TokenConstraint(compiled.deep_copy(), self.n_vocab)
