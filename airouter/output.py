@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from airouter.errors import InvalidArgument
+from airouter.termination import json_schema_ends, lark_ends
 
 MAX_TOOLS = 256
 MAX_TOP_LOGPROBS = 20
@@ -172,12 +173,31 @@ def validate_output(options: OutputOptions, *, compile: bool = True) -> None:
         return
     if constraint is not None:
         check_compiles(grammar_of(constraint, "response_format"), "response_format")
+        check_ends(constraint, "response_format")
     for i, tool in enumerate(options.tools):
         if tool.parameters:
             where = f"tools[{i}].function.parameters"
-            check_compiles(
-                grammar_of(Constraint(ConstraintKind.JSON_SCHEMA, tool.parameters), where), where
-            )
+            schema = Constraint(ConstraintKind.JSON_SCHEMA, tool.parameters)
+            check_compiles(grammar_of(schema, where), where)
+            check_ends(schema, where)
+
+
+def check_ends(constraint: Constraint, where: str) -> None:
+    """InvalidArgument when the constraint admits no finite output (airouter.termination)."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    kind = constraint.kind
+    if kind is ConstraintKind.JSON_SCHEMA:
+        ends = json_schema_ends(schema_object(constraint.text, where))
+        what = "a required field nests the schema in itself with no way out"
+    elif kind in (ConstraintKind.LARK, ConstraintKind.GBNF):
+        text = constraint.text if kind is ConstraintKind.LARK else any_to_lark(constraint.text)
+        ends = lark_ends(text)
+        what = "its start rule only ever derives more of itself"
+    else:
+        return
+    if not ends:
+        raise InvalidArgument(f"{where}: never ends: {what}; give it a way to finish")
 
 
 def openai_tool(tool: Tool) -> dict[str, Any]:
@@ -205,6 +225,12 @@ def schema_object(text: str, where: str) -> dict[str, Any]:
     return schema
 
 
+# JSON may be indented, but no run of whitespace is longer than this: a small model that would
+# rather write newlines forever cannot stall a constrained answer (a schema's "x-guidance"
+# options override it, as llguidance reads them).
+JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,24}"}
+
+
 def grammar_of(constraint: Constraint, where: str) -> str:
     """llguidance's grammar for a constraint; InvalidArgument naming `where` when the text is
     not even of its kind (compiling it finds the rest)."""
@@ -213,9 +239,13 @@ def grammar_of(constraint: Constraint, where: str) -> str:
     kind, text = constraint.kind, constraint.text
     try:
         if kind is ConstraintKind.JSON_OBJECT:
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                {"type": "object"}, defaults=JSON_DEFAULTS
+            )
         if kind is ConstraintKind.JSON_SCHEMA:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema_object(text, where))
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                schema_object(text, where), defaults=JSON_DEFAULTS
+            )
         if kind is ConstraintKind.REGEX:
             return llguidance.LLMatcher.grammar_from_regex(text)
         if kind is ConstraintKind.LARK:

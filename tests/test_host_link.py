@@ -14,6 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
+from airouter.output import Constraint, ConstraintKind, OutputOptions, Tool, ToolChoice
+from airouter.output_wire import output_from_pb, turn_from_pb
 from airouter.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
@@ -21,8 +23,6 @@ from airouter.v1 import (
     host_status_pb2,
     model_host_pb2,
 )
-from airouter.output import Constraint, ConstraintKind, OutputOptions, Tool, ToolChoice
-from airouter.output_wire import output_from_pb, turn_from_pb
 from gateway.generation import (
     GenerateRequest,
     Policy,

@@ -256,12 +256,39 @@ class LlamaModel:
 
     def guidance_tokenizer(self) -> Any:
         """The vocabulary as llguidance's tokenizer, for constrained decoding; every
-        end-of-generation token ends a constrained output. Seconds for a 262k vocabulary:
-        built once per load, on first use."""
-        from llguidance.llamacpp import lltokenizer_from_vocab
+        end-of-generation token ends a constrained output. A walk over the vocabulary (about
+        a second for 262k tokens), done once per load, on first use. As
+        llguidance.llamacpp.lltokenizer_from_vocab, less its deprecated per-token call (a
+        warning each, which made it ten times slower)."""
+        import llguidance
 
-        eog = self.end_of_generation_tokens()
-        return lltokenizer_from_vocab(self.vocab, self.n_vocab, eog or None)
+        pieces: list[bytes] = []
+        buf = ctypes.create_string_buffer(256)
+        lib = llama_cpp.llama_cpp._lib  # the C functions: no wrapper per call
+        to_piece, attribute = lib.llama_token_to_piece, lib.llama_vocab_get_attr
+        control, user = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL, llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        for token in range(self.n_vocab):
+            n = to_piece(self.vocab, token, buf, len(buf), 0, True)
+            piece = buf.raw[:n] if n >= 0 else self._long_piece(token, -n)
+            attr = attribute(self.vocab, token)
+            # Control tokens, and user-defined ones that look like them, are special: 0xFF
+            # marks them so, as llguidance expects.
+            if attr & control or (attr & user and piece.startswith(b"<") and piece.endswith(b">")):
+                piece = b"\xff" + piece
+            pieces.append(piece)
+        tokenize = ctypes.cast(lib.llama_tokenize, ctypes.c_void_p).value
+        return llguidance.LLTokenizer.from_llamacpp(  # type: ignore[attr-defined]
+            tokens=pieces,
+            vocab_ptr=self.vocab,
+            tokenize_fptr=tokenize,
+            eos_token=self.end_of_generation_tokens() or llama_cpp.llama_vocab_eos(self.vocab),
+            slices=None,
+        )
+
+    def _long_piece(self, token: int, size: int) -> bytes:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_cpp._lib.llama_token_to_piece(self.vocab, token, buf, size, 0, True)
+        return buf.raw[:n]
 
     def end_of_generation_tokens(self) -> list[int]:
         """Every token that ends generation (EOS, end-of-turn, ...); found on first use."""
