@@ -14,10 +14,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airouter.errors import InvalidArgument
 from airouter.termination import json_schema_ends, lark_ends
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 MAX_TOOLS = 256
 MAX_TOP_LOGPROBS = 20
@@ -132,10 +135,11 @@ def validate_output(options: OutputOptions, *, compile: bool = True) -> None:
             f"tools: {len(options.tools)} tools; at most {MAX_TOOLS} are allowed in one request"
         )
     constraint = options.constraint
-    if constraint is not None and len(constraint.text.encode()) > MAX_CONSTRAINT_BYTES:
+    size = len(constraint.text.encode()) if constraint is not None else 0
+    if constraint is not None and size > MAX_CONSTRAINT_BYTES:
         raise InvalidArgument(
-            f"response_format: the {constraint.kind.value} is {len(constraint.text.encode()) >> 10} "
-            f"KiB; at most {MAX_CONSTRAINT_BYTES >> 10} KiB are allowed"
+            f"response_format: the {constraint.kind.value} is {size >> 10} KiB; at most "
+            f"{MAX_CONSTRAINT_BYTES >> 10} KiB are allowed"
         )
     tools_size = sum(
         len(t.parameters.encode()) + len(t.description.encode()) for t in options.tools
@@ -228,7 +232,7 @@ def schema_object(text: str, where: str) -> dict[str, Any]:
 # JSON may be indented, but no run of whitespace is longer than this: a small model that would
 # rather write newlines forever cannot stall a constrained answer (a schema's "x-guidance"
 # options override it, as llguidance reads them).
-JSON_DEFAULTS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,24}"}
+JSON_DEFAULTS: "JsonCompileOptions" = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,24}"}
 
 
 def grammar_of(constraint: Constraint, where: str) -> str:

@@ -164,7 +164,9 @@ def test_json_object_mode_always_parses(client: openai.OpenAI) -> None:
     # Gemma 3 270M is a base model: a raw prompt it continues, constrained the same way.
     completion = client.completions.create(
         model=GEMMA,
-        prompt='Cat: {"name": "Tom", "color": "grey"}\nCat: {"name": "Kit", "color": "white"}\nCat:',
+        prompt=(
+            'Cat: {"name": "Tom", "color": "grey"}\nCat: {"name": "Kit", "color": "white"}\nCat:'
+        ),
         max_tokens=200,
         temperature=0.5,
         seed=5,
@@ -387,17 +389,24 @@ def test_n_choices_share_the_prompt_and_sum_usage(client: openai.OpenAI) -> None
     assert len({c.message.content for c in several.choices}) > 1
 
 
+HUGE = schema_format({"type": "object", "x": "y" * (1 << 20)})
+SELF_REF = schema_format({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}})
+ENDLESS = schema_format({"type": "object", "properties": {"n": {"$ref": "#"}}, "required": ["n"]})
+NOPE = {"type": "function", "function": {"name": "nope"}}
+LOOP = {"type": "grammar", "grammar": 'start: "a" start'}
+
+
 @pytest.mark.parametrize(
     ("extra", "param", "needle"),
     [
-        ({"response_format": schema_format({"type": "object", "x": "y" * (1 << 20)})}, "response_format", "KiB"),
-        ({"response_format": schema_format({"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}})}, "response_format", "admits no output"),
-        ({"response_format": schema_format({"type": "object", "properties": {"n": {"$ref": "#"}}, "required": ["n"]})}, "response_format", "never ends"),
-        ({"response_format": {"type": "grammar", "grammar": 'start: "a" start'}}, "response_format", "never ends"),
+        ({"response_format": HUGE}, "response_format", "KiB"),
+        ({"response_format": SELF_REF}, "response_format", "admits no output"),
+        ({"response_format": ENDLESS}, "response_format", "never ends"),
+        ({"response_format": LOOP}, "response_format", "never ends"),
         ({"response_format": schema_format({"type": "strin"})}, "response_format", "strin"),
         ({"tools": [WEATHER] * 1000}, "tools", "at most 256 tools"),
         ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "given twice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not among the tools"),
+        ({"tools": [WEATHER], "tool_choice": NOPE}, "tool_choice", "not among the tools"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ({"n": 0}, "n", "greater than or equal to 1"),
