@@ -235,33 +235,29 @@ class ParsedCall:
 
 
 class ToolCallParser:
-    """Turns one choice's text, delta by delta, into text and tool calls. Text that may be the
-    start of a call marker is held back until it is known; a call is sent whole once it is
-    complete. Malformed calls come out as text, so nothing the model wrote is lost."""
+    """Turns one choice's text, delta by delta, into text and tool calls.
 
-    def __init__(self, form: CallFormat) -> None:
+    Hermes blocks are found as they stream: text before a block goes out at once (holding back
+    what may be the start of `<tool_call>`), each block once it is closed. An answer that opens
+    like a call written whole (Llama 3's JSON, Mistral's `[TOOL_CALLS]`, or the generic
+    fallback: a bare JSON call or list of calls) is held to its end and parsed there. Anything
+    that does not parse as calls of offered tools comes out as text: nothing the model wrote
+    is lost."""
+
+    def __init__(self, form: CallFormat, tools: frozenset[str] = frozenset()) -> None:
         self.form = form
+        self.tools = tools  # the offered tools' names; empty: any name
         self.calls = 0
         self._held = ""  # text not yet sent: a possible marker, or a call being written
         self._in_call = False
-        self._started = False  # some text was seen (Llama 3's call is the whole answer)
+        self._whole: bool | None = None  # None until the answer's opening is known
 
     def feed(self, delta: Delta) -> list[Delta | ToolCallPiece]:
         self._held += delta.text
-        out: list[Delta | ToolCallPiece] = []
-        if self.form is CallFormat.HERMES:
-            self._hermes(out, final=False)
-        else:
-            self._whole_answer(out, final=False)
-        return self._with_counts(out, delta)
+        return self._with_counts(self._parse(final=False), delta)
 
     def finish(self) -> list[Delta | ToolCallPiece]:
-        out: list[Delta | ToolCallPiece] = []
-        if self.form is CallFormat.HERMES:
-            self._hermes(out, final=True)
-        else:
-            self._whole_answer(out, final=True)
-        return out
+        return self._parse(final=True)
 
     @staticmethod
     def _with_counts(out: list[Delta | ToolCallPiece], delta: Delta) -> list[Delta | ToolCallPiece]:
@@ -272,6 +268,29 @@ class ToolCallParser:
                 out[i] = Delta(event.text, delta.token_count, delta.logprobs)
                 return out
         out.append(Delta("", delta.token_count, delta.logprobs))
+        return out
+
+    def _parse(self, *, final: bool) -> list[Delta | ToolCallPiece]:
+        out: list[Delta | ToolCallPiece] = []
+        if self._whole is None:
+            opening = self._held.lstrip()
+            undecided = not opening or _may_open_whole(self.form, opening, partial=True)
+            if undecided and not final:
+                return out  # not known yet
+            self._whole = _may_open_whole(self.form, opening, partial=False)
+        if self._whole:
+            if final and self._held:
+                calls = self._whole_calls(self._held.strip())
+                out.extend(self._piece(c) for c in calls) if calls else out.append(
+                    Delta(self._held, 0)
+                )
+                self._held = ""
+            return out
+        if self.form is CallFormat.HERMES:
+            self._hermes(out, final=final)
+        elif self._held:
+            out.append(Delta(self._held, 0))
+            self._held = ""
         return out
 
     def _hermes(self, out: list[Delta | ToolCallPiece], *, final: bool) -> None:
@@ -285,10 +304,8 @@ class ToolCallParser:
                 at = self._held.find(HERMES_OPEN)
                 if at < 0:
                     keep = 0 if final else _partial_suffix(self._held, HERMES_OPEN)
-                    send, self._held = (
-                        self._held[: len(self._held) - keep],
-                        self._held[len(self._held) - keep :],
-                    )
+                    send = self._held[: len(self._held) - keep]
+                    self._held = self._held[len(self._held) - keep :]
                     if send:
                         out.append(Delta(send, 0))
                     return
@@ -301,72 +318,57 @@ class ToolCallParser:
                     out.append(Delta(self._held, 0))
                     self._held = ""
                 return
-            body = self._held[len(HERMES_OPEN) : end]
-            call = parse_call(body, "arguments")
-            if call is None:
-                out.append(Delta(self._held[: end + len(HERMES_CLOSE)], 0))
-            else:
-                out.append(self._piece(call))
-            self._held = (
-                self._held[end + len(HERMES_CLOSE) :].lstrip("\n")
-                if call
-                else self._held[end + len(HERMES_CLOSE) :]
-            )
-            self._in_call = False
+            block = self._held[: end + len(HERMES_CLOSE)]
+            self._held, self._in_call = self._held[len(block) :], False
+            call = self._offered(parse_call(block[len(HERMES_OPEN) : end], "arguments"))
+            out.append(self._piece(call) if call else Delta(block, 0))
 
-    def _whole_answer(self, out: list[Delta | ToolCallPiece], *, final: bool) -> None:
-        """Llama 3 and Mistral: a call is the whole answer, so an answer that starts like one
-        is held to its end and parsed there."""
-        stripped = self._held.lstrip()
-        if self.form is CallFormat.MISTRAL:
-            looks_like_call = stripped.startswith(MISTRAL_MARKER) or MISTRAL_MARKER.startswith(
-                stripped
-            )
-        else:
-            looks_like_call = (
-                stripped[:1] in ("{", "")
-                or stripped.startswith(LLAMA_PYTHON_TAG)
-                or LLAMA_PYTHON_TAG.startswith(stripped)
-            )
-        if not self._started and not looks_like_call:
-            self._started = True
-        if self._started:
-            if self._held:
-                out.append(Delta(self._held, 0))
-                self._held = ""
-            return
-        if not final:
-            return
-        calls = self._parse_whole(stripped)
-        if calls is None:
-            if self._held:
-                out.append(Delta(self._held, 0))
-        else:
-            out.extend(self._piece(call) for call in calls)
-        self._held = ""
+    def _whole_calls(self, text: str) -> list[ParsedCall] | None:
+        """The calls an answer written whole holds; None unless all of it is calls."""
+        text = text.removeprefix(LLAMA_PYTHON_TAG).removeprefix(MISTRAL_MARKER).strip()
+        key = "parameters" if self.form is CallFormat.LLAMA3 else "arguments"
+        try:
+            values = [json.loads(text)]
+        except ValueError:
+            values = [_json_or_none(part) for part in _split_calls(text)]
+        if len(values) == 1 and isinstance(values[0], list):
+            values = values[0]
+        elif len(values) == 1 and isinstance(values[0], dict) and "tool_calls" in values[0]:
+            listed = values[0]["tool_calls"]
+            values = listed if isinstance(listed, list) else [None]
+        calls = [self._offered(_call_of(value, key)) for value in values]
+        return None if not calls or None in calls else calls  # type: ignore[return-value]
 
-    def _parse_whole(self, text: str) -> list[ParsedCall] | None:
-        if self.form is CallFormat.MISTRAL:
-            try:
-                items = json.loads(text[len(MISTRAL_MARKER) :])
-            except ValueError:
-                return None
-            if isinstance(items, dict):
-                items = [items]
-            if not isinstance(items, list):
-                return None
-            calls = [_call_of(item, "arguments") for item in items]
-        else:
-            text = text.removeprefix(LLAMA_PYTHON_TAG)
-            calls = [parse_call(part, "parameters") for part in _split_calls(text)]
-        return None if not calls or any(c is None for c in calls) else calls  # type: ignore[return-value]
+    def _offered(self, call: "ParsedCall | None") -> "ParsedCall | None":
+        if call is None or (self.tools and call.name not in self.tools):
+            return None
+        return call
 
     def _piece(self, call: ParsedCall) -> ToolCallPiece:
-        piece = ToolCallPiece(
-            self.calls, f"call_{uuid.uuid4().hex[:24]}", call.name, call.arguments
-        )
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        piece = ToolCallPiece(self.calls, call_id, call.name, call.arguments)
         self.calls += 1
         return piece
+
+
+def _may_open_whole(form: CallFormat, opening: str, *, partial: bool) -> bool:
+    """Whether an answer that opens so is (partial: may yet turn out to be) a call written
+    whole rather than text."""
+    markers = {
+        CallFormat.HERMES: ("{", "["),  # the generic fallback: a bare JSON call
+        CallFormat.LLAMA3: ("{", "[", LLAMA_PYTHON_TAG),
+        CallFormat.MISTRAL: (MISTRAL_MARKER,),
+    }[form]
+    if any(opening.startswith(m) for m in markers):
+        return True
+    return partial and any(m.startswith(opening) for m in markers)
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def parse_call(text: str, arguments_key: str) -> ParsedCall | None:
@@ -379,6 +381,8 @@ def parse_call(text: str, arguments_key: str) -> ParsedCall | None:
 
 
 def _call_of(value: Any, arguments_key: str) -> ParsedCall | None:
+    if isinstance(value, dict) and isinstance(value.get("function"), dict):
+        value = value["function"]  # OpenAI's own shape, {"type": "function", "function": ...}
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get(arguments_key, value.get("arguments", value.get("parameters", {})))
