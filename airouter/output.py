@@ -229,10 +229,11 @@ def schema_object(text: str, where: str) -> dict[str, Any]:
     return schema
 
 
-# JSON may be indented, but no run of whitespace is longer than this: a small model that would
-# rather write newlines forever cannot stall a constrained answer (a schema's "x-guidance"
-# options override it, as llguidance reads them).
-JSON_DEFAULTS: "JsonCompileOptions" = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,24}"}
+# Between JSON tokens: one space, or one newline and an indent (llama.cpp's JSON grammars allow
+# the same): JSON may be pretty-printed, but a small model that would rather write newlines
+# forever cannot stall a constrained answer. A schema's "x-guidance" options override it, as
+# llguidance reads them.
+JSON_DEFAULTS: "JsonCompileOptions" = {"whitespace_pattern": r"\x20|\x0A[\x20\x09]{0,20}"}
 
 
 def grammar_of(constraint: Constraint, where: str) -> str:

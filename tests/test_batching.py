@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from airouter.errors import DeadlineExceeded, Unavailable
+from airouter.output import Constraint, ConstraintKind, grammar_of
 from airouter.v1 import generate_pb2
 from modelhost.config import embedded_chat_model_config
 from modelhost.engines.llamacpp.engine import LlamaEngine
@@ -358,3 +359,53 @@ def test_a_short_prompt_is_not_held_behind_a_long_prompts_prefill(model_path) ->
         assert order == ["short", "long"]
     finally:
         engine.close()
+
+
+def test_constrained_sequences_leave_the_free_ones_in_their_batch_unchanged() -> None:
+    """A free greedy sequence decoded beside three constrained ones (their tokens checked and
+    their rows masked every step) gets the text it gets beside three free ones: the
+    constraint touches only its own sequence. Each run has a fresh engine, all four are
+    admitted in one step and the others outlive it, so the batch has the same shape."""
+    chat = embedded_chat_model_config()
+    assert chat is not None and chat.path is not None
+    regex = grammar_of(Constraint(ConstraintKind.REGEX, "[a-z ]{0,600}"), "regex")
+
+    def run(constrained: bool) -> tuple[str, int]:
+        assert chat is not None and chat.path is not None
+        settings = ContextSettings(slots=5, context_per_slot=256, batch_tokens=256, threads=2)
+        model = LlamaModel(chat.path, gpu_layers=0, settings=settings)
+        engine = LlamaEngine(model, name="mixed", slots=5, max_queue=8)
+        try:
+            gate = threading.Event()
+            blocker = engine_request([], [2, 1596], temperature=0.0)
+            blocker.max_tokens = 1
+            blocker.on_events = lambda events: gate.wait(30)  # holds the engine thread
+            engine.submit(blocker)
+            received: list[Event] = []
+            chat_prompt = (
+                "<|im_start|>user\nTell me about the moon.<|im_end|>\n<|im_start|>assistant\n"
+            )
+            free = engine_request(received, model.tokenize(chat_prompt), temperature=0.0)
+            free.max_tokens = 40
+            engine.submit(free)
+            masks = []
+            for n in (12, 345, 6789):
+                request = engine_request(
+                    [], model.tokenize(f"Write {n} in words:"), temperature=0.0
+                )
+                request.max_tokens, request.ignore_eos = 60, True
+                if constrained:
+                    request.constraint = engine.constraints().constraint(regex, "regex")
+                    masks.append(request.constraint)
+                engine.submit(request)
+            gate.set()  # all four wait in the inbox: admitted together
+            wait_until(lambda: any(isinstance(e, Finish) for e in received), timeout=60)
+            text = "".join(e.text for e in received if isinstance(e, Delta))
+            return text, sum(m.masks_computed for m in masks)
+        finally:
+            engine.close()
+
+    beside_free, _ = run(constrained=False)
+    beside_constrained, masked = run(constrained=True)
+    assert masked > 0  # the constrained ones really were masked
+    assert beside_constrained == beside_free and len(beside_free) > 40

@@ -5,6 +5,8 @@ official `openai` SDK (and LangChain) as clients, on the real models: SmolLM2-13
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,9 +15,10 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from airouter import cli
 from gateway.server import start_gateway
 from modelhost.config import HostConfig, embedded_chat_model_config, embedded_model_config
-from modelhost.server import start_host
+from modelhost.server import RunningHost, start_host
 from tests.conftest import LoopThread, gateway_config, wait_for_health
 
 SMOL, GEMMA = "smollm2", "gemma-3-270m"
@@ -76,8 +79,15 @@ TIME = {
 }
 
 
+@dataclass
+class Served:
+    client: openai.OpenAI
+    gateway_address: str
+    host: RunningHost
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+def served() -> Iterator[Served]:
     chat = embedded_chat_model_config()
     assert chat is not None
     gemma = embedded_model_config()
@@ -98,10 +108,16 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     )
     assert gateway.http is not None
     base_url = f"http://127.0.0.1:{gateway.http.port}/v1"
-    yield openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+    yield Served(client, f"127.0.0.1:{gateway.port}", host)
     loop.run(gateway.stop(0))
     loop.run(host.stop(0))
     loop.close()
+
+
+@pytest.fixture
+def client(served: Served) -> openai.OpenAI:
+    return served.client
 
 
 def ask(content: str) -> list[dict[str, str]]:
@@ -424,3 +440,94 @@ def test_hostile_output_options_are_cheap_400s_naming_the_field(
     assert needle in refused.value.message, refused.value.message
     assert refused.value.param == param  # type: ignore[attr-defined]
     assert time.perf_counter() - started < 5  # refused before any host was asked
+
+
+def test_constrained_and_free_requests_are_decoded_together(served: Served) -> None:
+    """(That the free ones' text is unchanged by it is test_batching's: there the batch's shape
+    can be held equal, which HTTP requests cannot.)"""
+
+    def free() -> str:
+        response = served.client.chat.completions.create(
+            model=SMOL, messages=ask("Tell me about the moon."), max_tokens=40, temperature=0
+        )
+        return response.choices[0].message.content or ""
+
+    def constrained(seed: int) -> str:
+        response = served.client.chat.completions.create(
+            model=SMOL,
+            messages=ask("Describe a person as JSON."),
+            response_format=schema_format(PERSON),
+            max_tokens=150,
+            temperature=0.8,
+            seed=seed,
+        )
+        return response.choices[0].message.content or ""
+
+    engine = served.host.residency.resolve(SMOL).engine
+    assert engine is not None
+    before = engine.load()
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(constrained, seed) for seed in range(3)]
+        beside = pool.submit(free)
+        assert beside.result()
+        for other in others:
+            jsonschema.validate(json.loads(other.result()), PERSON)
+    after = engine.load()
+    steps = after.decode_steps - before.decode_steps
+    tokens = after.tokens_generated - before.tokens_generated
+    assert tokens / steps > 1.5  # they were decoded together, several tokens a step
+
+
+def test_a_batch_file_with_response_format_gives_json_in_every_result(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = [
+        {
+            "custom_id": f"person-{i}",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": SMOL,
+                "messages": ask(f"Describe person number {i} as JSON."),
+                "response_format": schema_format(PERSON),
+                "max_tokens": 200,
+                "temperature": 0.7,
+                "seed": i,
+            },
+        }
+        for i in range(6)
+    ]
+    lines.append(
+        {
+            "custom_id": "call",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": SMOL,
+                "messages": ask("Weather in Rome?"),
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "parallel_tool_calls": False,
+                "max_tokens": 60,
+                "logprobs": True,
+                "n": 2,
+            },
+        }
+    )
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "results.jsonl"
+    argv = ["--gateway", served.gateway_address, "batch", "submit", str(requests), "--wait"]
+    assert cli.main([*argv, "-o", str(output)]) == 0, capsys.readouterr().err
+    results = {json.loads(line)["custom_id"]: json.loads(line) for line in output.open()}
+    for i in range(6):
+        body = results[f"person-{i}"]["response"]["body"]
+        jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), PERSON)
+    call = results["call"]["response"]["body"]
+    assert [c["index"] for c in call["choices"]] == [0, 1]
+    for choice in call["choices"]:
+        assert choice["finish_reason"] == "tool_calls"
+        (made,) = choice["message"]["tool_calls"]
+        assert made["function"]["name"] == "get_weather"
+        jsonschema.validate(
+            json.loads(made["function"]["arguments"]), WEATHER["function"]["parameters"]
+        )
+        assert choice["logprobs"]["content"]
