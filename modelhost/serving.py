@@ -73,6 +73,11 @@ class GenerationService:
         spec.sampling.validate()
         validate_stop(spec.stop)
         validate_output(spec.output, compile=False)  # the host compiles for its vocabulary
+        if spec.ignore_eos and (spec.output.constraint or spec.output.calls_tools):
+            raise InvalidArgument(
+                "stopping.ignore_eos cannot be combined with an output constraint or tools: a "
+                "constrained answer ends where its grammar does"
+            )
         if spec.messages:
             validate_messages(spec.messages)
         resident = self.residency.resolve(spec.model)

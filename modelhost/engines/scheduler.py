@@ -62,6 +62,10 @@ S = TypeVar("S", bound=Sequence)
 class StepLoopEngine(Engine, Generic[S]):
     """Decodes up to `slots` requests together on a dedicated thread, a step at a time."""
 
+    # Whether `_accept` moves a sequence's constraint on by each token; an engine whose
+    # logits processors do it themselves (MLX: they see each token a step later) says False.
+    advances_constraints = True
+
     def __init__(self, *, name: str, slots: int, max_queue: int) -> None:
         self._name = name
         self._slots = slots
@@ -285,7 +289,7 @@ class StepLoopEngine(Engine, Generic[S]):
         if self._is_end_of_generation(token) and not seq.request.ignore_eos:
             self._finish(seq, FinishReason.STOP)
             return
-        constraint = seq.request.constraint
+        constraint = seq.request.constraint if self.advances_constraints else None
         if constraint is not None:
             constraint.advance(token)
         seq.generated += 1

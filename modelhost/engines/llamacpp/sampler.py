@@ -24,6 +24,7 @@ import numpy as np
 
 from modelhost.constraints import TokenConstraint
 from modelhost.generation import Sampling, StepLogprobs
+from modelhost.logprobs import NUCLEUS_THRESHOLDS, step_logprobs, top_k
 
 # Tokens the repetition penalty looks back over.
 PENALTY_WINDOW = 64
@@ -111,7 +112,7 @@ class TokenSampler:
         else:
             candidates = self._candidates
             k = len(candidates)
-            ids = _top_k(logits, k) if k < self._n_vocab else np.arange(k)
+            ids = top_k(logits, k) if k < self._n_vocab else np.arange(k)
         candidates["id"] = ids
         candidates["logit"] = logits[ids]
         candidates["p"] = 0.0
@@ -138,7 +139,7 @@ class TokenSampler:
         total = float(np.exp(shifted).sum(dtype=np.float64))  # exp in float32: SIMD
         # The nucleus lies among the tokens above a threshold once their mass reaches top_p:
         # sorted by probability, the running sum gets there before it passes below it.
-        for drop in _NUCLEUS_THRESHOLDS:
+        for drop in NUCLEUS_THRESHOLDS:
             ids = np.flatnonzero(shifted >= max(drop, floor - top))
             if np.exp(shifted[ids], dtype=np.float64).sum() >= top_p * total or drop == -math.inf:
                 break
@@ -148,36 +149,6 @@ class TokenSampler:
         ids = ids[:kept]
         # min-p on what top-p kept: a prefix, its first token always.
         return ids[: max(int(np.count_nonzero(logits[ids] >= floor)), 1)], True
-
-
-# Logits below the top one, widening: the tokens above e^-8 of the top's probability nearly
-# always hold the nucleus (and the top 40); flat distributions widen the search.
-_NUCLEUS_THRESHOLDS = (-8.0, -16.0, -32.0, -math.inf)
-
-
-def step_logprobs(raw: np.ndarray, token: int, top: int) -> StepLogprobs:
-    """The chosen token's log probability under the model's own distribution (the raw
-    logits' softmax), and the `top` most likely tokens', most likely first."""
-    peak = float(raw.max())
-    log_total = peak + math.log(float(np.exp(raw - peak).sum(dtype=np.float64)))
-    alternatives: tuple[tuple[int, float], ...] = ()
-    if top:
-        ids = _top_k(raw, top)
-        ids = ids[np.argsort(-raw[ids], kind="stable")]
-        alternatives = tuple((int(i), float(raw[i]) - log_total) for i in ids)
-    return StepLogprobs(float(raw[token]) - log_total, alternatives)
-
-
-def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """The ids of the k largest logits, in no order. A threshold under the top logit first
-    narrows the vocabulary to a few hundred tokens (one vectorised comparison), and only those
-    are partitioned: ~10x faster than partitioning all of Gemma's 262k."""
-    top = float(logits.max())
-    for drop in _NUCLEUS_THRESHOLDS:
-        ids = np.flatnonzero(logits >= top + drop)
-        if len(ids) >= k:
-            break
-    return ids[np.argpartition(logits[ids], -k)[-k:]] if len(ids) > k else ids
 
 
 def _llama_chain(sampling: Sampling, *, truncated: bool = False) -> ctypes.c_void_p:

@@ -18,6 +18,7 @@ from typing import Any
 
 from airouter.errors import InvalidArgument
 from airouter.labels import format_bytes
+from modelhost.constraints import ConstraintCompiler, TokenConstraint
 from modelhost.engines.mlxlm import BLAS
 from modelhost.engines.scheduler import (
     Blocks,
@@ -27,6 +28,7 @@ from modelhost.engines.scheduler import (
     summarize_prefixes,
 )
 from modelhost.generation import EngineRequest, FinishReason, Sampling
+from modelhost.logprobs import step_logprobs
 from modelhost.text_stream import TextStream
 
 # Repetition penalty looks back this many tokens, as llama.cpp's penalty_last_n default.
@@ -58,6 +60,8 @@ class MlxEngine(StepLoopEngine[_Sequence]):
     """Decodes up to `slots` requests together with mlx-lm's BatchGenerator."""
 
     kind = "mlx"
+    # A constrained sequence's logits processor moves its constraint on (_ConstraintMask).
+    advances_constraints = False
 
     def __init__(
         self,
@@ -81,7 +85,11 @@ class MlxEngine(StepLoopEngine[_Sequence]):
         self._vocabulary = _token_table(self._tokenizer, settings)
         self.longest_token_bytes = max(len(b) for b in self._vocabulary.pieces)
         self._end_of_generation = _end_of_generation(path, self.config, self._tokenizer, settings)
-        self._template = _chat_template(path, settings)
+        self._template_source = _template_source(path, settings)
+        self._template = _compile_template(self._template_source)
+        text_config = self.config.get("text_config", self.config)
+        logits_width = int(text_config.get("vocab_size") or len(self._vocabulary.pieces))
+        self._constraints = ConstraintCompiler(self._guidance_tokenizer, logits_width)
         self._kept: list[_Kept] = []
         self._by_uid: dict[int, _Sequence] = {}
         self.weights_bytes = 0
@@ -115,6 +123,31 @@ class MlxEngine(StepLoopEngine[_Sequence]):
             raise InvalidArgument(
                 f"the model's chat template refused these messages: {exc}"
             ) from None
+
+    def chat_template_source(self) -> str | None:
+        return self._template_source
+
+    def constraints(self) -> ConstraintCompiler:
+        return self._constraints
+
+    def _guidance_tokenizer(self) -> Any:
+        """The vocabulary as llguidance's tokenizer: each token's bytes, special ones marked
+        with 0xFF as llguidance expects; the end-of-generation tokens end a constrained
+        output."""
+        import llguidance
+
+        added = self._tokenizer.get_added_tokens_decoder()
+        pieces = list(self._vocabulary.pieces)
+        for token, info in added.items():
+            if info.special and token < len(pieces):
+                pieces[token] = b"\xff" + info.content.encode()
+        special = [t for t, info in added.items() if info.special]
+        eos = min(self._end_of_generation) if self._end_of_generation else 0
+        return llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_GuidanceTokens(self._tokenizer, pieces, eos, special)),
+            n_vocab=self._constraints.n_vocab,
+            eos_token=sorted(self._end_of_generation) or None,
+        )
 
     def footprint_bytes(self, device: str) -> int:
         """The weights as MLX measured them once loaded, and the KV cache at full use."""
@@ -229,7 +262,12 @@ class MlxEngine(StepLoopEngine[_Sequence]):
         return (best.cache if best else None), reused
 
     def _sampling(self, request: EngineRequest) -> tuple[Any, list[Any]]:
-        return make_sampler(request.sampling, self._end_of_generation if request.ignore_eos else ())
+        sampler, processors = make_sampler(
+            request.sampling, self._end_of_generation if request.ignore_eos else ()
+        )
+        if request.constraint is not None:
+            processors.append(_ConstraintMask(request.constraint))  # last: after penalties
+        return sampler, processors
 
     def _step(self) -> None:
         _, responses = self._generator.next()
@@ -242,7 +280,21 @@ class MlxEngine(StepLoopEngine[_Sequence]):
             seq = self._by_uid.get(response.uid)
             if seq is None or seq.request not in self._running:
                 continue
-            self._accept(seq, response.token, now)
+            constraint = seq.request.constraint
+            if constraint is not None and constraint.error:
+                self._finish(
+                    seq, FinishReason.ERROR, f"the output constraint failed: {constraint.error}"
+                )
+                touched.append(seq)
+                continue
+            top = seq.request.top_logprobs
+            logprobs = None
+            if top is not None:
+                import numpy as np
+
+                row = np.array(response.logprobs, dtype=np.float32)
+                logprobs = step_logprobs(row, response.token, top)
+            self._accept(seq, response.token, now, logprobs)
             touched.append(seq)
         for seq in touched:
             self._deliver(seq)
@@ -266,6 +318,44 @@ class MlxEngine(StepLoopEngine[_Sequence]):
 
 def _holds(kept: _Kept, n: int) -> bool:
     return n <= len(kept.tokens)
+
+
+class _GuidanceTokens:
+    """What llguidance.TokenizerWrapper reads of a tokenizer."""
+
+    def __init__(self, tokenizer: Any, pieces: list[bytes], eos: int, special: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self.tokens = pieces
+        self.eos_token_id = eos
+        self.bos_token_id = None
+        self.special_token_ids = special
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+class _ConstraintMask:
+    """A constrained sequence's logits processor: the row of every token the constraint
+    rejects set to -inf. mlx-lm computes a step while the previous one's token is still
+    being read, so the processor, not the engine, moves the constraint on: by the token the
+    last call led to (reading it waits for that step)."""
+
+    def __init__(self, constraint: TokenConstraint) -> None:
+        self._constraint = constraint
+        self._calls = 0
+
+    def __call__(self, tokens: Any, logits: Any) -> Any:
+        import mlx.core as mx
+        import numpy as np
+
+        if self._calls:
+            self._constraint.advance(int(tokens[-1].item()))
+        self._calls += 1
+        row = np.zeros(logits.shape[-1], dtype=np.float32)
+        if not self._constraint.mask(row):
+            return logits  # the matcher failed: its error ends the sequence at the next token
+        return logits + mx.array(row)[None, :]
 
 
 def make_sampler(sampling: Sampling, banned: Any) -> tuple[Any, list[Any]]:
@@ -442,15 +532,19 @@ def _end_of_generation(
     return frozenset(ids)
 
 
-def _chat_template(path: Path, settings: dict[str, Any]) -> Any:
-    """The model's Jinja chat template, compiled as transformers does (sandboxed, blocks
-    trimmed); None when the model has none."""
+def _template_source(path: Path, settings: dict[str, Any]) -> str | None:
+    """The model's Jinja chat template; None when the model has none."""
     source = settings.get("chat_template")
     if isinstance(source, list):  # named templates: the default one
         source = next((t.get("template") for t in source if t.get("name") == "default"), None)
     if (path / "chat_template.jinja").is_file():
         source = (path / "chat_template.jinja").read_text()
-    if not isinstance(source, str):
+    return source if isinstance(source, str) else None
+
+
+def _compile_template(source: str | None) -> Any:
+    """A chat template compiled as transformers does (sandboxed, blocks trimmed)."""
+    if source is None:
         return None
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
