@@ -51,16 +51,30 @@ class TokenConstraint:
         """The output so far is whole (the sequence may end here)."""
         return bool(self._matcher.is_accepting())
 
-    def mask(self, logits: np.ndarray) -> bool:
-        """Sets the logits of every token that may not come next to -inf, in place; False when
+    def compute_mask(self) -> bool:
+        """Computes which tokens may come next (then `allowed` and `mask` read it); False when
         none may (the matcher has failed: error says why)."""
         self.masks_computed += 1
         self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-        if self._matcher.is_error():
+        return not self._matcher.is_error() and bool(self._mask.any())
+
+    def allowed(self, ids: np.ndarray) -> np.ndarray:
+        """Which of these tokens the computed mask lets through (a few gathers, not a pass
+        over the vocabulary)."""
+        return ((self._mask[ids >> 5] >> (ids & 31)) & 1).astype(bool)
+
+    def mask(self, logits: np.ndarray) -> bool:
+        """Sets the logits of every token that may not come next to -inf, in place (a pass
+        over the whole row); False when none may."""
+        if not self.compute_mask():
             return False
+        self.apply(logits)
+        return True
+
+    def apply(self, logits: np.ndarray) -> None:
+        """The computed mask applied to a row, in place."""
         bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little", count=len(logits))
         np.copyto(logits, -np.inf, where=~bits.view(bool))
-        return bool(self._mask.any())
 
     @property
     def error(self) -> str:

@@ -113,7 +113,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     hosts = {}
     for name, text in HOSTS.items():
         config = directory / f"{name}.toml"
-        config.write_text(text)
+        # One decoding thread each: three hosts that spin-wait two threads apiece on a
+        # two-core machine can stall one another for seconds a step.
+        config.write_text("threads = 1\n" + text)
         hosts[name] = Host(name, config)
     loop = LoopThread()
     gateway = loop.run(start_gateway(gateway_config([h.address for h in hosts.values()])))

@@ -28,6 +28,9 @@ from modelhost.logprobs import NUCLEUS_THRESHOLDS, step_logprobs, top_k
 
 # Tokens the repetition penalty looks back over.
 PENALTY_WINDOW = 64
+# A constrained sequence whose sampled token was rejected draws again among this many of the
+# most likely tokens, when enough of them are allowed (TokenSampler._pick_allowed).
+CANDIDATES = 256
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
@@ -83,10 +86,7 @@ class TokenSampler:
         token = self._pick(logits)
         constraint = self._constraint
         if constraint is not None and not constraint.allows(token):
-            # Masking costs a vocabulary-wide pass; most tokens never need it.
-            if not constraint.mask(logits):
-                raise NoTokenAllowed(constraint.error or "the constraint admits no token here")
-            token = self._pick(logits)
+            token = self._pick_allowed(logits, constraint)
         if raw is not None:
             self.logprobs = step_logprobs(raw, token, self._top_logprobs or 0)
         self._recent.append(token)
@@ -95,6 +95,25 @@ class TokenSampler:
     def _pick(self, logits: np.ndarray) -> int:
         return int(logits.argmax()) if self._chain is None else self._draw(logits)
 
+    def _pick_allowed(self, logits: np.ndarray, constraint: TokenConstraint) -> int:
+        """The token the constraint would have let the sampler pick, drawn again: as if the
+        whole row were masked, though only the most likely tokens are looked at. The best
+        allowed token, and the top-k allowed ones, are among the CANDIDATES most likely ones
+        whenever that many hold k allowed; only otherwise (and for a top-p or min-p without
+        top-k, which weigh the whole row) is the row masked in full."""
+        if not constraint.compute_mask():
+            raise NoTokenAllowed(constraint.error or "the constraint admits no token here")
+        need = 1 if self._chain is None else self._sampling.top_k
+        if need and not self._truncate:
+            ids = top_k(logits, min(CANDIDATES, self._n_vocab))
+            ids = ids[constraint.allowed(ids)]
+            if len(ids) >= need:
+                if self._chain is None:
+                    return int(ids[logits[ids].argmax()])
+                return self._draw(logits, ids)
+        constraint.apply(logits)
+        return self._pick(logits)
+
     def _penalize(self, logits: np.ndarray) -> None:
         # llama.cpp's repetition penalty: shrink the logit of every recently seen token.
         seen = np.fromiter(set(self._recent), dtype=np.int64)
@@ -102,10 +121,16 @@ class TokenSampler:
         penalty = self._sampling.repetition_penalty
         logits[seen] = np.where(values > 0, values / penalty, values * penalty)
 
-    def _draw(self, logits: np.ndarray) -> int:
+    def _draw(self, logits: np.ndarray, among: np.ndarray | None = None) -> int:
+        """A seeded draw through llama.cpp's chain; `among`: the only tokens that may be
+        drawn (at least top_k of them)."""
         assert self._chain is not None
         in_order = False
-        if self._truncate:
+        if among is not None:
+            k = self._sampling.top_k
+            ids = among[np.argpartition(logits[among], -k)[-k:]] if len(among) > k else among
+            candidates = self._candidates[:k]
+        elif self._truncate:
             ids, in_order = self._survivors(logits)
             k = len(ids)
             candidates = self._candidates[:k]

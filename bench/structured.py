@@ -1,0 +1,275 @@
+"""What constrained decoding costs, measured side by side in one run on the real models.
+
+    python -m bench.structured [--streams 8] [--tokens 1200] [--tools 100 256]
+
+For Gemma 3 270M (262k-token vocabulary) and SmolLM2-135M (49k), with `--streams` requests
+always in flight in one engine (a finished request is replaced at once), it decodes `--tokens`
+tokens three ways and prints the aggregate tok/s of each and its ratio to free decoding:
+
+- free: no constraint (ignore_eos, 64 tokens a request);
+- schema: every request constrained by a nested JSON Schema (seeded draws at temperature 0.8);
+- tools N: every request constrained to call one of N realistic tools (tool_choice required,
+  the grammar the host builds for it), for each N in `--tools`.
+
+For each constrained run it also prints what the constraint itself cost per token (the
+check of the sampled token, the whole-vocabulary mask when the check fails, advancing the
+matcher): p50, p99 and max in microseconds, and how often a mask was needed; and what compiling
+the grammar cost the first time and from the cache.
+"""
+
+import argparse
+import functools
+import json
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airouter.output import Constraint, ConstraintKind, OutputOptions, Tool, ToolChoice, grammar_of
+from modelhost.config import embedded_chat_model_config, embedded_model_config
+from modelhost.constraints import ConstraintCompiler, TokenConstraint
+from modelhost.device import default_threads
+from modelhost.engines.llamacpp.engine import LlamaEngine
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
+from modelhost.generation import EngineRequest, Event, Finish, Sampling
+from modelhost.tools import CallFormat, call_grammar
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]{1,11}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "height_m": {"type": "number"},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+        },
+    },
+    "required": ["name", "age", "role", "tags", "address"],
+    "additionalProperties": False,
+}
+
+
+def realistic_tools(count: int, seed: int = 0) -> tuple[Tool, ...]:
+    """`count` tools shaped like the ones agents carry: a verb and an object for a name, a
+    sentence of description, two to six parameters of every JSON type, some nested, some
+    enums, some required."""
+    rng = random.Random(seed)
+    verbs = ["get", "list", "create", "update", "delete", "search", "send", "schedule"]
+    nouns = ["invoice", "ticket", "user", "order", "file", "event", "message", "report", "repo"]
+    tools = []
+    for i in range(count):
+        properties: dict[str, Any] = {}
+        for p in range(rng.randint(2, 6)):
+            kind = rng.choice(["string", "integer", "number", "boolean", "enum", "array", "object"])
+            name = f"{rng.choice(['id', 'name', 'limit', 'query', 'status', 'tags', 'when'])}_{p}"
+            if kind == "enum":
+                properties[name] = {"enum": rng.sample(["low", "mid", "high", "open", "done"], 3)}
+            elif kind == "array":
+                properties[name] = {"type": "array", "items": {"type": "string"}, "maxItems": 5}
+            elif kind == "object":
+                properties[name] = {
+                    "type": "object",
+                    "properties": {"from": {"type": "string"}, "to": {"type": "string"}},
+                    "required": ["from"],
+                }
+            else:
+                properties[name] = {"type": kind, "description": f"the {name} to use"}
+        required = rng.sample(sorted(properties), rng.randint(1, len(properties)))
+        schema = {"type": "object", "properties": properties, "required": required}
+        name = f"{rng.choice(verbs)}_{rng.choice(nouns)}_{i}"
+        tools.append(Tool(name, f"{name.replace('_', ' ')} in the system", json.dumps(schema)))
+    return tuple(tools)
+
+
+@dataclass
+class Costs:
+    """Time spent in a constraint's methods, gathered per token it advanced by."""
+
+    pending: dict[int, float] = field(default_factory=dict)
+    per_token: list[float] = field(default_factory=list)
+    masks: int = 0
+
+
+def instrument(costs: Costs) -> Callable[[], None]:
+    """Wraps TokenConstraint's methods with timers; returns the function that unwraps them."""
+    names = ("allows", "compute_mask", "allowed", "apply", "advance")
+    originals = {n: getattr(TokenConstraint, n) for n in names}
+
+    def timed(name: str) -> Callable[..., Any]:
+        original = originals[name]
+
+        def wrapper(self: TokenConstraint, *args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(self, *args)
+            finally:
+                spent = time.perf_counter() - started
+                costs.pending[id(self)] = costs.pending.get(id(self), 0.0) + spent
+                if name == "compute_mask":
+                    costs.masks += 1
+                elif name == "advance":
+                    costs.per_token.append(costs.pending.pop(id(self)))
+
+        return wrapper
+
+    def restore() -> None:
+        for name, original in originals.items():
+            setattr(TokenConstraint, name, original)
+
+    for name in originals:
+        setattr(TokenConstraint, name, timed(name))
+    return restore
+
+
+def run(
+    engine: LlamaEngine,
+    prompts: list[list[int]],
+    streams: int,
+    tokens: int,
+    make: Callable[[int, list[int], Callable[[list[Event]], None]], EngineRequest],
+) -> float:
+    """Keeps `streams` requests in flight until `tokens` tokens are out; aggregate tok/s."""
+    lock = threading.Lock()
+    done = threading.Event()
+    state = {"tokens": 0, "submitted": 0, "running": 0}
+
+    def submit() -> None:
+        n = state["submitted"]
+        state["submitted"] += 1
+        state["running"] += 1
+        engine.submit(make(n, prompts[n % len(prompts)], on_events))
+
+    def on_events(events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Finish):
+                with lock:
+                    state["tokens"] += event.completion_tokens
+                    state["running"] -= 1
+                    if state["tokens"] < tokens:
+                        submit()
+                    elif state["running"] == 0:
+                        done.set()
+
+    started = time.perf_counter()
+    with lock:
+        for _ in range(streams):
+            submit()
+    assert done.wait(1800), "the run did not finish"
+    return state["tokens"] / (time.perf_counter() - started)
+
+
+def constrained(
+    compiler: ConstraintCompiler,
+    grammar: str,
+    n: int,
+    prompt: list[int],
+    on_events: Callable[[list[Event]], None],
+) -> EngineRequest:
+    return EngineRequest(
+        id=str(n), prompt=prompt, sampling=Sampling(temperature=0.8, seed=n), max_tokens=256,
+        stop=[], on_events=on_events, arrived=time.perf_counter(),
+        constraint=compiler.constraint(grammar, "bench"),
+    )  # fmt: skip
+
+
+def measure(label: str, path: Path, args: argparse.Namespace) -> None:
+    settings = ContextSettings(
+        slots=args.streams, context_per_slot=512, batch_tokens=256, threads=default_threads()
+    )
+    model = LlamaModel(path, gpu_layers=0, settings=settings)
+    engine = LlamaEngine(model, name=label, slots=args.streams, max_queue=args.streams)
+    try:
+        compiler = engine.constraints()
+        started = time.perf_counter()
+        compiler.tokenizer()
+        print(f"\n{label}: {model.n_vocab}-token vocabulary (llguidance's view of it built in "
+              f"{time.perf_counter() - started:.1f} s, once per load)")  # fmt: skip
+        # As a user of structured output prompts a small model: the fields named, an example.
+        example = {
+            "name": "Ann",
+            "age": 41,
+            "role": "user",
+            "tags": ["x"],
+            "address": {"city": "Oslo"},
+        }
+        prompts = [
+            model.tokenize(
+                f"People as JSON objects with name, age, height_m, role (admin, user or guest), "
+                f"tags and address.city.\nPerson 1: {json.dumps(example)}\nPerson {i + 2}:"
+            )
+            for i in range(64)
+        ]
+
+        def free(n: int, prompt: list[int], on: Callable[[list[Event]], None]) -> EngineRequest:
+            return EngineRequest(
+                id=str(n), prompt=prompt, sampling=Sampling(temperature=0.8, seed=n),
+                max_tokens=64, stop=[], on_events=on, arrived=time.perf_counter(),
+                ignore_eos=True,
+            )  # fmt: skip
+
+        schema = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA))
+        runs = {"schema": (grammar_of(schema, "schema"), prompts)}
+        for count in args.tools:
+            tools = realistic_tools(count)
+            options = OutputOptions(
+                tools=tools, tool_choice=ToolChoice.REQUIRED, parallel_tool_calls=False
+            )
+            # A few-shot prompt of calls, as a model offered the tools writes them.
+            shown = "\n".join(f"- {t.name}: {t.description}" for t in tools[:20])
+            calls = [
+                model.tokenize(f"Tools:\n{shown}\nCall {i}:\n<tool_call>\n") for i in range(64)
+            ]
+            runs[f"tools {count}"] = (call_grammar(options, CallFormat.HERMES), calls)
+        baseline = run(engine, prompts, args.streams, args.tokens, free)
+        print(f"  {'free':<10} {baseline:7.1f} tok/s")
+        for name, (grammar, asked) in runs.items():
+            started = time.perf_counter()
+            compiler.constraint(grammar, name)
+            first = time.perf_counter() - started
+            started = time.perf_counter()
+            compiler.constraint(grammar, name)
+            cached = time.perf_counter() - started
+            costs = Costs()
+            restore = instrument(costs)
+            make = functools.partial(constrained, compiler, grammar)
+            try:
+                rate = run(engine, asked, args.streams, args.tokens, make)
+            finally:
+                restore()
+            us = sorted(c * 1e6 for c in costs.per_token)
+            p99 = us[min(len(us) - 1, int(len(us) * 0.99))]
+            print(
+                f"  {name:<10} {rate:7.1f} tok/s ({rate / baseline:.2f}x free); the constraint "
+                f"per token: p50 {statistics.median(us):.0f} us, p99 {p99:.0f} us, "
+                f"max {us[-1]:.0f} us, a mask on {costs.masks / len(us):.1%} of tokens; "
+                f"its {len(grammar) >> 10} KiB grammar compiled in {first * 1e3:.1f} ms, "
+                f"{cached * 1e3:.2f} ms from the cache"
+            )
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=1200, help="tokens per run")
+    parser.add_argument("--tools", type=int, nargs="*", default=[100, 256])
+    args = parser.parse_args()
+    chat = embedded_chat_model_config()
+    assert chat is not None and chat.path is not None
+    gemma = embedded_model_config().model_path(Path.home() / ".cache" / "airouter")
+    print(f"{args.streams} streams, {args.tokens} tokens a run, temperature 0.8, seeded")
+    measure("gemma-3-270m", gemma, args)
+    measure("smollm2-135m", chat.path, args)
+
+
+if __name__ == "__main__":
+    main()
