@@ -32,7 +32,8 @@ class TokenConstraint:
         self._matcher = matcher
         self._n_vocab = n_vocab
         self._mask = np.empty(((n_vocab + 31) // 32,), dtype=np.int32)
-        self.masks_computed = 0  # how often the quick check failed (for the benchmark)
+        self._mask_state: bool | None = None  # compute_mask's answer for the current state
+        self.masks_computed = 0
 
     def allows(self, token: int) -> bool:
         return bool(self._matcher.validate_tokens([token]))
@@ -40,6 +41,7 @@ class TokenConstraint:
     def advance(self, token: int) -> None:
         """Takes a token `allows` accepted."""
         self._matcher.consume_token(token)
+        self._mask_state = None
 
     @property
     def complete(self) -> bool:
@@ -52,16 +54,31 @@ class TokenConstraint:
         return bool(self._matcher.is_accepting())
 
     def compute_mask(self) -> bool:
-        """Computes which tokens may come next (then `allowed` and `mask` read it); False when
-        none may (the matcher has failed: error says why)."""
-        self.masks_computed += 1
-        self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-        return not self._matcher.is_error() and bool(self._mask.any())
+        """Computes which tokens may come next (then `allowed` and `mask` read it), once per
+        state: an engine may have done it ahead, off its thread (llguidance releases the GIL
+        while it works). False when none may (the matcher has failed: error says why)."""
+        if self._mask_state is None:
+            self.masks_computed += 1
+            self._matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+            self._mask_state = not self._matcher.is_error() and bool(self._mask.any())
+        return self._mask_state
 
     def allowed(self, ids: np.ndarray) -> np.ndarray:
         """Which of these tokens the computed mask lets through (a few gathers, not a pass
         over the vocabulary)."""
         return ((self._mask[ids >> 5] >> (ids & 31)) & 1).astype(bool)
+
+    def allowed_ids(self, at_most: int | None = None) -> np.ndarray | None:
+        """Every token the computed mask lets through, read from the mask's nonzero words: a
+        mask that allows few tokens (JSON's punctuation) costs little to read. None when more
+        than `at_most` words of 32 tokens are nonzero (the caller looks elsewhere)."""
+        words = np.flatnonzero(self._mask)
+        if at_most is not None and len(words) > at_most:
+            return None
+        bits = np.unpackbits(self._mask[words].view(np.uint8), bitorder="little")
+        rows, columns = np.nonzero(bits.reshape(-1, 32))
+        ids = words[rows] * 32 + columns
+        return ids[ids < self._n_vocab]
 
     def mask(self, logits: np.ndarray) -> bool:
         """Sets the logits of every token that may not come next to -inf, in place (a pass
@@ -83,6 +100,13 @@ class TokenConstraint:
             if self._matcher.is_error()
             else ""
         )
+
+
+def compute_masks(constraints: list[TokenConstraint]) -> None:
+    """Each constraint's next mask, ahead of the sampler that may need it (engines run this
+    on a worker thread while the model computes the step)."""
+    for constraint in constraints:
+        constraint.compute_mask()
 
 
 class ConstraintCompiler:

@@ -9,6 +9,7 @@ cells are shared with `llama_memory_seq_cp`, which costs nothing in the unified 
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -16,7 +17,7 @@ import llama_cpp
 import structlog
 
 from airouter.labels import format_bytes
-from modelhost.constraints import ConstraintCompiler
+from modelhost.constraints import ConstraintCompiler, compute_masks
 from modelhost.engines.llamacpp.model import LlamaModel
 from modelhost.engines.llamacpp.sampler import NoTokenAllowed, TokenSampler
 from modelhost.engines.scheduler import (
@@ -75,6 +76,8 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         # sequences (llama_decode returned 1, which is back-pressure, not a failure).
         self._prompts_deferred = False
         self._constraints = ConstraintCompiler(model.guidance_tokenizer, model.n_vocab)
+        # Computes constrained sequences' next masks while llama_decode runs (_step).
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix=f"masks-{name}")
         self._start()
 
     @property
@@ -116,6 +119,7 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         self._model.warm_up()  # on this thread: see LlamaModel.warm_up
 
     def _free(self) -> None:
+        self._masks.shutdown()
         llama_cpp.llama_batch_free(self._batch)
         self._model.close()
 
@@ -281,7 +285,14 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
                 sampling.append(seq)
         batch.n_tokens = n
 
+        # A constrained sequence's next mask is needed only when its sampled token is
+        # rejected, but then at once: computed ahead, beside llama_decode (both release the
+        # GIL), it costs the step nothing on a GPU and little on a CPU.
+        constrained = [s.request.constraint for s in sampling if s.request.constraint is not None]
+        masks = self._masks.submit(compute_masks, constrained) if constrained else None
         rc = llama_cpp.llama_decode(self._model.ctx, batch)
+        if masks is not None:
+            masks.result()
         if rc == 1 and 0 < generating < n:
             # No KV room for the prompt chunks (nothing was decoded): undo this step and let
             # the generating sequences go on alone; the prompts follow as cells free up.

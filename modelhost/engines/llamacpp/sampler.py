@@ -24,12 +24,15 @@ import numpy as np
 
 from modelhost.constraints import TokenConstraint
 from modelhost.generation import Sampling, StepLogprobs
-from modelhost.logprobs import NUCLEUS_THRESHOLDS, step_logprobs, top_k
+from modelhost.logprobs import NUCLEUS_THRESHOLDS, largest, step_logprobs, threshold_pool
 
 # Tokens the repetition penalty looks back over.
 PENALTY_WINDOW = 64
-# A constrained sequence whose sampled token was rejected draws again among this many of the
-# most likely tokens, when enough of them are allowed (TokenSampler._pick_allowed).
+# A constrained sequence whose sampled token was rejected picks again (_pick_allowed) among
+# the allowed tokens themselves when they fill at most SPARSE_WORDS words of the mask (8192
+# tokens at most), else among the allowed ones of (at least) the CANDIDATES likeliest, and
+# only when those hold too few from the masked row.
+SPARSE_WORDS = 256
 CANDIDATES = 256
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -58,6 +61,7 @@ class TokenSampler:
         self._constraint = constraint
         self._top_logprobs = top_logprobs
         self.logprobs: StepLogprobs | None = None  # the last sampled token's
+        self._pool: np.ndarray | None = None  # this row's likeliest ids, as a draw found them
         self._n_vocab = n_vocab
         self._banned = np.asarray(banned, dtype=np.int64)  # e.g. end-of-generation tokens
         self._recent: collections.deque[int] = collections.deque(maxlen=PENALTY_WINDOW)
@@ -83,6 +87,7 @@ class TokenSampler:
             logits[self._banned] = -np.inf
         if self._recent and self._sampling.repetition_penalty != 1.0:
             self._penalize(logits)
+        self._pool = None
         token = self._pick(logits)
         constraint = self._constraint
         if constraint is not None and not constraint.allows(token):
@@ -96,23 +101,28 @@ class TokenSampler:
         return int(logits.argmax()) if self._chain is None else self._draw(logits)
 
     def _pick_allowed(self, logits: np.ndarray, constraint: TokenConstraint) -> int:
-        """The token the constraint would have let the sampler pick, drawn again: as if the
-        whole row were masked, though only the most likely tokens are looked at. The best
-        allowed token, and the top-k allowed ones, are among the CANDIDATES most likely ones
-        whenever that many hold k allowed; only otherwise (and for a top-p or min-p without
-        top-k, which weigh the whole row) is the row masked in full."""
+        """The token the sampler would have picked from the row with every token the
+        constraint rejects masked out, found without a pass over the row. The greedy choice,
+        or the top-k to draw among, come from the allowed tokens themselves where the mask
+        allows few (JSON's punctuation), else from the allowed ones among the most likely
+        (where it allows most, those hold enough). A top-p or min-p without top-k weighs the
+        whole row: that row is masked."""
         if not constraint.compute_mask():
             raise NoTokenAllowed(constraint.error or "the constraint admits no token here")
         need = 1 if self._chain is None else self._sampling.top_k
-        if need and not self._truncate:
-            ids = top_k(logits, min(CANDIDATES, self._n_vocab))
-            ids = ids[constraint.allowed(ids)]
-            if len(ids) >= need:
-                if self._chain is None:
-                    return int(ids[logits[ids].argmax()])
-                return self._draw(logits, ids)
-        constraint.apply(logits)
-        return self._pick(logits)
+        if not need or self._truncate:
+            constraint.apply(logits)
+            return self._pick(logits)
+        ids = constraint.allowed_ids(at_most=SPARSE_WORDS)
+        if ids is None:
+            pool = self._pool if self._pool is not None else threshold_pool(logits, CANDIDATES)
+            ids = pool[constraint.allowed(pool)]
+            if len(ids) < need:  # the likeliest tokens are not allowed: mask the row
+                constraint.apply(logits)
+                return self._pick(logits)
+        if self._chain is None:
+            return int(ids[logits[ids].argmax()])
+        return self._draw(logits, ids)
 
     def _penalize(self, logits: np.ndarray) -> None:
         # llama.cpp's repetition penalty: shrink the logit of every recently seen token.
@@ -127,8 +137,8 @@ class TokenSampler:
         assert self._chain is not None
         in_order = False
         if among is not None:
-            k = self._sampling.top_k
-            ids = among[np.argpartition(logits[among], -k)[-k:]] if len(among) > k else among
+            k = min(self._sampling.top_k, len(among))
+            ids = largest(logits, among, k)
             candidates = self._candidates[:k]
         elif self._truncate:
             ids, in_order = self._survivors(logits)
@@ -137,7 +147,12 @@ class TokenSampler:
         else:
             candidates = self._candidates
             k = len(candidates)
-            ids = top_k(logits, k) if k < self._n_vocab else np.arange(k)
+            if k < self._n_vocab:
+                # Kept: a constrained draw looks again among it (_pick_allowed).
+                self._pool = threshold_pool(logits, k)
+                ids = largest(logits, self._pool, k)
+            else:
+                ids = np.arange(k)
         candidates["id"] = ids
         candidates["logit"] = logits[ids]
         candidates["p"] = 0.0
