@@ -1,20 +1,22 @@
 """What constrained decoding costs, measured side by side in one run on the real models.
 
-    python -m bench.structured [--streams 8] [--tokens 1200] [--tools 100 256]
+    python -m bench.structured [--streams 8] [--tokens 1200] [--tools 100 256] [--rounds 2]
 
 For Gemma 3 270M (262k-token vocabulary) and SmolLM2-135M (49k), with `--streams` requests
-always in flight in one engine (a finished request is replaced at once), it decodes `--tokens`
-tokens three ways and prints the aggregate tok/s of each and its ratio to free decoding:
+always in flight in one engine (a finished request is replaced at once), seeded draws at
+temperature 0.8, it decodes `--tokens` tokens constrained two ways and the same prompts free (ignore_eos, as many
+tokens a request as the constrained run averaged, so only the constraint differs), `--rounds`
+times each in A B B A order after a warm-up, and prints the median aggregate tok/s of each and
+their ratio:
 
-- free: no constraint (ignore_eos, 64 tokens a request);
-- schema: every request constrained by a nested JSON Schema (seeded draws at temperature 0.8);
-- tools N: every request constrained to call one of N realistic tools (tool_choice required,
+- schema: every request constrained by a nested JSON Schema;
+- tools N: every request constrained to call one of N realistic tools (tool_choice required:
   the grammar the host builds for it), for each N in `--tools`.
 
-For each constrained run it also prints what the constraint itself cost per token (the
-check of the sampled token, the whole-vocabulary mask when the check fails, advancing the
-matcher): p50, p99 and max in microseconds, and how often a mask was needed; and what compiling
-the grammar cost the first time and from the cache.
+It also prints what the constraint cost on the engine thread per token (checking the sampled
+token, picking again when it was rejected, advancing the matcher): p50, p99 and max in
+microseconds; how often a token was rejected; the masks computed ahead beside llama_decode, in
+microseconds of CPU per token; and the grammar's size and compile time, first and cached.
 """
 
 import argparse
@@ -35,6 +37,7 @@ from modelhost.constraints import ConstraintCompiler, TokenConstraint
 from modelhost.device import default_threads
 from modelhost.engines.llamacpp.engine import LlamaEngine
 from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
+from modelhost.engines.llamacpp.sampler import TokenSampler
 from modelhost.generation import EngineRequest, Event, Finish, Sampling
 from modelhost.tools import CallFormat, call_grammar
 
@@ -91,41 +94,51 @@ def realistic_tools(count: int, seed: int = 0) -> tuple[Tool, ...]:
 
 @dataclass
 class Costs:
-    """Time spent in a constraint's methods, gathered per token it advanced by."""
+    """What constraining cost: on the engine thread, per token a constraint advanced by (the
+    check, picking again after a rejection, advancing); beside it, masks computed ahead."""
 
     pending: dict[int, float] = field(default_factory=dict)
     per_token: list[float] = field(default_factory=list)
-    masks: int = 0
+    rejected: int = 0
+    ahead_s: float = 0.0
 
 
 def instrument(costs: Costs) -> Callable[[], None]:
-    """Wraps TokenConstraint's methods with timers; returns the function that unwraps them."""
-    names = ("allows", "compute_mask", "allowed", "apply", "advance")
-    originals = {n: getattr(TokenConstraint, n) for n in names}
+    """Wraps the constraint's and the sampler's methods with timers; returns the function
+    that unwraps them."""
+    targets = [
+        (TokenConstraint, "allows"),
+        (TokenConstraint, "advance"),
+        (TokenConstraint, "compute_mask"),
+        (TokenSampler, "_pick_allowed"),
+    ]
+    originals = [(cls, name, getattr(cls, name)) for cls, name in targets]
 
-    def timed(name: str) -> Callable[..., Any]:
-        original = originals[name]
-
-        def wrapper(self: TokenConstraint, *args: Any) -> Any:
+    def timed(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Any, *args: Any) -> Any:
             started = time.perf_counter()
             try:
                 return original(self, *args)
             finally:
                 spent = time.perf_counter() - started
-                costs.pending[id(self)] = costs.pending.get(id(self), 0.0) + spent
-                if name == "compute_mask":
-                    costs.masks += 1
-                elif name == "advance":
-                    costs.per_token.append(costs.pending.pop(id(self)))
+                if not threading.current_thread().name.startswith("engine-"):
+                    costs.ahead_s += spent  # a mask computed beside llama_decode
+                elif name != "compute_mask":
+                    key = id(args[-1]) if name == "_pick_allowed" else id(self)
+                    costs.pending[key] = costs.pending.get(key, 0.0) + spent
+                    if name == "_pick_allowed":
+                        costs.rejected += 1
+                    elif name == "advance":
+                        costs.per_token.append(costs.pending.pop(key))
 
         return wrapper
 
     def restore() -> None:
-        for name, original in originals.items():
-            setattr(TokenConstraint, name, original)
+        for cls, name, original in originals:
+            setattr(cls, name, original)
 
-    for name in originals:
-        setattr(TokenConstraint, name, timed(name))
+    for cls, name, original in originals:
+        setattr(cls, name, timed(name, original))
     return restore
 
 
@@ -135,8 +148,9 @@ def run(
     streams: int,
     tokens: int,
     make: Callable[[int, list[int], Callable[[list[Event]], None]], EngineRequest],
-) -> float:
-    """Keeps `streams` requests in flight until `tokens` tokens are out; aggregate tok/s."""
+) -> tuple[float, float]:
+    """Keeps `streams` requests in flight until `tokens` tokens are out; aggregate tok/s, and
+    the tokens a request generated on average."""
     lock = threading.Lock()
     done = threading.Event()
     state = {"tokens": 0, "submitted": 0, "running": 0}
@@ -163,7 +177,8 @@ def run(
         for _ in range(streams):
             submit()
     assert done.wait(1800), "the run did not finish"
-    return state["tokens"] / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return state["tokens"] / elapsed, state["tokens"] / state["submitted"]
 
 
 def constrained(
@@ -177,6 +192,15 @@ def constrained(
         id=str(n), prompt=prompt, sampling=Sampling(temperature=0.8, seed=n), max_tokens=256,
         stop=[], on_events=on_events, arrived=time.perf_counter(),
         constraint=compiler.constraint(grammar, "bench"),
+    )  # fmt: skip
+
+
+def free(
+    length: int, n: int, prompt: list[int], on_events: Callable[[list[Event]], None]
+) -> EngineRequest:
+    return EngineRequest(
+        id=str(n), prompt=prompt, sampling=Sampling(temperature=0.8, seed=n), max_tokens=length,
+        stop=[], on_events=on_events, arrived=time.perf_counter(), ignore_eos=True,
     )  # fmt: skip
 
 
@@ -208,13 +232,6 @@ def measure(label: str, path: Path, args: argparse.Namespace) -> None:
             for i in range(64)
         ]
 
-        def free(n: int, prompt: list[int], on: Callable[[list[Event]], None]) -> EngineRequest:
-            return EngineRequest(
-                id=str(n), prompt=prompt, sampling=Sampling(temperature=0.8, seed=n),
-                max_tokens=64, stop=[], on_events=on, arrived=time.perf_counter(),
-                ignore_eos=True,
-            )  # fmt: skip
-
         schema = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA))
         runs = {"schema": (grammar_of(schema, "schema"), prompts)}
         for count in args.tools:
@@ -228,8 +245,12 @@ def measure(label: str, path: Path, args: argparse.Namespace) -> None:
                 model.tokenize(f"Tools:\n{shown}\nCall {i}:\n<tool_call>\n") for i in range(64)
             ]
             runs[f"tools {count}"] = (call_grammar(options, CallFormat.HERMES), calls)
-        baseline = run(engine, prompts, args.streams, args.tokens, free)
-        print(f"  {'free':<10} {baseline:7.1f} tok/s")
+        print(
+            f"  {'':<10} {'free tok/s':>10} {'tok/s':>7} {'ratio':>5}  the constraint per "
+            "token: p50, p99, max us; rejected; masks ahead us/token; grammar: size, compiled, "
+            "cached"
+        )
+        run(engine, prompts, args.streams, args.tokens, functools.partial(free, 64))  # warm-up
         for name, (grammar, asked) in runs.items():
             started = time.perf_counter()
             compiler.constraint(grammar, name)
@@ -238,20 +259,29 @@ def measure(label: str, path: Path, args: argparse.Namespace) -> None:
             compiler.constraint(grammar, name)
             cached = time.perf_counter() - started
             costs = Costs()
-            restore = instrument(costs)
-            make = functools.partial(constrained, compiler, grammar)
-            try:
-                rate = run(engine, asked, args.streams, args.tokens, make)
-            finally:
-                restore()
+            rates: dict[str, list[float]] = {"free": [], "constrained": []}
+            length = 64.0
+            # Rounds in A B B A order, so neither side always runs first on a noisy machine.
+            for side in ["constrained", "free", "free", "constrained"] * (args.rounds // 2):
+                if side == "free":
+                    make = functools.partial(free, round(length))
+                    rates[side].append(run(engine, asked, args.streams, args.tokens, make)[0])
+                    continue
+                restore = instrument(costs)
+                try:
+                    make = functools.partial(constrained, compiler, grammar)
+                    rate, length = run(engine, asked, args.streams, args.tokens, make)
+                finally:
+                    restore()
+                rates[side].append(rate)
+            baseline, rate = (statistics.median(rates[s]) for s in ("free", "constrained"))
             us = sorted(c * 1e6 for c in costs.per_token)
             p99 = us[min(len(us) - 1, int(len(us) * 0.99))]
             print(
-                f"  {name:<10} {rate:7.1f} tok/s ({rate / baseline:.2f}x free); the constraint "
-                f"per token: p50 {statistics.median(us):.0f} us, p99 {p99:.0f} us, "
-                f"max {us[-1]:.0f} us, a mask on {costs.masks / len(us):.1%} of tokens; "
-                f"its {len(grammar) >> 10} KiB grammar compiled in {first * 1e3:.1f} ms, "
-                f"{cached * 1e3:.2f} ms from the cache"
+                f"  {name:<10} {baseline:10.1f} {rate:7.1f} {rate / baseline:5.2f}  "
+                f"{statistics.median(us):.0f}, {p99:.0f}, {us[-1]:.0f}; "
+                f"{costs.rejected / len(us):.1%}; {costs.ahead_s * 1e6 / len(us):.0f}; "
+                f"{len(grammar) >> 10} KiB, {first * 1e3:.1f} ms, {cached * 1e3:.2f} ms"
             )
     finally:
         engine.close()
@@ -262,6 +292,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=1200, help="tokens per run")
     parser.add_argument("--tools", type=int, nargs="*", default=[100, 256])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each side (even)")
     args = parser.parse_args()
     chat = embedded_chat_model_config()
     assert chat is not None and chat.path is not None
