@@ -4,10 +4,10 @@
 
 For Gemma 3 270M (262k-token vocabulary) and SmolLM2-135M (49k), with `--streams` requests
 always in flight in one engine (a finished request is replaced at once), seeded draws at
-temperature 0.8, it decodes `--tokens` tokens constrained two ways and the same prompts free (ignore_eos, as many
-tokens a request as the constrained run averaged, so only the constraint differs), `--rounds`
-times each in A B B A order after a warm-up, and prints the median aggregate tok/s of each and
-their ratio:
+temperature 0.8, it decodes `--tokens` tokens constrained two ways and the same prompts free
+(ignore_eos, as many tokens a request as the constrained run averaged, so only the constraint
+differs), `--rounds` times each in A B B A order after a warm-up, and prints the median
+aggregate tok/s of each and their ratio:
 
 - schema: every request constrained by a nested JSON Schema;
 - tools N: every request constrained to call one of N realistic tools (tool_choice required:
