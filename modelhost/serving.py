@@ -173,6 +173,8 @@ class GenerationService:
                             continue
                         assert isinstance(event, Delta)
                         for piece in parser.feed(event) if parser else [event]:
+                            if isinstance(piece, Delta) and not piece.text:
+                                continue  # tokens of a call being written: no text to send
                             sent = True
                             yield replace(piece, choice=choice) if choice else piece
             finish = _combined(finishes)

@@ -312,15 +312,29 @@ class ToolCallParser:
                 if at:
                     out.append(Delta(self._held[:at], 0))
                 self._held, self._in_call = self._held[at:], True
-            end = self._held.find(HERMES_CLOSE)
-            if end < 0:
-                if final:  # an unfinished call: what the model wrote, as text
+            # The call's JSON ends where a decoder says, not at the first closing tag: a string
+            # in the arguments may hold one.
+            body = len(self._held) - len(self._held[len(HERMES_OPEN) :].lstrip())
+            try:
+                value, end = _DECODER.raw_decode(self._held, body)
+            except ValueError:  # not all written yet, or not JSON: text, once it is over
+                if final:
                     out.append(Delta(self._held, 0))
                     self._held = ""
                 return
-            block = self._held[: end + len(HERMES_CLOSE)]
-            self._held, self._in_call = self._held[len(block) :], False
-            call = self._offered(parse_call(block[len(HERMES_OPEN) : end], "arguments"))
+            after = self._held[end:]
+            close = len(after) - len(after.lstrip())
+            if not after[close:].startswith(HERMES_CLOSE):
+                if not final and HERMES_CLOSE.startswith(after[close:]):
+                    return  # the closing tag is still being written
+                block, self._held = self._held[:end], self._held[end:]
+                out.append(Delta(block, 0))  # a block that does not close: text
+                self._in_call = False
+                continue
+            block_end = end + close + len(HERMES_CLOSE)
+            block, self._held = self._held[:block_end], self._held[block_end:]
+            self._in_call = False
+            call = self._offered(_call_of(value, "arguments"))
             out.append(self._piece(call) if call else Delta(block, 0))
 
     def _whole_calls(self, text: str) -> list[ParsedCall] | None:
@@ -349,6 +363,9 @@ class ToolCallParser:
         piece = ToolCallPiece(self.calls, call_id, call.name, call.arguments)
         self.calls += 1
         return piece
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _may_open_whole(form: CallFormat, opening: str, *, partial: bool) -> bool:

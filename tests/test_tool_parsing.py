@@ -50,6 +50,8 @@ RECORDED = [
     (CallFormat.HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', []),
     (CallFormat.HERMES, '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', []),
     (CallFormat.HERMES, '<tool_call>\n{"name": "get_weather", "argum', '<tool_call>\n{"name": "get_weather", "argum', []),
+    # A closing tag inside an argument's string does not end the call.
+    (CallFormat.HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>b"}}\n</tool_call>', "", [("get_weather", {"city": "a</tool_call>b"})]),
     # Arguments written as a JSON string, as some models do.
     (CallFormat.HERMES, '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}</tool_call>', "", [("get_weather", PARIS)]),
     # The generic fallback: a bare JSON call, a list of calls, OpenAI's own shape.
