@@ -107,6 +107,17 @@ def make_turn(role: str, content: str, call_id: str = "", calls: tuple[Call, ...
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call in a stream: the first names it, the rest add argument text."""
+
+    call_index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+    choice: int = 0  # which of the request's n choices made it
+
+
+@dataclass(frozen=True, slots=True)
 class TokenLogprob:
     """A token's log probability at its step, with the most likely alternatives."""
 

@@ -10,6 +10,7 @@ from airouter.output import (
     OutputOptions,
     TokenLogprob,
     Tool,
+    ToolCallDelta,
     ToolChoice,
     Turn,
     make_turn,
@@ -113,3 +114,17 @@ def logprob_from_pb(pb: generate_pb2.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(
         pb.token_bytes, pb.logprob, tuple(logprob_from_pb(t) for t in pb.top_logprobs)
     )
+
+
+def tool_call_pb(delta: ToolCallDelta) -> generate_pb2.ToolCallDelta:
+    return generate_pb2.ToolCallDelta(
+        choice_index=delta.choice,
+        call_index=delta.call_index,
+        id=delta.id,
+        name=delta.name,
+        arguments=delta.arguments,
+    )
+
+
+def tool_call_from_pb(pb: generate_pb2.ToolCallDelta) -> ToolCallDelta:
+    return ToolCallDelta(pb.call_index, pb.id, pb.name, pb.arguments, pb.choice_index)

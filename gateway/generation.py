@@ -18,6 +18,7 @@ from airouter.output import (
     Call,
     OutputOptions,
     TokenLogprob,
+    ToolCallDelta,
     Turn,
     turn_parts,
     validate_output,
@@ -147,17 +148,6 @@ class Token:
     token_count: int = 1
     choice: int = 0  # which of the request's n choices
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
-
-
-@dataclass(slots=True)
-class ToolCallDelta:
-    """A piece of a tool call: the first names it, the rest add argument text."""
-
-    call_index: int
-    id: str = ""
-    name: str = ""
-    arguments: str = ""
-    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ import structlog
 from airouter import tracing
 from airouter.errors import AirouterError, Unavailable
 from airouter.grpc_server import error_from_rpc
+from airouter.output_wire import tool_call_from_pb
 from airouter.security import bearer
 from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
 from gateway.generation import (
@@ -45,7 +46,7 @@ from gateway.generation import (
 )
 from gateway.offload import heavy, off_loop
 from gateway.standing import HostState, Standing
-from gateway.wire import fill_generation, finished_from_pb, token_from_pb, tool_call_from_pb
+from gateway.wire import fill_generation, finished_from_pb, token_from_pb
 
 _log = structlog.get_logger()
 

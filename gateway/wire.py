@@ -9,6 +9,7 @@ from airouter.output_wire import (
     logprob_from_pb,
     logprob_pb,
     output_from_pb,
+    tool_call_pb,
     turn_from_pb,
 )
 from airouter.v1 import gateway_pb2, generate_pb2, model_host_pb2
@@ -163,10 +164,6 @@ def token_from_pb(pb: generate_pb2.TokenDelta) -> Token:
     return Token(pb.text, pb.token_count, pb.choice_index, logprobs)
 
 
-def tool_call_from_pb(pb: generate_pb2.ToolCallDelta) -> ToolCallDelta:
-    return ToolCallDelta(pb.call_index, pb.id, pb.name, pb.arguments, pb.choice_index)
-
-
 def finished_pb(finished: Finished) -> generate_pb2.Finished:
     usage = finished.usage
     return generate_pb2.Finished(
@@ -204,15 +201,7 @@ def event_pb(event: Event) -> gateway_pb2.GatewayGenerateResponse:
             delta.logprobs.extend(logprob_pb(lp) for lp in event.logprobs)
         return message
     if isinstance(event, ToolCallDelta):
-        return gateway_pb2.GatewayGenerateResponse(
-            tool_call=generate_pb2.ToolCallDelta(
-                choice_index=event.choice,
-                call_index=event.call_index,
-                id=event.id,
-                name=event.name,
-                arguments=event.arguments,
-            )
-        )
+        return gateway_pb2.GatewayGenerateResponse(tool_call=tool_call_pb(event))
     return gateway_pb2.GatewayGenerateResponse(finished=finished_pb(event))
 
 

@@ -136,17 +136,6 @@ class Delta:
 
 
 @dataclass(frozen=True)
-class ToolCallPiece:
-    """A piece of a tool call (the first names it; the rest add argument text)."""
-
-    call_index: int
-    id: str = ""
-    name: str = ""
-    arguments: str = ""
-    choice: int = 0
-
-
-@dataclass(frozen=True)
 class Finish:
     """The end of a request."""
 

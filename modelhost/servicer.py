@@ -13,7 +13,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from airouter import tracing
-from airouter.output_wire import logprob_pb, output_from_pb, turn_from_pb
+from airouter.output import ToolCallDelta
+from airouter.output_wire import logprob_pb, output_from_pb, tool_call_pb, turn_from_pb
 from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
 from modelhost.engines import engine_kind
 from modelhost.generation import (
@@ -22,7 +23,6 @@ from modelhost.generation import (
     FinishReason,
     GenerationSpec,
     Sampling,
-    ToolCallPiece,
 )
 from modelhost.residency import ModelState, Residency, ResidentModel
 from modelhost.serving import GenerationService
@@ -193,7 +193,7 @@ def spec_from_pb(request: model_host_pb2.GenerateRequest) -> GenerationSpec:
     )
 
 
-def event_to_pb(event: Delta | ToolCallPiece | Finish) -> model_host_pb2.GenerateResponse:
+def event_to_pb(event: Delta | ToolCallDelta | Finish) -> model_host_pb2.GenerateResponse:
     if isinstance(event, Delta):
         token = generate_pb2.TokenDelta(text=event.text, token_count=event.token_count)
         if event.choice:
@@ -201,16 +201,8 @@ def event_to_pb(event: Delta | ToolCallPiece | Finish) -> model_host_pb2.Generat
         if event.logprobs:
             token.logprobs.extend(logprob_pb(lp) for lp in event.logprobs)
         return model_host_pb2.GenerateResponse(token=token)
-    if isinstance(event, ToolCallPiece):
-        return model_host_pb2.GenerateResponse(
-            tool_call=generate_pb2.ToolCallDelta(
-                choice_index=event.choice,
-                call_index=event.call_index,
-                id=event.id,
-                name=event.name,
-                arguments=event.arguments,
-            )
-        )
+    if isinstance(event, ToolCallDelta):
+        return model_host_pb2.GenerateResponse(tool_call=tool_call_pb(event))
     t = event.timings
     return model_host_pb2.GenerateResponse(
         finished=generate_pb2.Finished(

@@ -14,7 +14,7 @@ from functools import partial
 import structlog
 
 from airouter.errors import AirouterError, FailedPrecondition, InvalidArgument
-from airouter.output import grammar_of, validate_output
+from airouter.output import ToolCallDelta, grammar_of, validate_output
 from airouter.prefix import prefix_of
 from modelhost.constraints import TokenConstraint
 from modelhost.engines import Engine
@@ -28,7 +28,6 @@ from modelhost.generation import (
     Rejected,
     Sampling,
     Timings,
-    ToolCallPiece,
     merge_deltas,
     resolve_max_tokens,
     validate_messages,
@@ -63,7 +62,7 @@ class GenerationService:
 
     async def generate(
         self, spec: GenerationSpec, time_left_s: float | None
-    ) -> AsyncGenerator[Delta | ToolCallPiece | Finish, None]:
+    ) -> AsyncGenerator[Delta | ToolCallDelta | Finish, None]:
         """Yields the request's events, the last one a Finish. Raises a domain error before
         the first event when the request cannot be served, including when its deadline
         passes in the queue. Leaving the iteration early cancels the request in the engine."""
@@ -101,7 +100,7 @@ class GenerationService:
         engine: Engine,
         arrived: float,
         time_left_s: float | None,
-    ) -> AsyncGenerator[Delta | ToolCallPiece | Finish, None]:
+    ) -> AsyncGenerator[Delta | ToolCallDelta | Finish, None]:
         name = resident.config.name
         output = spec.output
         refuse_what_cannot_fit(spec, engine, name)

@@ -28,13 +28,14 @@ from airouter.output import (
     Call,
     OutputOptions,
     Tool,
+    ToolCallDelta,
     ToolChoice,
     Turn,
     openai_tool,
     tool_parameters,
     turn_parts,
 )
-from modelhost.generation import Delta, ToolCallPiece
+from modelhost.generation import Delta
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_MARKER = "[TOOL_CALLS]"
@@ -252,15 +253,15 @@ class ToolCallParser:
         self._in_call = False
         self._whole: bool | None = None  # None until the answer's opening is known
 
-    def feed(self, delta: Delta) -> list[Delta | ToolCallPiece]:
+    def feed(self, delta: Delta) -> list[Delta | ToolCallDelta]:
         self._held += delta.text
         return self._with_counts(self._parse(final=False), delta)
 
-    def finish(self) -> list[Delta | ToolCallPiece]:
+    def finish(self) -> list[Delta | ToolCallDelta]:
         return self._parse(final=True)
 
     @staticmethod
-    def _with_counts(out: list[Delta | ToolCallPiece], delta: Delta) -> list[Delta | ToolCallPiece]:
+    def _with_counts(out: list[Delta | ToolCallDelta], delta: Delta) -> list[Delta | ToolCallDelta]:
         """The delta's token count and logprobs go with its first text out (or are kept on an
         empty delta, so no token goes uncounted)."""
         for i, event in enumerate(out):
@@ -270,8 +271,8 @@ class ToolCallParser:
         out.append(Delta("", delta.token_count, delta.logprobs))
         return out
 
-    def _parse(self, *, final: bool) -> list[Delta | ToolCallPiece]:
-        out: list[Delta | ToolCallPiece] = []
+    def _parse(self, *, final: bool) -> list[Delta | ToolCallDelta]:
+        out: list[Delta | ToolCallDelta] = []
         if self._whole is None:
             opening = self._held.lstrip()
             undecided = not opening or _may_open_whole(self.form, opening, partial=True)
@@ -293,7 +294,7 @@ class ToolCallParser:
             self._held = ""
         return out
 
-    def _hermes(self, out: list[Delta | ToolCallPiece], *, final: bool) -> None:
+    def _hermes(self, out: list[Delta | ToolCallDelta], *, final: bool) -> None:
         while self._held:
             if not self._in_call:
                 if self.calls:
@@ -358,9 +359,9 @@ class ToolCallParser:
             return None
         return call
 
-    def _piece(self, call: ParsedCall) -> ToolCallPiece:
+    def _piece(self, call: ParsedCall) -> ToolCallDelta:
         call_id = f"call_{uuid.uuid4().hex[:24]}"
-        piece = ToolCallPiece(self.calls, call_id, call.name, call.arguments)
+        piece = ToolCallDelta(self.calls, call_id, call.name, call.arguments)
         self.calls += 1
         return piece
 

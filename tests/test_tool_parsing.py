@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from airouter.output import Tool
-from modelhost.generation import Delta, ToolCallPiece
+from airouter.output import Tool, ToolCallDelta
+from modelhost.generation import Delta
 from modelhost.tools import (
     CallFormat,
     ToolCallParser,
@@ -30,7 +30,7 @@ def parse(form: CallFormat, text: str, *, step: int = 0) -> tuple[str, list[tupl
         events += parser.feed(Delta(piece, 1))
     events += parser.finish()
     texts = "".join(e.text for e in events if isinstance(e, Delta))
-    calls = [e for e in events if isinstance(e, ToolCallPiece)]
+    calls = [e for e in events if isinstance(e, ToolCallDelta)]
     assert [c.call_index for c in calls] == list(range(len(calls)))
     assert all(c.id.startswith("call_") for c in calls) and len({c.id for c in calls}) == len(calls)
     # No token goes uncounted: every delta fed is carried by some delta out.
@@ -86,7 +86,7 @@ def test_text_before_a_call_streams_before_the_call_is_complete() -> None:
     assert [e.text for e in out if isinstance(e, Delta)] == ["Checking the weather "]
     assert parser.feed(Delta('_call>{"name": "get_weather", ', 1)) == [Delta("", 1)]
     (piece, _) = parser.feed(Delta('"arguments": {}}</tool_call>', 1))
-    assert isinstance(piece, ToolCallPiece) and piece.name == "get_weather"
+    assert isinstance(piece, ToolCallDelta) and piece.name == "get_weather"
 
 
 def test_the_family_is_read_from_the_template() -> None:
