@@ -16,7 +16,7 @@ from airouter.openai_api import (
     parse_request,
 )
 from airouter.output import PLAIN
-from airouter.output_wire import fill_output, fill_turn, logprob_from_pb
+from airouter.output_wire import fill_infill, fill_output, fill_turn, logprob_from_pb
 from airouter.v1 import gateway_pb2
 
 # The endpoints a batch line may name, and whether each is a chat.
@@ -82,6 +82,8 @@ def generate_request(
         request.chat.SetInParent()
         for message in parsed.messages:
             fill_turn(request.chat.messages.add(), message.turn())
+    elif (infill := parsed.infill()) is not None:
+        fill_infill(request.infill, infill)
     else:
         request.prompt = parsed.text
     for name, value in parsed.sampling().items():

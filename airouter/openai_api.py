@@ -6,11 +6,13 @@ gateway's HTTP edge and by batch files; it knows nothing of transports.
 import json
 import re
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from airouter.errors import InvalidArgument
+from airouter.infill import Infill
 from airouter.output import (
     MAX_CHOICES,
     MAX_TOOLS,
@@ -28,6 +30,8 @@ from airouter.output import (
 )
 from airouter.v1 import generate_pb2
 
+# What OpenAI's answers name as the configuration that produced them (system_fingerprint).
+SYSTEM_FINGERPRINT = f"fp_airouter_{version('airouter')}"
 # Strict: JSON true is no number and 1.0 no integer. Bounds are the protocol's field sizes.
 _UINT32 = (1 << 32) - 1
 StrictText = Annotated[str, Field(strict=True)]
@@ -287,6 +291,12 @@ class CompletionRequest(_CompletionParams):
     prompt: str | list[StrictText]
     # The legacy API's logprobs: how many alternatives to report at each step (0 to 5 there).
     logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # The text after the insertion point: the prompt is then the text before it, and the
+    # model fills in the middle (with its FIM tokens), as code editors ask.
+    suffix: StrictText | None = None
+
+    def infill(self) -> Infill | None:
+        return None if self.suffix is None else Infill(self.text, self.suffix)
 
     def output(self) -> OutputOptions:
         options = OutputOptions(
@@ -323,16 +333,15 @@ def parse_request(body: Any, *, chat: bool) -> "ChatCompletionRequest | Completi
         raise InvalidArgument(describe(exc)) from None
 
 
-def describe(exc: ValidationError) -> str:
-    """The first problem of a validation error as `field.path[0]: what is wrong`."""
+def describe(exc: ValidationError, unknown: str | None = None) -> str:
+    """The first problem of a validation error as `field.path[0]: what is wrong`; `unknown`
+    says what an unknown field is not (OpenAI's fields, by default)."""
     error = exc.errors(include_url=False)[0]
     path = ""
     for part in error["loc"]:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("str", "list[str]", "function-before[_text_of_parts(), str]") or str(
-            part
-        ).startswith("literal["):
+        elif part in _UNION_BRANCHES or "[" in str(part):
             continue  # pydantic's name for a branch of a union, not a field
         else:
             path += f".{part}" if path else str(part)
@@ -344,7 +353,7 @@ def describe(exc: ValidationError) -> str:
     elif error["type"] == "literal_error" and path in _UNSUPPORTED:
         message = _UNSUPPORTED[path]
     elif error["type"] == "extra_forbidden":
-        message = (
+        message = unknown or (
             "not a field airouter knows (OpenAI's, or the extensions top_k, min_p, "
             "repetition_penalty, ignore_eos); check its spelling"
         )
@@ -360,6 +369,8 @@ def describe(exc: ValidationError) -> str:
     return f"{path}: {message}" if path else message
 
 
+# pydantic's names for the branches of a union, which are no fields.
+_UNION_BRANCHES = {"str", "int", "float", "bool"}
 # Why a parameter airouter does not support is refused (never ignored).
 _UNSUPPORTED = {
     "presence_penalty": "only 0 is supported; use repetition_penalty (an extension) instead",
@@ -470,16 +481,16 @@ def chunk_json(
     model: str,
     text: str = "",
     finish_reason: str | None = None,
-    first: bool = False,
+    role: bool = False,
     choice: int = 0,
     logprobs: dict[str, Any] | None = None,
     tool_call: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One streamed chunk of one choice, chat (`delta`) or text completion (`text`) shaped; a
-    chat choice's first delta carries the role, as OpenAI's do."""
+    """One streamed chunk of one choice, chat (`delta`) or text completion (`text`) shaped.
+    A chat choice opens with a chunk of its role alone (`role`), as OpenAI's streams do."""
     body: dict[str, Any] = {"index": choice}
     if chat:
-        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
         if tool_call is not None:
@@ -494,6 +505,7 @@ def chunk_json(
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": created,
         "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [body],
     }
 
@@ -567,6 +579,7 @@ def completion_json(
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": bodies,
         "usage": usage_json(usage),
     }

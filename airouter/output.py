@@ -215,6 +215,39 @@ def check_ends(constraint: Constraint, where: str) -> None:
         raise InvalidArgument(f"{where}: never ends: {what}; give it a way to finish")
 
 
+def turn_json(turn: Turn, *, for_template: bool = False) -> dict[str, Any]:
+    """A turn as an OpenAI chat message. For a chat template (`for_template`), a call's
+    arguments are an object (templates index them, as transformers passes them) and content
+    stays text; on the wire, arguments are the JSON text and a call's empty content is null."""
+    role, content, call_id, calls = turn_parts(turn)
+    message: dict[str, Any] = {"role": role, "content": content}
+    if call_id:
+        message["tool_call_id"] = call_id
+    if calls:
+        if not for_template:
+            message["content"] = content or None
+        message["tool_calls"] = [
+            {
+                "id": id_,
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "arguments": _arguments_object(arguments) if for_template else arguments,
+                },
+            }
+            for id_, name, arguments in calls
+        ]
+    return message
+
+
+def _arguments_object(arguments: str) -> Any:
+    """A call's arguments as an object; arguments that are not JSON stay text."""
+    try:
+        return json.loads(arguments) if arguments else {}
+    except ValueError:
+        return arguments
+
+
 def openai_tool(tool: Tool) -> dict[str, Any]:
     function: dict[str, Any] = {"name": tool.name}
     if tool.description:

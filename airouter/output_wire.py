@@ -1,8 +1,9 @@
-"""airouter.output's types as airouter.v1 messages and back: shared by the gateway's doors and
-host link and by the host's servicer, which speak the same OutputOptions, ChatMessage and
-TokenLogprob messages."""
+"""airouter.output's types (and airouter.infill's) as airouter.v1 messages and back: shared by
+the gateway's doors and host link and by the host's servicer, which speak the same
+OutputOptions, ChatMessage, TokenLogprob and Infill messages."""
 
 from airouter.errors import InvalidArgument
+from airouter.infill import Infill
 from airouter.output import (
     PLAIN,
     Constraint,
@@ -128,3 +129,13 @@ def tool_call_pb(delta: ToolCallDelta) -> generate_pb2.ToolCallDelta:
 
 def tool_call_from_pb(pb: generate_pb2.ToolCallDelta) -> ToolCallDelta:
     return ToolCallDelta(pb.call_index, pb.id, pb.name, pb.arguments, pb.choice_index)
+
+
+def infill_from_pb(pb: generate_pb2.Infill) -> Infill:
+    return Infill(pb.prefix, pb.suffix, tuple((f.filename, f.text) for f in pb.extra))
+
+
+def fill_infill(pb: generate_pb2.Infill, infill: Infill) -> None:
+    pb.prefix, pb.suffix = infill.prefix, infill.suffix
+    for filename, text in infill.extra:
+        pb.extra.add(filename=filename, text=text)

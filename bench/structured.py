@@ -1,13 +1,15 @@
 """What constrained decoding costs, measured side by side in one run on the real models.
 
     python -m bench.structured [--streams 8] [--tokens 1200] [--tools 100 256] [--rounds 2]
+        [--models gemma-3-270m smollm2-135m]
 
 For Gemma 3 270M (262k-token vocabulary) and SmolLM2-135M (49k), with `--streams` requests
 always in flight in one engine (a finished request is replaced at once), seeded draws at
 temperature 0.8, it decodes `--tokens` tokens constrained two ways and the same prompts free
 (ignore_eos, as many tokens a request as the constrained run averaged, so only the constraint
 differs), `--rounds` times each in A B B A order after a warm-up, and prints the median
-aggregate tok/s of each and their ratio:
+aggregate tok/s of each while `--streams` ran (until `--tokens` were out; the requests still
+running then finish untimed) and their ratio:
 
 - schema: every request constrained by a nested JSON Schema;
 - tools N: every request constrained to call one of N realistic tools (tool_choice required:
@@ -38,7 +40,7 @@ from modelhost.device import default_threads
 from modelhost.engines.llamacpp.engine import LlamaEngine
 from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from modelhost.engines.llamacpp.sampler import TokenSampler
-from modelhost.generation import EngineRequest, Event, Finish, Sampling
+from modelhost.generation import Delta, EngineRequest, Event, Finish, Sampling
 from modelhost.tools import CallFormat, call_grammar
 
 SCHEMA = {
@@ -149,11 +151,14 @@ def run(
     tokens: int,
     make: Callable[[int, list[int], Callable[[list[Event]], None]], EngineRequest],
 ) -> tuple[float, float]:
-    """Keeps `streams` requests in flight until `tokens` tokens are out; aggregate tok/s, and
-    the tokens a request generated on average."""
+    """Keeps `streams` requests in flight until `tokens` tokens are out; the aggregate tok/s
+    until then (the requests still running drain untimed: a long last request decoding alone
+    is not the rate at `streams` streams), and the tokens a request generated on average."""
     lock = threading.Lock()
     done = threading.Event()
-    state = {"tokens": 0, "submitted": 0, "running": 0}
+    state = {"tokens": 0, "submitted": 0, "running": 0, "finished_tokens": 0, "finished": 0}
+    reached: list[float] = []  # when `tokens` were out
+    counted = 0  # the tokens out then
 
     def submit() -> None:
         n = state["submitted"]
@@ -162,12 +167,19 @@ def run(
         engine.submit(make(n, prompts[n % len(prompts)], on_events))
 
     def on_events(events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, Finish):
-                with lock:
-                    state["tokens"] += event.completion_tokens
+        nonlocal counted
+        with lock:
+            for event in events:
+                if isinstance(event, Delta):
+                    state["tokens"] += event.token_count
+                    if state["tokens"] >= tokens and not reached:
+                        reached.append(time.perf_counter())
+                        counted = state["tokens"]
+                elif isinstance(event, Finish):
                     state["running"] -= 1
-                    if state["tokens"] < tokens:
+                    state["finished"] += 1
+                    state["finished_tokens"] += event.completion_tokens
+                    if not reached:
                         submit()
                     elif state["running"] == 0:
                         done.set()
@@ -177,8 +189,7 @@ def run(
         for _ in range(streams):
             submit()
     assert done.wait(1800), "the run did not finish"
-    elapsed = time.perf_counter() - started
-    return state["tokens"] / elapsed, state["tokens"] / state["submitted"]
+    return counted / (reached[0] - started), state["finished_tokens"] / state["finished"]
 
 
 def constrained(
@@ -293,13 +304,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1200, help="tokens per run")
     parser.add_argument("--tools", type=int, nargs="*", default=[100, 256])
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each side (even)")
+    parser.add_argument(
+        "--models", nargs="*", default=["gemma-3-270m", "smollm2-135m"], help="which to run"
+    )
     args = parser.parse_args()
     chat = embedded_chat_model_config()
     assert chat is not None and chat.path is not None
     gemma = embedded_model_config().model_path(Path.home() / ".cache" / "airouter")
     print(f"{args.streams} streams, {args.tokens} tokens a run, temperature 0.8, seeded")
-    measure("gemma-3-270m", gemma, args)
-    measure("smollm2-135m", chat.path, args)
+    for label, path in (("gemma-3-270m", gemma), ("smollm2-135m", chat.path)):
+        if label in args.models:
+            measure(label, path, args)
 
 
 if __name__ == "__main__":

@@ -63,35 +63,46 @@ def prompts(kind: str) -> list[str]:
 async def run(
     base: str, texts: list[str], streams: int, tokens: int, extra: dict[str, Any]
 ) -> tuple[float, float, int]:
-    """Keeps `streams` requests in flight until `tokens` are out: tok/s, tokens a request,
+    """Keeps `streams` requests in flight until `tokens` are out: tok/s until then (streamed,
+    as bench.structured measures: requests still running finish untimed), tokens a request,
     and how many requests llama-server refused."""
-    state = {"tokens": 0, "requests": 0, "refused": 0}
+    state: dict[str, Any] = {"tokens": 0, "requests": 0, "refused": 0, "reached": None}
 
     async def worker(session: aiohttp.ClientSession, first: int) -> None:
         n = first
-        while state["tokens"] < tokens and state["refused"] < 8:
+        while state["reached"] is None and state["refused"] < 8:
             body = {
                 "prompt": texts[n % len(texts)], "temperature": 0.8, "seed": n,
-                "n_predict": 256, **extra,
+                "n_predict": 256, "stream": True, **extra,
             }  # fmt: skip
             async with session.post(f"{base}/completion", json=body) as response:
-                answer = await response.json()
-            if response.status != 200:
-                state["refused"] += 1
-                state["error"] = str(answer)[:200]  # type: ignore[assignment]
-                continue
-            state["tokens"] += answer["tokens_predicted"]
-            state["requests"] += 1
+                if response.status != 200:
+                    state["refused"] += 1
+                    state["error"] = (await response.text())[:200]
+                    continue
+                async for line in response.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("stop"):
+                        state["requests"] += 1
+                        break
+                    state["tokens"] += 1  # one token a chunk
+                    if state["tokens"] >= tokens and state["reached"] is None:
+                        state["reached"] = time.perf_counter()
             n += streams
 
     started = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=1800)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # A connection per request: llama-server closes one after a stream.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         await asyncio.gather(*(worker(session, i) for i in range(streams)))
-    elapsed = time.perf_counter() - started
+    elapsed = (state["reached"] or time.perf_counter()) - started
     if state["refused"]:
         print(f"    refused {state['refused']}: {state.get('error')}")
-    return state["tokens"] / elapsed, state["tokens"] / max(state["requests"], 1), state["refused"]
+    rate = state["tokens"] / elapsed if state["reached"] is None else tokens / elapsed
+    return rate, state["tokens"] / max(state["requests"], 1), state["refused"]
 
 
 async def ready(base: str) -> None:

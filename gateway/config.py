@@ -48,6 +48,9 @@ class GatewayConfig(ServerSecurity):
     # HTTP connection may take to send its first request's headers.
     http_request_timeout_s: float = Field(default=600.0, gt=0)
     http_header_timeout_s: float = Field(default=10.0, gt=0)
+    # Origins (as "https://app.example.com", or "*") whose browser pages may call the HTTP
+    # edge (CORS); none by default.
+    cors_origins: list[str] = Field(default_factory=list)
     # TLS to the modelhosts: the CA that signed their certificates, and this gateway's own
     # certificate and key when they require mutual TLS.
     modelhost_ca: Path | None = None
@@ -85,6 +88,8 @@ class GatewayConfig(ServerSecurity):
     batch_item_timeout_s: float = Field(default=600.0, gt=0)
     # Finished batches (and their results) are deleted after this many seconds.
     batch_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    # Seconds a stored response (the Responses API's store) is kept, in batch_db's file.
+    response_retention_s: float = Field(default=30 * 86400.0, gt=0)
 
     @model_validator(mode="after")
     def _cloud_models_are_openrouter_models(self) -> "GatewayConfig":

@@ -13,6 +13,7 @@ from typing import Any
 
 from airouter import tracing
 from airouter.errors import InvalidArgument, not_text
+from airouter.infill import MAX_INFILL_FILES, Infill
 from airouter.output import (
     PLAIN,
     Call,
@@ -82,7 +83,8 @@ class Routing:
 
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
-    """What to generate for whom: a raw prompt or chat messages (exactly one), and how."""
+    """What to generate for whom: a raw prompt, chat messages or an infill (exactly one), and
+    how."""
 
     model: str  # a name, an alias, "capability:<tag>" or "openrouter/<vendor>/<model>"
     prompt: str | None = None
@@ -92,6 +94,7 @@ class GenerateRequest:
     routing: Routing = field(default_factory=Routing)
     request_id: str = ""
     output: OutputOptions = PLAIN  # constrained output, tools, logprobs, n
+    infill: Infill | None = None  # fill-in-the-middle, in place of a prompt or messages
 
     @property
     def chat(self) -> bool:
@@ -109,6 +112,8 @@ class GenerateRequest:
             texts += (role, content, call_id)
             for call in calls:
                 texts += call
+        if self.infill is not None:
+            texts += self.infill.texts()
         size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
         return size + (self.output.size() if self.output is not PLAIN else 0)
 
@@ -170,6 +175,7 @@ class Finished:
     model: str = ""  # the configured name of the model that served it
     host: str = ""  # the host (or "openrouter") that served it
     choices: tuple[ChoiceEnd, ...] = ()  # with n > 1: how each choice ended
+    stop_sequence: str = ""  # the stop string that ended it, when one did
 
 
 Event = Token | ToolCallDelta | Finished
@@ -228,7 +234,8 @@ class Outputs:
 def request_prefix(request: GenerateRequest) -> Prefix:
     """The prompt's prefix as routing looks at it: its blocks hashed as the hosts hash them,
     sampled (airouter.prefix.routing_blocks), and its size."""
-    whole = prefix_of(request.prompt, request.messages or None)
+    prompt = request.infill.routing_text() if request.infill is not None else request.prompt
+    whole = prefix_of(prompt, request.messages or None)
     return Prefix(routing_blocks(whole.blocks), whole.size)
 
 
@@ -266,8 +273,12 @@ def validate(request: GenerateRequest) -> None:
     """Refuses what no host could serve, cheaply and before any routing."""
     if not request.model:
         raise InvalidArgument("model is empty; name a model (`airouter models` lists them)")
-    if not request.prompt and not request.messages:
+    if not request.prompt and not request.messages and request.infill is None:
         raise InvalidArgument("the request has neither a prompt nor chat messages")
+    if request.infill is not None and len(request.infill.extra) > MAX_INFILL_FILES:
+        raise InvalidArgument(
+            f"infill.extra holds {len(request.infill.extra)} files; at most {MAX_INFILL_FILES}"
+        )
     conversation = request.routing.conversation_id
     if len(conversation) > MAX_CONVERSATION_ID:
         raise InvalidArgument(

@@ -165,6 +165,21 @@ class Host:
         if dropped:
             raise Unavailable(f"host {self.address} stopped answering: {dropped}")
 
+    async def count_tokens(
+        self, request: GenerateRequest, time_left_s: float | None
+    ) -> tuple[int, str]:
+        """The host's count of the request's prompt tokens, and its name for the model."""
+        pb = await off_loop(host_request, request) if heavy(request) else host_request(request)
+        try:
+            counted = await self.stub.CountTokens(
+                model_host_pb2.CountTokensRequest(request=pb),
+                timeout=time_left_s,
+                metadata=tracing.inject_metadata(self.metadata),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return counted.input_tokens, counted.model
+
     def drop_calls(self, why: str) -> None:
         """Ends the calls in flight: the host is gone, though its TCP connection may linger
         (nothing reset it), so they would otherwise wait for their deadline."""

@@ -1,8 +1,10 @@
-"""The gateway's OpenAI-compatible HTTP edge (aiohttp): /v1/chat/completions, /v1/completions
-and /v1/models, streaming (SSE) or not, a thin adapter over the gateway's service core, like
-the gRPC Generate: local hosts, OpenRouter models, failover. Same tokens as gRPC; errors in
-OpenAI's JSON shape. Each request has a deadline (request_timeout_s), and a client that leaves
-cancels its request on the host, streamed or not.
+"""The gateway's HTTP edge (aiohttp): OpenAI's /v1/chat/completions, /v1/completions (with
+`suffix`: fill-in-the-middle), /v1/models and /v1/responses, Anthropic's /v1/messages
+(gateway.anthropic), llama-server's /infill (gateway.infill_api), streaming (SSE) or not; each
+a thin adapter over the gateway's service core, like the gRPC Generate: local hosts,
+OpenRouter models, failover. Same tokens as gRPC; errors in the shape of each door's API.
+Each request has a deadline (request_timeout_s), and a client that leaves cancels its request
+on the host, streamed or not.
 """
 
 import asyncio
@@ -16,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -41,13 +43,17 @@ from airouter.openai_api import (
     tool_call_json,
     usage_json,
 )
+from airouter.output import Turn
 from airouter.security import Credentials, accepts_token
 from airouter.v1 import generate_pb2
+from gateway import anthropic, infill_api, responses
 from gateway.generation import (
     MAX_GENERATE_BYTES,
     ChoiceEnd,
+    ChoiceOutput,
     Event,
     Finished,
+    FinishReason,
     GenerateRequest,
     Outputs,
     Routing,
@@ -60,7 +66,8 @@ from gateway.generation import (
     validate,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.offload import HEAVY_SIZE, heavy, off_process
+from gateway.offload import HEAVY_SIZE, heavy, off_loop, off_process
+from gateway.response_store import ResponseStore, StoredResponse
 from gateway.service import GatewayService
 
 _log = structlog.get_logger()
@@ -70,7 +77,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Seconds an idle keep-alive connection stays open.
 KEEPALIVE_S = 75.0
 REQUEST_ID = web.RequestKey("request_id", str)
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
+# Answered without a token: load balancers' and container runtimes' probes carry none.
+_OPEN_PATHS = frozenset({"/health", "/ready"})
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_T = TypeVar("_T")
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 class _Connection(RequestHandler):
@@ -148,11 +160,41 @@ def _close_if_no_request(handler: _Connection) -> None:
         handler.transport.close()
 
 
-def _error(status_name: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    """An OpenAI-shaped error, in OpenAI's field names, naming the field (`param`)."""
-    text, param = openai_message(message)
-    status, body = error_json(status_name, text, param)
+def _error(
+    request: web.Request, status_name: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An error in the shape of the API the request was for: Anthropic's on its paths, else
+    OpenAI's, in OpenAI's field names, naming the field (`param`)."""
+    if _is_anthropic(request):
+        status, body = anthropic.error_json(status_name, message)
+    else:
+        text, param = openai_message(message)
+        status, body = error_json(status_name, text, param)
     return web.json_response(body, status=status, headers=headers)
+
+
+async def _add_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Every answer names its request (x-request-id), and the origin CORS allowed."""
+    if REQUEST_ID in request:
+        response.headers.setdefault("x-request-id", request[REQUEST_ID])
+    origin = request.get(CORS_ORIGIN)
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "x-request-id, request-id, retry-after"
+        response.headers["Vary"] = "Origin"
+
+
+def _is_anthropic(request: web.Request) -> bool:
+    return request.path.startswith("/v1/messages")
+
+
+def _id_headers(request: web.Request) -> dict[str, str]:
+    """The request's id, as OpenAI's clients (x-request-id) and Anthropic's (request-id) read
+    it."""
+    headers = {"x-request-id": request[REQUEST_ID]}
+    if _is_anthropic(request):
+        headers["request-id"] = request[REQUEST_ID]
+    return headers
 
 
 class HttpEdge:
@@ -163,6 +205,8 @@ class HttpEdge:
         metrics: GatewayMetrics,
         request_timeout_s: float = 600.0,
         header_timeout_s: float = 10.0,
+        cors_origins: list[str] | None = None,
+        stored_responses: ResponseStore | None = None,
     ) -> None:
         self._service = service
         self._metrics = metrics
@@ -172,13 +216,24 @@ class HttpEdge:
         self._listener: asyncio.Server | None = None
         self._refusals = RefusalLog()
         self._first_seen: dict[str, int] = {}  # model name -> when /v1/models first listed it
+        self._cors_origins = set(cors_origins or ())
+        self._stored = stored_responses  # owned: closed with the edge
         self.app = web.Application(
-            middlewares=[self._errors, self._auth], client_max_size=MAX_GENERATE_BYTES
+            middlewares=[self._errors, self._cors, self._auth], client_max_size=MAX_GENERATE_BYTES
         )
+        self.app.on_response_prepare.append(_add_request_id)
+        self.app.router.add_get("/health", self._health)
+        self.app.router.add_get("/ready", self._ready)
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_get("/v1/models", self._models)
         self.app.router.add_get("/v1/models/{model:.+}", self._model)
+        self.app.router.add_post("/v1/messages", self._messages)
+        self.app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        self.app.router.add_post("/infill", self._infill)
+        self.app.router.add_post("/v1/responses", self._responses)
+        self.app.router.add_get("/v1/responses/{id}", self._stored_response)
+        self.app.router.add_delete("/v1/responses/{id}", self._delete_response)
         self.app.router.add_get("/metrics", self._prometheus)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -231,6 +286,8 @@ class HttpEdge:
             self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._stored is not None:
+            self._stored.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -243,29 +300,78 @@ class HttpEdge:
         try:
             return await handler(request)
         except AirouterError as exc:
-            return _error(exc.code, str(exc), {"x-request-id": request[REQUEST_ID]})
+            return _error(request, exc.code, str(exc), _id_headers(request))
         except web.HTTPRequestEntityTooLarge:
             limit = MAX_GENERATE_BYTES >> 20
-            return _error("INVALID_ARGUMENT", f"the body is larger than {limit} MiB; send less")
+            message = f"the body is larger than {limit} MiB; send less"
+            return _error(request, "INVALID_ARGUMENT", message)
         except web.HTTPMethodNotAllowed as exc:
             allowed = ", ".join(sorted(exc.allowed_methods))
             _, body = error_json(
                 "INVALID_ARGUMENT", f"{request.method} is not allowed here; use {allowed}"
             )
             return web.json_response(body, status=405, headers={"Allow": allowed})
+        except web.HTTPNotFound:
+            message = (
+                f"no such path: {request.method} {shown(request.path)}; the API is under /v1 "
+                "(chat/completions, completions, models, responses, messages), with /infill, "
+                "/health, /ready and /metrics"
+            )
+            return _error(request, "NOT_FOUND", message)
         except web.HTTPException as exc:
-            return _error("NOT_FOUND" if exc.status == 404 else "INVALID_ARGUMENT", exc.reason)
+            return _error(request, "INVALID_ARGUMENT", exc.reason)
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Browser pages of the configured origins may call the edge: a preflight (OPTIONS,
+        which carries no token) is answered here, and answers name the origin they allow."""
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and (origin in self._cors_origins or "*" in self._cors_origins)
+        if request.method == "OPTIONS":
+            headers = {"Allow": "GET, POST, DELETE, OPTIONS"}
+            if allowed:
+                asked = request.headers.get("Access-Control-Request-Headers", "")
+                headers |= {
+                    "Access-Control-Allow-Origin": origin or "",
+                    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                    "Access-Control-Allow-Headers": asked or "authorization, content-type",
+                    "Access-Control-Max-Age": "600",
+                    "Vary": "Origin",
+                }
+            return web.Response(status=204, headers=headers)
+        if allowed:
+            request[CORS_ORIGIN] = origin or ""
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._credentials.authenticates:
+        if self._credentials.authenticates and request.path not in _OPEN_PATHS:
             header = request.headers.get("Authorization", "")
             token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+            if token is None:  # Anthropic's clients send x-api-key
+                token = request.headers.get("x-api-key")
             if token is None:
-                raise Unauthenticated("send your token as `Authorization: Bearer <token>`")
+                raise Unauthenticated(
+                    "send your token as `Authorization: Bearer <token>` (or `x-api-key: <token>`)"
+                )
             if not accepts_token(self._credentials, token):
                 raise Unauthenticated("the bearer token is not valid")
         return await handler(request)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        """Live: the gateway answers (for load balancers' and containers' health checks)."""
+        return web.json_response({"status": "ok"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """Ready: some host is serving and the gateway is not shutting down; else 503."""
+        serving = len(self._service.pool.routable())
+        ready = serving > 0 and not self._service.draining
+        body = {"status": "ready" if ready else "not ready", "hosts_serving": serving}
+        if self._service.draining:
+            body["reason"] = "the gateway is shutting down"
+        elif not serving:
+            body["reason"] = "no model host is serving; `airouter hosts` says why"
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _prometheus(self, request: web.Request) -> web.Response:
         body = generate_latest(self._metrics.registry)
@@ -299,19 +405,9 @@ class HttpEdge:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        raw = await request.read()
-        # A large body is parsed and validated on a worker thread: the loop serves the rest.
-        if len(raw) > HEAVY_SIZE:
-            generate, stream, include_usage = await off_process(_parse, raw, chat)
-        else:
-            generate, stream, include_usage = _parse(raw, chat)
-        # A conversation's affinity hint; OpenAI's `user` says the same for an end user.
-        conversation = request.headers.get("x-conversation-id")
-        routing = (
-            generate.routing if conversation is None else Routing(conversation_id=conversation)
-        )
-        generate = replace(generate, request_id=request[REQUEST_ID], routing=routing)
-        headers = {"x-request-id": generate.request_id}
+        generate, stream, include_usage = await _read(request, _parse, chat)
+        generate = _routed(request, generate)
+        headers = _id_headers(request)
         attributes = functools.partial(request_attributes, generate)
         name = f"{'chat' if chat else 'text_completion'} {generate.model}"
         with tracing.request_span(_tracer, name, attributes, request.headers.items()) as span:
@@ -324,18 +420,201 @@ class HttpEdge:
                     return await self._whole(
                         responses, first, chat, ident, created, generate, span, headers
                     )
-                out = web.StreamResponse(
-                    headers={
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                        **headers,
-                    }
-                )
+                out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
                 await out.prepare(request)
                 await self._stream(
                     out, responses, first, chat, ident, created, generate, span, include_usage
                 )
                 return out
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API (gateway.anthropic), on the same request path."""
+        generate, stream = await _read(request, _parse_messages)
+        generate = _routed(request, generate)
+        headers = _id_headers(request)
+        attributes = functools.partial(request_attributes, generate)
+        with tracing.request_span(
+            _tracer, f"messages {generate.model}", attributes, request.headers.items()
+        ) as span:
+            responses = self._service.generate(generate, self._request_timeout_s)
+            async with aclosing(responses):
+                ident, model = anthropic.message_id(), generate.model
+                event = await anext(responses)  # errors before the first token raise here
+                if not stream:
+                    outputs = Outputs()
+                    while not isinstance(event, Finished):
+                        outputs.add(event)
+                        event = await anext(responses)
+                    span.set_attributes(finish_attributes(event))
+                    if event.reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                        # The host failed mid-answer: a server error, which clients retry.
+                        why = event.error_message or "the request was cancelled"
+                        body = {"type": "error", "error": {"type": "api_error", "message": why}}
+                        return web.json_response(body, status=502, headers=headers)
+                    (output,) = outputs.choices(event)
+                    body = anthropic.message_json(ident, model, output, event)
+                    return web.json_response(body, headers=headers)
+                out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+                await out.prepare(request)
+                events = anthropic.MessageEvents(ident, model)
+                for item in events.start():
+                    await out.write(anthropic.sse(item))
+                while True:
+                    for item in events.on(event):
+                        await out.write(anthropic.sse(item))
+                    if isinstance(event, Finished):
+                        span.set_attributes(finish_attributes(event))
+                        return out
+                    event = await anext(responses)
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """Anthropic's count_tokens: the prompt as a host would render and tokenize it."""
+        generate = _routed(request, await _read(request, _parse_count))
+        with tracing.request_span(
+            _tracer,
+            f"count_tokens {generate.model}",
+            functools.partial(request_attributes, generate),
+            request.headers.items(),
+        ):
+            counted = await self._service.count_tokens(generate, self._request_timeout_s)
+        body = {"input_tokens": counted.input_tokens}
+        return web.json_response(body, headers=_id_headers(request))
+
+    async def _infill(self, request: web.Request) -> web.StreamResponse:
+        """llama-server's /infill (gateway.infill_api), for its editor plugins."""
+        generate, stream = await _read(request, _parse_infill)
+        generate = _routed(request, generate)
+        headers = _id_headers(request)
+        with tracing.request_span(
+            _tracer,
+            f"infill {generate.model}",
+            functools.partial(request_attributes, generate),
+            request.headers.items(),
+        ) as span:
+            answers = self._service.generate(generate, self._request_timeout_s)
+            async with aclosing(answers):
+                event = await anext(answers)  # errors before the first token raise here
+                out: web.StreamResponse | None = None
+                if stream:
+                    out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+                    await out.prepare(request)
+                texts: list[str] = []
+                while not isinstance(event, Finished):
+                    if isinstance(event, Token) and event.text:
+                        texts.append(event.text)
+                        if out is not None:
+                            await out.write(infill_api.chunk(event.text))
+                    event = await anext(answers)
+                span.set_attributes(finish_attributes(event))
+                failed = event.reason in (FinishReason.ERROR, FinishReason.CANCELLED)
+                error = {"code": 502, "message": event.error_message, "type": "server_error"}
+                if out is not None:
+                    final = {"error": error} if failed else infill_api.final_json("", event, True)
+                    await out.write(sse(final))
+                    return out
+                if failed:
+                    return web.json_response({"error": error}, status=502, headers=headers)
+                body = infill_api.final_json("".join(texts), event, False)
+                return web.json_response(body, headers=headers)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API (gateway.responses), on the same request path; a stored
+        response's conversation continues with `previous_response_id`."""
+        parsed = await _read(request, _parse_responses)
+        ident = responses.response_id()
+        history: tuple[Turn, ...] = ()
+        root = ident
+        if parsed.previous_response_id is not None:
+            previous = await self._stored_or_404(parsed.previous_response_id)
+            history, root = previous.conversation, previous.root
+        prepared = responses.prepare(parsed, history)
+        generate = prepared.request
+        if not generate.routing.conversation_id:  # the chain's hosts hold its prefix
+            routing = replace(generate.routing, conversation_id=f"response:{root}")
+            generate = replace(generate, routing=routing)
+        generate = await off_loop(_ready, generate) if heavy(generate) else _ready(generate)
+        generate = _routed(request, generate)
+        headers = _id_headers(request)
+        shape = responses.ResponseShape(ident, parsed)
+        with tracing.request_span(
+            _tracer,
+            f"responses {generate.model}",
+            functools.partial(request_attributes, generate),
+            request.headers.items(),
+        ) as span:
+            answers = self._service.generate(generate, self._request_timeout_s)
+            async with aclosing(answers):
+                event = await anext(answers)  # errors before the first token raise here
+                outputs = Outputs()
+                out: web.StreamResponse | None = None
+                events = responses.ResponseEvents(shape)
+                if parsed.stream:
+                    out = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
+                    await out.prepare(request)
+                    for item in events.start():
+                        await out.write(responses.sse(item))
+                while not isinstance(event, Finished):
+                    outputs.add(event)
+                    if out is not None:
+                        for item in events.on(event):
+                            await out.write(responses.sse(item))
+                    event = await anext(answers)
+                span.set_attributes(finish_attributes(event))
+                (output,) = outputs.choices(event)
+                if out is not None:
+                    ending = events.finish(output, event)
+                    final = ending[-1]["response"]
+                    await self._store(parsed, ident, root, history, prepared, output, final)
+                    for item in ending:
+                        await out.write(responses.sse(item))
+                    return out
+                final = shape.final(output, event)
+                if final["status"] == "failed":
+                    # The host failed mid-answer: a server error, which clients retry.
+                    message = final["error"]["message"]
+                    body = {"error": {"message": message, "type": "server_error"}}
+                    return web.json_response(body, status=502, headers=headers)
+                await self._store(parsed, ident, root, history, prepared, output, final)
+                return web.json_response(final, headers=headers)
+
+    async def _store(
+        self,
+        parsed: responses.ResponsesRequest,
+        ident: str,
+        root: str,
+        history: tuple[Turn, ...],
+        prepared: responses.Prepared,
+        output: ChoiceOutput,
+        final: dict[str, Any],
+    ) -> None:
+        if not parsed.store or self._stored is None or final["status"] == "failed":
+            return
+        conversation = history + prepared.turns + responses.output_turns(output)
+        stored = StoredResponse(ident, root, conversation, final)
+        await asyncio.to_thread(self._stored.put, stored)
+
+    async def _stored_or_404(self, ident: str) -> StoredResponse:
+        found = None
+        if self._stored is not None:
+            found = await asyncio.to_thread(self._stored.get, ident)
+        if found is None:
+            raise NotFound(
+                f"no stored response {shown(ident)}: responses are kept only when created with "
+                "store true (the default), and for response_retention_s (30 days by default)"
+            )
+        return found
+
+    async def _stored_response(self, request: web.Request) -> web.Response:
+        found = await self._stored_or_404(request.match_info["id"])
+        return web.json_response(found.body, headers=_id_headers(request))
+
+    async def _delete_response(self, request: web.Request) -> web.Response:
+        ident = request.match_info["id"]
+        deleted = self._stored is not None and await asyncio.to_thread(self._stored.delete, ident)
+        if not deleted:
+            raise NotFound(f"no stored response {shown(ident)}")
+        body = {"id": ident, "object": "response.deleted", "deleted": True}
+        return web.json_response(body, headers=_id_headers(request))
 
     async def _whole(
         self,
@@ -382,8 +661,14 @@ class HttpEdge:
     ) -> None:
         model = generate.model
         chunk = functools.partial(chunk_json, chat=chat, id=ident, created=created)
-        opened: set[int] = set()  # choices whose first chunk (with the role) went out
+        opened: set[int] = set()  # choices whose role chunk went out
         offsets: dict[int, int] = {}  # text sent per choice: legacy logprobs' text_offset
+
+        async def open_choice(choice: int, model: str) -> None:
+            if chat and choice not in opened:
+                await out.write(sse(chunk(model=model, choice=choice, role=True)))
+            opened.add(choice)
+
         while True:
             if isinstance(event, Finished):
                 span.set_attributes(finish_attributes(event))
@@ -392,11 +677,11 @@ class HttpEdge:
                     await out.write(sse(error))
                 ends = event.choices or (ChoiceEnd(0, event.reason),)
                 for end in ends:
+                    await open_choice(end.index, event.model or model)
                     last = chunk(
                         model=event.model or model,
                         choice=end.index,
                         finish_reason=end.reason.value,
-                        first=end.index not in opened,
                     )
                     await out.write(sse(last))
                 if include_usage:
@@ -413,51 +698,96 @@ class HttpEdge:
                 if event.logprobs:
                     logprobs = logprobs_json(chat, event.logprobs, offsets.get(choice, 0))
                 offsets[choice] = offsets.get(choice, 0) + len(event.text)
-                body = chunk(
-                    model=model,
-                    choice=choice,
-                    text=event.text,
-                    first=choice not in opened,
-                    logprobs=logprobs,
-                )
+                body = chunk(model=model, choice=choice, text=event.text, logprobs=logprobs)
             else:
                 call = tool_call_json(
                     event.call_index, event.id, event.name, event.arguments, streamed=True
                 )
-                body = chunk(model=model, choice=choice, first=choice not in opened, tool_call=call)
-            opened.add(choice)
+                body = chunk(model=model, choice=choice, tool_call=call)
+            await open_choice(choice, model)
             await out.write(sse(body))
             event = await anext(responses)
+
+
+async def _read(request: web.Request, parse: Callable[..., _T], *args: Any) -> _T:
+    """The body parsed and validated; a large one on a worker process, so the loop serves
+    the rest meanwhile."""
+    raw = await request.read()
+    if len(raw) > HEAVY_SIZE:
+        return await off_process(parse, raw, *args)
+    return parse(raw, *args)
+
+
+def _routed(request: web.Request, generate: GenerateRequest) -> GenerateRequest:
+    """The request with its id, and a conversation's affinity hint from X-Conversation-Id
+    (where a body's own hint, OpenAI's `user` or Anthropic's metadata.user_id, is overridden)."""
+    routing = generate.routing
+    conversation = request.headers.get("x-conversation-id")
+    if conversation is not None:
+        routing = replace(routing, conversation_id=conversation)
+    return replace(generate, request_id=request[REQUEST_ID], routing=routing)
 
 
 def _parse(raw: bytes, chat: bool) -> tuple[GenerateRequest, bool, bool]:
     """The body as the gateway's request, validated, with whether to stream and whether to
     send usage in the stream; InvalidArgument says what is wrong. Nothing else of the parsed
     body is kept (a chat of 20,000 messages is 40,000 objects for the cycle collector)."""
+    parsed = parse_request(_json(raw), chat=chat)
+    return _ready(generate_request(parsed)), parsed.stream, parsed.include_usage
+
+
+def _parse_messages(raw: bytes) -> tuple[GenerateRequest, bool]:
+    """An Anthropic Messages body as the gateway's request, validated; whether to stream."""
+    parsed = anthropic.parse_messages(_json(raw))
+    return _ready(anthropic.generate_request(parsed)), parsed.stream
+
+
+def _parse_responses(raw: bytes) -> responses.ResponsesRequest:
+    """A Responses body, validated against its schema (the conversation it continues is read
+    from the store before the request is built)."""
+    return responses.parse(_json(raw))
+
+
+def _parse_infill(raw: bytes) -> tuple[GenerateRequest, bool]:
+    parsed = infill_api.parse(_json(raw))
+    return _ready(infill_api.generate_request(parsed)), parsed.stream
+
+
+def _parse_count(raw: bytes) -> GenerateRequest:
+    """An Anthropic count_tokens body as the gateway's request, validated."""
+    return _ready(anthropic.generate_request(anthropic.parse_count(_json(raw))))
+
+
+def _json(raw: bytes) -> Any:
     try:
-        body: Any = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise InvalidArgument(f"the body is not UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"the body is not JSON: {exc}") from None
-    parsed = parse_request(body, chat=chat)
-    generate = generate_request(parsed)
+
+
+def _ready(generate: GenerateRequest) -> GenerateRequest:
+    """Validated, and a heavy request's prefix hashed here, where it costs the loop nothing."""
     validate(generate)
-    if heavy(generate):  # hashed here, where it costs the event loop nothing
+    if heavy(generate):
         prefix = request_prefix(generate)
         generate = replace(generate, routing=replace(generate.routing, prefix=prefix))
-    return generate, parsed.stream, parsed.include_usage
+    return generate
 
 
 def generate_request(parsed: ChatCompletionRequest | CompletionRequest) -> GenerateRequest:
     """The gateway's request for an OpenAI body (the caller adds its id)."""
-    messages = None
+    messages, prompt, infill = None, None, None
     if isinstance(parsed, ChatCompletionRequest):
         messages = tuple(m.turn() for m in parsed.messages)
+    elif (infill := parsed.infill()) is None:
+        prompt = parsed.text
     return GenerateRequest(
         model=parsed.model,
-        prompt=None if messages is not None else parsed.text,  # type: ignore[union-attr]
+        prompt=prompt,
         messages=messages,
+        infill=infill,
         sampling=Sampling(**parsed.sampling()),
         stopping=Stopping(parsed.token_limit, tuple(parsed.stops), parsed.ignore_eos),
         routing=Routing(conversation_id=parsed.user or ""),

@@ -16,6 +16,7 @@ from gateway.hosts import CHANNEL_OPTIONS, HostPool
 from gateway.http_edge import HttpEdge
 from gateway.metrics import GatewayMetrics
 from gateway.prefixes import PrefixPolicy
+from gateway.response_store import ResponseStore
 from gateway.service import CloudRouting, GatewayService
 from gateway.servicer import GatewayServicer
 from gateway.upstream import OpenAIUpstream, UpstreamSettings
@@ -150,6 +151,8 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
             metrics,
             config.http_request_timeout_s,
             config.http_header_timeout_s,
+            config.cors_origins,
+            ResponseStore(config.batch_db, config.response_retention_s),
         )
         try:
             await gateway.http.start(config.http_listen, http_tls(config))

@@ -197,6 +197,42 @@ class GatewayService:
             if not self._in_flight:
                 self._idle.set()
 
+    async def count_tokens(
+        self, request: GenerateRequest, time_left_s: float | None
+    ) -> "TokenCount":
+        """The request's prompt tokens, counted by a host that serves its model (the one its
+        generation would go to first, else the next); local models only."""
+        deadline = None if time_left_s is None else time.monotonic() + time_left_s
+        if heavy(request):
+            await off_loop(validate, request)
+        else:
+            validate(request)
+        requested = request.model
+        if requested.startswith(OPENROUTER_PREFIX) or self.cloud.policy(request) == "cloud_only":
+            raise FailedPrecondition(
+                f"{shown(requested)} runs in the cloud, where tokens cannot be counted ahead; "
+                "count with a local model"
+            )
+        log = _log.bind(request_id=request.request_id, model=requested)
+        ranked = await self._route(request, deadline, log, await self._prefix(request))
+        failures = []
+        for candidate in ranked:
+            host = candidate.host
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                on_host = request.with_model(candidate.model.name)
+                tokens, model = await host.count_tokens(on_host, left)
+            except (Unavailable, ResourceExhausted, DeadlineExceeded) as exc:
+                failures.append(f"{host.address} ({exc.code}: {exc})")
+                continue
+            return TokenCount(tokens, model, host.address)
+        raise Unavailable(
+            f"no host could count tokens for {shown(requested)}; tried: "
+            f"{'; '.join(failures) or 'none in time'}"
+        )
+
     def model_label(self, requested: str) -> str:
         """The requested name as /metrics may show it: a name some host, alias or configured
         cloud model answers to; else OTHER_CLOUD_MODEL for an openrouter/ name, UNKNOWN_MODEL
@@ -499,6 +535,15 @@ class GatewayService:
             [merged[name] for name in sorted(merged)],
             [h.address for h in pool.hosts if not h.routable],
         )
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """A request's prompt tokens, as the host that counted them counts them."""
+
+    input_tokens: int
+    model: str  # the configured name of the model that counted them
+    host: str
 
 
 @dataclass(frozen=True)

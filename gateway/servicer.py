@@ -61,6 +61,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         span.set_attributes(finish_attributes(event))
                     yield event_pb(event)
 
+    async def CountTokens(
+        self, request: gateway_pb2.GatewayCountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GatewayCountTokensResponse:
+        if request.ByteSize() > HEAVY_SIZE:
+            generate = await off_process(large_request, request.request.SerializeToString())
+        else:
+            generate = request_from_pb(request.request)
+        counted = await self._service.count_tokens(generate, context.time_remaining())
+        return gateway_pb2.GatewayCountTokensResponse(
+            input_tokens=counted.input_tokens, model=counted.model, host=counted.host
+        )
+
     async def ListModels(
         self, request: gateway_pb2.GatewayListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GatewayListModelsResponse:

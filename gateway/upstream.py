@@ -47,9 +47,8 @@ from airouter.output import (
     OutputOptions,
     TokenLogprob,
     ToolChoice,
-    Turn,
     openai_tool,
-    turn_parts,
+    turn_json,
 )
 from gateway.config import OPENROUTER_PREFIX
 from gateway.generation import (
@@ -466,9 +465,14 @@ def openai_body(request: GenerateRequest) -> tuple[str, dict[str, Any]]:
     """The OpenAI API path and JSON body for a gateway request: chat messages go to
     /chat/completions, a raw prompt to /completions."""
     body: dict[str, Any] = {"model": request.model.removeprefix(OPENROUTER_PREFIX)}
+    if request.infill is not None:
+        raise FailedPrecondition(
+            "fill-in-the-middle (suffix, /infill) runs on local hosts only (it needs the "
+            "model's FIM tokens); ask for routing_policy local_only"
+        )
     if request.messages is not None:
         path = "/chat/completions"
-        body["messages"] = [_message_json(turn) for turn in request.messages]
+        body["messages"] = [turn_json(turn) for turn in request.messages]
     else:
         path = "/completions"
         body["prompt"] = request.prompt
@@ -483,20 +487,6 @@ def openai_body(request: GenerateRequest) -> tuple[str, dict[str, Any]]:
     if request.stopping.stop:
         body["stop"] = list(request.stopping.stop)
     return path, body
-
-
-def _message_json(turn: Turn) -> dict[str, Any]:
-    role, content, call_id, calls = turn_parts(turn)
-    message: dict[str, Any] = {"role": role, "content": content}
-    if call_id:
-        message["tool_call_id"] = call_id
-    if calls:
-        message["content"] = content or None
-        message["tool_calls"] = [
-            {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
-            for i, n, a in calls
-        ]
-    return message
 
 
 def _output_json(body: dict[str, Any], output: OutputOptions, *, chat: bool) -> None:

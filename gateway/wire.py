@@ -4,8 +4,10 @@ builds the host's own request (gateway.hosts); nothing else here knows the wire.
 
 from airouter.errors import InvalidArgument
 from airouter.output_wire import (
+    fill_infill,
     fill_output,
     fill_turn,
+    infill_from_pb,
     logprob_from_pb,
     logprob_pb,
     output_from_pb,
@@ -83,9 +85,11 @@ def request_from_pb(pb: gateway_pb2.GatewayGenerateRequest) -> GenerateRequest:
                 + ", ".join(gateway_pb2.RoutingPolicy.Name(p) for p in POLICY_FROM_PB)
             )
     chat = pb.HasField("chat")
+    infill = infill_from_pb(pb.infill) if pb.HasField("infill") else None
     return GenerateRequest(
         model=pb.model,
-        prompt=None if chat else pb.prompt,
+        prompt=None if chat or infill else pb.prompt,
+        infill=infill,
         messages=tuple(turn_from_pb(m) for m in pb.chat.messages) if chat else None,
         sampling=sampling_from_pb(pb.sampling),
         stopping=stopping_from_pb(pb.stopping),
@@ -122,6 +126,8 @@ def fill_generation(
                 add(role=turn[0], content=turn[1])
             else:
                 fill_turn(add(), turn)
+    elif request.infill is not None:
+        fill_infill(pb.infill, request.infill)
     else:
         pb.prompt = request.prompt or ""
     fill_sampling(pb.sampling, request.sampling)
@@ -154,6 +160,7 @@ def finished_from_pb(pb: generate_pb2.Finished) -> Finished:
             )
             for c in pb.choices
         ),
+        pb.stop_sequence,
     )
 
 
@@ -180,6 +187,7 @@ def finished_pb(finished: Finished) -> generate_pb2.Finished:
         error_message=finished.error_message,
         model=finished.model,
         host=finished.host,
+        stop_sequence=finished.stop_sequence,
         choices=[
             generate_pb2.ChoiceFinished(
                 index=c.index, reason=_REASON_TO_PB[c.reason], completion_tokens=c.completion_tokens

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from airouter.errors import AirouterError, InvalidArgument
+from airouter.infill import Infill
 from airouter.output import PLAIN, OutputOptions, TokenLogprob, Turn, turn_parts
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ class Finish:
     engine: str = ""  # the engine that ran it: "llama.cpp", "mlx"
     # With n > 1: (choice, why it ended, tokens it generated) for each.
     choices: tuple[tuple[int, FinishReason, int], ...] = ()
+    stop_sequence: str = ""  # the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class GenerationSpec:
     stop: list[str]
     ignore_eos: bool = False
     output: OutputOptions = PLAIN
+    infill: Infill | None = None  # fill-in-the-middle, in place of a prompt or messages
 
 
 @dataclass(eq=False)  # compared and hashed by identity: callers may reuse request ids

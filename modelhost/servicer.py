@@ -14,7 +14,13 @@ from opentelemetry import trace
 
 from airouter import tracing
 from airouter.output import ToolCallDelta
-from airouter.output_wire import logprob_pb, output_from_pb, tool_call_pb, turn_from_pb
+from airouter.output_wire import (
+    infill_from_pb,
+    logprob_pb,
+    output_from_pb,
+    tool_call_pb,
+    turn_from_pb,
+)
 from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
 from modelhost.engines import engine_kind
 from modelhost.generation import (
@@ -88,6 +94,13 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
                         )
                         _record_phases(event)
                     yield message
+
+    async def CountTokens(
+        self, request: model_host_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> model_host_pb2.CountTokensResponse:
+        spec = spec_from_pb(request.request)
+        tokens, model = await self._service.count_tokens(spec, context.time_remaining())
+        return model_host_pb2.CountTokensResponse(input_tokens=tokens, model=model)
 
     async def ListModels(
         self, request: model_host_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -185,6 +198,7 @@ def spec_from_pb(request: model_host_pb2.GenerateRequest) -> GenerationSpec:
         messages=(
             [turn_from_pb(m) for m in request.chat.messages] if request.HasField("chat") else None
         ),
+        infill=infill_from_pb(request.infill) if request.HasField("infill") else None,
         sampling=sampling,
         max_tokens=stopping.max_tokens if stopping.HasField("max_tokens") else None,
         stop=list(stopping.stop),
@@ -221,6 +235,7 @@ def event_to_pb(event: Delta | ToolCallDelta | Finish) -> model_host_pb2.Generat
             ),
             error_message=event.error,
             model=event.model,
+            stop_sequence=event.stop_sequence,
             choices=[
                 generate_pb2.ChoiceFinished(
                     index=i, reason=FINISH_REASON_TO_PB[reason], completion_tokens=tokens

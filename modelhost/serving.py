@@ -67,7 +67,7 @@ class GenerationService:
         the first event when the request cannot be served, including when its deadline
         passes in the queue. Leaving the iteration early cancels the request in the engine."""
         arrived = time.perf_counter()
-        if not spec.prompt and not spec.messages:
+        if not spec.prompt and not spec.messages and spec.infill is None:
             raise InvalidArgument("the request has neither a prompt nor chat messages; send one")
         spec.sampling.validate()
         validate_stop(spec.stop)
@@ -93,6 +93,23 @@ class GenerationService:
             self.metrics.refused(resident.name, exc)
             raise
 
+    async def count_tokens(
+        self, spec: GenerationSpec, time_left_s: float | None
+    ) -> tuple[int, str]:
+        """The prompt tokens Generate would count for the request (the chat template applied,
+        with the tools offered), and the configured name of the model that counted them."""
+        if not spec.prompt and not spec.messages and spec.infill is None:
+            raise InvalidArgument("the request has neither a prompt nor chat messages; send one")
+        validate_output(spec.output, compile=False)
+        if spec.messages:
+            validate_messages(spec.messages)
+        resident = self.residency.resolve(spec.model)
+        name = resident.config.name
+        async with self.residency.use(resident, time_left_s) as engine:
+            refuse_what_cannot_fit(spec, engine, name)
+            prepared = await asyncio.to_thread(prepare, spec, engine, name, grammar=False)
+            return len(await asyncio.to_thread(prompt_tokens, spec, prepared, engine, name)), name
+
     async def _run(
         self,
         spec: GenerationSpec,
@@ -105,7 +122,7 @@ class GenerationService:
         output = spec.output
         refuse_what_cannot_fit(spec, engine, name)
         prepared = await asyncio.to_thread(prepare, spec, engine, name)
-        prompt = await asyncio.to_thread(engine.tokenize, prepared.text)
+        prompt = await asyncio.to_thread(prompt_tokens, spec, prepared, engine, name)
         max_tokens = resolve_max_tokens(
             spec.max_tokens, len(prompt), engine.context_per_request, name
         )
@@ -211,9 +228,9 @@ class Prepared:
     call_format: CallFormat | None = None  # set when the output may hold tool calls
 
 
-def prepare(spec: GenerationSpec, engine: Engine, name: str) -> Prepared:
-    """The prompt text (the chat template applied, with the tools offered) and the output's
-    grammar. Blocking: templates and grammars cost milliseconds."""
+def prepare(spec: GenerationSpec, engine: Engine, name: str, *, grammar: bool = True) -> Prepared:
+    """The prompt text (the chat template applied, with the tools offered) and, unless not
+    `grammar`, the output's grammar. Blocking: templates and grammars cost milliseconds."""
     output = spec.output
     calls = output.calls_tools
     form = None
@@ -238,14 +255,33 @@ def prepare(spec: GenerationSpec, engine: Engine, name: str) -> Prepared:
                 "set chat_template in its config (llama.cpp) or send a raw prompt"
             )
     else:
-        assert spec.prompt is not None
-        text = spec.prompt
+        text = spec.prompt or ""  # an infill's tokens are laid out apart (prompt_tokens)
+    if not grammar:
+        return Prepared(text)
     if calls:
         form = form or CallFormat.HERMES
         return Prepared(text, call_grammar(output, form), "tools", form)
     if output.constraint is not None:
         return Prepared(text, grammar_of(output.constraint, "response_format"), "response_format")
     return Prepared(text)
+
+
+def prompt_tokens(spec: GenerationSpec, prepared: Prepared, engine: Engine, name: str) -> list[int]:
+    """The prompt's tokens: its text tokenized, or a fill-in-the-middle prompt laid out with
+    the model's FIM tokens in the room its max_tokens (else a quarter of the context) leaves.
+    Blocking."""
+    if spec.infill is None:
+        return engine.tokenize(prepared.text)
+    context = engine.context_per_request
+    reserve = spec.max_tokens if spec.max_tokens is not None else context // 4
+    tokens = engine.infill(spec.infill, max(context - reserve, 1))
+    if tokens is None:
+        raise FailedPrecondition(
+            f"model {name!r} cannot fill in the middle: its vocabulary has no FIM tokens "
+            "(tokenizer.ggml.fim_pre_token_id and its siblings) or its engine cannot use them; "
+            "use a code model that has them (Qwen2.5-Coder, StarCoder 2, CodeLlama)"
+        )
+    return tokens
 
 
 def _choice_sampling(sampling: Sampling, choice: int) -> Sampling:

@@ -16,6 +16,7 @@ class TextStream:
         self._stop = [s for s in stop if s]
         self._held = ""
         self.stopped = False
+        self.matched = ""  # the stop string that stopped it
 
     def feed(self, piece: bytes) -> str:
         """Adds one token's bytes; returns the text now safe to send. After a stop string is
@@ -26,8 +27,9 @@ class TextStream:
         if not self._stop:
             text, self._held = self._held, ""
             return text
-        cut = min((i for s in self._stop if (i := self._held.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stop if (i := self._held.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda hit: hit[0])
             self.stopped = True
             text, self._held = self._held[:cut], ""
             return text

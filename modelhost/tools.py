@@ -33,6 +33,7 @@ from airouter.output import (
     Turn,
     openai_tool,
     tool_parameters,
+    turn_json,
     turn_parts,
 )
 from modelhost.generation import Delta
@@ -88,7 +89,7 @@ def render_with_template(
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template).render(
-            messages=[_message_dict(turn) for turn in messages],
+            messages=[turn_json(turn, for_template=True) for turn in messages],
             tools=[openai_tool(tool) for tool in tools] or None,
             add_generation_prompt=True,
             bos_token=bos,
@@ -134,31 +135,6 @@ def _hermes_call(call: Call) -> str:
     _id, name, arguments = call
     body = f'{{"name": {json.dumps(name)}, "arguments": {arguments or "{}"}}}'
     return f"{HERMES_OPEN}\n{body}\n{HERMES_CLOSE}"
-
-
-def _message_dict(turn: Turn) -> dict[str, Any]:
-    role, content, call_id, calls = turn_parts(turn)
-    message: dict[str, Any] = {"role": role, "content": content}
-    if call_id:
-        message["tool_call_id"] = call_id
-    if calls:
-        message["tool_calls"] = [
-            {
-                "id": id_,
-                "type": "function",
-                "function": {"name": name, "arguments": _arguments_object(arguments)},
-            }
-            for id_, name, arguments in calls
-        ]
-    return message
-
-
-def _arguments_object(arguments: str) -> Any:
-    """Templates index arguments as an object; one that is not JSON stays text."""
-    try:
-        return json.loads(arguments) if arguments else {}
-    except ValueError:
-        return arguments
 
 
 # --- the grammar --------------------------------------------------------------------------

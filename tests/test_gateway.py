@@ -72,6 +72,32 @@ def test_gateway_relays_the_hosts_tokens(stack: Stack) -> None:
     assert relayed.finished.model == "gemma-3-270m"
 
 
+def test_count_tokens_counts_what_generate_reads_on_both_services(stack: Stack) -> None:
+    request = gateway_request(prompt="The sun is", max_tokens=1, temperature=0.0)
+    counted = stack.gateway_stub.CountTokens(gateway_pb2.GatewayCountTokensRequest(request=request))
+    generated = collect(stack.gateway_stub.Generate(request))
+    assert counted.input_tokens == generated.finished.usage.prompt_tokens > 2
+    assert counted.model == "gemma-3-270m" and counted.host == stack.host_address
+    on_host = stack.host_stub.CountTokens(
+        model_host_pb2.CountTokensRequest(request=host_request(prompt="The sun is"))
+    )
+    assert on_host.input_tokens == counted.input_tokens and on_host.model == "gemma-3-270m"
+    with pytest.raises(grpc.RpcError) as unknown:
+        stack.gateway_stub.CountTokens(
+            gateway_pb2.GatewayCountTokensRequest(request=gateway_request(model="x", prompt="y"))
+        )
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_stop_string_that_ended_a_stream_is_named(stack: Stack) -> None:
+    fields = {"prompt": "Count: 1, 2, 3, 4,", "max_tokens": 12, "temperature": 0.0}
+    stopped = collect(stack.gateway_stub.Generate(gateway_request(stop=["@@", ","], **fields)))
+    assert stopped.finished.reason == generate_pb2.FINISH_REASON_STOP
+    assert stopped.finished.stop_sequence == "," and "," not in stopped.text
+    plain = collect(stack.gateway_stub.Generate(gateway_request(**fields)))
+    assert plain.finished.stop_sequence == ""
+
+
 def test_gateway_lists_models_with_the_hosts_that_serve_them(stack: Stack) -> None:
     response = stack.gateway_stub.ListModels(gateway_pb2.GatewayListModelsRequest())
     models = {m.name: m for m in response.models}

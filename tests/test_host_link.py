@@ -14,8 +14,9 @@ from typing import Any
 import grpc
 import pytest
 
+from airouter.infill import Infill
 from airouter.output import Constraint, ConstraintKind, OutputOptions, Tool, ToolChoice
-from airouter.output_wire import output_from_pb, turn_from_pb
+from airouter.output_wire import infill_from_pb, output_from_pb, turn_from_pb
 from airouter.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
@@ -42,6 +43,7 @@ FORWARDED = {
     "model": "model",
     "prompt": "prompt",
     "messages": "chat.messages",
+    "infill": "infill",
     "request_id": "request_id",
     "sampling.temperature": "sampling.temperature",
     "sampling.top_p": "sampling.top_p",
@@ -121,7 +123,7 @@ def test_every_field_of_the_gateway_s_request_is_forwarded_or_kept_by_the_gatewa
     pb = host_request(chat)
     received = output_from_pb(pb.output)
     for leaf, path in FORWARDED.items():
-        if leaf == "prompt":
+        if leaf in ("prompt", "infill"):  # one input of three: each checked below
             continue
         sent, got = at(chat, leaf), at(pb, path)
         if leaf == "messages":
@@ -135,6 +137,9 @@ def test_every_field_of_the_gateway_s_request_is_forwarded_or_kept_by_the_gatewa
     constrained = dataclasses.replace(chat, output=OutputOptions(constraint=schema))
     assert output_from_pb(host_request(constrained).output).constraint == schema
     assert host_request(dataclasses.replace(chat, messages=None, prompt="raw")).prompt == "raw"
+    infill = Infill("def f(", "):", (("a.py", "x = 1"),))
+    sent = host_request(dataclasses.replace(chat, messages=None, infill=infill))
+    assert infill_from_pb(sent.infill) == infill and not sent.HasField("chat")
     assert EMAIL.encode() not in pb.SerializeToString()
 
 

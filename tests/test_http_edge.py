@@ -21,6 +21,7 @@ from tests.conftest import Stack, gateway_config, scrape_metrics, wait_until
 from tests.fake_openrouter import API_KEY, FakeOpenRouter
 
 TOKEN = "http-edge-token-3d9"
+ORIGIN = "https://app.example.com"
 
 
 class _Tracebacks(logging.Handler):
@@ -60,6 +61,7 @@ def client(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[o
         openrouter_base_url=upstream.base_url,
         openrouter_api_key_file=directory / "openrouter-key",
         cloud_allowed_models=["openrouter/vendor/*"],
+        cors_origins=[ORIGIN],
     )
     gateway = stack.loop.run(start_gateway(config))
     assert gateway.http is not None
@@ -78,6 +80,7 @@ def test_chat_completion(client: openai.OpenAI) -> None:
     )
     choice = response.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
+    assert (response.system_fingerprint or "").startswith("fp_airouter_")
     assert choice.finish_reason in ("stop", "length")
     assert response.model == "gemma-3-270m"
     assert response.usage is not None and 0 < response.usage.completion_tokens <= 8
@@ -101,8 +104,12 @@ def test_chat_completion_stream_with_usage(client: openai.OpenAI) -> None:
     assert text and finishes[-1] in ("stop", "length") and set(finishes[:-1]) == {None}
     usage = chunks[-1].usage
     assert usage is not None and 0 < usage.completion_tokens <= 12
+    # As OpenAI's: a first chunk of the role alone, then content without it.
     roles = [c.choices[0].delta.role for c in chunks if c.choices]
-    assert roles[0] == "assistant" and set(roles[1:]) == {None}  # the role comes once, first
+    assert roles[0] == "assistant" and set(roles[1:]) == {None}
+    assert chunks[0].choices[0].delta.content == "" and chunks[1].choices[0].delta.content
+    assert {c.system_fingerprint for c in chunks} == {chunks[0].system_fingerprint}
+    assert (chunks[0].system_fingerprint or "").startswith("fp_airouter_")
 
 
 def test_text_completion_plain_and_streamed(client: openai.OpenAI) -> None:
@@ -440,3 +447,58 @@ def test_a_conversation_hint_comes_from_user_or_the_header_and_is_checked(
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(**chat, max_tokens=1, **hint)  # type: ignore[call-overload]
         assert "conversation_id (OpenAI's `user`, or X-Conversation-Id) is 300" in str(info.value)
+
+
+def raw_request(
+    client: openai.OpenAI, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, Any, bytes]:
+    """Status, headers and body of a request the SDK would not make."""
+    url = str(client.base_url).removesuffix("/v1/").removesuffix("/v1") + path
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def test_health_and_readiness_answer_probes_without_a_token(client: openai.OpenAI) -> None:
+    status, headers, body = raw_request(client, "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok"} and headers["x-request-id"]
+    status, _, body = raw_request(client, "/ready")
+    assert status == 200 and json.loads(body) == {"status": "ready", "hosts_serving": 1}
+    # Everything else still needs the token.
+    assert raw_request(client, "/v1/models")[0] == 401
+
+
+def test_an_unknown_path_is_an_openai_shaped_404_naming_it(client: openai.OpenAI) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, headers, body = raw_request(client, "/v1/embedingz", headers=auth)
+    error = json.loads(body)["error"]
+    assert status == 404 and error["type"] == "not_found_error" and headers["x-request-id"]
+    assert "/v1/embedingz" in error["message"]
+
+
+def test_cors_lets_the_configured_origins_in_and_no_other(client: openai.OpenAI) -> None:
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+    }
+    status, headers, _ = raw_request(client, "/v1/chat/completions", "OPTIONS", preflight)
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert "x-stainless-os" in headers["Access-Control-Allow-Headers"]
+    # The answer itself names the origin, and exposes the request id to the page.
+    auth = {"Authorization": f"Bearer {TOKEN}", "Origin": ORIGIN}
+    status, headers, _ = raw_request(client, "/v1/models", headers=auth)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "x-request-id" in headers["Access-Control-Expose-Headers"]
+    # Another origin gets no CORS headers: the browser keeps its page out.
+    stranger = {**preflight, "Origin": "https://evil.example"}
+    status, headers, _ = raw_request(client, "/v1/chat/completions", "OPTIONS", stranger)
+    assert status == 204 and "Access-Control-Allow-Origin" not in headers
+    status, headers, _ = raw_request(
+        client, "/v1/models", headers={**auth, "Origin": "https://evil.example"}
+    )
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers

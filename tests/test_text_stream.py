@@ -29,7 +29,7 @@ def test_stop_string_across_tokens_cuts_the_text_before_it() -> None:
     stream = TextStream(["<END>"])
     out = feed_all(stream, [b"Hello <E", b"N", b"D> ignored"])
     assert "".join(out) == "Hello "
-    assert stream.stopped
+    assert stream.stopped and stream.matched == "<END>"
     assert stream.feed(b"more") == "" and stream.flush() == ""
 
 
@@ -37,7 +37,7 @@ def test_text_that_only_looks_like_a_stop_string_is_released() -> None:
     stream = TextStream(["<END>"])
     assert stream.feed(b"a <EN") == "a "
     assert stream.feed(b"O") == "<ENO"
-    assert not stream.stopped
+    assert not stream.stopped and stream.matched == ""
 
 
 def test_held_text_is_flushed_when_generation_ends_otherwise() -> None:
@@ -49,3 +49,4 @@ def test_held_text_is_flushed_when_generation_ends_otherwise() -> None:
 def test_the_earliest_of_several_stop_strings_wins() -> None:
     stream = TextStream(["bb", "a"])
     assert stream.feed(b"xxbbya") == "xx"
+    assert stream.matched == "bb"  # what Anthropic's stop_sequence reports

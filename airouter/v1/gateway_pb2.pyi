@@ -65,11 +65,12 @@ BATCH_ITEM_STATE_FAILED: BatchItemState
 BATCH_ITEM_STATE_CANCELLED: BatchItemState
 
 class GatewayGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "chat", "sampling", "stopping", "min_context_length", "routing_policy", "conversation_id", "output")
+    __slots__ = ("request_id", "model", "prompt", "chat", "infill", "sampling", "stopping", "min_context_length", "routing_policy", "conversation_id", "output")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    INFILL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     MIN_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -80,13 +81,14 @@ class GatewayGenerateRequest(_message.Message):
     model: str
     prompt: str
     chat: _generate_pb2.ChatMessages
+    infill: _generate_pb2.Infill
     sampling: _generate_pb2.SamplingParameters
     stopping: _generate_pb2.StoppingCriteria
     min_context_length: int
     routing_policy: RoutingPolicy
     conversation_id: str
     output: _generate_pb2.OutputOptions
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ..., min_context_length: _Optional[int] = ..., routing_policy: _Optional[_Union[RoutingPolicy, str]] = ..., conversation_id: _Optional[str] = ..., output: _Optional[_Union[_generate_pb2.OutputOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[_generate_pb2.ChatMessages, _Mapping]] = ..., infill: _Optional[_Union[_generate_pb2.Infill, _Mapping]] = ..., sampling: _Optional[_Union[_generate_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generate_pb2.StoppingCriteria, _Mapping]] = ..., min_context_length: _Optional[int] = ..., routing_policy: _Optional[_Union[RoutingPolicy, str]] = ..., conversation_id: _Optional[str] = ..., output: _Optional[_Union[_generate_pb2.OutputOptions, _Mapping]] = ...) -> None: ...
 
 class GatewayGenerateResponse(_message.Message):
     __slots__ = ("token", "finished", "tool_call")
@@ -277,3 +279,19 @@ class ChoiceOutput(_message.Message):
     logprobs: _containers.RepeatedCompositeFieldContainer[_generate_pb2.TokenLogprob]
     reason: _generate_pb2.FinishReason
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[_generate_pb2.ToolCall, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[_generate_pb2.TokenLogprob, _Mapping]]] = ..., reason: _Optional[_Union[_generate_pb2.FinishReason, str]] = ...) -> None: ...
+
+class GatewayCountTokensRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: GatewayGenerateRequest
+    def __init__(self, request: _Optional[_Union[GatewayGenerateRequest, _Mapping]] = ...) -> None: ...
+
+class GatewayCountTokensResponse(_message.Message):
+    __slots__ = ("input_tokens", "model", "host")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    model: str
+    host: str
+    def __init__(self, input_tokens: _Optional[int] = ..., model: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...

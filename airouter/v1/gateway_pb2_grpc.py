@@ -76,6 +76,11 @@ class GatewayStub:
                 request_serializer=airouter_dot_v1_dot_gateway__pb2.CancelBatchRequest.SerializeToString,
                 response_deserializer=airouter_dot_v1_dot_gateway__pb2.CancelBatchResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/airouter.v1.Gateway/CountTokens',
+                request_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -142,6 +147,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """The prompt tokens of a request on a host that serves its model (the chat template
+        applied, with the tools offered), and nothing generated. Local models only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +197,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.CancelBatch,
                     request_deserializer=airouter_dot_v1_dot_gateway__pb2.CancelBatchRequest.FromString,
                     response_serializer=airouter_dot_v1_dot_gateway__pb2.CancelBatchResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +422,33 @@ class Gateway:
             '/airouter.v1.Gateway/CancelBatch',
             airouter_dot_v1_dot_gateway__pb2.CancelBatchRequest.SerializeToString,
             airouter_dot_v1_dot_gateway__pb2.CancelBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/CountTokens',
+            airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensRequest.SerializeToString,
+            airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

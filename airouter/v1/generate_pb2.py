@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61irouter/v1/generate.proto\x12\x0b\x61irouter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12)\n\ntool_calls\x18\x04 \x03(\x0b\x32\x15.airouter.v1.ToolCall\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"I\n\nToolChoice\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.airouter.v1.ToolChoiceMode\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"y\n\x10OutputConstraint\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x12\x0e\n\x04gbnf\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\xff\x01\n\rOutputOptions\x12\x31\n\nconstraint\x18\x01 \x01(\x0b\x32\x1d.airouter.v1.OutputConstraint\x12 \n\x05tools\x18\x02 \x03(\x0b\x32\x11.airouter.v1.Tool\x12,\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x17.airouter.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\t\n\x01n\x18\x07 \x01(\rB\x16\n\x14_parallel_tool_calls\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.airouter.v1.ChatMessage\"\xec\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\\\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\r\n\x0b_max_tokens\"i\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\"t\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"r\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x14\n\x0c\x63hoice_index\x18\x03 \x01(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.airouter.v1.TokenLogprob\"t\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.airouter.v1.TokenLogprob\"f\n\rToolCallDelta\x12\x14\n\x0c\x63hoice_index\x18\x01 \x01(\r\x12\x12\n\ncall_index\x18\x02 \x01(\r\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\targuments\x18\x05 \x01(\t\"e\n\x0e\x43hoiceFinished\x12\r\n\x05index\x18\x01 \x01(\r\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.airouter.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\xe1\x01\n\x08\x46inished\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.airouter.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.airouter.v1.Usage\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.airouter.v1.Timings\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04host\x18\x06 \x01(\t\x12,\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x1b.airouter.v1.ChoiceFinished\"\xfc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.airouter.v1.ModelState\x12\x14\n\x0cstate_detail\x18\x06 \x01(\t\x12\r\n\x05slots\x18\x07 \x01(\r\x12\r\n\x05hosts\x18\x08 \x03(\t\x12\x16\n\x0eresident_hosts\x18\t \x03(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\xb3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05*\xa7\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATE_NOT_LOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x15\n\x11MODEL_STATE_ERROR\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61irouter/v1/generate.proto\x12\x0b\x61irouter.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12)\n\ntool_calls\x18\x04 \x03(\x0b\x32\x15.airouter.v1.ToolCall\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"I\n\nToolChoice\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.airouter.v1.ToolChoiceMode\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"y\n\x10OutputConstraint\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x12\x0e\n\x04gbnf\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\xff\x01\n\rOutputOptions\x12\x31\n\nconstraint\x18\x01 \x01(\x0b\x32\x1d.airouter.v1.OutputConstraint\x12 \n\x05tools\x18\x02 \x03(\x0b\x32\x11.airouter.v1.Tool\x12,\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x17.airouter.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\t\n\x01n\x18\x07 \x01(\rB\x16\n\x14_parallel_tool_calls\"P\n\x06Infill\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x01(\t\x12&\n\x05\x65xtra\x18\x03 \x03(\x0b\x32\x17.airouter.v1.InfillFile\",\n\nInfillFile\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.airouter.v1.ChatMessage\"\xec\x01\n\x12SamplingParameters\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\\\n\x10StoppingCriteria\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\r\n\x0b_max_tokens\"i\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x10\n\x08\x63ost_usd\x18\x04 \x01(\x01\"t\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"r\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x14\n\x0c\x63hoice_index\x18\x03 \x01(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.airouter.v1.TokenLogprob\"t\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.airouter.v1.TokenLogprob\"f\n\rToolCallDelta\x12\x14\n\x0c\x63hoice_index\x18\x01 \x01(\r\x12\x12\n\ncall_index\x18\x02 \x01(\r\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\targuments\x18\x05 \x01(\t\"e\n\x0e\x43hoiceFinished\x12\r\n\x05index\x18\x01 \x01(\r\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.airouter.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\xf8\x01\n\x08\x46inished\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.airouter.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.airouter.v1.Usage\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.airouter.v1.Timings\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0c\n\x04host\x18\x06 \x01(\t\x12,\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x1b.airouter.v1.ChoiceFinished\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\"\xfc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.airouter.v1.ModelState\x12\x14\n\x0cstate_detail\x18\x06 \x01(\t\x12\r\n\x05slots\x18\x07 \x01(\r\x12\r\n\x05hosts\x18\x08 \x03(\t\x12\x16\n\x0eresident_hosts\x18\t \x03(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\xb3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05*\xa7\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATE_NOT_LOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x15\n\x11MODEL_STATE_ERROR\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airouter.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLCHOICEMODE']._serialized_start=2306
-  _globals['_TOOLCHOICEMODE']._serialized_end=2441
-  _globals['_FINISHREASON']._serialized_start=2444
-  _globals['_FINISHREASON']._serialized_end=2623
-  _globals['_MODELSTATE']._serialized_start=2626
-  _globals['_MODELSTATE']._serialized_end=2793
+  _globals['_TOOLCHOICEMODE']._serialized_start=2457
+  _globals['_TOOLCHOICEMODE']._serialized_end=2592
+  _globals['_FINISHREASON']._serialized_start=2595
+  _globals['_FINISHREASON']._serialized_end=2774
+  _globals['_MODELSTATE']._serialized_start=2777
+  _globals['_MODELSTATE']._serialized_end=2944
   _globals['_CHATMESSAGE']._serialized_start=76
   _globals['_CHATMESSAGE']._serialized_end=185
   _globals['_TOOLCALL']._serialized_start=187
@@ -50,26 +50,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OUTPUTCONSTRAINT']._serialized_end=503
   _globals['_OUTPUTOPTIONS']._serialized_start=506
   _globals['_OUTPUTOPTIONS']._serialized_end=761
-  _globals['_CHATMESSAGES']._serialized_start=763
-  _globals['_CHATMESSAGES']._serialized_end=821
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=824
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=1060
-  _globals['_STOPPINGCRITERIA']._serialized_start=1062
-  _globals['_STOPPINGCRITERIA']._serialized_end=1154
-  _globals['_USAGE']._serialized_start=1156
-  _globals['_USAGE']._serialized_end=1261
-  _globals['_TIMINGS']._serialized_start=1263
-  _globals['_TIMINGS']._serialized_end=1379
-  _globals['_TOKENDELTA']._serialized_start=1381
-  _globals['_TOKENDELTA']._serialized_end=1495
-  _globals['_TOKENLOGPROB']._serialized_start=1497
-  _globals['_TOKENLOGPROB']._serialized_end=1613
-  _globals['_TOOLCALLDELTA']._serialized_start=1615
-  _globals['_TOOLCALLDELTA']._serialized_end=1717
-  _globals['_CHOICEFINISHED']._serialized_start=1719
-  _globals['_CHOICEFINISHED']._serialized_end=1820
-  _globals['_FINISHED']._serialized_start=1823
-  _globals['_FINISHED']._serialized_end=2048
-  _globals['_MODELINFO']._serialized_start=2051
-  _globals['_MODELINFO']._serialized_end=2303
+  _globals['_INFILL']._serialized_start=763
+  _globals['_INFILL']._serialized_end=843
+  _globals['_INFILLFILE']._serialized_start=845
+  _globals['_INFILLFILE']._serialized_end=889
+  _globals['_CHATMESSAGES']._serialized_start=891
+  _globals['_CHATMESSAGES']._serialized_end=949
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=952
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=1188
+  _globals['_STOPPINGCRITERIA']._serialized_start=1190
+  _globals['_STOPPINGCRITERIA']._serialized_end=1282
+  _globals['_USAGE']._serialized_start=1284
+  _globals['_USAGE']._serialized_end=1389
+  _globals['_TIMINGS']._serialized_start=1391
+  _globals['_TIMINGS']._serialized_end=1507
+  _globals['_TOKENDELTA']._serialized_start=1509
+  _globals['_TOKENDELTA']._serialized_end=1623
+  _globals['_TOKENLOGPROB']._serialized_start=1625
+  _globals['_TOKENLOGPROB']._serialized_end=1741
+  _globals['_TOOLCALLDELTA']._serialized_start=1743
+  _globals['_TOOLCALLDELTA']._serialized_end=1845
+  _globals['_CHOICEFINISHED']._serialized_start=1847
+  _globals['_CHOICEFINISHED']._serialized_end=1948
+  _globals['_FINISHED']._serialized_start=1951
+  _globals['_FINISHED']._serialized_end=2199
+  _globals['_MODELINFO']._serialized_start=2202
+  _globals['_MODELINFO']._serialized_end=2454
 # @@protoc_insertion_point(module_scope)

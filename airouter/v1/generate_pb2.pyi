@@ -123,6 +123,24 @@ class OutputOptions(_message.Message):
     n: int
     def __init__(self, constraint: _Optional[_Union[OutputConstraint, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
 
+class Infill(_message.Message):
+    __slots__ = ("prefix", "suffix", "extra")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    suffix: str
+    extra: _containers.RepeatedCompositeFieldContainer[InfillFile]
+    def __init__(self, prefix: _Optional[str] = ..., suffix: _Optional[str] = ..., extra: _Optional[_Iterable[_Union[InfillFile, _Mapping]]] = ...) -> None: ...
+
+class InfillFile(_message.Message):
+    __slots__ = ("filename", "text")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    text: str
+    def __init__(self, filename: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
 class ChatMessages(_message.Message):
     __slots__ = ("messages",)
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -230,7 +248,7 @@ class ChoiceFinished(_message.Message):
     def __init__(self, index: _Optional[int] = ..., reason: _Optional[_Union[FinishReason, str]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("reason", "usage", "timings", "error_message", "model", "host", "choices")
+    __slots__ = ("reason", "usage", "timings", "error_message", "model", "host", "choices", "stop_sequence")
     REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +256,7 @@ class Finished(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
+    STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     usage: Usage
     timings: Timings
@@ -245,7 +264,8 @@ class Finished(_message.Message):
     model: str
     host: str
     choices: _containers.RepeatedCompositeFieldContainer[ChoiceFinished]
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error_message: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[ChoiceFinished, _Mapping]]] = ...) -> None: ...
+    stop_sequence: str
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error_message: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[ChoiceFinished, _Mapping]]] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "aliases", "capabilities", "context_length", "state", "state_detail", "slots", "hosts", "resident_hosts", "created_at")

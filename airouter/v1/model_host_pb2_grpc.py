@@ -65,6 +65,11 @@ class ModelHostStub:
                 request_serializer=airouter_dot_v1_dot_model__host__pb2.WatchStatusRequest.SerializeToString,
                 response_deserializer=airouter_dot_v1_dot_model__host__pb2.WatchStatusResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/airouter.v1.ModelHost/CountTokens',
+                request_serializer=airouter_dot_v1_dot_model__host__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_model__host__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class ModelHostServicer:
@@ -116,6 +121,14 @@ class ModelHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """The prompt tokens of a request as Generate would take it (the chat template applied,
+        with the tools offered), and nothing generated. Loads the model when it is not resident.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +161,11 @@ def add_ModelHostServicer_to_server(servicer, server):
                     servicer.WatchStatus,
                     request_deserializer=airouter_dot_v1_dot_model__host__pb2.WatchStatusRequest.FromString,
                     response_serializer=airouter_dot_v1_dot_model__host__pb2.WatchStatusResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=airouter_dot_v1_dot_model__host__pb2.CountTokensRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_model__host__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +331,33 @@ class ModelHost:
             '/airouter.v1.ModelHost/WatchStatus',
             airouter_dot_v1_dot_model__host__pb2.WatchStatusRequest.SerializeToString,
             airouter_dot_v1_dot_model__host__pb2.WatchStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.ModelHost/CountTokens',
+            airouter_dot_v1_dot_model__host__pb2.CountTokensRequest.SerializeToString,
+            airouter_dot_v1_dot_model__host__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from airouter.errors import InvalidArgument
+from airouter.infill import Infill
 from modelhost.generation import EngineRequest
 
 if TYPE_CHECKING:
@@ -62,6 +63,11 @@ class Engine(ABC):
     def tokenize(self, text: str) -> list[int]:
         """Tokens of text with the model's BOS; special tokens written in text are honoured.
         Safe to call from any thread."""
+
+    def infill(self, infill: Infill, room: int) -> list[int] | None:
+        """The tokens of a fill-in-the-middle prompt, at most `room` of them (airouter.infill);
+        None when the model has no FIM tokens or the engine cannot lay them out."""
+        return None
 
     @abstractmethod
     def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:

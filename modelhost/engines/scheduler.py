@@ -11,7 +11,7 @@ import time
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 import structlog
@@ -326,9 +326,10 @@ class StepLoopEngine(Engine, Generic[S]):
             time_to_first_token_ms=(first - request.arrived) * 1e3 if first else 0.0,
             total_ms=(now - request.arrived) * 1e3,
         )
-        seq.events.append(
-            self._finish_event(request, reason, seq.generated, seq.reused, timings, error)
-        )
+        finish = self._finish_event(request, reason, seq.generated, seq.reused, timings, error)
+        if seq.text.matched:
+            finish = replace(finish, stop_sequence=seq.text.matched)
+        seq.events.append(finish)
         del self._running[request]
         self._release(seq, reason)
 

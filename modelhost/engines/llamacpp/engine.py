@@ -16,6 +16,7 @@ from functools import partial
 import llama_cpp
 import structlog
 
+from airouter.infill import Infill
 from airouter.labels import format_bytes
 from modelhost.constraints import ConstraintCompiler, compute_masks
 from modelhost.engines.llamacpp.model import LlamaModel
@@ -86,6 +87,9 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
 
     def tokenize(self, text: str) -> list[int]:
         return self._model.tokenize(text)
+
+    def infill(self, infill: Infill, room: int) -> list[int] | None:
+        return self._model.infill(infill, room)
 
     def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:
         return self._model.apply_chat_template(messages)

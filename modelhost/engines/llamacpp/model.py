@@ -8,11 +8,14 @@ import ctypes
 import re
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import structlog
+
+from airouter.infill import FimTokens, Infill, infill_tokens
 
 _log = structlog.get_logger()
 
@@ -197,16 +200,44 @@ class LlamaModel:
             llama_cpp.llama_model_free(self._model)
             self._model = None
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of text with the model's BOS; special tokens written in text are honoured."""
+    def fim_tokens(self) -> FimTokens | None:
+        """The vocabulary's fill-in-the-middle tokens (read from the GGUF, or recognised by
+        their text by llama.cpp); None when it lacks any of prefix, suffix and middle."""
+        pre, suf, mid, sep = (
+            llama_cpp.llama_vocab_fim_pre(self.vocab),
+            llama_cpp.llama_vocab_fim_suf(self.vocab),
+            llama_cpp.llama_vocab_fim_mid(self.vocab),
+            llama_cpp.llama_vocab_fim_sep(self.vocab),
+        )
+        if min(pre, suf, mid) < 0:
+            return None
+        return FimTokens(pre, suf, mid, sep if sep >= 0 else None)
+
+    def infill(self, infill: Infill, room: int) -> list[int] | None:
+        """A fill-in-the-middle prompt in at most `room` tokens; None without FIM tokens."""
+        fim = self.fim_tokens()
+        if fim is None:
+            return None
+        bos = None
+        if llama_cpp.llama_vocab_get_add_bos(self.vocab):
+            bos = llama_cpp.llama_vocab_bos(self.vocab)
+        return infill_tokens(infill, fim, partial(self.tokenize, special=False), room, bos)
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Tokens of text with the model's BOS, special tokens written in it honoured; with
+        `special` False, text as text: no BOS, and "<fim_middle>" in it is not that token."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, True)
+        n = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), tokens, capacity, special, special
+        )
         if n < 0:  # more tokens than bytes is impossible for BPE/SPM, but the API allows it
             capacity = -n
             tokens = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, True)
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), tokens, capacity, special, special
+            )
         return list(tokens[:n])
 
     def apply_chat_template(self, messages: list[tuple[str, str]]) -> str | None:
