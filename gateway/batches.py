@@ -382,6 +382,13 @@ class BatchRunner:
                 return
             await changed.wait()
 
+    async def result_page(self, batch_id: str, after_sequence: int, limit: int) -> list[ItemResult]:
+        """The batch's results stored so far after `after_sequence`, at most `limit`."""
+        self._batch(batch_id)
+        assert self._store is not None
+        after = min(after_sequence, _MAX_SEQUENCE)
+        return await self._db(self._store.results, batch_id, after, limit)
+
     def _batch(self, batch_id: str) -> _Batch:
         batch = self._batches.get(batch_id)
         if batch is None:

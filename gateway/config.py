@@ -88,6 +88,8 @@ class GatewayConfig(ServerSecurity):
     batch_item_timeout_s: float = Field(default=600.0, gt=0)
     # Finished batches (and their results) are deleted after this many seconds.
     batch_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    # The largest file /v1/files takes (OpenAI's batch files may be 200 MB).
+    max_upload_bytes: int = Field(default=200 << 20, ge=1)
     # Seconds a stored response (the Responses API's store) is kept, in batch_db's file.
     response_retention_s: float = Field(default=30 * 86400.0, gt=0)
 

@@ -67,6 +67,7 @@ from gateway.generation import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.offload import HEAVY_SIZE, heavy, off_loop, off_process
+from gateway.openai_batches import BatchDoor
 from gateway.response_store import ResponseStore, StoredResponse
 from gateway.service import GatewayService
 
@@ -207,6 +208,7 @@ class HttpEdge:
         header_timeout_s: float = 10.0,
         cors_origins: list[str] | None = None,
         stored_responses: ResponseStore | None = None,
+        batch_door: BatchDoor | None = None,
     ) -> None:
         self._service = service
         self._metrics = metrics
@@ -235,6 +237,9 @@ class HttpEdge:
         self.app.router.add_get("/v1/responses/{id}", self._stored_response)
         self.app.router.add_delete("/v1/responses/{id}", self._delete_response)
         self.app.router.add_get("/metrics", self._prometheus)
+        self._batch_door = batch_door  # owned: its file store closes with the edge
+        if batch_door is not None:
+            batch_door.add_routes(self.app)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -288,6 +293,8 @@ class HttpEdge:
             await self._runner.cleanup()
         if self._stored is not None:
             self._stored.close()
+        if self._batch_door is not None:
+            self._batch_door.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -15,6 +15,7 @@ from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfi
 from gateway.hosts import CHANNEL_OPTIONS, HostPool
 from gateway.http_edge import HttpEdge
 from gateway.metrics import GatewayMetrics
+from gateway.openai_batches import BatchDoor, FileStore
 from gateway.prefixes import PrefixPolicy
 from gateway.response_store import ResponseStore
 from gateway.service import CloudRouting, GatewayService
@@ -153,6 +154,11 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
             config.http_header_timeout_s,
             config.cors_origins,
             ResponseStore(config.batch_db, config.response_retention_s),
+            BatchDoor(
+                FileStore(config.batch_db.parent / "files", config.batch_db),
+                batches,
+                config.max_upload_bytes,
+            ),
         )
         try:
             await gateway.http.start(config.http_listen, http_tls(config))
