@@ -25,11 +25,9 @@ from pathlib import Path
 
 import openai
 
-from gateway.server import start_gateway
-from modelhost.config import HostConfig, ModelConfig
+from modelhost.config import ModelConfig
 from modelhost.device import default_threads
-from modelhost.server import start_host
-from tests.conftest import LoopThread, gateway_config, wait_for_health
+from tests.conftest import http_stack
 from tests.tiny_models import tiny_llama_fim
 
 LINE = "    total = compute(values[{i}], weights[{i}]) + offset  # step {i}\n"
@@ -73,26 +71,11 @@ def main() -> None:
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="airouter-infill-"))
     path = tiny_llama_fim(directory / "coder.gguf", n_embd=args.embd, layers=args.layers)
-    config = HostConfig(
-        listen="127.0.0.1:0",
-        device="cpu",
-        threads=default_threads(),
-        cache_dir=directory,
-        models=[ModelConfig(name="coder", path=path, context_length=4096, slots=2, preload=True)],
-    )
-    loop = LoopThread()
-    host = loop.run(start_host(config, "cpu"))
-    wait_for_health(f"127.0.0.1:{host.port}")
-    gateway = loop.run(
-        start_gateway(gateway_config([f"127.0.0.1:{host.port}"], http_listen="127.0.0.1:0"))
-    )
-    assert gateway.http is not None
-    client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{gateway.http.port}/v1", api_key="none", max_retries=0
-    )
+    model = ModelConfig(name="coder", path=path, context_length=4096, slots=2, preload=True)
     lines = max(1, args.prefix_tokens // 30)  # about 30 tokens a function of two lines
     results: dict[str, list[tuple[float, int, int]]] = {"cold": [], "typed": [], "edited": []}
-    try:
+    with http_stack([model]) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
         first_token(client, "def warm_up():\n", "\n")
         for round_ in range(args.rounds):
             code = source(lines, round_)
@@ -102,10 +85,6 @@ def main() -> None:
             code[lines // 2] = code[lines // 2].replace("offset", "bias")
             edited = "".join(code) + "def g(x):\n    return x "
             results["edited"].append(first_token(client, edited, suffix))
-    finally:
-        loop.run(gateway.stop(0))
-        loop.run(host.stop(0))
-        loop.close()
     print(f"llama {args.embd}x{args.layers}, {default_threads()} threads, {args.rounds} files")
     print(f"  {'':<24} {'TTFT ms':>8} {'prompt':>7} {'cached':>7} {'cold / this':>11}")
     cold = statistics.median(r[0] for r in results["cold"])

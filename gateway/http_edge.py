@@ -415,9 +415,7 @@ class HttpEdge:
         generate, stream, include_usage = await _read(request, _parse, chat)
         generate = _routed(request, generate)
         headers = _id_headers(request)
-        attributes = functools.partial(request_attributes, generate)
-        name = f"{'chat' if chat else 'text_completion'} {generate.model}"
-        with tracing.request_span(_tracer, name, attributes, request.headers.items()) as span:
+        with _span(request, "chat" if chat else "text_completion", generate) as span:
             responses = self._service.generate(generate, self._request_timeout_s)
             async with aclosing(responses):
                 ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -439,10 +437,7 @@ class HttpEdge:
         generate, stream = await _read(request, _parse_messages)
         generate = _routed(request, generate)
         headers = _id_headers(request)
-        attributes = functools.partial(request_attributes, generate)
-        with tracing.request_span(
-            _tracer, f"messages {generate.model}", attributes, request.headers.items()
-        ) as span:
+        with _span(request, "messages", generate) as span:
             responses = self._service.generate(generate, self._request_timeout_s)
             async with aclosing(responses):
                 ident, model = anthropic.message_id(), generate.model
@@ -477,12 +472,7 @@ class HttpEdge:
     async def _count_tokens(self, request: web.Request) -> web.Response:
         """Anthropic's count_tokens: the prompt as a host would render and tokenize it."""
         generate = _routed(request, await _read(request, _parse_count))
-        with tracing.request_span(
-            _tracer,
-            f"count_tokens {generate.model}",
-            functools.partial(request_attributes, generate),
-            request.headers.items(),
-        ):
+        with _span(request, "count_tokens", generate):
             counted = await self._service.count_tokens(generate, self._request_timeout_s)
         body = {"input_tokens": counted.input_tokens}
         return web.json_response(body, headers=_id_headers(request))
@@ -492,12 +482,7 @@ class HttpEdge:
         generate, stream = await _read(request, _parse_infill)
         generate = _routed(request, generate)
         headers = _id_headers(request)
-        with tracing.request_span(
-            _tracer,
-            f"infill {generate.model}",
-            functools.partial(request_attributes, generate),
-            request.headers.items(),
-        ) as span:
+        with _span(request, "infill", generate) as span:
             answers = self._service.generate(generate, self._request_timeout_s)
             async with aclosing(answers):
                 event = await anext(answers)  # errors before the first token raise here
@@ -543,12 +528,7 @@ class HttpEdge:
         generate = _routed(request, generate)
         headers = _id_headers(request)
         shape = responses.ResponseShape(ident, parsed)
-        with tracing.request_span(
-            _tracer,
-            f"responses {generate.model}",
-            functools.partial(request_attributes, generate),
-            request.headers.items(),
-        ) as span:
+        with _span(request, "responses", generate) as span:
             answers = self._service.generate(generate, self._request_timeout_s)
             async with aclosing(answers):
                 event = await anext(answers)  # errors before the first token raise here
@@ -714,6 +694,13 @@ class HttpEdge:
             await open_choice(choice, model)
             await out.write(sse(body))
             event = await anext(responses)
+
+
+def _span(request: web.Request, kind: str, generate: GenerateRequest) -> Any:
+    """The request's server span, named by its kind and model, continuing a caller's trace."""
+    attributes = functools.partial(request_attributes, generate)
+    name = f"{kind} {generate.model}"
+    return tracing.request_span(_tracer, name, attributes, request.headers.items())
 
 
 async def _read(request: web.Request, parse: Callable[..., _T], *args: Any) -> _T:

@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from airouter.v1 import gateway_pb2_grpc, model_host_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.server import RunningGateway, start_gateway
-from modelhost.config import HostConfig, embedded_model_config
+from modelhost.config import HostConfig, ModelConfig, embedded_model_config
 from modelhost.server import RunningHost, start_host
 
 T = TypeVar("T")
@@ -143,3 +144,27 @@ def stack() -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     return embedded_model_config().model_path(Path.home() / ".cache" / "airouter")
+
+
+@contextmanager
+def http_stack(models: list[ModelConfig], **gateway_fields: Any) -> Iterator[str]:
+    """An in-process modelhost serving `models` on the CPU and a gateway with its HTTP edge
+    over it; yields the edge's base URL (http://127.0.0.1:PORT, without /v1)."""
+    config = HostConfig(
+        listen="127.0.0.1:0", device="cpu", cache_dir=Path.home() / ".cache" / "airouter",
+        models=models,
+    )  # fmt: skip
+    loop = LoopThread()
+    host = loop.run(start_host(config, "cpu"))
+    try:
+        wait_for_health(f"127.0.0.1:{host.port}")
+        fields = {"http_listen": "127.0.0.1:0", **gateway_fields}
+        gateway = loop.run(start_gateway(gateway_config([f"127.0.0.1:{host.port}"], **fields)))
+        try:
+            assert gateway.http is not None
+            yield f"http://127.0.0.1:{gateway.http.port}"
+        finally:
+            loop.run(gateway.stop(0))
+    finally:
+        loop.run(host.stop(0))
+        loop.close()

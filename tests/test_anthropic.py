@@ -7,7 +7,6 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -15,10 +14,8 @@ import jsonschema
 import pytest
 
 from gateway.anthropic import generate_request, parse_messages
-from gateway.server import start_gateway
-from modelhost.config import HostConfig, embedded_chat_model_config
-from modelhost.server import start_host
-from tests.conftest import LoopThread, gateway_config, wait_for_health
+from modelhost.config import embedded_chat_model_config
+from tests.conftest import http_stack
 
 MODEL = "smollm2"
 # Sampling is no parameter of the newest SDK's create(); older clients send it, as here.
@@ -48,34 +45,13 @@ class Door:
 def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
     chat = embedded_chat_model_config()
     assert chat is not None
-    config = HostConfig(
-        listen="127.0.0.1:0",
-        device="cpu",
-        cache_dir=Path.home() / ".cache" / "airouter",
-        models=[chat.model_copy(update={"context_length": 1024, "slots": 3, "preload": True})],
-    )
-    directory: Path = tmp_path_factory.mktemp("anthropic")
-    (directory / "token").write_text(TOKEN)
-    loop = LoopThread()
-    host = loop.run(start_host(config, "cpu"))
-    wait_for_health(f"127.0.0.1:{host.port}")
-    gateway = loop.run(
-        start_gateway(
-            gateway_config(
-                [f"127.0.0.1:{host.port}"],
-                http_listen="127.0.0.1:0",
-                token_file=directory / "token",
-            )
-        )
-    )
-    assert gateway.http is not None
-    base_url = f"http://127.0.0.1:{gateway.http.port}"
-    # The SDK sends the key as x-api-key, and anthropic-version, as Claude Code does.
-    client = anthropic.Anthropic(base_url=base_url, api_key=TOKEN, max_retries=0, timeout=120)
-    yield Door(client, base_url)
-    loop.run(gateway.stop(0))
-    loop.run(host.stop(0))
-    loop.close()
+    model = chat.model_copy(update={"context_length": 1024, "slots": 3, "preload": True})
+    token = tmp_path_factory.mktemp("anthropic") / "token"
+    token.write_text(TOKEN)
+    with http_stack([model], token_file=token) as base_url:
+        # The SDK sends the key as x-api-key, and anthropic-version, as Claude Code does.
+        client = anthropic.Anthropic(base_url=base_url, api_key=TOKEN, max_retries=0, timeout=120)
+        yield Door(client, base_url)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -16,12 +15,10 @@ import pytest
 from airouter.errors import FailedPrecondition
 from airouter.infill import FimTokens, Infill, infill_tokens
 from gateway.generation import GenerateRequest
-from gateway.server import start_gateway
 from gateway.upstream import openai_body
 from gateway.wire import request_from_pb, request_pb
-from modelhost.config import HostConfig, ModelConfig, embedded_chat_model_config
-from modelhost.server import start_host
-from tests.conftest import LoopThread, gateway_config, wait_for_health
+from modelhost.config import ModelConfig, embedded_chat_model_config
+from tests.conftest import http_stack
 from tests.tiny_models import tiny_llama_fim
 
 FIM = FimTokens(prefix=-1, suffix=-2, middle=-3, file_separator=-4)
@@ -76,28 +73,13 @@ def editor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Editor]:
     path = tiny_llama_fim(tmp_path_factory.mktemp("fim") / "coder.gguf")
     chat = embedded_chat_model_config()
     assert chat is not None
-    config = HostConfig(
-        listen="127.0.0.1:0",
-        device="cpu",
-        cache_dir=Path.home() / ".cache" / "airouter",
-        models=[
-            ModelConfig(name="coder", path=path, context_length=2048, slots=2, preload=True),
-            chat.model_copy(update={"context_length": 512, "slots": 1}),
-        ],
-    )
-    loop = LoopThread()
-    host = loop.run(start_host(config, "cpu"))
-    wait_for_health(f"127.0.0.1:{host.port}")
-    gateway = loop.run(
-        start_gateway(gateway_config([f"127.0.0.1:{host.port}"], http_listen="127.0.0.1:0"))
-    )
-    assert gateway.http is not None
-    base_url = f"http://127.0.0.1:{gateway.http.port}"
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
-    yield Editor(client, base_url)
-    loop.run(gateway.stop(0))
-    loop.run(host.stop(0))
-    loop.close()
+    models = [
+        ModelConfig(name="coder", path=path, context_length=2048, slots=2, preload=True),
+        chat.model_copy(update={"context_length": 512, "slots": 1}),
+    ]
+    with http_stack(models) as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=60)
+        yield Editor(client, base_url)
 
 
 FILE = "def add(a, b):\n    return a + b\n\n" * 40

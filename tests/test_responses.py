@@ -4,7 +4,6 @@ function-call round trip, a chain through previous_response_id, the store, and b
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -12,10 +11,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from gateway.server import start_gateway
-from modelhost.config import HostConfig, embedded_chat_model_config
-from modelhost.server import start_host
-from tests.conftest import LoopThread, gateway_config, wait_for_health
+from modelhost.config import embedded_chat_model_config
+from tests.conftest import http_stack
 
 MODEL = "smollm2"
 WEATHER: dict[str, Any] = {
@@ -34,24 +31,9 @@ WEATHER: dict[str, Any] = {
 def client() -> Iterator[openai.OpenAI]:
     chat = embedded_chat_model_config()
     assert chat is not None
-    config = HostConfig(
-        listen="127.0.0.1:0",
-        device="cpu",
-        cache_dir=Path.home() / ".cache" / "airouter",
-        models=[chat.model_copy(update={"context_length": 1024, "slots": 3, "preload": True})],
-    )
-    loop = LoopThread()
-    host = loop.run(start_host(config, "cpu"))
-    wait_for_health(f"127.0.0.1:{host.port}")
-    gateway = loop.run(
-        start_gateway(gateway_config([f"127.0.0.1:{host.port}"], http_listen="127.0.0.1:0"))
-    )
-    assert gateway.http is not None
-    base_url = f"http://127.0.0.1:{gateway.http.port}/v1"
-    yield openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
-    loop.run(gateway.stop(0))
-    loop.run(host.stop(0))
-    loop.close()
+    model = chat.model_copy(update={"context_length": 1024, "slots": 3, "preload": True})
+    with http_stack([model]) as base_url:
+        yield openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def test_create_retrieve_and_delete(client: openai.OpenAI) -> None:
