@@ -2,6 +2,7 @@
 `modelhost convert-gguf`: turn a GGUF into an MLX model directory for the MLX engine."""
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -104,11 +105,18 @@ def _convert(args: argparse.Namespace) -> int:
     def progress(items, total, what):  # type: ignore[no-untyped-def]
         return tqdm(items, total=total, unit=" " + what, file=sys.stderr)
 
+    # SIGTERM ends the conversion as Ctrl-C does: its staging directory is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         out = convert_gguf(args.gguf, args.out, quantize=args.quantize, progress=progress)
     except ConversionError as exc:
         print(f"modelhost: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("modelhost: interrupted; OUT is as it was", file=sys.stderr)
+        return 130
+    # Absolute: models.toml resolves a relative path against its own folder, not this one.
+    out = out.absolute()
     print(f'wrote {out}; serve it with path = "{out}" in models.toml', file=sys.stderr)
     return 0
 

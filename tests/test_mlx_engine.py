@@ -432,7 +432,7 @@ def test_convert_gguf_refuses_other_architectures_and_other_files(tmp_path: Path
     keep.mkdir()
     (keep / "thesis.txt").write_text("years of work")
     for out, why in (
-        (keep, "is a directory with other things in it"),
+        (keep, "convert-gguf did not write"),
         (keep / "thesis.txt", "is not a directory"),
     ):
         refused = subprocess.run(
@@ -440,6 +440,53 @@ def test_convert_gguf_refuses_other_architectures_and_other_files(tmp_path: Path
         )
         assert refused.returncode == 2 and why in refused.stderr, refused.stderr
     assert (keep / "thesis.txt").read_text() == "years of work"
+
+
+def test_convert_gguf_replaces_only_what_it_wrote(model_path: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "modelhost.cli", "convert-gguf", "--quantize", "none"]
+    # A directory that looks like a model but is someone else's: nothing in it is touched.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")
+    (theirs / "precious.txt").write_text("keep")
+    refused = subprocess.run(
+        [*command, str(model_path), str(theirs)], capture_output=True, text=True, timeout=600
+    )
+    assert refused.returncode == 2 and "convert-gguf did not write" in refused.stderr
+    assert (theirs / "precious.txt").read_text() == "keep"
+    assert (theirs / "config.json").read_text() == "{}"
+    # Through a symlink and a path relative to the working directory: the directory it
+    # points at is written, and the path printed for models.toml is absolute.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "models", target_is_directory=True)
+    converted = subprocess.run(
+        [*command, str(model_path), "link"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert converted.returncode == 0, converted.stderr
+    assert f'path = "{tmp_path / "models"}"' in converted.stderr
+    assert (tmp_path / "models" / "config.json").is_file() and (tmp_path / "link").is_symlink()
+    # A file added to a converted directory makes it the user's: refused, and kept.
+    (tmp_path / "models" / "notes.txt").write_text("mine")
+    again = subprocess.run(
+        [*command, str(model_path), str(tmp_path / "models")], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "notes.txt" in again.stderr
+    assert (tmp_path / "models" / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+@pytest.mark.parametrize("cut", [30, 200, "half"])
+def test_convert_gguf_says_a_truncated_file_is_truncated(
+    model_path: Path, tmp_path: Path, cut: int | str
+) -> None:
+    data = model_path.read_bytes()
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(data[: len(data) // 2 if cut == "half" else int(cut)])
+    command = [sys.executable, "-m", "modelhost.cli", "convert-gguf", str(truncated)]
+    refused = subprocess.run([*command, str(tmp_path / "out")], capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr
+    assert "truncated or not a GGUF" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +104,15 @@ def convert_gguf(
 
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize is {quantize!r}; use one of {', '.join(QUANTIZATIONS)}")
-    _check_target(target)
+    target = _check_target(target)
+    _remove_stale_staging(target.parent)
     try:
         reader = GGUFReader(source)
-    except (ValueError, OSError) as exc:
-        raise UnsupportedGGUF(f"{source} is not a readable GGUF file: {exc}") from None
+    except Exception as exc:  # any malformed input: gguf raises what numpy or struct does
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UnsupportedGGUF(
+            f"{source} is not a readable GGUF file: truncated or not a GGUF ({why})"
+        ) from None
     arch = _field(reader, "general.architecture", "")
     if arch not in SUPPORTED:
         raise UnsupportedGGUF(
@@ -119,8 +124,9 @@ def convert_gguf(
     config = _gemma3_config(reader)
     vocabulary = _vocabulary(reader)
     wrap = progress or (lambda items, total, what: items)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=target.parent))
     try:
+        _mark(staging, {"staging": True})  # ours, should a kill leave it behind
         weights = dict(wrap(_gemma3_weights(reader), len(reader.tensors), "tensors"))
         on_own_thread(partial(_write_float, staging, weights, config))
         del weights
@@ -128,25 +134,74 @@ def convert_gguf(
         bits_and_group = QUANTIZATIONS[quantize]
         if bits_and_group is not None:
             on_own_thread(partial(_quantize, staging, *bits_and_group))
+        files = sorted(p.name for p in staging.iterdir() if p.name != MARKER)
+        _mark(staging, {"source": str(source.resolve()), "quantize": quantize, "files": files})
+        _check_target(target)  # again: nothing may have appeared there meanwhile
         if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+            # Swapped by renames; what is removed is only what an earlier conversion wrote.
+            old = Path(tempfile.mkdtemp(prefix=_REPLACED, dir=target.parent))
+            target.rename(old / "model")
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _check_target(target: Path) -> None:
-    """Refuses a target that is not ours to replace: a file, or a directory with other
-    things in it than an earlier conversion (a mistyped OUT must never delete a home)."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
+# What convert-gguf writes beside its files, naming them: a directory holding anything else
+# is not its to replace.
+MARKER = ".airouter-convert.json"
+_STAGING, _REPLACED = ".airouter-convert-", ".airouter-replaced-"
+
+
+def _mark(directory: Path, fields: dict[str, Any]) -> None:
+    body = {"written_by": "modelhost convert-gguf", "version": version("airouter"), **fields}
+    (directory / MARKER).write_text(json.dumps(body, indent=2) + "\n")
+
+
+def _check_target(target: Path) -> Path:
+    """The directory to write: OUT, or the directory a symlink OUT points to. Refuses one
+    that is not the converter's to replace: a file, or a directory holding anything an earlier
+    conversion did not write (a mistyped OUT must never delete a home)."""
+    if target.is_symlink() and target.resolve().is_dir():
+        target = target.resolve()
+    if target.exists() and not target.is_dir():
         raise ConversionError(f"{target} exists and is not a directory; choose another OUT")
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
-        raise ConversionError(
-            f"{target} is a directory with other things in it; convert-gguf replaces only an "
-            "empty directory or an earlier model directory: choose another OUT"
-        )
+    present = {p.name for p in target.iterdir()} if target.is_dir() else set()
+    if present:
+        written = _written(target)
+        foreign = sorted(present - written - {MARKER}) if written is not None else sorted(present)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ConversionError(
+                f"{target} holds files convert-gguf did not write ({shown}); it replaces only "
+                "an empty directory or one it wrote itself: choose another OUT, or move them"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _written(directory: Path) -> set[str] | None:
+    """The files an earlier conversion wrote in `directory`, from its marker; None without
+    one (the directory is not the converter's)."""
+    try:
+        marker = json.loads((directory / MARKER).read_text())
+        return set(marker["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    """Staging and replaced directories an interrupted conversion left beside OUT (those
+    holding the converter's marker: nothing else is touched)."""
+    for leftover in [*parent.glob(f"{_STAGING}*"), *parent.glob(f"{_REPLACED}*")]:
+        marked = (leftover / MARKER).is_file() or (leftover / "model" / MARKER).is_file()
+        if leftover.is_dir() and marked:
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.is_dir() and not any(leftover.iterdir()):
+            leftover.rmdir()
 
 
 def cached_conversion(source: Path, cache_dir: Path, *, quantize: str = "q8") -> Path:
