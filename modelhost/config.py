@@ -98,6 +98,15 @@ class ModelConfig(BaseModel):
                 f"cache_type_v = {self.cache_type_v!r} needs flash attention; remove "
                 "flash_attention = false or use cache_type_v = 'f16'"
             )
+        mlx = self.engine == "mlx" or (
+            self.engine == "auto" and self.path is not None and self.path.is_dir()
+        )
+        ignored = sorted(LLAMA_CPP_ONLY & self.model_fields_set)
+        if mlx and ignored:
+            raise ValueError(
+                f"{', '.join(ignored)}: llama.cpp settings, which the MLX engine that runs this "
+                'model does not have; remove them (or set engine = "llama.cpp" for a GGUF)'
+            )
         return self
 
     def model_path(self, cache_dir: Path) -> Path:
@@ -118,6 +127,13 @@ class ModelConfig(BaseModel):
             return path.stat().st_mtime if path is not None else None
         except OSError:
             return None
+
+
+# Settings only the llama.cpp engine has: on a model the MLX engine runs they are refused,
+# never silently ignored.
+LLAMA_CPP_ONLY = frozenset(
+    {"gpu_layers", "flash_attention", "cache_type_k", "cache_type_v", "full_swa_cache"}
+)
 
 
 class HostConfig(ServerSecurity):

@@ -43,6 +43,11 @@ def config_error(tmp_path: Path, text: str) -> str:
             "the name 'a' is used by both 'a' and 'b'",
         ),
         (
+            '[[models]]\nname = "m"\nengine = "mlx"\ngpu_layers = 10\nflash_attention = true\n',
+            "line 1, models[0]: Value error, flash_attention, gpu_layers: llama.cpp settings, "
+            "which the MLX engine that runs this model does not have",
+        ),
+        (
             '[[models]]\nname = "a"\nengine = "vllm"\n',
             "line 3, models[0].engine: Value error, unknown engine 'vllm'; use auto, llama.cpp, "
             "mlx",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog.testing
 
 import modelhost.engines.mlxlm  # noqa: F401  (first: it puts OpenBLAS under mlx)
 
@@ -440,6 +441,20 @@ def test_convert_gguf_refuses_other_architectures_and_other_files(tmp_path: Path
         )
         assert refused.returncode == 2 and why in refused.stderr, refused.stderr
     assert (keep / "thesis.txt").read_text() == "years of work"
+
+
+def test_loading_without_openblas_warns_naming_the_fix(
+    mlx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import modelhost.engines.mlxlm as mlxlm
+
+    monkeypatch.setattr(mlxlm, "BLAS", "bundled")
+    host = HostSettings(device="cpu", threads=2, cache_dir=CACHE)
+    with structlog.testing.capture_logs() as logs:
+        engine = mlxlm.BACKEND.open(mlx_config(), mlx_dir, host)
+    engine.close()
+    (warning,) = [r for r in logs if r["event"] == "mlx_without_openblas"]
+    assert warning["log_level"] == "warning" and "libopenblas0-pthread" in warning["detail"]
 
 
 def test_convert_gguf_replaces_only_what_it_wrote(model_path: Path, tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import structlog
+
 from modelhost.engines.interface import Engine, EngineBackend, HostSettings
 
 if TYPE_CHECKING:
@@ -104,6 +106,14 @@ class MlxBackend(EngineBackend):
             from modelhost.engines.mlxlm.engine import MlxEngine
         except ImportError:
             raise RuntimeError(_MISSING) from None
+        if host.device == "cpu" and sys.platform == "linux" and BLAS == "bundled":
+            structlog.get_logger().warning(
+                "mlx_without_openblas",
+                model=config.name,
+                detail="mlx[cpu] has only its bundled reference BLAS: decoding is ~8x slower "
+                "and requests are not batched; install OpenBLAS (Debian: apt install "
+                "libopenblas0-pthread) and restart",
+            )
         return MlxEngine(
             path,
             name=config.name,
