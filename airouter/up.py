@@ -4,8 +4,10 @@ serve` starts one server: the one-machine case in one command. Each runs as its 
 interleave on stderr, and Ctrl-C or SIGTERM drains and stops both."""
 
 import argparse
+import fcntl
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from airouter import add_log_level_flag
+from airouter.paths import default_batch_db
 
 # Longer than either server's default shutdown grace (30 s): they drain, then exit.
 STOP_WAIT_S = 40.0
@@ -35,6 +38,14 @@ def add_up_command(commands: argparse._SubParsersAction) -> None:  # type: ignor
     up.add_argument(
         "--modelhost-listen", default="127.0.0.1:50051", help="the modelhost's gRPC address"
     )
+    up.add_argument(
+        "--batch-db",
+        type=Path,
+        default=None,
+        help="the gateway's store of batches and responses (default: "
+        "$XDG_STATE_HOME/airouter/batches.sqlite3); another `airouter up` beside this one "
+        "needs its own",
+    )
     add_log_level_flag(up)
 
 
@@ -53,6 +64,10 @@ def main(argv: list[str]) -> int:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    taken = _taken(args)
+    if taken:
+        print(f"airouter up: {taken}", file=sys.stderr)
+        return 1
     host_command = [
         _program("modelhost"),
         "serve",
@@ -74,6 +89,8 @@ def run_up(args: argparse.Namespace) -> int:
         args.http_listen,
         "--modelhost",
         args.modelhost_listen,
+        "--batch-db",
+        str(args.batch_db or default_batch_db()),
         "--log-level",
         args.log_level,
     ]
@@ -105,3 +122,34 @@ def run_up(args: argparse.Namespace) -> int:
     codes = [p.returncode for p in processes]
     # A server stopped by the signal exits 0; any other code is the first failure's.
     return next((c for c in codes if c not in (0, -signal.SIGTERM, -signal.SIGINT)), 0)
+
+
+def _taken(args: argparse.Namespace) -> str | None:
+    """What another program (another `airouter up`, most likely) holds of what this one
+    needs, and the option that moves it; None when all is free. Checked before either
+    server starts, so the answer is one line rather than two servers' failures."""
+    for address, option, what in (
+        (args.listen, "--listen", "the gateway's gRPC address"),
+        (args.http_listen, "--http-listen", "the gateway's HTTP address"),
+        (args.modelhost_listen, "--modelhost-listen", "the modelhost's address"),
+    ):
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.bind((host.strip("[]"), int(port)))
+        except OSError:
+            return f"{address} ({what}) is taken; pass {option} HOST:PORT to use another"
+        except ValueError:
+            return f"{option} {address}: use HOST:PORT"
+    database = args.batch_db or default_batch_db()
+    lock = Path(f"{database}.lock")
+    if lock.exists():
+        with lock.open("rb") as held:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return (
+                    f"{database} is in use by another gateway; pass --batch-db PATH to give "
+                    "this one its own"
+                )
+    return None

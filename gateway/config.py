@@ -4,13 +4,13 @@ On SIGHUP the gateway reads the file again and adds or retires hosts to match `m
 other settings take effect at the next start.
 """
 
-import os
 from pathlib import Path
 from typing import Literal, TypeAlias
 
 from pydantic import Field, model_validator
 
 from airouter.config_files import load_toml_config
+from airouter.paths import default_batch_db
 from airouter.security import ServerSecurity
 
 DEFAULT_LISTEN = "127.0.0.1:50050"
@@ -21,12 +21,6 @@ OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
 # Models named openrouter/<vendor>/<model> go to the OpenAI-compatible upstream.
 OPENROUTER_PREFIX = "openrouter/"
 Policy: TypeAlias = Literal["local_only", "local_first", "cloud_only"]
-
-
-def default_batch_db() -> Path:
-    """$XDG_STATE_HOME/airouter/batches.sqlite3 (~/.local/state when unset)."""
-    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(state) / "airouter" / "batches.sqlite3"
 
 
 class GatewayConfig(ServerSecurity):

@@ -72,12 +72,18 @@ FINISH_WAIT_S = 1.0
 RETIRE_GRACE_S = 3600.0
 # HTTP/2 pings on every gateway->host channel: one after 10 s without traffic, and the link is
 # dead when its answer takes over 5 s. The hosts accept a ping every 5 s (grpc_server).
+# A channel whose host is not listening yet (the gateway started first) tries again after
+# 0.1 s, then backs off to 2 s: gRPC's default (1 s, up to 120 s) made the first request of a
+# launch wait a second after the model was ready.
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 

@@ -1,9 +1,11 @@
 """The three commands as a user runs them: separate processes, real ports, real signals."""
 
 import argparse
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -239,6 +241,33 @@ def test_a_taken_grpc_port_is_one_line_naming_the_address_and_the_flag(servers, 
         assert f"{program}: cannot listen on {address}" in done.stderr
         assert "pick another with --listen" in done.stderr
         assert "Traceback" not in done.stderr and "Unclosed" not in done.stderr
+
+
+def test_a_second_airouter_up_says_in_one_line_what_is_taken(tmp_path: Path) -> None:
+    free = [free_port_address() for _ in range(3)]
+
+    def up(*extra: str) -> subprocess.CompletedProcess[str]:
+        command = [str(BIN / "airouter"), "up", "--listen", free[0], "--http-listen", free[1]]
+        command += ["--modelhost-listen", free[2], *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    with socket.socket() as holder:  # another program listens where the gateway would
+        host, _, port = free[1].rpartition(":")
+        holder.bind((host, int(port)))
+        holder.listen()
+        refused = up("--batch-db", str(tmp_path / "a.sqlite3"))
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"airouter up: {free[1]} (the gateway's HTTP address) is taken; pass --http-listen "
+        "HOST:PORT to use another"
+    ]
+    # The batch database another gateway holds: named, with the option that moves it.
+    database = tmp_path / "b.sqlite3"
+    with open(f"{database}.lock", "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = up("--batch-db", str(database))
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert f"{database} is in use by another gateway; pass --batch-db" in refused.stderr
 
 
 def test_airouter_up_then_generate_answers_from_the_instruct_model_and_ctrl_c_stops_both() -> None:
