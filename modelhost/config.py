@@ -12,6 +12,7 @@ from pydantic import (
     model_validator,
 )
 
+from airouter.paths import default_cache_dir
 from airouter.config_files import ConfigError, load_toml_config, where
 from airouter.security import ServerSecurity
 from modelhost.memory import parse_size, reserve_bytes
@@ -142,7 +143,8 @@ class HostConfig(ServerSecurity):
     threads: int | None = Field(default=None, ge=1)
     # Seconds in-flight streams get to finish after SIGTERM/SIGINT.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
-    cache_dir: Path = Path.home() / ".cache" / "airouter"
+    # Where the embedded models are assembled: $XDG_CACHE_HOME/airouter, ~/.cache/airouter.
+    cache_dir: Path = Field(default_factory=default_cache_dir)
     # Memory the models may use on the device: a size ("6GiB"); unset: the device's memory
     # less memory_reserve.
     memory_budget: str | None = None

@@ -240,3 +240,22 @@ def test_the_gateway_runs_without_llama_cpp_or_the_models(tmp_path: Path) -> Non
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+@pytest.mark.parametrize("unit", ["airouter-modelhost.service", "airouter-gateway.service"])
+def test_the_systemd_units_are_hardened(unit: str) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed: the units' exposure is not scored")
+    scored = subprocess.run(
+        [analyze, "security", "--offline=yes", str(DEPLOY / "systemd" / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    score = float(re.findall(r"Overall exposure level for \S+: ([0-9.]+)", scored.stdout)[0])
+    assert score <= 4.0, scored.stdout
+    text = (DEPLOY / "systemd" / unit).read_text()
+    assert f"scores it {score}," in text  # the comment says what the unit scores
+    # The embedded models' cache and the batches go to the unit's own directories.
+    assert "StateDirectory=airouter" in text and "XDG_STATE_HOME=%S" in text
