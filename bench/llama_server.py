@@ -10,7 +10,8 @@ launch to the first streamed token; then, with the model loaded, it measures res
 (the whole process tree) and N concurrent greedy streams of `--tokens` tokens (ignore_eos) at
 each concurrency: aggregate tok/s and TTFT. Both are driven through their OpenAI-compatible
 HTTP endpoint (`/v1/completions`, SSE) by the same aiohttp client, with unique prompts so no
-request reuses another's prefix. Servers alternate within each round; medians are printed.
+request reuses another's prefix. Servers alternate within each round; medians are printed,
+and for launches the worst run too.
 llama-server is optional: without it (`--llama-server` or $LLAMA_SERVER) the script says so
 and measures airouter alone. Build it from the llama.cpp that llama-cpp-python vendors:
 `cmake -B build -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF`
@@ -185,14 +186,14 @@ def main() -> None:
         f"\nGemma 3 270M Q4_K_M, {SLOTS} slots x {CONTEXT} tokens, {args.tokens} greedy tokens "
         f"per stream, {args.rounds} rounds (medians; TTFT over every request)\n"
     )
-    header = "| server | launch to first token s | RSS MiB |"
+    header = "| server | launch to first token s, median / worst | RSS MiB |"
     header += "".join(f" {s} streams tok/s | {s} TTFT p50 ms |" for s in args.streams)
     print(header)
     print("|---|---|---|" + "---|---|" * len(args.streams))
     for name, f in figures.items():
         row = (
-            f"| {name} | {statistics.median(f.launch_to_token):.2f} "
-            f"| {statistics.median(f.rss) / (1 << 20):.0f} |"
+            f"| {name} | {statistics.median(f.launch_to_token):.2f} / "
+            f"{max(f.launch_to_token):.2f} | {statistics.median(f.rss) / (1 << 20):.0f} |"
         )
         for s in args.streams:
             row += (
@@ -204,7 +205,11 @@ def main() -> None:
         ours, theirs = figures["airouter"], figures["llama-server"]
         print()
         ratio = statistics.median(ours.launch_to_token) / statistics.median(theirs.launch_to_token)
-        print(f"{'launch to first token, airouter / llama-server':<48} {ratio:6.2f}  (goal <= 1.1)")
+        print(f"{'launch to first token, airouter / llama-server':<48} {ratio:6.2f}  (median)")
+        # The goal holds in every run: airouter's slowest launch against llama-server's median.
+        worst = max(ours.launch_to_token) / statistics.median(theirs.launch_to_token)
+        label = "  slowest airouter launch / llama-server median"
+        print(f"{label:<48} {worst:6.2f}  (goal <= 1.1)")
         rss = statistics.median(ours.rss) / statistics.median(theirs.rss)
         print(f"{'RSS, airouter / llama-server':<48} {rss:6.2f}  (goal <= 1.0)")
         for s in args.streams:
