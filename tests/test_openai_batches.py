@@ -81,6 +81,8 @@ def test_upload_batch_poll_and_download(client: openai.OpenAI) -> None:
         body = result["response"]["body"]
         assert body["object"] == "text_completion" and body["choices"][0]["text"]
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+    with pytest.raises(openai.BadRequestError, match="result file"):
+        client.files.delete(done.output_file_id)  # it is the batch's results, not an upload
     assert batch.id in {b.id for b in client.batches.list()}
     # The input file can go; the batch keeps its results.
     assert client.files.delete(uploaded.id).deleted
@@ -155,6 +157,17 @@ def test_bad_requests_get_openai_shaped_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="line 1: not UTF-8"):
         client.batches.create(
             input_file_id=latin1.id, endpoint="/v1/completions", completion_window="24h"
+        )
+    # Not a multipart upload, or one without its file: refused, saying how to send it.
+    with pytest.raises(openai.BadRequestError, match="multipart/form-data"):
+        client.post("/files", body={"purpose": "batch"}, cast_to=object)
+    with pytest.raises(openai.BadRequestError, match="file: required"):
+        client.post(
+            "/files",
+            body={"purpose": "batch"},
+            files=[("other", ("x.txt", b"x"))],  # type: ignore[arg-type]
+            cast_to=object,
+            options={"headers": {"Content-Type": "multipart/form-data"}},
         )
     # Larger than max_upload_bytes (64 KiB here): refused, and nothing is kept.
     before = len(list(client.files.list()))
