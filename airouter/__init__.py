@@ -6,13 +6,17 @@ from importlib.metadata import PackageNotFoundError, version
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def installed_version() -> str:
+    """The installed airouter's version; "unknown" from a source tree never installed."""
+    try:
+        return version("airouter")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """--version, on every command."""
-    try:
-        installed = version("airouter")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        installed = "unknown"
-    parser.add_argument("--version", action="version", version=f"%(prog)s {installed}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
 
 
 def add_log_level_flag(parser: argparse.ArgumentParser) -> None:

@@ -6,11 +6,11 @@ gateway's HTTP edge and by batch files; it knows nothing of transports.
 import json
 import re
 from dataclasses import dataclass
-from importlib.metadata import version
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from airouter import installed_version
 from airouter.errors import InvalidArgument
 from airouter.infill import Infill
 from airouter.output import (
@@ -31,7 +31,7 @@ from airouter.output import (
 from airouter.v1 import generate_pb2
 
 # What OpenAI's answers name as the configuration that produced them (system_fingerprint).
-SYSTEM_FINGERPRINT = f"fp_airouter_{version('airouter')}"
+SYSTEM_FINGERPRINT = f"fp_airouter_{installed_version()}"
 # Strict: JSON true is no number and 1.0 no integer. Bounds are the protocol's field sizes.
 _UINT32 = (1 << 32) - 1
 StrictText = Annotated[str, Field(strict=True)]

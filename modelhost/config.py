@@ -12,8 +12,8 @@ from pydantic import (
     model_validator,
 )
 
-from airouter.paths import default_cache_dir
 from airouter.config_files import ConfigError, load_toml_config, where
+from airouter.paths import default_cache_dir
 from airouter.security import ServerSecurity
 from modelhost.memory import parse_size, reserve_bytes
 

@@ -18,12 +18,12 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from airouter import installed_version
 from modelhost.engines.mlxlm import on_own_thread
 
 # Gemma's turn format (the GGUF carries no template): system text opens the first user turn.
@@ -157,7 +157,7 @@ _STAGING, _REPLACED = ".airouter-convert-", ".airouter-replaced-"
 
 
 def _mark(directory: Path, fields: dict[str, Any]) -> None:
-    body = {"written_by": "modelhost convert-gguf", "version": version("airouter"), **fields}
+    body = {"written_by": "modelhost convert-gguf", "version": installed_version(), **fields}
     (directory / MARKER).write_text(json.dumps(body, indent=2) + "\n")
 
 
