@@ -311,8 +311,9 @@ class BatchDoor:
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader):
                     raise InvalidArgument("nested multipart bodies are not supported")
-                if part.name == "purpose":
-                    purpose = (await part.read(decode=True)).decode("utf-8", "replace")[:64]
+                if part.name == "purpose":  # a few bytes kept; the rest is read and dropped
+                    purpose = (await part.read_chunk(64)).decode("utf-8", "replace")
+                    await part.release()
                 elif part.name == "file" and saved is None:
                     saved = await self._save(part)
                 else:

@@ -153,6 +153,8 @@ def test_bad_requests_get_openai_shaped_errors(client: openai.OpenAI) -> None:
         client.batches.retrieve("batch_nope")
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(file=("x.jsonl", jsonl([line("a", "x")])), purpose="nonsense")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="purpose"):  # read 64 bytes of it, no more
+        client.files.create(file=("x.jsonl", jsonl([line("a", "x")])), purpose="p" * (1 << 20))  # type: ignore[arg-type]
     latin1 = client.files.create(file=("l.jsonl", io.BytesIO(b"\xff\n")), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="line 1: not UTF-8"):
         client.batches.create(
