@@ -235,6 +235,7 @@ class HttpEdge:
         self.app.router.add_post("/infill", self._infill)
         self.app.router.add_post("/v1/responses", self._responses)
         self.app.router.add_get("/v1/responses/{id}", self._stored_response)
+        self.app.router.add_get("/v1/responses/{id}/input_items", self._input_items)
         self.app.router.add_delete("/v1/responses/{id}", self._delete_response)
         self.app.router.add_get("/metrics", self._prometheus)
         self._batch_door = batch_door  # owned: its file store closes with the edge
@@ -594,6 +595,39 @@ class HttpEdge:
     async def _stored_response(self, request: web.Request) -> web.Response:
         found = await self._stored_or_404(request.match_info["id"])
         return web.json_response(found.body, headers=_id_headers(request))
+
+    async def _input_items(self, request: web.Request) -> web.Response:
+        """What a stored response read: its conversation before its answer, as input items
+        (newest first unless `order=asc`), paged by `limit` and `after`."""
+        found = await self._stored_or_404(request.match_info["id"])
+        conversation = found.conversation
+        if found.body.get("output"):
+            conversation = conversation[:-1]  # its own answer, stored as the last turn
+        items = responses.input_items(conversation)
+        order = request.query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise InvalidArgument("order: asc or desc")
+        if order == "desc":
+            items.reverse()
+        try:
+            limit = int(request.query.get("limit", "20"))
+        except ValueError:
+            raise InvalidArgument("limit: a number from 1 to 100") from None
+        if not 1 <= limit <= 100:
+            raise InvalidArgument("limit: a number from 1 to 100")
+        after = request.query.get("after")
+        if after is not None:
+            ids = [item["id"] for item in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        page = items[:limit]
+        body = {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+        return web.json_response(body, headers=_id_headers(request))
 
     async def _delete_response(self, request: web.Request) -> web.Response:
         ident = request.match_info["id"]

@@ -32,6 +32,7 @@ from airouter.output import (
     ToolChoice,
     Turn,
     make_turn,
+    turn_parts,
 )
 from gateway.generation import (
     ChoiceOutput,
@@ -315,6 +316,28 @@ def prepare(parsed: ResponsesRequest, history: tuple[Turn, ...] = ()) -> Prepare
 
 def response_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
+
+
+def input_items(conversation: tuple[Turn, ...]) -> list[dict[str, Any]]:
+    """The turns a response read (its conversation before its answer) as Responses input
+    items, oldest first: messages, function calls and their outputs."""
+    items: list[dict[str, Any]] = []
+    for i, turn in enumerate(conversation):
+        role, content, call_id, calls = turn_parts(turn)
+        if role == "tool":
+            items.append(
+                {"type": "function_call_output", "id": f"fco_{i}", "call_id": call_id,
+                 "output": content, "status": "completed"}
+            )  # fmt: skip
+            continue
+        if content or not calls:
+            kind = "output_text" if role == "assistant" else "input_text"
+            items.append(
+                {"type": "message", "id": f"msg_{i}", "role": role, "status": "completed",
+                 "content": [{"type": kind, "text": content}]}
+            )  # fmt: skip
+        items += [ResponseShape.call_item(call) for call in calls]
+    return items
 
 
 def output_turns(output: ChoiceOutput) -> tuple[Turn, ...]:

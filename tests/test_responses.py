@@ -126,6 +126,14 @@ def test_a_function_call_round_trip(client: openai.OpenAI) -> None:
         temperature=0,
     )
     assert answer.output_text and answer.previous_response_id == called.id
+    # What the answer read: the question, the call and its output (newest first by default).
+    read = client.responses.input_items.list(answer.id, order="asc")
+    assert [item.type for item in read.data] == [
+        "message", "function_call", "function_call_output",
+    ]  # fmt: skip
+    assert read.data[1].call_id == read.data[2].call_id == calls[0].call_id  # type: ignore[union-attr]
+    newest = client.responses.input_items.list(answer.id, limit=1)
+    assert newest.data[0].type == "function_call_output" and newest.has_more
     # Streamed, the call's arguments arrive as deltas.
     with client.responses.stream(
         model=MODEL,
