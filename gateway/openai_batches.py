@@ -311,8 +311,8 @@ class BatchDoor:
             while (part := await reader.next()) is not None:
                 if not isinstance(part, BodyPartReader):
                     raise InvalidArgument("nested multipart bodies are not supported")
-                if part.name == "purpose":  # a few bytes kept; the rest is read and dropped
-                    purpose = (await part.read_chunk(64)).decode("utf-8", "replace")
+                if part.name == "purpose":  # one chunk read, a few bytes kept, the rest dropped
+                    purpose = (await part.read_chunk()).decode("utf-8", "replace")[:64]
                     await part.release()
                 elif part.name == "file" and saved is None:
                     saved = await self._save(part)
