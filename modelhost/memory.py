@@ -137,10 +137,12 @@ def estimate_footprint(
     cache_type_v: str,
     slots: int = 1,
     full_swa_cache: bool = False,
+    embedding: bool = False,
 ) -> int:
     """Bytes a model will take on the budgeted device: its weights (the share of layers
     offloaded there), its KV cache for every slot's context (sliding-window layers only for
-    their window unless full_swa_cache), and llama.cpp's compute and output buffers."""
+    their window unless full_swa_cache), and llama.cpp's compute and output buffers. An
+    embedding context outputs no logits, and a non-causal (BERT-like) model keeps no KV cache."""
     layers = header.arch_int("block_count")
     embd = header.arch_int("embedding_length")
     heads = max(header.arch_int("attention.head_count", 1), 1)
@@ -159,6 +161,10 @@ def estimate_footprint(
     # The graph's largest tensors are the output layer's logits for a batch (f32); the other
     # activations scale with the embedding width.
     compute = batch_tokens * (vocab + 16 * embd) * 4
+    if embedding:
+        compute = batch_tokens * 16 * embd * 4
+        if not header.arch_int("attention.causal", 1):
+            kv_cache = 0
     compute_share = 1.0 if on_device_share > 0 else 0.0
     return int((header.file_bytes + kv_cache) * on_device_share + compute * compute_share)
 

@@ -36,13 +36,16 @@ class RequestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "Generate requests by model and outcome (a finish reason, or the status code of a "
-            "request refused before its first token).",
+            "Generate and Embed requests by model and outcome (a finish reason, 'embedded', or "
+            "the status code of a request refused before its first token).",
             ["model", "outcome"],
             registry=registry,
         )
         self.tokens = Counter(
             f"{PREFIX}_tokens", "Prompt and generated tokens.", ["model", "kind"], registry=registry
+        )
+        self.embedded_inputs = Counter(
+            f"{PREFIX}_embedded_inputs", "Texts embedded.", ["model"], registry=registry
         )
         self.ttft, self.latency = request_histograms(PREFIX, "host", registry)
 
@@ -54,6 +57,11 @@ class RequestMetrics:
         if finish.completion_tokens:
             self.ttft.labels(model).observe(finish.timings.time_to_first_token_ms / 1000)
         self.latency.labels(model).observe(finish.timings.total_ms / 1000)
+
+    def embedded(self, model: str, inputs: int, prompt_tokens: int) -> None:
+        self.requests.labels(model, "embedded").inc()
+        self.tokens.labels(model, "prompt").inc(prompt_tokens)
+        self.embedded_inputs.labels(model).inc(inputs)
 
     def refused(self, model: str, error: AirouterError) -> None:
         self.requests.labels(model, error.code.lower()).inc()

@@ -14,6 +14,7 @@ from airouter.security import Credentials, check_unprotected_listener
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from modelhost.config import HostConfig
 from modelhost.device import default_threads
+from modelhost.embedding import EmbeddingService
 from modelhost.engines import ENGINES, backend
 from modelhost.memory import MemoryProbe, parse_size, reserve_bytes
 from modelhost.metrics import MetricsServer, RequestMetrics, start_metrics_server
@@ -65,6 +66,7 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
     budget = memory_budget(config, probe)
     _log.info("memory_budget", device=device, budget=format_bytes(budget))
     registry = CollectorRegistry()
+    metrics = RequestMetrics(registry)
     residency = Residency(
         config.models,
         device=device,
@@ -77,7 +79,10 @@ async def start_host(config: HostConfig, device: str) -> RunningHost:
         [SERVICE_NAME], credentials, admin_methods=ADMIN_METHODS
     )
     model_host_pb2_grpc.add_ModelHostServicer_to_server(
-        ModelHostServicer(GenerationService(residency, RequestMetrics(registry))), server
+        ModelHostServicer(
+            GenerationService(residency, metrics), EmbeddingService(residency, metrics)
+        ),
+        server,
     )
     port = grpc_server.bind(server, config.listen, credentials.tls)
     await server.start()

@@ -21,7 +21,14 @@ from airouter.output_wire import (
     tool_call_pb,
     turn_from_pb,
 )
-from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
+from airouter.v1 import (
+    embed_pb2,
+    generate_pb2,
+    host_status_pb2,
+    model_host_pb2,
+    model_host_pb2_grpc,
+)
+from modelhost.embedding import Embeddings, EmbeddingService, EmbedSpec
 from modelhost.engines import engine_kind
 from modelhost.generation import (
     Delta,
@@ -68,8 +75,9 @@ def _request_attributes(request: model_host_pb2.GenerateRequest) -> dict[str, ob
 class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
     """Translates ModelHost RPCs; all model work happens in GenerationService and the engine."""
 
-    def __init__(self, service: GenerationService) -> None:
+    def __init__(self, service: GenerationService, embeddings: EmbeddingService) -> None:
         self._service = service
+        self._embeddings = embeddings
 
     async def Generate(
         self, request: model_host_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -101,6 +109,25 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         spec = spec_from_pb(request.request)
         tokens, model = await self._service.count_tokens(spec, context.time_remaining())
         return model_host_pb2.CountTokensResponse(input_tokens=tokens, model=model)
+
+    async def Embed(
+        self, request: embed_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> embed_pb2.EmbedResponse:
+        metadata = context.invocation_metadata()
+        attributes = functools.partial(
+            tracing.embed_attributes,
+            model=request.model,
+            inputs=len(request.inputs),
+            request_id=request.request_id,
+        )
+        name = f"embeddings {request.model}"
+        with tracing.request_span(_tracer, name, attributes, metadata) as span:
+            spec = embed_spec_from_pb(request)
+            result = await self._embeddings.embed(spec, context.time_remaining())
+            span.set_attributes(
+                tracing.embedded_attributes(model=result.model, input_tokens=result.prompt_tokens)
+            )
+            return embed_response_pb(result)
 
     async def ListModels(
         self, request: model_host_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -204,6 +231,26 @@ def spec_from_pb(request: model_host_pb2.GenerateRequest) -> GenerationSpec:
         stop=list(stopping.stop),
         ignore_eos=stopping.ignore_eos,
         output=output_from_pb(request.output),
+    )
+
+
+def embed_spec_from_pb(request: embed_pb2.EmbedRequest) -> EmbedSpec:
+    inputs: list[str | list[int]] = [
+        list(item.tokens.ids) if item.HasField("tokens") else item.text for item in request.inputs
+    ]
+    return EmbedSpec(
+        model=request.model,
+        inputs=inputs,
+        dimensions=request.dimensions if request.HasField("dimensions") else None,
+        request_id=request.request_id,
+    )
+
+
+def embed_response_pb(result: Embeddings) -> embed_pb2.EmbedResponse:
+    return embed_pb2.EmbedResponse(
+        embeddings=[embed_pb2.Embedding(values=vector) for vector in result.vectors],
+        prompt_tokens=result.prompt_tokens,
+        model=result.model,
     )
 
 

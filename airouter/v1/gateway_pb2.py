@@ -22,74 +22,79 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from airouter.v1 import embed_pb2 as airouter_dot_v1_dot_embed__pb2
 from airouter.v1 import generate_pb2 as airouter_dot_v1_dot_generate__pb2
 from airouter.v1 import host_status_pb2 as airouter_dot_v1_dot_host__status__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61irouter/v1/gateway.proto\x12\x0b\x61irouter.v1\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1d\x61irouter/v1/host_status.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa1\x03\n\x16GatewayGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.airouter.v1.ChatMessagesH\x00\x12%\n\x06infill\x18\x0b \x01(\x0b\x32\x13.airouter.v1.InfillH\x00\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.airouter.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.airouter.v1.StoppingCriteria\x12\x1a\n\x12min_context_length\x18\x07 \x01(\r\x12\x32\n\x0erouting_policy\x18\x08 \x01(\x0e\x32\x1a.airouter.v1.RoutingPolicy\x12\x17\n\x0f\x63onversation_id\x18\t \x01(\t\x12*\n\x06output\x18\n \x01(\x0b\x32\x1a.airouter.v1.OutputOptionsB\x07\n\x05input\"\xa8\x01\n\x17GatewayGenerateResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.airouter.v1.TokenDeltaH\x00\x12)\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x15.airouter.v1.FinishedH\x00\x12/\n\ttool_call\x18\x03 \x01(\x0b\x32\x1a.airouter.v1.ToolCallDeltaH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x18GatewayListModelsRequest\"^\n\x19GatewayListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.airouter.v1.ModelInfo\x12\x19\n\x11unreachable_hosts\x18\x02 \x03(\t\"\x12\n\x10ListHostsRequest\"9\n\x11ListHostsResponse\x12$\n\x05hosts\x18\x01 \x03(\x0b\x32\x15.airouter.v1.HostInfo\"\xce\x01\n\x08HostInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.airouter.v1.HostState\x12\x14\n\x0cstate_detail\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0b\x32\x17.airouter.v1.HostStatus\x12/\n\x0bstate_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12requests_in_flight\x18\x06 \x01(\r\"T\n\tBatchItem\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.airouter.v1.GatewayGenerateRequest\"M\n\x12SubmitBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.airouter.v1.BatchItem\"8\n\x13SubmitBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"5\n\x10GetBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"\x14\n\x12ListBatchesRequest\":\n\x13ListBatchesResponse\x12#\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x12.airouter.v1.Batch\"E\n\x19StreamBatchResultsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"t\n\x1aStreamBatchResultsResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.airouter.v1.BatchItemResult\x12(\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x18.airouter.v1.BatchCounts\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"8\n\x13\x43\x61ncelBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"t\n\x0b\x42\x61tchCounts\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x11\n\tsucceeded\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x11\n\tcancelled\x18\x06 \x01(\r\"\xc6\x01\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.airouter.v1.BatchState\x12(\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x18.airouter.v1.BatchCounts\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9f\x02\n\x0f\x42\x61tchItemResult\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.airouter.v1.BatchItemState\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\'\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x15.airouter.v1.Finished\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\x0c\n\x04\x63hat\x18\n \x01(\x08\x12*\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x19.airouter.v1.ChoiceOutput\"\xae\x01\n\x0c\x43hoiceOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.airouter.v1.ToolCall\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.airouter.v1.TokenLogprob\x12)\n\x06reason\x18\x05 \x01(\x0e\x32\x19.airouter.v1.FinishReason\"Q\n\x19GatewayCountTokensRequest\x12\x34\n\x07request\x18\x01 \x01(\x0b\x32#.airouter.v1.GatewayGenerateRequest\"O\n\x1aGatewayCountTokensResponse\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t*\x8d\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_LOCAL_ONLY\x10\x01\x12\x1e\n\x1aROUTING_POLICY_LOCAL_FIRST\x10\x02\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x03*\x85\x01\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rHOST_STATE_UP\x10\x01\x12\x13\n\x0fHOST_STATE_DOWN\x10\x02\x12\x1b\n\x17HOST_STATE_COOLING_DOWN\x10\x03\x12\x17\n\x13HOST_STATE_DRAINING\x10\x04*\x98\x01\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x41TCH_STATE_IN_PROGRESS\x10\x01\x12\x19\n\x15\x42\x41TCH_STATE_COMPLETED\x10\x02\x12\x1a\n\x16\x42\x41TCH_STATE_CANCELLING\x10\x03\x12\x19\n\x15\x42\x41TCH_STATE_CANCELLED\x10\x04*\xcb\x01\n\x0e\x42\x61tchItemState\x12 \n\x1c\x42\x41TCH_ITEM_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x42\x41TCH_ITEM_STATE_PENDING\x10\x01\x12\x1c\n\x18\x42\x41TCH_ITEM_STATE_RUNNING\x10\x02\x12\x1e\n\x1a\x42\x41TCH_ITEM_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17\x42\x41TCH_ITEM_STATE_FAILED\x10\x04\x12\x1e\n\x1a\x42\x41TCH_ITEM_STATE_CANCELLED\x10\x05\x32\x93\x06\n\x07Gateway\x12W\n\x08Generate\x12#.airouter.v1.GatewayGenerateRequest\x1a$.airouter.v1.GatewayGenerateResponse0\x01\x12[\n\nListModels\x12%.airouter.v1.GatewayListModelsRequest\x1a&.airouter.v1.GatewayListModelsResponse\x12J\n\tListHosts\x12\x1d.airouter.v1.ListHostsRequest\x1a\x1e.airouter.v1.ListHostsResponse\x12P\n\x0bSubmitBatch\x12\x1f.airouter.v1.SubmitBatchRequest\x1a .airouter.v1.SubmitBatchResponse\x12G\n\x08GetBatch\x12\x1c.airouter.v1.GetBatchRequest\x1a\x1d.airouter.v1.GetBatchResponse\x12P\n\x0bListBatches\x12\x1f.airouter.v1.ListBatchesRequest\x1a .airouter.v1.ListBatchesResponse\x12g\n\x12StreamBatchResults\x12&.airouter.v1.StreamBatchResultsRequest\x1a\'.airouter.v1.StreamBatchResultsResponse0\x01\x12P\n\x0b\x43\x61ncelBatch\x12\x1f.airouter.v1.CancelBatchRequest\x1a .airouter.v1.CancelBatchResponse\x12^\n\x0b\x43ountTokens\x12&.airouter.v1.GatewayCountTokensRequest\x1a\'.airouter.v1.GatewayCountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61irouter/v1/gateway.proto\x12\x0b\x61irouter.v1\x1a\x17\x61irouter/v1/embed.proto\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1d\x61irouter/v1/host_status.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa1\x03\n\x16GatewayGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.airouter.v1.ChatMessagesH\x00\x12%\n\x06infill\x18\x0b \x01(\x0b\x32\x13.airouter.v1.InfillH\x00\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.airouter.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.airouter.v1.StoppingCriteria\x12\x1a\n\x12min_context_length\x18\x07 \x01(\r\x12\x32\n\x0erouting_policy\x18\x08 \x01(\x0e\x32\x1a.airouter.v1.RoutingPolicy\x12\x17\n\x0f\x63onversation_id\x18\t \x01(\t\x12*\n\x06output\x18\n \x01(\x0b\x32\x1a.airouter.v1.OutputOptionsB\x07\n\x05input\"\xa8\x01\n\x17GatewayGenerateResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.airouter.v1.TokenDeltaH\x00\x12)\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x15.airouter.v1.FinishedH\x00\x12/\n\ttool_call\x18\x03 \x01(\x0b\x32\x1a.airouter.v1.ToolCallDeltaH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x18GatewayListModelsRequest\"^\n\x19GatewayListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.airouter.v1.ModelInfo\x12\x19\n\x11unreachable_hosts\x18\x02 \x03(\t\"\x12\n\x10ListHostsRequest\"9\n\x11ListHostsResponse\x12$\n\x05hosts\x18\x01 \x03(\x0b\x32\x15.airouter.v1.HostInfo\"\xce\x01\n\x08HostInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.airouter.v1.HostState\x12\x14\n\x0cstate_detail\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0b\x32\x17.airouter.v1.HostStatus\x12/\n\x0bstate_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12requests_in_flight\x18\x06 \x01(\r\"T\n\tBatchItem\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.airouter.v1.GatewayGenerateRequest\"M\n\x12SubmitBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.airouter.v1.BatchItem\"8\n\x13SubmitBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"5\n\x10GetBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"\x14\n\x12ListBatchesRequest\":\n\x13ListBatchesResponse\x12#\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x12.airouter.v1.Batch\"E\n\x19StreamBatchResultsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"t\n\x1aStreamBatchResultsResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.airouter.v1.BatchItemResult\x12(\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x18.airouter.v1.BatchCounts\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"8\n\x13\x43\x61ncelBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.airouter.v1.Batch\"t\n\x0b\x42\x61tchCounts\x12\r\n\x05total\x18\x01 \x01(\r\x12\x0f\n\x07pending\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x11\n\tsucceeded\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x11\n\tcancelled\x18\x06 \x01(\r\"\xc6\x01\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.airouter.v1.BatchState\x12(\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x18.airouter.v1.BatchCounts\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9f\x02\n\x0f\x42\x61tchItemResult\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.airouter.v1.BatchItemState\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\'\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x15.airouter.v1.Finished\x12\x12\n\nerror_code\x18\x07 \x01(\t\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\r\x12\x0c\n\x04\x63hat\x18\n \x01(\x08\x12*\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x19.airouter.v1.ChoiceOutput\"\xae\x01\n\x0c\x43hoiceOutput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.airouter.v1.ToolCall\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.airouter.v1.TokenLogprob\x12)\n\x06reason\x18\x05 \x01(\x0e\x32\x19.airouter.v1.FinishReason\"Q\n\x19GatewayCountTokensRequest\x12\x34\n\x07request\x18\x01 \x01(\x0b\x32#.airouter.v1.GatewayGenerateRequest\"O\n\x1aGatewayCountTokensResponse\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\"A\n\x13GatewayEmbedRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.airouter.v1.EmbedRequest\"R\n\x14GatewayEmbedResponse\x12,\n\x08response\x18\x01 \x01(\x0b\x32\x1a.airouter.v1.EmbedResponse\x12\x0c\n\x04host\x18\x02 \x01(\t*\x8d\x01\n\rRoutingPolicy\x12\x1e\n\x1aROUTING_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROUTING_POLICY_LOCAL_ONLY\x10\x01\x12\x1e\n\x1aROUTING_POLICY_LOCAL_FIRST\x10\x02\x12\x1d\n\x19ROUTING_POLICY_CLOUD_ONLY\x10\x03*\x85\x01\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rHOST_STATE_UP\x10\x01\x12\x13\n\x0fHOST_STATE_DOWN\x10\x02\x12\x1b\n\x17HOST_STATE_COOLING_DOWN\x10\x03\x12\x17\n\x13HOST_STATE_DRAINING\x10\x04*\x98\x01\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x41TCH_STATE_IN_PROGRESS\x10\x01\x12\x19\n\x15\x42\x41TCH_STATE_COMPLETED\x10\x02\x12\x1a\n\x16\x42\x41TCH_STATE_CANCELLING\x10\x03\x12\x19\n\x15\x42\x41TCH_STATE_CANCELLED\x10\x04*\xcb\x01\n\x0e\x42\x61tchItemState\x12 \n\x1c\x42\x41TCH_ITEM_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x42\x41TCH_ITEM_STATE_PENDING\x10\x01\x12\x1c\n\x18\x42\x41TCH_ITEM_STATE_RUNNING\x10\x02\x12\x1e\n\x1a\x42\x41TCH_ITEM_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17\x42\x41TCH_ITEM_STATE_FAILED\x10\x04\x12\x1e\n\x1a\x42\x41TCH_ITEM_STATE_CANCELLED\x10\x05\x32\xe1\x06\n\x07Gateway\x12W\n\x08Generate\x12#.airouter.v1.GatewayGenerateRequest\x1a$.airouter.v1.GatewayGenerateResponse0\x01\x12[\n\nListModels\x12%.airouter.v1.GatewayListModelsRequest\x1a&.airouter.v1.GatewayListModelsResponse\x12J\n\tListHosts\x12\x1d.airouter.v1.ListHostsRequest\x1a\x1e.airouter.v1.ListHostsResponse\x12P\n\x0bSubmitBatch\x12\x1f.airouter.v1.SubmitBatchRequest\x1a .airouter.v1.SubmitBatchResponse\x12G\n\x08GetBatch\x12\x1c.airouter.v1.GetBatchRequest\x1a\x1d.airouter.v1.GetBatchResponse\x12P\n\x0bListBatches\x12\x1f.airouter.v1.ListBatchesRequest\x1a .airouter.v1.ListBatchesResponse\x12g\n\x12StreamBatchResults\x12&.airouter.v1.StreamBatchResultsRequest\x1a\'.airouter.v1.StreamBatchResultsResponse0\x01\x12P\n\x0b\x43\x61ncelBatch\x12\x1f.airouter.v1.CancelBatchRequest\x1a .airouter.v1.CancelBatchResponse\x12^\n\x0b\x43ountTokens\x12&.airouter.v1.GatewayCountTokensRequest\x1a\'.airouter.v1.GatewayCountTokensResponse\x12L\n\x05\x45mbed\x12 .airouter.v1.GatewayEmbedRequest\x1a!.airouter.v1.GatewayEmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airouter.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTINGPOLICY']._serialized_start=2772
-  _globals['_ROUTINGPOLICY']._serialized_end=2913
-  _globals['_HOSTSTATE']._serialized_start=2916
-  _globals['_HOSTSTATE']._serialized_end=3049
-  _globals['_BATCHSTATE']._serialized_start=3052
-  _globals['_BATCHSTATE']._serialized_end=3204
-  _globals['_BATCHITEMSTATE']._serialized_start=3207
-  _globals['_BATCHITEMSTATE']._serialized_end=3410
-  _globals['_GATEWAYGENERATEREQUEST']._serialized_start=135
-  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=552
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_start=555
-  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=723
-  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_start=725
-  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_end=751
-  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_start=753
-  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_end=847
-  _globals['_LISTHOSTSREQUEST']._serialized_start=849
-  _globals['_LISTHOSTSREQUEST']._serialized_end=867
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=869
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=926
-  _globals['_HOSTINFO']._serialized_start=929
-  _globals['_HOSTINFO']._serialized_end=1135
-  _globals['_BATCHITEM']._serialized_start=1137
-  _globals['_BATCHITEM']._serialized_end=1221
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=1223
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=1300
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1302
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1358
-  _globals['_GETBATCHREQUEST']._serialized_start=1360
-  _globals['_GETBATCHREQUEST']._serialized_end=1395
-  _globals['_GETBATCHRESPONSE']._serialized_start=1397
-  _globals['_GETBATCHRESPONSE']._serialized_end=1450
-  _globals['_LISTBATCHESREQUEST']._serialized_start=1452
-  _globals['_LISTBATCHESREQUEST']._serialized_end=1472
-  _globals['_LISTBATCHESRESPONSE']._serialized_start=1474
-  _globals['_LISTBATCHESRESPONSE']._serialized_end=1532
-  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_start=1534
-  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_end=1603
-  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_start=1605
-  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_end=1721
-  _globals['_CANCELBATCHREQUEST']._serialized_start=1723
-  _globals['_CANCELBATCHREQUEST']._serialized_end=1761
-  _globals['_CANCELBATCHRESPONSE']._serialized_start=1763
-  _globals['_CANCELBATCHRESPONSE']._serialized_end=1819
-  _globals['_BATCHCOUNTS']._serialized_start=1821
-  _globals['_BATCHCOUNTS']._serialized_end=1937
-  _globals['_BATCH']._serialized_start=1940
-  _globals['_BATCH']._serialized_end=2138
-  _globals['_BATCHITEMRESULT']._serialized_start=2141
-  _globals['_BATCHITEMRESULT']._serialized_end=2428
-  _globals['_CHOICEOUTPUT']._serialized_start=2431
-  _globals['_CHOICEOUTPUT']._serialized_end=2605
-  _globals['_GATEWAYCOUNTTOKENSREQUEST']._serialized_start=2607
-  _globals['_GATEWAYCOUNTTOKENSREQUEST']._serialized_end=2688
-  _globals['_GATEWAYCOUNTTOKENSRESPONSE']._serialized_start=2690
-  _globals['_GATEWAYCOUNTTOKENSRESPONSE']._serialized_end=2769
-  _globals['_GATEWAY']._serialized_start=3413
-  _globals['_GATEWAY']._serialized_end=4200
+  _globals['_ROUTINGPOLICY']._serialized_start=2948
+  _globals['_ROUTINGPOLICY']._serialized_end=3089
+  _globals['_HOSTSTATE']._serialized_start=3092
+  _globals['_HOSTSTATE']._serialized_end=3225
+  _globals['_BATCHSTATE']._serialized_start=3228
+  _globals['_BATCHSTATE']._serialized_end=3380
+  _globals['_BATCHITEMSTATE']._serialized_start=3383
+  _globals['_BATCHITEMSTATE']._serialized_end=3586
+  _globals['_GATEWAYGENERATEREQUEST']._serialized_start=160
+  _globals['_GATEWAYGENERATEREQUEST']._serialized_end=577
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_start=580
+  _globals['_GATEWAYGENERATERESPONSE']._serialized_end=748
+  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_start=750
+  _globals['_GATEWAYLISTMODELSREQUEST']._serialized_end=776
+  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_start=778
+  _globals['_GATEWAYLISTMODELSRESPONSE']._serialized_end=872
+  _globals['_LISTHOSTSREQUEST']._serialized_start=874
+  _globals['_LISTHOSTSREQUEST']._serialized_end=892
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=894
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=951
+  _globals['_HOSTINFO']._serialized_start=954
+  _globals['_HOSTINFO']._serialized_end=1160
+  _globals['_BATCHITEM']._serialized_start=1162
+  _globals['_BATCHITEM']._serialized_end=1246
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=1248
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=1325
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1327
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1383
+  _globals['_GETBATCHREQUEST']._serialized_start=1385
+  _globals['_GETBATCHREQUEST']._serialized_end=1420
+  _globals['_GETBATCHRESPONSE']._serialized_start=1422
+  _globals['_GETBATCHRESPONSE']._serialized_end=1475
+  _globals['_LISTBATCHESREQUEST']._serialized_start=1477
+  _globals['_LISTBATCHESREQUEST']._serialized_end=1497
+  _globals['_LISTBATCHESRESPONSE']._serialized_start=1499
+  _globals['_LISTBATCHESRESPONSE']._serialized_end=1557
+  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_start=1559
+  _globals['_STREAMBATCHRESULTSREQUEST']._serialized_end=1628
+  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_start=1630
+  _globals['_STREAMBATCHRESULTSRESPONSE']._serialized_end=1746
+  _globals['_CANCELBATCHREQUEST']._serialized_start=1748
+  _globals['_CANCELBATCHREQUEST']._serialized_end=1786
+  _globals['_CANCELBATCHRESPONSE']._serialized_start=1788
+  _globals['_CANCELBATCHRESPONSE']._serialized_end=1844
+  _globals['_BATCHCOUNTS']._serialized_start=1846
+  _globals['_BATCHCOUNTS']._serialized_end=1962
+  _globals['_BATCH']._serialized_start=1965
+  _globals['_BATCH']._serialized_end=2163
+  _globals['_BATCHITEMRESULT']._serialized_start=2166
+  _globals['_BATCHITEMRESULT']._serialized_end=2453
+  _globals['_CHOICEOUTPUT']._serialized_start=2456
+  _globals['_CHOICEOUTPUT']._serialized_end=2630
+  _globals['_GATEWAYCOUNTTOKENSREQUEST']._serialized_start=2632
+  _globals['_GATEWAYCOUNTTOKENSREQUEST']._serialized_end=2713
+  _globals['_GATEWAYCOUNTTOKENSRESPONSE']._serialized_start=2715
+  _globals['_GATEWAYCOUNTTOKENSRESPONSE']._serialized_end=2794
+  _globals['_GATEWAYEMBEDREQUEST']._serialized_start=2796
+  _globals['_GATEWAYEMBEDREQUEST']._serialized_end=2861
+  _globals['_GATEWAYEMBEDRESPONSE']._serialized_start=2863
+  _globals['_GATEWAYEMBEDRESPONSE']._serialized_end=2945
+  _globals['_GATEWAY']._serialized_start=3589
+  _globals['_GATEWAY']._serialized_end=4454
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from airouter.v1 import embed_pb2 as _embed_pb2
 from airouter.v1 import generate_pb2 as _generate_pb2
 from airouter.v1 import host_status_pb2 as _host_status_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -295,3 +296,17 @@ class GatewayCountTokensResponse(_message.Message):
     model: str
     host: str
     def __init__(self, input_tokens: _Optional[int] = ..., model: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
+
+class GatewayEmbedRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: _embed_pb2.EmbedRequest
+    def __init__(self, request: _Optional[_Union[_embed_pb2.EmbedRequest, _Mapping]] = ...) -> None: ...
+
+class GatewayEmbedResponse(_message.Message):
+    __slots__ = ("response", "host")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    response: _embed_pb2.EmbedResponse
+    host: str
+    def __init__(self, response: _Optional[_Union[_embed_pb2.EmbedResponse, _Mapping]] = ..., host: _Optional[str] = ...) -> None: ...

@@ -81,6 +81,11 @@ class GatewayStub:
                 request_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensRequest.SerializeToString,
                 response_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/airouter.v1.Gateway/Embed',
+                request_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayEmbedRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayEmbedResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -155,6 +160,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds texts on a host that serves the embedding model, chosen by load. Local models
+        only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +215,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensRequest.FromString,
                     response_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayEmbedRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayEmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +467,33 @@ class Gateway:
             '/airouter.v1.Gateway/CountTokens',
             airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensRequest.SerializeToString,
             airouter_dot_v1_dot_gateway__pb2.GatewayCountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/Embed',
+            airouter_dot_v1_dot_gateway__pb2.GatewayEmbedRequest.SerializeToString,
+            airouter_dot_v1_dot_gateway__pb2.GatewayEmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

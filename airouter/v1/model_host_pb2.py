@@ -22,45 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from airouter.v1 import embed_pb2 as airouter_dot_v1_dot_embed__pb2
 from airouter.v1 import generate_pb2 as airouter_dot_v1_dot_generate__pb2
 from airouter.v1 import host_status_pb2 as airouter_dot_v1_dot_host__status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61irouter/v1/model_host.proto\x12\x0b\x61irouter.v1\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1d\x61irouter/v1/host_status.proto\"\xb1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.airouter.v1.ChatMessagesH\x00\x12%\n\x06infill\x18\x08 \x01(\x0b\x32\x13.airouter.v1.InfillH\x00\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.airouter.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.airouter.v1.StoppingCriteria\x12*\n\x06output\x18\x07 \x01(\x0b\x32\x1a.airouter.v1.OutputOptionsB\x07\n\x05input\"\xa1\x01\n\x10GenerateResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.airouter.v1.TokenDeltaH\x00\x12)\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x15.airouter.v1.FinishedH\x00\x12/\n\ttool_call\x18\x03 \x01(\x0b\x32\x1a.airouter.v1.ToolCallDeltaH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.airouter.v1.ModelInfo\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.airouter.v1.ModelStatus\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.airouter.v1.ModelStatus\"\x12\n\x10GetStatusRequest\"<\n\x11GetStatusResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.airouter.v1.HostStatus\")\n\x12WatchStatusRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\">\n\x13WatchStatusResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.airouter.v1.HostStatus\"C\n\x12\x43ountTokensRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.airouter.v1.GenerateRequest\":\n\x13\x43ountTokensResponse\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t2\xb5\x04\n\tModelHost\x12I\n\x08Generate\x12\x1c.airouter.v1.GenerateRequest\x1a\x1d.airouter.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.airouter.v1.ListModelsRequest\x1a\x1f.airouter.v1.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.airouter.v1.LoadModelRequest\x1a\x1e.airouter.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.airouter.v1.UnloadModelRequest\x1a .airouter.v1.UnloadModelResponse\x12J\n\tGetStatus\x12\x1d.airouter.v1.GetStatusRequest\x1a\x1e.airouter.v1.GetStatusResponse\x12R\n\x0bWatchStatus\x12\x1f.airouter.v1.WatchStatusRequest\x1a .airouter.v1.WatchStatusResponse0\x01\x12P\n\x0b\x43ountTokens\x12\x1f.airouter.v1.CountTokensRequest\x1a .airouter.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61irouter/v1/model_host.proto\x12\x0b\x61irouter.v1\x1a\x17\x61irouter/v1/embed.proto\x1a\x1a\x61irouter/v1/generate.proto\x1a\x1d\x61irouter/v1/host_status.proto\"\xb1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.airouter.v1.ChatMessagesH\x00\x12%\n\x06infill\x18\x08 \x01(\x0b\x32\x13.airouter.v1.InfillH\x00\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.airouter.v1.SamplingParameters\x12/\n\x08stopping\x18\x06 \x01(\x0b\x32\x1d.airouter.v1.StoppingCriteria\x12*\n\x06output\x18\x07 \x01(\x0b\x32\x1a.airouter.v1.OutputOptionsB\x07\n\x05input\"\xa1\x01\n\x10GenerateResponse\x12(\n\x05token\x18\x01 \x01(\x0b\x32\x17.airouter.v1.TokenDeltaH\x00\x12)\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x15.airouter.v1.FinishedH\x00\x12/\n\ttool_call\x18\x03 \x01(\x0b\x32\x1a.airouter.v1.ToolCallDeltaH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.airouter.v1.ModelInfo\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.airouter.v1.ModelStatus\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.airouter.v1.ModelStatus\"\x12\n\x10GetStatusRequest\"<\n\x11GetStatusResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.airouter.v1.HostStatus\")\n\x12WatchStatusRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\">\n\x13WatchStatusResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.airouter.v1.HostStatus\"C\n\x12\x43ountTokensRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.airouter.v1.GenerateRequest\":\n\x13\x43ountTokensResponse\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t2\xf5\x04\n\tModelHost\x12I\n\x08Generate\x12\x1c.airouter.v1.GenerateRequest\x1a\x1d.airouter.v1.GenerateResponse0\x01\x12M\n\nListModels\x12\x1e.airouter.v1.ListModelsRequest\x1a\x1f.airouter.v1.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.airouter.v1.LoadModelRequest\x1a\x1e.airouter.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.airouter.v1.UnloadModelRequest\x1a .airouter.v1.UnloadModelResponse\x12J\n\tGetStatus\x12\x1d.airouter.v1.GetStatusRequest\x1a\x1e.airouter.v1.GetStatusResponse\x12R\n\x0bWatchStatus\x12\x1f.airouter.v1.WatchStatusRequest\x1a .airouter.v1.WatchStatusResponse0\x01\x12P\n\x0b\x43ountTokens\x12\x1f.airouter.v1.CountTokensRequest\x1a .airouter.v1.CountTokensResponse\x12>\n\x05\x45mbed\x12\x19.airouter.v1.EmbedRequest\x1a\x1a.airouter.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'airouter.v1.model_host_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=105
-  _globals['_GENERATEREQUEST']._serialized_end=410
-  _globals['_GENERATERESPONSE']._serialized_start=413
-  _globals['_GENERATERESPONSE']._serialized_end=574
-  _globals['_LISTMODELSREQUEST']._serialized_start=576
-  _globals['_LISTMODELSREQUEST']._serialized_end=595
-  _globals['_LISTMODELSRESPONSE']._serialized_start=597
-  _globals['_LISTMODELSRESPONSE']._serialized_end=657
-  _globals['_LOADMODELREQUEST']._serialized_start=659
-  _globals['_LOADMODELREQUEST']._serialized_end=692
-  _globals['_LOADMODELRESPONSE']._serialized_start=694
-  _globals['_LOADMODELRESPONSE']._serialized_end=754
-  _globals['_UNLOADMODELREQUEST']._serialized_start=756
-  _globals['_UNLOADMODELREQUEST']._serialized_end=791
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=793
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=855
-  _globals['_GETSTATUSREQUEST']._serialized_start=857
-  _globals['_GETSTATUSREQUEST']._serialized_end=875
-  _globals['_GETSTATUSRESPONSE']._serialized_start=877
-  _globals['_GETSTATUSRESPONSE']._serialized_end=937
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=939
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=980
-  _globals['_WATCHSTATUSRESPONSE']._serialized_start=982
-  _globals['_WATCHSTATUSRESPONSE']._serialized_end=1044
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1046
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1113
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1115
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1173
-  _globals['_MODELHOST']._serialized_start=1176
-  _globals['_MODELHOST']._serialized_end=1741
+  _globals['_GENERATEREQUEST']._serialized_start=130
+  _globals['_GENERATEREQUEST']._serialized_end=435
+  _globals['_GENERATERESPONSE']._serialized_start=438
+  _globals['_GENERATERESPONSE']._serialized_end=599
+  _globals['_LISTMODELSREQUEST']._serialized_start=601
+  _globals['_LISTMODELSREQUEST']._serialized_end=620
+  _globals['_LISTMODELSRESPONSE']._serialized_start=622
+  _globals['_LISTMODELSRESPONSE']._serialized_end=682
+  _globals['_LOADMODELREQUEST']._serialized_start=684
+  _globals['_LOADMODELREQUEST']._serialized_end=717
+  _globals['_LOADMODELRESPONSE']._serialized_start=719
+  _globals['_LOADMODELRESPONSE']._serialized_end=779
+  _globals['_UNLOADMODELREQUEST']._serialized_start=781
+  _globals['_UNLOADMODELREQUEST']._serialized_end=816
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=818
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=880
+  _globals['_GETSTATUSREQUEST']._serialized_start=882
+  _globals['_GETSTATUSREQUEST']._serialized_end=900
+  _globals['_GETSTATUSRESPONSE']._serialized_start=902
+  _globals['_GETSTATUSRESPONSE']._serialized_end=962
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=964
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=1005
+  _globals['_WATCHSTATUSRESPONSE']._serialized_start=1007
+  _globals['_WATCHSTATUSRESPONSE']._serialized_end=1069
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1071
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1138
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1140
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1198
+  _globals['_MODELHOST']._serialized_start=1201
+  _globals['_MODELHOST']._serialized_end=1830
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from airouter.v1 import embed_pb2 as _embed_pb2
 from airouter.v1 import generate_pb2 as _generate_pb2
 from airouter.v1 import host_status_pb2 as _host_status_pb2
 from google.protobuf.internal import containers as _containers

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from airouter.v1 import embed_pb2 as airouter_dot_v1_dot_embed__pb2
 from airouter.v1 import model_host_pb2 as airouter_dot_v1_dot_model__host__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -70,6 +71,11 @@ class ModelHostStub:
                 request_serializer=airouter_dot_v1_dot_model__host__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=airouter_dot_v1_dot_model__host__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/airouter.v1.ModelHost/Embed',
+                request_serializer=airouter_dot_v1_dot_embed__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_embed__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class ModelHostServicer:
@@ -129,6 +135,13 @@ class ModelHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds texts with an embedding model, loading it when it is not resident.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +179,11 @@ def add_ModelHostServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=airouter_dot_v1_dot_model__host__pb2.CountTokensRequest.FromString,
                     response_serializer=airouter_dot_v1_dot_model__host__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=airouter_dot_v1_dot_embed__pb2.EmbedRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_embed__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +376,33 @@ class ModelHost:
             '/airouter.v1.ModelHost/CountTokens',
             airouter_dot_v1_dot_model__host__pb2.CountTokensRequest.SerializeToString,
             airouter_dot_v1_dot_model__host__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.ModelHost/Embed',
+            airouter_dot_v1_dot_embed__pb2.EmbedRequest.SerializeToString,
+            airouter_dot_v1_dot_embed__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from airouter.errors import InvalidArgument
+from airouter.errors import FailedPrecondition, InvalidArgument
 from airouter.infill import Infill
+from modelhost.embedding import EmbeddingRequest
 from modelhost.generation import EngineRequest
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ class Engine(ABC):
     failure: str | None = None
     # Bytes of the longest token; None until known (see scan_vocabulary).
     longest_token_bytes: int | None = None
+    # Tokens in the model's vocabulary (ids are 0 to this less one).
+    vocabulary_size: int = 0
+    # An embedding model's vector size; 0 for a model that generates text.
+    embedding_size: int = 0
 
     @property
     @abstractmethod
@@ -103,6 +108,11 @@ class Engine(ABC):
     def submit(self, request: EngineRequest) -> None:
         """Queues a request; raises ResourceExhausted past the queue bound, Unavailable once
         the engine has failed. Events arrive through request.on_events."""
+
+    def embed(self, request: EmbeddingRequest) -> None:
+        """Queues an embedding request (an embedding model's engine); the result arrives
+        through request.on_done. Raises what submit raises."""
+        raise FailedPrecondition(f"this model generates text; its {self.kind} engine embeds none")
 
     @abstractmethod
     def cancel(self, request: EngineRequest) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelhost.engines.interface import Engine, EngineBackend, HostSettings
+from modelhost.engines.llamacpp.bert import cached_gguf, is_bert_directory
 
 if TYPE_CHECKING:
     from modelhost.config import ModelConfig
@@ -27,7 +28,8 @@ class LlamaBackend(EngineBackend):
     name = "llama.cpp"
 
     def claims(self, path: Path) -> bool:
-        return not path.is_dir()  # a GGUF file
+        # A GGUF file, or a BERT embedding model's directory (converted to a GGUF once).
+        return not path.is_dir() or is_bert_directory(path)
 
     def unsupported(self, device: str) -> str | None:
         try:
@@ -55,6 +57,12 @@ class LlamaBackend(EngineBackend):
         except ImportError:
             return {"installed": False}
         return {"features": build_features(), "gpu_offload": supports_gpu_offload()}
+
+    def model_files(self, config: "ModelConfig", host: HostSettings) -> Path:
+        path = config.model_path(host.cache_dir)
+        if path.is_dir() and is_bert_directory(path):
+            return cached_gguf(path, host.cache_dir / "models")
+        return path
 
     def estimate_bytes(self, config: "ModelConfig", path: Path, device: str) -> int:
         from modelhost.engines.llamacpp.loading import estimate_bytes

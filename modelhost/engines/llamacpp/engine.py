@@ -7,7 +7,6 @@ KV cells of its last request after it finishes, so a later prompt that starts th
 cells are shared with `llama_memory_seq_cp`, which costs nothing in the unified KV cache.
 """
 
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +16,6 @@ import llama_cpp
 import structlog
 
 from airouter.infill import Infill
-from airouter.labels import format_bytes
 from modelhost.constraints import ConstraintCompiler, compute_masks
 from modelhost.engines.llamacpp.model import LlamaModel
 from modelhost.engines.llamacpp.sampler import NoTokenAllowed, TokenSampler
@@ -103,16 +101,10 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         return self._constraints
 
     def footprint_bytes(self, device: str) -> int:
-        """Bytes of llama.cpp's buffers on `device`: on cuda the GPU's buffers only, on cpu
-        and metal (unified memory) all of them."""
-        buffers = self._model.buffers
-        if device != "cuda":
-            return sum(buffers.values())
-        return sum(n for name, n in buffers.items() if re.fullmatch(r"CUDA\d+", name))
+        return self._model.footprint_bytes(device)
 
     def describe(self) -> dict[str, object]:
-        buffers = {name: format_bytes(n) for name, n in self._model.buffers.items()}
-        return {"offloaded_layers": self._model.offloaded_layers, "buffers": buffers}
+        return self._model.describe()
 
     def scan_vocabulary(self) -> None:
         self.longest_token_bytes = self._model.scan_vocabulary()

@@ -2,15 +2,21 @@
 
 from pathlib import Path
 
+import llama_cpp
 import structlog
 
 from modelhost.config import ModelConfig
+from modelhost.engines.interface import Engine
+from modelhost.engines.llamacpp.embedding import LlamaEmbedder
 from modelhost.engines.llamacpp.engine import LlamaEngine
 from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from modelhost.gguf_header import read_gguf_header
 from modelhost.memory import estimate_footprint
 
 _log = structlog.get_logger()
+# llama.cpp's enum llama_pooling_type, by models.toml's names.
+POOLING = {"mean": 1, "cls": 2, "last": 3}
+POOLING_NONE = 0
 
 
 def gpu_layers(config: ModelConfig, device: str) -> int:
@@ -38,10 +44,12 @@ def estimate_bytes(config: ModelConfig, path: Path, device: str) -> int:
         cache_type_v=config.cache_type_v,
         slots=config.slots,
         full_swa_cache=config.full_swa_cache,
+        embedding=config.kind == "embedding",
     )
 
 
-def open_engine(config: ModelConfig, path: Path, device: str, threads: int) -> LlamaEngine:
+def open_engine(config: ModelConfig, path: Path, device: str, threads: int) -> Engine:
+    embedding = config.kind == "embedding"
     model = LlamaModel(
         path,
         gpu_layers=gpu_layers(config, device),
@@ -54,10 +62,12 @@ def open_engine(config: ModelConfig, path: Path, device: str, threads: int) -> L
             cache_type_k=config.cache_type_k,
             cache_type_v=config.cache_type_v,
             full_swa_cache=config.full_swa_cache,
+            embeddings=embedding,
+            pooling=POOLING[config.pooling] if config.pooling else -1,
         ),
         chat_template=config.chat_template,
     )
-    if config.context_length > model.context_train:
+    if config.context_length > model.context_train and not embedding:  # embedders cap it
         _log.warning(
             "context_beyond_training",
             model=config.name,
@@ -65,7 +75,13 @@ def open_engine(config: ModelConfig, path: Path, device: str, threads: int) -> L
             trained_on=model.context_train,
         )
     try:
-        return LlamaEngine(model, name=config.name, slots=config.slots, max_queue=config.max_queue)
+        if embedding and llama_cpp.llama_pooling_type(model.ctx) == POOLING_NONE:
+            raise RuntimeError(
+                f"{path} declares no pooling, so it makes no single vector per text; set "
+                'pooling = "mean", "cls" or "last" as the model was trained'
+            )
+        kind = LlamaEmbedder if embedding else LlamaEngine
+        return kind(model, name=config.name, slots=config.slots, max_queue=config.max_queue)
     except BaseException:
         model.close()
         raise

@@ -16,6 +16,7 @@ import llama_cpp
 import structlog
 
 from airouter.infill import FimTokens, Infill, infill_tokens
+from airouter.labels import format_bytes
 
 _log = structlog.get_logger()
 
@@ -84,6 +85,10 @@ class ContextSettings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     full_swa_cache: bool = False  # sliding-window layers keep every cell (see ModelConfig)
+    # An embedding context: pooled vectors out instead of logits, and a batch's worth of
+    # cells (each step's sequences are encoded whole, then forgotten).
+    embeddings: bool = False
+    pooling: int = -1  # llama.cpp's llama_pooling_type; -1: what the GGUF declares
 
 
 class LlamaModel:
@@ -153,6 +158,12 @@ class LlamaModel:
         # outgrow it.
         ctx_params.kv_unified = True
         ctx_params.no_perf = True
+        if settings.embeddings:
+            # Cells for one step's sequences; no more positions than the model learned (a
+            # non-causal model keeps no cells and still encodes batch_tokens at once).
+            ctx_params.n_ctx = min(settings.batch_tokens, self.context_train)
+            ctx_params.embeddings = True
+            ctx_params.pooling_type = settings.pooling
         if settings.flash_attention is not None:
             ctx_params.flash_attn_type = 1 if settings.flash_attention else 0
         ctx_params.swa_full = settings.full_swa_cache
@@ -168,13 +179,29 @@ class LlamaModel:
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.context_per_slot = settings.context_per_slot
-        self.batch_tokens = settings.batch_tokens
+        # What llama.cpp allows in one batch (a causal model's is capped to its context).
+        self.batch_tokens = min(settings.batch_tokens, llama_cpp.llama_n_batch(ctx))
         # A configured template (a llama.cpp built-in name or a template) wins over the GGUF's.
         template = chat_template.encode() if chat_template else None
         self.chat_template: bytes | None = template or llama_cpp.llama_model_chat_template(
             model, None
         )
         self._piece_buffer = ctypes.create_string_buffer(256)
+
+    @property
+    def embedding_size(self) -> int:
+        return int(llama_cpp.llama_model_n_embd(self._model))
+
+    def footprint_bytes(self, device: str) -> int:
+        """Bytes of llama.cpp's buffers on `device`: on cuda the GPU's buffers only, on cpu
+        and metal (unified memory) all of them."""
+        if device != "cuda":
+            return sum(self.buffers.values())
+        return sum(n for name, n in self.buffers.items() if re.fullmatch(r"CUDA\d+", name))
+
+    def describe(self) -> dict[str, object]:
+        buffers = {name: format_bytes(n) for name, n in self.buffers.items()}
+        return {"offloaded_layers": self.offloaded_layers, "buffers": buffers}
 
     def warm_up(self) -> None:
         """Decodes one token and forgets it, as llama.cpp's own server does, so the first
