@@ -6,7 +6,7 @@ gateway's HTTP edge and by batch files; it knows nothing of transports.
 import json
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -324,13 +324,22 @@ class CompletionRequest(_CompletionParams):
 
 def parse_request(body: Any, *, chat: bool) -> "ChatCompletionRequest | CompletionRequest":
     """An OpenAI chat or text completion body, validated; InvalidArgument names the field."""
+    if chat:
+        return validated(ChatCompletionRequest, body)
+    return validated(CompletionRequest, body)
+
+
+_Schema = TypeVar("_Schema", bound=BaseModel)
+
+
+def validated(schema: type[_Schema], body: Any, unknown: str | None = None) -> _Schema:
+    """A JSON body as `schema`; InvalidArgument names the first wrong field (see describe)."""
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
-    schema = ChatCompletionRequest if chat else CompletionRequest
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
-        raise InvalidArgument(describe(exc)) from None
+        raise InvalidArgument(describe(exc, unknown)) from None
 
 
 def describe(exc: ValidationError, unknown: str | None = None) -> str:

@@ -19,12 +19,12 @@ What the translation does with what has no local equivalent:
 
 import json
 import uuid
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from airouter.errors import InvalidArgument
-from airouter.openai_api import describe
+from airouter.openai_api import validated
 from airouter.output import (
     MAX_TOOLS,
     PLAIN,
@@ -269,23 +269,11 @@ _UNKNOWN = "not a field of Anthropic's Messages API that airouter knows; check i
 
 
 def parse_messages(body: Any) -> MessagesRequest:
-    return _parse(MessagesRequest, body)
+    return validated(MessagesRequest, body, _UNKNOWN)
 
 
 def parse_count(body: Any) -> CountTokensRequest:
-    return _parse(CountTokensRequest, body)
-
-
-_Request = TypeVar("_Request", MessagesRequest, CountTokensRequest)
-
-
-def _parse(schema: type[_Request], body: Any) -> _Request:
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object")
-    try:
-        return schema.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidArgument(describe(exc, unknown=_UNKNOWN)) from None
+    return validated(CountTokensRequest, body, _UNKNOWN)
 
 
 def generate_request(parsed: MessagesRequest | CountTokensRequest) -> GenerateRequest:

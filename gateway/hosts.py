@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 import structlog
 
 from airouter import tracing
@@ -34,7 +35,14 @@ from airouter.errors import AirouterError, Unavailable
 from airouter.grpc_server import error_from_rpc
 from airouter.output_wire import tool_call_from_pb
 from airouter.security import bearer
-from airouter.v1 import generate_pb2, host_status_pb2, model_host_pb2, model_host_pb2_grpc
+from airouter.v1 import (
+    embed_pb2,
+    generate_pb2,
+    host_status_pb2,
+    model_host_pb2,
+    model_host_pb2_grpc,
+)
+from gateway.embeddings import Embeddings, EmbedRequest
 from gateway.generation import (
     Event,
     Finished,
@@ -185,6 +193,28 @@ class Host:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         return counted.input_tokens, counted.model
+
+    async def embed(self, request: EmbedRequest, time_left_s: float | None) -> Embeddings:
+        """The host's embeddings of the request's inputs."""
+        pb = embed_pb2.EmbedRequest(
+            request_id=request.request_id,
+            model=request.model,
+            inputs=[
+                embed_pb2.EmbedInput(text=item)
+                if isinstance(item, str)
+                else embed_pb2.EmbedInput(tokens=embed_pb2.TokenIds(ids=item))
+                for item in request.inputs
+            ],
+            dimensions=request.dimensions,
+        )
+        try:
+            answer = await self.stub.Embed(
+                pb, timeout=time_left_s, metadata=tracing.inject_metadata(self.metadata)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        vectors = np.array([e.values for e in answer.embeddings], dtype=np.float32)
+        return Embeddings(vectors, answer.prompt_tokens, answer.model, self.address)
 
     def drop_calls(self, why: str) -> None:
         """Ends the calls in flight: the host is gone, though its TCP connection may linger

@@ -46,7 +46,8 @@ from airouter.openai_api import (
 from airouter.output import Turn
 from airouter.security import Credentials, accepts_token
 from airouter.v1 import generate_pb2
-from gateway import anthropic, infill_api, responses
+from gateway import anthropic, embeddings_api, infill_api, responses
+from gateway.embeddings import EmbedRequest
 from gateway.generation import (
     MAX_GENERATE_BYTES,
     ChoiceEnd,
@@ -230,6 +231,7 @@ class HttpEdge:
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_get("/v1/models", self._models)
         self.app.router.add_get("/v1/models/{model:.+}", self._model)
+        self.app.router.add_post("/v1/embeddings", self._embeddings)
         self.app.router.add_post("/v1/messages", self._messages)
         self.app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         self.app.router.add_post("/infill", self._infill)
@@ -469,6 +471,31 @@ class HttpEdge:
                         span.set_attributes(finish_attributes(event))
                         return out
                     event = await anext(responses)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's embeddings (gateway.embeddings_api), made on a host by load."""
+        embed, as_base64 = await _read(request, _parse_embeddings)
+        embed = replace(embed, request_id=request[REQUEST_ID])
+        attributes = functools.partial(
+            tracing.embed_attributes,
+            model=embed.model,
+            inputs=len(embed.inputs),
+            request_id=embed.request_id,
+        )
+        name = f"embeddings {embed.model}"
+        with tracing.request_span(_tracer, name, attributes, request.headers.items()) as span:
+            made = await self._service.embed(embed, self._request_timeout_s)
+            span.set_attributes(
+                tracing.embedded_attributes(
+                    model=made.model, input_tokens=made.prompt_tokens, host=made.host
+                )
+            )
+        # Rendering many vectors as JSON takes milliseconds: off the loop.
+        render = functools.partial(embeddings_api.response_body, made, as_base64)
+        body = await off_loop(render) if len(made.vectors) > 8 else render()
+        return web.Response(
+            body=body, content_type="application/json", headers=_id_headers(request)
+        )
 
     async def _count_tokens(self, request: web.Request) -> web.Response:
         """Anthropic's count_tokens: the prompt as a host would render and tokenize it."""
@@ -779,6 +806,10 @@ def _parse_responses(raw: bytes) -> responses.ResponsesRequest:
 def _parse_infill(raw: bytes) -> tuple[GenerateRequest, bool]:
     parsed = infill_api.parse(_json(raw))
     return _ready(infill_api.generate_request(parsed)), parsed.stream
+
+
+def _parse_embeddings(raw: bytes) -> tuple[EmbedRequest, bool]:
+    return embeddings_api.parse(_json(raw))
 
 
 def _parse_count(raw: bytes) -> GenerateRequest:

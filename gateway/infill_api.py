@@ -11,11 +11,10 @@ are accepted and change nothing: hosts reuse cached prompts unasked.
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from airouter.errors import InvalidArgument
 from airouter.infill import MAX_INFILL_FILES, Infill
-from airouter.openai_api import describe
+from airouter.openai_api import validated
 from gateway.generation import (
     Finished,
     FinishReason,
@@ -56,12 +55,7 @@ class InfillRequest(BaseModel):
 
 
 def parse(body: Any) -> InfillRequest:
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object")
-    try:
-        return InfillRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidArgument(describe(exc)) from None
+    return validated(InfillRequest, body)
 
 
 def generate_request(parsed: InfillRequest) -> GenerateRequest:

@@ -29,8 +29,8 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "Generate requests by model, serving host and outcome (a finish reason, or the "
-            "status code of a request refused before its first token).",
+            "Generate and Embed requests by model, serving host and outcome (a finish reason, "
+            "'embedded', or the status code of a request refused before its first token).",
             ["model", "host", "outcome"],
             registry=self.registry,
         )
@@ -89,6 +89,12 @@ class GatewayMetrics:
         child(self.latency, model).observe(seconds)
         if f.host == UPSTREAM_HOST and f.reason is FinishReason.ERROR:
             self.upstream_errors.labels("mid_stream").inc()
+
+    def embedded(self, model: str, host: str, prompt_tokens: int, seconds: float) -> None:
+        child = self._child
+        child(self.requests, model, host, "embedded").inc()
+        child(self.tokens, model, "prompt").inc(prompt_tokens)
+        child(self.latency, model).observe(seconds)
 
     def refused(self, model: str, error: AirouterError) -> None:
         code = error.code.lower()

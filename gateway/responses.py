@@ -18,10 +18,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from airouter.errors import InvalidArgument
-from airouter.openai_api import describe
+from airouter.openai_api import validated
 from airouter.output import (
     MAX_TOOLS,
     Call,
@@ -275,12 +275,7 @@ _UNKNOWN = "not a field of OpenAI's Responses API that airouter knows; check its
 
 
 def parse(body: Any) -> ResponsesRequest:
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object")
-    try:
-        return ResponsesRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidArgument(describe(exc, unknown=_UNKNOWN)) from None
+    return validated(ResponsesRequest, body, _UNKNOWN)
 
 
 @dataclass(frozen=True)

