@@ -12,9 +12,11 @@ airouter batch submit requests.jsonl --wait -o results.jsonl
 """
 
 import argparse
+import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from airouter.labels import JSON_HELP, enum_label, format_bytes, message_json
 from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
 from airouter.up import add_up_command, run_up
 from airouter.v1 import (
+    embed_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
     generate_pb2,
@@ -40,6 +43,9 @@ DEFAULT_MODELHOST = "127.0.0.1:50051"
 # The zero-config host's models: an instruct model for chat turns, a base model for --raw.
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_RAW_MODEL = "gemma-3-270m"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+# Lines of stdin sent in one Embed request: vectors print as each request returns.
+EMBED_CHUNK = 256
 # Enough for an answer in a few seconds on a laptop CPU; --max-tokens 0 lifts it (the rest of
 # the model's context).
 DEFAULT_MAX_TOKENS = 256
@@ -89,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, not as a chat turn")
     gen.add_argument("--json", action="store_true", help="print one JSON object per event")
 
+    embed = commands.add_parser(
+        "embed",
+        help="embed texts: one JSON array of floats per text on stdout, in order",
+        description="Embeds each TEXT, or each line of stdin when no TEXT is given, with an "
+        "embedding model; prints one JSON array per input, in input order.",
+    )
+    embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (default: stdin)")
+    embed.add_argument(
+        "--model", default=DEFAULT_EMBEDDING_MODEL, help="embedding model (default %(default)s)"
+    )
+    embed.add_argument(
+        "--dimensions", type=int, help="fewer leading dimensions (Matryoshka models only)"
+    )
+
     models = commands.add_parser("models", help="list the models the gateway can reach")
     models.add_argument("--json", action="store_true", help=JSON_HELP)
 
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _generate(stub, args)
             if args.command == "batch":
                 return run_batch(stub, args)
+            if args.command == "embed":
+                return _embed(stub, args)
             return _models(stub, args)
     except grpc.RpcError as exc:
         print(f"airouter: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -174,6 +196,40 @@ def _generate(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> i
         print(f"airouter: generation failed: {finished.error_message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _embed(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int:
+    texts: Iterable[str] = args.texts or (line.rstrip("\n") for line in sys.stdin)
+    inputs = 0
+    tokens = 0
+    for chunk in _chunks(texts, EMBED_CHUNK):
+        request = embed_pb2.EmbedRequest(
+            model=args.model,
+            inputs=[embed_pb2.EmbedInput(text=text) for text in chunk],
+            dimensions=args.dimensions,
+        )
+        answer = stub.Embed(gateway_pb2.GatewayEmbedRequest(request=request))
+        for embedding in answer.response.embeddings:
+            print(json.dumps(list(embedding.values)))
+        sys.stdout.flush()
+        inputs += len(chunk)
+        tokens += answer.response.prompt_tokens
+    if not inputs:
+        print("airouter: nothing to embed: give TEXT arguments or lines on stdin", file=sys.stderr)
+        return 2
+    print(f"airouter: {inputs} embedded, {tokens} tokens", file=sys.stderr)
+    return 0
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _models(stub: gateway_pb2_grpc.GatewayStub, args: argparse.Namespace) -> int:

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 
 from airouter.errors import (
     AirouterError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -18,6 +20,7 @@ from airouter.errors import (
     Unavailable,
 )
 from airouter.v1 import generate_pb2, host_status_pb2
+from gateway.embeddings import Embeddings, EmbedRequest
 from gateway.generation import (
     Event,
     Finished,
@@ -308,3 +311,69 @@ def test_the_operator_s_policy_wins_over_the_request_s_unless_it_allows_override
     local_only = cloud_request(MODEL, Policy.LOCAL_ONLY)
     out, error, _ = serve([a], local_only, default_policy="cloud_only", **routing)
     assert error is None and out[-1].host == "a:1"
+
+
+def _embedding_host(address: str, *answers: Any, free_slots: int = 1) -> Host:
+    """A fake host whose Embed answers with `answers` in turn (an exception is raised)."""
+    host = fake_host(address, plays(), free_slots=free_slots)
+    asked: list[EmbedRequest] = []
+    replies = list(answers)
+
+    async def embed(request: EmbedRequest, time_left_s: float | None) -> Embeddings:
+        asked.append(request)
+        reply = replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return Embeddings(np.zeros((len(request.inputs), 4), np.float32), 7, MODEL, address)
+
+    host.embed = embed  # type: ignore[method-assign]
+    host.asked = asked  # type: ignore[attr-defined]
+    return host
+
+
+def _embed(hosts: list[Host], request: EmbedRequest) -> tuple[Any, Observer]:
+    observer = Observer()
+
+    async def run() -> Any:
+        pool = HostPool([])
+        pool.hosts = hosts
+        upstream = OpenAIUpstream(UpstreamSettings(api_key=None))
+        service = GatewayService(pool, CloudRouting(upstream), observer)
+        try:
+            return await service.embed(request, 10.0)
+        except AirouterError as exc:
+            return exc
+
+    return asyncio.run(run()), observer
+
+
+def test_embeddings_go_to_the_free_host_and_fail_over_before_an_answer() -> None:
+    a = _embedding_host("a:1", Unavailable("the host is shutting down"))
+    b = _embedding_host("b:1", "ok")
+    made, observer = _embed(ordered(a, b), EmbedRequest(MODEL, ["x", "y"]))
+    assert made.host == "b:1" and made.vectors.shape == (2, 4)
+    assert len(a.asked) == 1 and len(b.asked) == 1  # type: ignore[attr-defined]
+    assert ("failed_over", "a:1") in observer.events
+    assert ("embedded", (MODEL, "b:1", 7)) in observer.events
+
+
+def test_an_embedding_request_a_host_calls_wrong_is_not_retried_elsewhere() -> None:
+    a = _embedding_host("a:1", InvalidArgument("input[0] is 600 tokens"))
+    b = _embedding_host("b:1", "ok")
+    error, observer = _embed(ordered(a, b), EmbedRequest(MODEL, ["x" * 10]))
+    assert isinstance(error, InvalidArgument)
+    assert b.asked == []  # type: ignore[attr-defined]
+    assert observer.events == [("refused", (MODEL, "INVALID_ARGUMENT"))]
+
+
+def test_embedding_requests_refused_before_any_host_is_asked() -> None:
+    a = _embedding_host("a:1", "ok")
+    for request, refusal in [
+        (EmbedRequest(MODEL, []), InvalidArgument),
+        (EmbedRequest(MODEL, ["x"] * 2049), InvalidArgument),
+        (EmbedRequest("openrouter/x/y", ["x"]), FailedPrecondition),
+        (EmbedRequest("other", ["x"]), NotFound),
+    ]:
+        error, _ = _embed([a], request)
+        assert isinstance(error, refusal), (request.model, error)
+    assert a.asked == []  # type: ignore[attr-defined]
