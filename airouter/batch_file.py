@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from airouter.errors import InvalidArgument, not_text
+from airouter.errors import InvalidArgument, not_text, shown
 from airouter.openai_api import (
     FINISH_REASON_NAMES,
     ChatCompletionRequest,
@@ -41,9 +41,9 @@ def read_batch_file(path: Path) -> list[gateway_pb2.BatchItem]:
     return items
 
 
-def batch_item(line: str, number: int) -> gateway_pb2.BatchItem:
+def batch_item(line: str, number: int, endpoint: str | None = None) -> gateway_pb2.BatchItem:
     """One line of a batch input file as a batch item; InvalidArgument names the line and the
-    field."""
+    field. With `endpoint`, every line's url must be that one (an OpenAI batch runs one)."""
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -56,6 +56,11 @@ def batch_item(line: str, number: int) -> gateway_pb2.BatchItem:
     if entry.get("method", "POST") != "POST":
         raise InvalidArgument(f"line {number}: method: only POST is supported")
     url = entry.get("url")
+    if endpoint is not None and url != endpoint:
+        raise InvalidArgument(
+            f"line {number}: url {shown(str(url))} differs from the batch's endpoint "
+            f"{endpoint}; a batch runs one endpoint"
+        )
     if url not in BATCH_URLS:
         raise InvalidArgument(f"line {number}: url {url!r}: use {' or '.join(BATCH_URLS)}")
     try:

@@ -332,6 +332,16 @@ def parse_request(body: Any, *, chat: bool) -> "ChatCompletionRequest | Completi
 _Schema = TypeVar("_Schema", bound=BaseModel)
 
 
+def json_body(raw: bytes) -> Any:
+    """A request body as JSON; InvalidArgument says where it is not UTF-8 or not JSON."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"the body is not UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"the body is not JSON: {exc}") from None
+
+
 def validated(schema: type[_Schema], body: Any, unknown: str | None = None) -> _Schema:
     """A JSON body as `schema`; InvalidArgument names the first wrong field (see describe)."""
     if not isinstance(body, dict):

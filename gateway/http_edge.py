@@ -9,7 +9,6 @@ on the host, streamed or not.
 
 import asyncio
 import functools
-import json
 import logging
 import re
 import ssl
@@ -36,6 +35,7 @@ from airouter.openai_api import (
     chunk_json,
     completion_json,
     error_json,
+    json_body,
     logprobs_json,
     openai_message,
     parse_request,
@@ -787,43 +787,34 @@ def _parse(raw: bytes, chat: bool) -> tuple[GenerateRequest, bool, bool]:
     """The body as the gateway's request, validated, with whether to stream and whether to
     send usage in the stream; InvalidArgument says what is wrong. Nothing else of the parsed
     body is kept (a chat of 20,000 messages is 40,000 objects for the cycle collector)."""
-    parsed = parse_request(_json(raw), chat=chat)
+    parsed = parse_request(json_body(raw), chat=chat)
     return _ready(generate_request(parsed)), parsed.stream, parsed.include_usage
 
 
 def _parse_messages(raw: bytes) -> tuple[GenerateRequest, bool]:
     """An Anthropic Messages body as the gateway's request, validated; whether to stream."""
-    parsed = anthropic.parse_messages(_json(raw))
+    parsed = anthropic.parse_messages(json_body(raw))
     return _ready(anthropic.generate_request(parsed)), parsed.stream
 
 
 def _parse_responses(raw: bytes) -> responses.ResponsesRequest:
     """A Responses body, validated against its schema (the conversation it continues is read
     from the store before the request is built)."""
-    return responses.parse(_json(raw))
+    return responses.parse(json_body(raw))
 
 
 def _parse_infill(raw: bytes) -> tuple[GenerateRequest, bool]:
-    parsed = infill_api.parse(_json(raw))
+    parsed = infill_api.parse(json_body(raw))
     return _ready(infill_api.generate_request(parsed)), parsed.stream
 
 
 def _parse_embeddings(raw: bytes) -> tuple[EmbedRequest, bool]:
-    return embeddings_api.parse(_json(raw))
+    return embeddings_api.parse(json_body(raw))
 
 
 def _parse_count(raw: bytes) -> GenerateRequest:
     """An Anthropic count_tokens body as the gateway's request, validated."""
-    return _ready(anthropic.generate_request(anthropic.parse_count(_json(raw))))
-
-
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise InvalidArgument(f"the body is not UTF-8 (byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"the body is not JSON: {exc}") from None
+    return _ready(anthropic.generate_request(anthropic.parse_count(json_body(raw))))
 
 
 def _ready(generate: GenerateRequest) -> GenerateRequest:

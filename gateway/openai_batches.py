@@ -28,6 +28,7 @@ from aiohttp import BodyPartReader, web
 
 from airouter.batch_file import BATCH_URLS, batch_item, batch_output
 from airouter.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from airouter.openai_api import json_body
 from gateway.batch_records import BatchInfo, BatchState
 from gateway.batches import MAX_ITEMS, BatchRunner
 from gateway.generation import GenerateRequest, validate
@@ -199,16 +200,7 @@ def read_batch_lines(path: Path, endpoint: str) -> list[tuple[str, GenerateReque
                     f"the file holds more than {MAX_ITEMS} requests; split it into batches of "
                     "at most that many"
                 )
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                entry = None  # batch_item says what is wrong with it
-            if isinstance(entry, dict) and entry.get("url") != endpoint:
-                raise InvalidArgument(
-                    f"line {number}: url {shown(str(entry.get('url')))} differs from the "
-                    f"batch's endpoint {endpoint}; a batch runs one endpoint"
-                )
-            item = batch_item(line, number)
+            item = batch_item(line, number, endpoint)
             if item.custom_id in seen:
                 raise InvalidArgument(
                     f"line {number}: custom_id {shown(item.custom_id)} is used on line "
@@ -543,11 +535,7 @@ def _lines(page: list[Any], batch_id: str, created: int, errors: bool) -> bytes:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidArgument("the body is not UTF-8 JSON") from None
+    body = json_body(await request.read())
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
     return body

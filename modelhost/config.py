@@ -130,10 +130,14 @@ class ModelConfig(BaseModel):
             and self.path.is_dir()
             and self.kind == "generation"  # a BERT directory is converted for llama.cpp
         )
+        if self.kind == "embedding" and self.engine != "mlx" and self.path is not None:
+            from modelhost.engines.llamacpp.bert import is_bert_directory  # no llama.cpp
+
+            mlx = self.path.is_dir() and not is_bert_directory(self.path)
         if mlx and self.kind == "embedding":
             raise ValueError(
                 "the MLX engine does not make embeddings; serve the model with llama.cpp "
-                '(engine = "llama.cpp": a GGUF, or a sentence-transformers BERT directory)'
+                "from a GGUF file or a sentence-transformers BERT directory"
             )
         ignored = sorted(LLAMA_CPP_ONLY & self.model_fields_set)
         if mlx and ignored:

@@ -312,11 +312,13 @@ def test_the_converter_writes_through_a_temporary_file_and_refuses_other_models(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, "gemma", "broken"])
 
 
-def test_embedding_settings_are_refused_where_they_cannot_apply() -> None:
+def test_embedding_settings_are_refused_where_they_cannot_apply(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="settings of embedding models"):
         ModelConfig(name="chat", pooling="mean")
     with pytest.raises(ValueError, match="MLX engine does not make embeddings"):
         ModelConfig(name="e", kind="embedding", engine="mlx")
+    with pytest.raises(ValueError, match="MLX engine does not make embeddings"):
+        ModelConfig(name="e", kind="embedding", path=tmp_path)  # an MLX model's directory
 
 
 def _post(served: Served, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -254,6 +254,41 @@ def test_a_client_that_gives_up_cancels_its_generations(
     wait_until(lambda: stack.engine("gemma-3-270m").load().slots_busy == 0, timeout=3)
 
 
+LONG = {"model": "gemma-3-270m", "max_tokens": 400, "temperature": 0}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/messages", {**LONG, "messages": [{"role": "user", "content": "Tell a story"}]}),
+        ("/messages", {**LONG, "stream": True, "messages": [{"role": "user", "content": "Go"}]}),
+        ("/responses", {**{k: v for k, v in LONG.items() if k != "max_tokens"},
+                        "max_output_tokens": 400, "input": "Tell a story"}),
+        ("/responses", {**{k: v for k, v in LONG.items() if k != "max_tokens"},
+                        "max_output_tokens": 400, "stream": True, "input": "Go on"}),
+    ],
+)  # fmt: skip
+def test_a_client_that_leaves_any_door_frees_its_slot(
+    client: openai.OpenAI, stack: Stack, path: str, body: dict[str, Any]
+) -> None:
+    """Anthropic's and the Responses door, whole and streamed: a client that goes away
+    (timing out, or closing after the first event) stops the generation on the host."""
+    url = str(client.base_url).removesuffix("/") + path
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    engine = stack.engine("gemma-3-270m")
+    if body.get("stream"):
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            answer.readline()  # the first event is out: the stream runs; then the client leaves
+    else:
+        with pytest.raises(TimeoutError):
+            urllib.request.urlopen(request, timeout=1.0)
+    wait_until(lambda: engine.load().slots_busy == 0, timeout=5)
+
+
 def test_gateway_metrics_count_what_happened(client: openai.OpenAI) -> None:
     """Scrapes the counters the requests above moved."""
     url = str(client.base_url).removesuffix("/").removesuffix("/v1") + "/metrics"
