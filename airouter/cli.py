@@ -25,6 +25,7 @@ import grpc
 
 from airouter import add_common_flags
 from airouter.batch_cli import add_batch_commands, run_batch
+from airouter.keys_cli import add_keys_commands, run_keys
 from airouter.labels import JSON_HELP, enum_label, format_bytes, message_json
 from airouter.security import TOKEN_ENV, SecurityError, bearer, channel_credentials, read_secret
 from airouter.up import add_up_command, run_up
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--json", action="store_true", help=JSON_HELP)
 
     add_batch_commands(commands)
+    add_keys_commands(commands)
     add_up_command(commands)
     return parser
 
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 return run_batch(stub, args)
             if args.command == "embed":
                 return _embed(stub, args)
+            if args.command == "keys":
+                return run_keys(stub, args)
             return _models(stub, args)
     except grpc.RpcError as exc:
         print(f"airouter: {exc.code().name}: {exc.details()}", file=sys.stderr)

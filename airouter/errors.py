@@ -40,9 +40,15 @@ class FailedPrecondition(AirouterError):
 
 
 class ResourceExhausted(AirouterError):
-    """Too much work is queued; the caller should retry later or elsewhere."""
+    """Too much work is queued, or a limit is reached; the caller should retry later or
+    elsewhere (after `retry_after_s`, where known: HTTP's Retry-After, gRPC's retry-after
+    trailer)."""
 
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(AirouterError):

@@ -2,6 +2,7 @@
 graceful run loop."""
 
 import asyncio
+import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
@@ -12,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from airouter import errors
 from airouter.reflection import serve_reflection
-from airouter.security import AuthInterceptor, Credentials
+from airouter.security import AuthInterceptor, Credentials, KeyValidator
 
 _log = structlog.get_logger()
 
@@ -81,13 +82,21 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+async def _abort(context: grpc.aio.ServicerContext, exc: errors.AirouterError) -> None:
+    """Ends the call with the error's status; a limit's wait rides in a retry-after trailer
+    (whole seconds), as HTTP's header does."""
+    if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(max(math.ceil(exc.retry_after_s), 1))),))
+    await context.abort(status_for(exc), str(exc))
+
+
 def _guard_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             async for response in behavior(request, context):
                 yield response
         except errors.AirouterError as exc:
-            await context.abort(status_for(exc), str(exc))
+            await _abort(context, exc)
 
     return guarded
 
@@ -97,7 +106,7 @@ def _guard_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Await
         try:
             return await behavior(request, context)
         except errors.AirouterError as exc:
-            await context.abort(status_for(exc), str(exc))
+            await _abort(context, exc)
 
     return guarded
 
@@ -107,13 +116,14 @@ def new_server(
     credentials: Credentials | None = None,
     admin_methods: Iterable[str] = (),
     max_message_bytes: int | None = None,
+    keys: KeyValidator | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with token checks (when credentials carry tokens), the error
     interceptor, health (SERVING at once) and reflection; requests up to max_message_bytes
     (gRPC's default 4 MiB when None)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [DomainErrorInterceptor()]
     if credentials is not None and credentials.authenticates:
-        interceptors.insert(0, AuthInterceptor(credentials, set(admin_methods)))
+        interceptors.insert(0, AuthInterceptor(credentials, set(admin_methods), keys))
     options: list[tuple[str, int]] = [("grpc.so_reuseport", 0), *SERVER_KEEPALIVE]
     if max_message_bytes is not None:
         options.append(("grpc.max_receive_message_length", max_message_bytes))

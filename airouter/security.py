@@ -16,10 +16,12 @@ import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from pydantic import BaseModel, ConfigDict
+
+from airouter import errors
 
 TOKEN_ENV = "AIROUTER_TOKEN"
 ADMIN_TOKEN_ENV = "AIROUTER_ADMIN_TOKEN"
@@ -151,13 +153,25 @@ def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Lets a call through only with a valid token: the admin token for admin methods."""
+class KeyValidator(Protocol):
+    """The API keys a server knows besides its tokens (the gateway's KeyRing)."""
 
-    def __init__(self, credentials: Credentials, admin_methods: set[str]) -> None:
+    def validate(self, presented: str) -> bool:
+        """True for a valid key, False for a string that is no key; raises
+        errors.Unauthenticated, saying why, for a revoked or expired one."""
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Lets a call through only with a valid token (the admin token for admin methods) or,
+    for the other methods, a valid API key."""
+
+    def __init__(
+        self, credentials: Credentials, admin_methods: set[str], keys: KeyValidator | None = None
+    ) -> None:
         self._token = credentials.token
         self._admin_token = credentials.admin_token
         self._admin_methods = admin_methods
+        self._keys = keys
 
     async def intercept_service(
         self,
@@ -167,9 +181,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if method.startswith(_OPEN_SERVICES):
             return await continuation(details)
-        presented = _presented_token(details.invocation_metadata)
+        presented = presented_token(details.invocation_metadata)
         is_admin = self._admin_token is not None and _equal(presented, self._admin_token)
         is_client = self._token is not None and _equal(presented, self._token)
+        if not (is_admin or is_client) and presented and self._keys is not None:
+            try:
+                is_client = self._keys.validate(presented)
+            except errors.AirouterError as exc:
+                return _deny(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         if method in self._admin_methods:
             if is_admin:
                 return await continuation(details)
@@ -195,7 +214,7 @@ def accepts_token(credentials: Credentials, presented: str) -> bool:
     )
 
 
-def _presented_token(metadata: Any) -> str | None:
+def presented_token(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
             return value.removeprefix("Bearer ").strip()

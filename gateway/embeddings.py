@@ -17,6 +17,7 @@ class EmbedRequest:
     inputs: list[str | list[int]]  # texts, or token ids of the model's vocabulary
     dimensions: int | None = None
     request_id: str = ""
+    key: str = ""  # the API key it came with (its name); "" for a token
 
     def validate(self) -> None:
         if not self.inputs:

@@ -79,6 +79,9 @@ class Routing:
     # The prompt's prefix as routing looks at it (request_prefix), when a door has hashed it
     # already (off the event loop, for a large request); else the service hashes it.
     prefix: Prefix | None = field(default=None, compare=False)
+    # The API key the request came with (its name), whose limits and usage it counts
+    # toward; "" for the client or admin token.
+    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ on the host, streamed or not.
 import asyncio
 import functools
 import logging
+import math
 import re
 import ssl
 import time
@@ -27,7 +28,15 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from airouter import tracing
-from airouter.errors import AirouterError, InvalidArgument, NotFound, Unauthenticated, shown
+from airouter.errors import (
+    AirouterError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    shown,
+)
 from airouter.openai_api import (
     ChatCompletionRequest,
     ChoiceJson,
@@ -66,6 +75,7 @@ from gateway.generation import (
     request_prefix,
     validate,
 )
+from gateway.keys import KeyRing
 from gateway.metrics import GatewayMetrics
 from gateway.offload import HEAVY_SIZE, heavy, off_loop, off_process
 from gateway.openai_batches import BatchDoor
@@ -82,6 +92,9 @@ REQUEST_ID = web.RequestKey("request_id", str)
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
 # Answered without a token: load balancers' and container runtimes' probes carry none.
 _OPEN_PATHS = frozenset({"/health", "/ready"})
+# Every key's usage shows there: a token's, not a key's.
+_ADMIN_PATHS = frozenset({"/metrics"})
+API_KEY = web.RequestKey("api_key", str)  # the name of the key a request came with
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _T = TypeVar("_T")
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -210,6 +223,7 @@ class HttpEdge:
         cors_origins: list[str] | None = None,
         stored_responses: ResponseStore | None = None,
         batch_door: BatchDoor | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self._service = service
         self._metrics = metrics
@@ -220,6 +234,7 @@ class HttpEdge:
         self._refusals = RefusalLog()
         self._first_seen: dict[str, int] = {}  # model name -> when /v1/models first listed it
         self._cors_origins = set(cors_origins or ())
+        self._keys = keys
         self._stored = stored_responses  # owned: closed with the edge
         self.app = web.Application(
             middlewares=[self._errors, self._cors, self._auth], client_max_size=MAX_GENERATE_BYTES
@@ -310,7 +325,10 @@ class HttpEdge:
         try:
             return await handler(request)
         except AirouterError as exc:
-            return _error(request, exc.code, str(exc), _id_headers(request))
+            headers = _id_headers(request)
+            if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
+                headers["Retry-After"] = str(max(math.ceil(exc.retry_after_s), 1))
+            return _error(request, exc.code, str(exc), headers)
         except web.HTTPRequestEntityTooLarge:
             limit = MAX_GENERATE_BYTES >> 20
             message = f"the body is larger than {limit} MiB; send less"
@@ -324,7 +342,8 @@ class HttpEdge:
         except web.HTTPNotFound:
             message = (
                 f"no such path: {request.method} {shown(request.path)}; the API is under /v1 "
-                "(chat/completions, completions, models, responses, messages), with /infill, "
+                "(chat/completions, completions, embeddings, models, responses, messages), with "
+                "/infill, "
                 "/health, /ready and /metrics"
             )
             return _error(request, "NOT_FOUND", message)
@@ -355,17 +374,28 @@ class HttpEdge:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._credentials.authenticates and request.path not in _OPEN_PATHS:
-            header = request.headers.get("Authorization", "")
-            token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
-            if token is None:  # Anthropic's clients send x-api-key
-                token = request.headers.get("x-api-key")
+        """A token or an API key (as a bearer token, or Anthropic's x-api-key) where the
+        gateway has tokens; a key presented anywhere is checked and counts its usage."""
+        if request.path in _OPEN_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+        if token is None:  # Anthropic's clients send x-api-key
+            token = request.headers.get("x-api-key")
+        key = self._keys.identify(token) if token and self._keys is not None else None
+        if key is not None:
+            self._keys.check_valid(key)  # type: ignore[union-attr]  # raises for revoked keys
+            if request.path in _ADMIN_PATHS:
+                raise PermissionDenied(f"{request.path} needs the admin token, not an API key")
+            request[API_KEY] = key.name
+        elif self._credentials.authenticates:
             if token is None:
                 raise Unauthenticated(
-                    "send your token as `Authorization: Bearer <token>` (or `x-api-key: <token>`)"
+                    "send your key or token as `Authorization: Bearer <key>` (or "
+                    "`x-api-key: <key>`)"
                 )
             if not accepts_token(self._credentials, token):
-                raise Unauthenticated("the bearer token is not valid")
+                raise Unauthenticated("the key or token is not valid")
         return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -475,7 +505,7 @@ class HttpEdge:
     async def _embeddings(self, request: web.Request) -> web.Response:
         """OpenAI's embeddings (gateway.embeddings_api), made on a host by load."""
         embed, as_base64 = await _read(request, _parse_embeddings)
-        embed = replace(embed, request_id=request[REQUEST_ID])
+        embed = replace(embed, request_id=request[REQUEST_ID], key=request.get(API_KEY, ""))
         attributes = functools.partial(
             tracing.embed_attributes,
             model=embed.model,
@@ -776,7 +806,7 @@ async def _read(request: web.Request, parse: Callable[..., _T], *args: Any) -> _
 def _routed(request: web.Request, generate: GenerateRequest) -> GenerateRequest:
     """The request with its id, and a conversation's affinity hint from X-Conversation-Id
     (where a body's own hint, OpenAI's `user` or Anthropic's metadata.user_id, is overridden)."""
-    routing = generate.routing
+    routing = replace(generate.routing, key=request.get(API_KEY, ""))
     conversation = request.headers.get("x-conversation-id")
     if conversation is not None:
         routing = replace(routing, conversation_id=conversation)

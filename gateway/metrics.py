@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 from airouter.errors import AirouterError
 from airouter.prometheus import request_histograms
 from gateway.config import OPENROUTER_PREFIX
-from gateway.generation import Finished, FinishReason
+from gateway.generation import Finished, FinishReason, Usage
 from gateway.hosts import HostPool
 from gateway.standing import HostState
 from gateway.upstream import UPSTREAM_HOST, OpenAIUpstream
@@ -60,6 +60,25 @@ class GatewayMetrics:
             ["code"],
             registry=self.registry,
         )
+        # Per API key: its name, never its secret; keys are the operator's, so few.
+        self.key_requests = Counter(
+            f"{PREFIX}_key_requests",
+            "Requests let in under each API key, by model.",
+            ["key", "model"],
+            registry=self.registry,
+        )
+        self.key_tokens = Counter(
+            f"{PREFIX}_key_tokens",
+            "Prompt and completion tokens of each API key.",
+            ["key", "kind"],
+            registry=self.registry,
+        )
+        self.key_cost = Counter(
+            f"{PREFIX}_key_cloud_cost_usd",
+            "What each API key's cloud requests cost, as the upstream reported it.",
+            ["key"],
+            registry=self.registry,
+        )
         self.registry.register(_Live(pool, upstream))
         # A metric's child for its label values, looked up once: prometheus_client's labels()
         # validates and locks on every call, and a request records seven. The values are
@@ -95,6 +114,14 @@ class GatewayMetrics:
         child(self.requests, model, host, "embedded").inc()
         child(self.tokens, model, "prompt").inc(prompt_tokens)
         child(self.latency, model).observe(seconds)
+
+    def key_used(self, key: str, model: str, usage: Usage) -> None:
+        child = self._child
+        child(self.key_requests, key, model).inc()
+        child(self.key_tokens, key, "prompt").inc(usage.prompt_tokens)
+        child(self.key_tokens, key, "completion").inc(usage.completion_tokens)
+        if usage.cost_usd:
+            child(self.key_cost, key).inc(usage.cost_usd)
 
     def refused(self, model: str, error: AirouterError) -> None:
         code = error.code.lower()

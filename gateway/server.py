@@ -14,6 +14,8 @@ from gateway.batches import BatchRunner
 from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfig
 from gateway.hosts import CHANNEL_OPTIONS, HostPool
 from gateway.http_edge import HttpEdge
+from gateway.key_store import KeyStore
+from gateway.keys import KeyRing
 from gateway.metrics import GatewayMetrics
 from gateway.openai_batches import BatchDoor, FileStore
 from gateway.prefixes import PrefixPolicy
@@ -23,6 +25,10 @@ from gateway.servicer import GatewayServicer
 from gateway.upstream import OpenAIUpstream, UpstreamSettings
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+# RPCs only the admin token opens: the keys' administration.
+ADMIN_METHODS = frozenset(
+    f"/{SERVICE_NAME}/{name}" for name in ("CreateKey", "ListKeys", "RevokeKey", "GetKeyUsage")
+)
 # A batch arrives in one message: room for 50000 items of a few hundred bytes each.
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -64,6 +70,9 @@ class RunningGateway:
         await self.batches.close()
         await self.pool.close()
         await self.upstream.close()
+        self.service.close()  # the last usage rows are written
+        if self.service.keys is not None:
+            self.service.keys.store.close()
 
 
 def host_pool(config: GatewayConfig) -> HostPool:
@@ -112,14 +121,21 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         tuple(config.cloud_allowed_models),
         config.allow_policy_override,
     )
+    keys = KeyRing(KeyStore(config.batch_db))
     server, health_servicer = grpc_server.new_server(
-        [SERVICE_NAME], credentials, max_message_bytes=MAX_MESSAGE_BYTES
+        [SERVICE_NAME],
+        credentials,
+        admin_methods=ADMIN_METHODS,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        keys=keys,
     )
     metrics = GatewayMetrics(pool, upstream)
     prefix_policy = PrefixPolicy(
         config.prefix_routing, config.prefix_min_tokens, config.prefix_max_queue_gap
     )
-    service = GatewayService(pool, cloud, metrics, config.first_message_timeout_s, prefix_policy)
+    service = GatewayService(
+        pool, cloud, metrics, config.first_message_timeout_s, prefix_policy, keys
+    )
     batches = BatchRunner(
         config.batch_db,
         service,
@@ -133,7 +149,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     except BaseException:
         await upstream.close()
         raise
-    servicer = GatewayServicer(service, batches)
+    servicer = GatewayServicer(service, batches, keys)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     try:
         port = grpc_server.bind(server, config.listen, credentials.tls)
@@ -159,6 +175,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
                 batches,
                 config.max_upload_bytes,
             ),
+            keys,
         )
         try:
             await gateway.http.start(config.http_listen, http_tls(config))

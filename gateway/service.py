@@ -15,6 +15,7 @@ import fnmatch
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from airouter.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     shown,
 )
@@ -45,11 +47,14 @@ from gateway.generation import (
     FinishReason,
     GenerateRequest,
     Token,
+    Usage,
     error_finish,
     request_prefix,
     validate,
 )
 from gateway.hosts import Host, HostPool
+from gateway.key_store import KeyRecord
+from gateway.keys import DEFAULT_RESERVE, Admission, KeyRing
 from gateway.offload import heavy, off_loop
 from gateway.prefixes import DEFAULT_PREFIX_POLICY, PrefixMemory, PrefixPolicy
 from gateway.upstream import OpenAIUpstream, relay_upstream
@@ -128,6 +133,7 @@ class RequestObserver(Protocol):
     def refused(self, model: str, error: AirouterError) -> None: ...
     def failed_over(self, host: str) -> None: ...
     def embedded(self, model: str, host: str, prompt_tokens: int, seconds: float) -> None: ...
+    def key_used(self, key: str, model: str, usage: Usage) -> None: ...
 
 
 class GatewayService:
@@ -138,8 +144,12 @@ class GatewayService:
         observer: RequestObserver,
         first_message_s: float = 60.0,  # GatewayConfig.first_message_timeout_s
         prefix_policy: PrefixPolicy = DEFAULT_PREFIX_POLICY,
+        keys: KeyRing | None = None,
     ) -> None:
         self.pool = pool
+        self.keys = keys
+        # Usage rows go to the key store in order, on a thread of their own.
+        self._usage_writes = ThreadPoolExecutor(1, thread_name_prefix="key-usage")
         self.cloud = cloud
         self.observer = observer
         # The most an attempt waits for a host's first message before the next host is tried.
@@ -174,6 +184,8 @@ class GatewayService:
         started = time.perf_counter()
         label = self.model_label(request.model)
         first = True
+        admission: Admission | None = None
+        usage = Usage()
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -183,6 +195,9 @@ class GatewayService:
                 await off_loop(validate, request)
             else:
                 validate(request)
+            n = request.output.n
+            most = request.size() + (request.stopping.max_tokens or DEFAULT_RESERVE) * n
+            admission = self._admit(request.routing.key, request.model, most)
             async with aclosing(self._serve(request, time_left_s)) as responses:
                 async for event in responses:
                     if first and isinstance(event, Token):
@@ -190,11 +205,14 @@ class GatewayService:
                         first = False
                     elif isinstance(event, Finished):
                         self.observer.finished(label, event, time.perf_counter() - started)
+                        usage = event.usage
                     yield event
         except AirouterError as exc:
             self.observer.refused(label, exc)
             raise
         finally:
+            if admission is not None:
+                self._settle(admission, label, usage)
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
@@ -210,6 +228,9 @@ class GatewayService:
         else:
             validate(request)
         requested = request.model
+        if request.routing.key:
+            assert self.keys is not None
+            self.keys.allows(self._key(request.routing.key), requested)
         if requested.startswith(OPENROUTER_PREFIX) or self.cloud.policy(request) == "cloud_only":
             raise FailedPrecondition(
                 f"{shown(requested)} runs in the cloud, where tokens cannot be counted ahead; "
@@ -244,10 +265,15 @@ class GatewayService:
         if not request.request_id:
             request = replace(request, request_id=uuid.uuid4().hex)
         log = _log.bind(request_id=request.request_id, model=request.model)
+        admission: Admission | None = None
+        usage = Usage()
         try:
             if self.draining:
                 raise Unavailable("the gateway is shutting down; send the request to another")
             request.validate()
+            inputs = request.inputs
+            most = sum(len(i.encode()) + 2 if isinstance(i, str) else len(i) for i in inputs)
+            admission = self._admit(request.key, request.model, most)
             if request.model.startswith(OPENROUTER_PREFIX):
                 raise FailedPrecondition(
                     f"{shown(request.model)} is a cloud model; embeddings are made by local "
@@ -275,6 +301,7 @@ class GatewayService:
                 )
                 seconds = time.perf_counter() - started
                 self.observer.embedded(label, host.address, answer.prompt_tokens, seconds)
+                usage = Usage(prompt_tokens=answer.prompt_tokens)
                 return answer
             raise Unavailable(
                 f"no host could embed for {shown(request.model)}; tried: "
@@ -283,6 +310,35 @@ class GatewayService:
         except AirouterError as exc:
             self.observer.refused(label, exc)
             raise
+        finally:
+            if admission is not None:
+                self._settle(admission, label, usage)
+
+    def _key(self, name: str) -> KeyRecord:
+        record = self.keys.get(name) if self.keys is not None else None
+        if record is None:
+            raise Unauthenticated(f"the key {name!r} is unknown here; ask for a new one")
+        return record
+
+    def _admit(self, key: str, model: str, most_tokens: int) -> Admission | None:
+        """Lets the request in under its key's limits (None: it came with a token)."""
+        if not key:
+            return None
+        assert self.keys is not None
+        return self.keys.admit(self._key(key), model, most_tokens)
+
+    def _settle(self, admission: Admission, label: str, usage: Usage) -> None:
+        """What the request used counts toward its key, in memory now and on disk soon."""
+        assert self.keys is not None
+        row = self.keys.settle(
+            admission, usage.prompt_tokens, usage.completion_tokens, usage.cost_usd
+        )
+        self._usage_writes.submit(self.keys.store.record, row)
+        self.observer.key_used(admission.key, label, usage)
+
+    def close(self) -> None:
+        """Waits for the usage still being written."""
+        self._usage_writes.shutdown(wait=True)
 
     def model_label(self, requested: str) -> str:
         """The requested name as /metrics may show it: a name some host, alias or configured
@@ -296,6 +352,15 @@ class GatewayService:
         )
         return requested if known else UNKNOWN_MODEL
 
+    def _cloud_spent(self, key: str) -> str:
+        """Why the request may not go to the cloud ("" when it may): its key's budget."""
+        if not key or self.keys is None:
+            return ""
+        record = self._key(key)
+        if not self.keys.cloud_spent(record):
+            return ""
+        return f"the key {key!r} has spent its cloud budget (${record.limits.cloud_budget_usd:.2f})"
+
     async def _serve(
         self, request: GenerateRequest, time_left_s: float | None
     ) -> AsyncGenerator[Event, None]:
@@ -307,6 +372,14 @@ class GatewayService:
         cloud = self.cloud
         policy = cloud.policy(request)
         fallback = cloud.cloud_models.get(requested)
+        spent = self._cloud_spent(request.routing.key)
+        if spent and (requested.startswith(OPENROUTER_PREFIX) or policy == "cloud_only"):
+            raise ResourceExhausted(
+                f"{spent}, so it may use local models only, and {shown(requested)} runs in the "
+                "cloud; ask for a local model"
+            )
+        if spent:
+            policy = "local_only"  # the cloud fallback is off for this key
         if requested.startswith(OPENROUTER_PREFIX):
             cloud.check_allowed(requested, policy)
         if requested.startswith(OPENROUTER_PREFIX) or policy == "cloud_only":
@@ -334,6 +407,8 @@ class GatewayService:
             return
         except (Unavailable, NotFound, ResourceExhausted) as exc:
             # _attempts raises these only before a first message was sent.
+            if spent and fallback is not None:
+                raise type(exc)(f"{exc}; and {spent}, so there is no cloud fallback") from None
             if not local_first:
                 raise
             log.info("cloud_fallback", cloud_model=fallback, reason=str(exc))

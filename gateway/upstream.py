@@ -154,7 +154,13 @@ class OpenAIUpstream:
                 "no API key for the upstream: set OPENROUTER_API_KEY or openrouter_api_key_file"
             )
         url = self.settings.base_url.rstrip("/") + path
-        payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        # usage.include: OpenRouter's usage accounting, whose `cost` keys' budgets count.
+        payload = {
+            **body,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "usage": {"include": True},
+        }
         headers = {"Authorization": f"Bearer {self.settings.api_key}"}
         attempt = 0
         while True:

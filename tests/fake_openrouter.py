@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 API_KEY = "sk-or-test-5e1f0c"
+COST_USD = 0.00012  # what each successful completion costs, with usage accounting asked for
 # Events of the wrong shape that some upstream may send after its first chunk.
 MALFORMED = {
     "null-choice": b'data: {"choices": [null]}\n\n',
@@ -114,7 +115,9 @@ class FakeOpenRouter:
         await response.write(b": OPENROUTER PROCESSING\n\n")
         await _event(response, _delta(model, " world"))
         await _event(response, _delta(model, "", finish_reason="stop"))
-        usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "cost": 0.00012}
+        usage: dict[str, Any] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        if (body.get("usage") or {}).get("include"):  # usage accounting, as asked for
+            usage["cost"] = COST_USD
         await _event(response, {"model": model, "choices": [], "usage": usage})
         await response.write(b"data: [DONE]\n\n")
         return response

@@ -29,6 +29,7 @@ from gateway.generation import (
     Policy,
     Routing,
     Token,
+    Usage,
 )
 from gateway.hosts import Host, HostPool
 from gateway.service import UNKNOWN_MODEL, CloudRouting, GatewayService
@@ -67,6 +68,9 @@ class Observer:
 
     def embedded(self, model: str, host: str, prompt_tokens: int, seconds: float) -> None:
         self.events.append(("embedded", (model, host, prompt_tokens)))
+
+    def key_used(self, key: str, model: str, usage: Usage) -> None:
+        self.events.append(("key_used", (key, model, usage.prompt_tokens)))
 
 
 def token(text: str) -> Token:

@@ -3,6 +3,7 @@ import datetime
 from airouter.v1 import embed_pb2 as _embed_pb2
 from airouter.v1 import generate_pb2 as _generate_pb2
 from airouter.v1 import host_status_pb2 as _host_status_pb2
+from airouter.v1 import keys_pb2 as _keys_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from airouter.v1 import gateway_pb2 as airouter_dot_v1_dot_gateway__pb2
+from airouter.v1 import keys_pb2 as airouter_dot_v1_dot_keys__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -85,6 +86,26 @@ class GatewayStub:
                 '/airouter.v1.Gateway/Embed',
                 request_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayEmbedRequest.SerializeToString,
                 response_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayEmbedResponse.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/airouter.v1.Gateway/CreateKey',
+                request_serializer=airouter_dot_v1_dot_keys__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_keys__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/airouter.v1.Gateway/ListKeys',
+                request_serializer=airouter_dot_v1_dot_keys__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_keys__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/airouter.v1.Gateway/RevokeKey',
+                request_serializer=airouter_dot_v1_dot_keys__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_keys__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
+        self.GetKeyUsage = channel.unary_unary(
+                '/airouter.v1.Gateway/GetKeyUsage',
+                request_serializer=airouter_dot_v1_dot_keys__pb2.GetKeyUsageRequest.SerializeToString,
+                response_deserializer=airouter_dot_v1_dot_keys__pb2.GetKeyUsageResponse.FromString,
                 _registered_method=True)
 
 
@@ -168,6 +189,34 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """Makes an API key and returns its secret, once (admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Every API key, without secrets (admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Revokes an API key (admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyUsage(self, request, context):
+        """Usage per key, day and model (admin token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +269,26 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=airouter_dot_v1_dot_gateway__pb2.GatewayEmbedRequest.FromString,
                     response_serializer=airouter_dot_v1_dot_gateway__pb2.GatewayEmbedResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=airouter_dot_v1_dot_keys__pb2.CreateKeyRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_keys__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=airouter_dot_v1_dot_keys__pb2.ListKeysRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_keys__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=airouter_dot_v1_dot_keys__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_keys__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'GetKeyUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyUsage,
+                    request_deserializer=airouter_dot_v1_dot_keys__pb2.GetKeyUsageRequest.FromString,
+                    response_serializer=airouter_dot_v1_dot_keys__pb2.GetKeyUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +563,114 @@ class Gateway:
             '/airouter.v1.Gateway/Embed',
             airouter_dot_v1_dot_gateway__pb2.GatewayEmbedRequest.SerializeToString,
             airouter_dot_v1_dot_gateway__pb2.GatewayEmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/CreateKey',
+            airouter_dot_v1_dot_keys__pb2.CreateKeyRequest.SerializeToString,
+            airouter_dot_v1_dot_keys__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/ListKeys',
+            airouter_dot_v1_dot_keys__pb2.ListKeysRequest.SerializeToString,
+            airouter_dot_v1_dot_keys__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/RevokeKey',
+            airouter_dot_v1_dot_keys__pb2.RevokeKeyRequest.SerializeToString,
+            airouter_dot_v1_dot_keys__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/airouter.v1.Gateway/GetKeyUsage',
+            airouter_dot_v1_dot_keys__pb2.GetKeyUsageRequest.SerializeToString,
+            airouter_dot_v1_dot_keys__pb2.GetKeyUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,458 @@
+"""API keys: the KeyRing's limits on a fake clock (rates, quotas, racing for the last tokens,
+restarts), then end to end through a gateway with an admin token: the CLI, every door, the
+cloud budget against the fake OpenRouter, and the secret in no log and no metric."""
+
+import datetime
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import grpc
+import openai
+import pytest
+
+from airouter import cli
+from airouter.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from airouter.v1 import gateway_pb2_grpc, keys_pb2
+from gateway.key_store import KeyLimits, KeyStore
+from gateway.keys import KeyRing
+from gateway.server import start_gateway
+from modelhost.config import HostConfig, embedded_model_config
+from modelhost.server import start_host
+from tests.conftest import CONTEXT, LoopThread, gateway_config, scrape_metrics, wait_for_health
+from tests.fake_openrouter import API_KEY, COST_USD, FakeOpenRouter
+from tests.streaming import gateway_request
+
+# A Wednesday, 18:00 UTC: six hours before the quota day turns.
+NOON = datetime.datetime(2026, 12, 2, 18, 0, tzinfo=datetime.UTC).timestamp()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOON
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ring(tmp_path: Path, clock: Clock | None = None) -> KeyRing:
+    return KeyRing(KeyStore(tmp_path / "gateway.sqlite3"), clock or Clock())
+
+
+def test_a_key_is_made_once_and_its_secret_is_never_stored(tmp_path: Path) -> None:
+    keys = ring(tmp_path)
+    record, secret = keys.create("alice", KeyLimits())
+    assert secret.startswith("air-") and len(secret) > 40 and secret.startswith(record.hint)
+    assert keys.identify(secret) == record
+    assert keys.identify(secret + "x") is None and keys.identify("sk-other") is None
+    keys.store.close()
+    assert secret.encode() not in (tmp_path / "gateway.sqlite3").read_bytes()
+    with pytest.raises(AlreadyExists):
+        ring(tmp_path).create("alice", KeyLimits())
+    for bad_name in ("", "a b", "-dash", "x" * 65):
+        with pytest.raises(InvalidArgument):
+            keys.create(bad_name, KeyLimits())
+    with pytest.raises(InvalidArgument, match="rpm"):
+        keys.create("bob", KeyLimits(rpm=0))
+
+
+def test_models_outside_the_patterns_revoked_and_expired_keys_are_refused(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    keys = ring(tmp_path, clock)
+    record, _ = keys.create("coder", KeyLimits(models=("qwen*", "gemma-3-270m")))
+    keys.admit(record, "qwen2.5-coder", 10)
+    with pytest.raises(PermissionDenied, match=r"only the models qwen\*, gemma-3-270m"):
+        keys.admit(record, "openrouter/openai/gpt-4o", 10)
+    later, secret = keys.create("temp", KeyLimits(expires_at=clock.now + 60))
+    keys.admit(later, "m", 1)
+    clock.now += 61
+    with pytest.raises(Unauthenticated, match="expired"):
+        keys.admit(later, "m", 1)
+    keys.revoke("coder")
+    revoked = keys.get("coder")
+    assert revoked is not None
+    with pytest.raises(Unauthenticated, match="revoked"):
+        keys.admit(revoked, "qwen2.5-coder", 1)
+    with pytest.raises(Unauthenticated):
+        keys.validate(secret)
+    # A revoked name may be given to a new key; the old secret stays refused.
+    fresh, _ = keys.create("coder", KeyLimits())
+    keys.admit(fresh, "anything", 1)
+
+
+def test_requests_a_minute_with_the_wait_until_the_window_frees(tmp_path: Path) -> None:
+    clock = Clock()
+    keys = ring(tmp_path, clock)
+    record, _ = keys.create("r", KeyLimits(rpm=3))
+    for _ in range(3):
+        keys.settle(keys.admit(record, "m", 10), 5, 5, 0.0)
+        clock.now += 10
+    with pytest.raises(ResourceExhausted) as refused:
+        keys.admit(record, "m", 10)
+    assert refused.value.retry_after_s == pytest.approx(30)
+    clock.now += 30
+    keys.admit(record, "m", 10)
+
+
+def test_tokens_a_minute_count_what_requests_in_flight_may_use(tmp_path: Path) -> None:
+    clock = Clock()
+    keys = ring(tmp_path, clock)
+    record, _ = keys.create("t", KeyLimits(tpm=1000))
+    first = keys.admit(record, "m", 600)
+    second = keys.admit(record, "m", 600)  # 600 reserved < 1000: let in
+    with pytest.raises(ResourceExhausted):
+        keys.admit(record, "m", 1)  # 1200 reserved
+    keys.settle(first, 100, 100, 0.0)
+    keys.settle(second, 100, 100, 0.0)
+    keys.admit(record, "m", 500)  # 400 used + 0 reserved
+    clock.now += 61
+    keys.admit(record, "m", 500)
+
+
+def test_racing_for_the_last_tokens_of_a_day_ends_at_most_one_request_over(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    keys = ring(tmp_path, clock)
+    record, _ = keys.create("q", KeyLimits(tokens_per_day=1000))
+    keys.settle(keys.admit(record, "m", 900), 400, 500, 0.0)  # 900 used
+    # Twenty requests arrive together, each able to use 300 tokens: only one gets in.
+    admitted, refused = [], []
+    for _ in range(20):
+        try:
+            admitted.append(keys.admit(record, "m", 300))
+        except ResourceExhausted as exc:
+            refused.append(exc)
+    assert len(admitted) == 1 and len(refused) == 19
+    keys.settle(admitted[0], 100, 200, 0.0)  # the stream that crosses the quota finishes
+    used = 900 + 300
+    assert used <= 1000 + 300
+    with pytest.raises(ResourceExhausted, match="tokens for today") as after:
+        keys.admit(record, "m", 1)
+    assert after.value.retry_after_s == pytest.approx(6 * 3600)
+    clock.now += 6 * 3600  # midnight UTC: a new day
+    keys.admit(record, "m", 1)
+
+
+def test_usage_and_spend_survive_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    keys = ring(tmp_path, clock)
+    record, secret = keys.create("p", KeyLimits(tokens_per_day=1000, cloud_budget_usd=0.5))
+    row = keys.settle(keys.admit(record, "openrouter/x/y", 10), 600, 300, 0.75)
+    keys.store.record(row)
+    keys.store.close()
+    again = ring(tmp_path, clock)
+    restored = again.identify(secret)
+    assert restored is not None and again.cloud_spent(restored)
+    assert again.spend("p") == pytest.approx(0.75)
+    again.admit(restored, "m", 100)  # 900 used today < 1000
+    with pytest.raises(ResourceExhausted):
+        again.admit(restored, "m", 1)  # 900 used + 100 reserved
+    [usage] = again.store.usage("p")
+    assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (1, 600, 300)
+
+
+# --- end to end ----------------------------------------------------------------------
+
+ADMIN, CLIENT = "admin-token-3f9a", "client-token-77c1"
+PROMPT = "Say hi"
+
+
+@dataclass
+class Served:
+    loop: LoopThread
+    grpc_address: str
+    http: str  # base URL without /v1
+    directory: Path
+    gateway: Any
+
+    def cli(self, *args: str, token: str = ADMIN) -> int:
+        (self.directory / "cli-token").write_text(token)
+        return cli.main(
+            [
+                "--gateway",
+                self.grpc_address,
+                "--token-file",
+                str(self.directory / "cli-token"),
+                *args,
+            ]
+        )
+
+    def create(self, capsys: pytest.CaptureFixture[str], name: str, *limits: str) -> str:
+        capsys.readouterr()
+        assert self.cli("keys", "create", name, *limits) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1]  # the secret, the last line
+
+    def openai(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.http + "/v1", api_key=key, max_retries=0)
+
+    def stub(self, key: str) -> tuple[gateway_pb2_grpc.GatewayStub, tuple[tuple[str, str]]]:
+        channel = grpc.insecure_channel(self.grpc_address)
+        return gateway_pb2_grpc.GatewayStub(channel), (("authorization", f"Bearer {key}"),)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    directory = tmp_path_factory.mktemp("keys")
+    (directory / "admin").write_text(ADMIN)
+    (directory / "token").write_text(CLIENT)
+    (directory / "openrouter").write_text(API_KEY)
+    model = embedded_model_config().model_copy(
+        update={"context_length": CONTEXT, "slots": 4, "batch_tokens": 256}
+    )
+    host_config = HostConfig(
+        listen="127.0.0.1:0", device="cpu", cache_dir=Path.home() / ".cache" / "airouter",
+        models=[model],
+    )  # fmt: skip
+    loop = LoopThread()
+    upstream = FakeOpenRouter()
+    loop.run(upstream.start())
+    host = loop.run(start_host(host_config, "cpu"))
+    wait_for_health(f"127.0.0.1:{host.port}")
+    config = gateway_config(
+        [f"127.0.0.1:{host.port}"],
+        http_listen="127.0.0.1:0",
+        token_file=directory / "token",
+        admin_token_file=directory / "admin",
+        openrouter_base_url=upstream.base_url,
+        openrouter_api_key_file=directory / "openrouter",
+        cloud_allowed_models=["openrouter/vendor/*"],
+        batch_db=directory / "gateway.sqlite3",
+    )
+    gateway = loop.run(start_gateway(config))
+    assert gateway.http is not None
+    yield Served(
+        loop,
+        f"127.0.0.1:{gateway.port}",
+        f"http://127.0.0.1:{gateway.http.port}",
+        directory,
+        gateway,
+    )
+    loop.run(gateway.stop(0))
+    loop.run(host.stop(0))
+    loop.run(upstream.stop())
+    loop.close()
+
+
+def _chat(client: openai.OpenAI, model: str = "gemma-3-270m", tokens: int = 4) -> Any:
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": PROMPT}], max_tokens=tokens
+    )
+
+
+def test_a_key_opens_every_serving_door_and_no_admin_one(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = served.create(capsys, "alice", "--models", "gemma*", "openrouter/vendor/*")
+    assert _chat(served.openai(secret)).choices[0].message.content is not None
+    messages = anthropic.Anthropic(base_url=served.http, api_key=secret, max_retries=0)
+    answer = messages.messages.create(
+        model="gemma-3-270m", max_tokens=4, messages=[{"role": "user", "content": PROMPT}]
+    )
+    assert answer.usage.output_tokens > 0
+    stub, metadata = served.stub(secret)
+    finished = list(stub.Generate(gateway_request(prompt=PROMPT, max_tokens=3), metadata=metadata))
+    assert finished[-1].HasField("finished")
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ListKeys(keys_pb2.ListKeysRequest(), metadata=metadata)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    request = urllib.request.Request(
+        served.http + "/metrics", headers={"Authorization": f"Bearer {secret}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as metrics:
+        urllib.request.urlopen(request, timeout=30)
+    assert metrics.value.code == 403
+    capsys.readouterr()
+    assert served.cli("keys", "usage", "alice") == 0
+    assert "gemma-3-270m" in capsys.readouterr().out
+    rows = stub_usage(served, "alice")
+    assert sum(r.requests for r in rows) == 3
+    assert {r.model for r in rows} == {"gemma-3-270m"}
+    assert all(r.prompt_tokens > 0 and r.completion_tokens > 0 for r in rows)
+
+
+def stub_usage(served: Served, name: str) -> list[keys_pb2.KeyUsage]:
+    stub, metadata = served.stub(ADMIN)
+    return list(stub.GetKeyUsage(keys_pb2.GetKeyUsageRequest(name=name), metadata=metadata).usage)
+
+
+def test_a_model_outside_the_keys_patterns_is_403_naming_them(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = served.create(capsys, "narrow", "--models", "qwen*")
+    with pytest.raises(openai.PermissionDeniedError, match=r"only the models qwen\*"):
+        _chat(served.openai(secret))
+    stub, metadata = served.stub(secret)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.Generate(gateway_request(prompt=PROMPT, max_tokens=2), metadata=metadata))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after_on_both_protocols(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = served.create(capsys, "slow", "--rpm", "2")
+    client = served.openai(secret)
+    _chat(client)
+    _chat(client)
+    with pytest.raises(openai.RateLimitError) as refused:
+        _chat(client)
+    retry_after = int(refused.value.response.headers["retry-after"])
+    assert 1 <= retry_after <= 60
+    assert "2 requests in the last minute" in refused.value.message
+    stub, metadata = served.stub(secret)
+    with pytest.raises(grpc.RpcError) as also:
+        list(stub.Generate(gateway_request(prompt=PROMPT, max_tokens=2), metadata=metadata))
+    assert also.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(also.value.trailing_metadata() or ())
+    assert 1 <= int(trailers["retry-after"]) <= 60
+
+
+def test_revoked_and_unknown_keys_are_401(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = served.create(capsys, "leaver")
+    _chat(served.openai(secret))
+    assert served.cli("keys", "revoke", "leaver") == 0
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        _chat(served.openai(secret))
+    stub, metadata = served.stub(secret)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.Generate(gateway_request(prompt=PROMPT, max_tokens=2), metadata=metadata))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in (refused.value.details() or "")
+    with pytest.raises(openai.AuthenticationError):
+        _chat(served.openai("air-" + "x" * 43))
+    capsys.readouterr()
+    assert served.cli("keys", "list") == 0
+    listing = capsys.readouterr().out
+    assert "leaver" in listing and "revoked" in listing and secret not in listing
+
+
+def test_concurrent_requests_racing_for_the_last_tokens_end_one_request_over_at_most(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quota = 120
+    secret = served.create(capsys, "racer", "--tokens-per-day", str(quota))
+    client = served.openai(secret)
+    outcomes: list[str] = []
+
+    def ask() -> None:
+        try:
+            _chat(client, tokens=16)
+            outcomes.append("ok")
+        except openai.RateLimitError:
+            outcomes.append("429")
+
+    for _ in range(3):  # waves of 8 at once, until the quota is gone
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    rows = stub_usage(served, "racer")
+    used = sum(r.prompt_tokens + r.completion_tokens for r in rows)
+    worst = max((r.prompt_tokens + r.completion_tokens) / r.requests for r in rows)
+    assert "429" in outcomes and "ok" in outcomes
+    # One request's worth: its prompt bytes (an upper bound of its tokens) and max_tokens.
+    one_request = len(PROMPT) + 64 + 16
+    assert used <= quota + one_request, (used, worst, outcomes)
+
+
+def test_a_spent_cloud_budget_keeps_the_key_on_local_models_and_says_so(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    budget = COST_USD * 1.5
+    secret = served.create(capsys, "cloudy", "--cloud-budget-usd", f"{budget:.6f}")
+    client = served.openai(secret)
+    for _ in range(2):  # the second starts below the budget and crosses it
+        assert _chat(client, "openrouter/vendor/ok").choices[0].message.content == "Hello world"
+    with pytest.raises(openai.RateLimitError, match="spent its cloud budget"):
+        _chat(client, "openrouter/vendor/ok")
+    _chat(client)  # local models still answer
+    stub, metadata = served.stub(ADMIN)
+    listed = stub.ListKeys(keys_pb2.ListKeysRequest(), metadata=metadata)
+    cloudy = next(k for k in listed.keys if k.name == "cloudy")
+    assert cloudy.cloud_spent_usd == pytest.approx(2 * COST_USD)
+    rows = stub_usage(served, "cloudy")
+    by_model = {r.model: r for r in rows}
+    assert by_model["openrouter/vendor/ok"].cloud_cost_usd == pytest.approx(2 * COST_USD)
+
+
+def test_metrics_name_keys_and_no_secret_reaches_a_log_or_a_metric(
+    served: Served, capfd: pytest.CaptureFixture[str]
+) -> None:
+    stub, admin = served.stub(ADMIN)
+    limits = keys_pb2.KeyLimits(rpm=1)
+    secret = stub.CreateKey(
+        keys_pb2.CreateKeyRequest(name="watched", limits=limits), metadata=admin
+    ).secret
+    capfd.readouterr()
+    client = served.openai(secret)
+    _chat(client)
+    with pytest.raises(openai.RateLimitError):
+        _chat(client)
+    request = urllib.request.Request(
+        served.http + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        text = answer.read().decode()
+    values = scrape_metrics(request)
+    assert values['airouter_gateway_key_requests_total{key="watched",model="gemma-3-270m"}'] == 1
+    logged = capfd.readouterr()
+    for where in (text, logged.out, logged.err):
+        assert secret not in where and secret[len("air-") :] not in where
+
+
+def test_keys_and_usage_survive_a_gateway_restart(served: Served, tmp_path: Path) -> None:
+    hosts = [h.address for h in served.gateway.pool.hosts]
+    (tmp_path / "admin").write_text(ADMIN)
+    config = gateway_config(
+        hosts,
+        http_listen="127.0.0.1:0",
+        admin_token_file=tmp_path / "admin",
+        batch_db=tmp_path / "gateway.sqlite3",
+    )
+    first = served.loop.run(start_gateway(config))
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{first.port}"))
+        admin = (("authorization", f"Bearer {ADMIN}"),)
+        made = stub.CreateKey(
+            keys_pb2.CreateKeyRequest(
+                name="durable", limits=keys_pb2.KeyLimits(tokens_per_day=100_000)
+            ),
+            metadata=admin,
+        )
+        assert first.http is not None
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{first.http.port}/v1", api_key=made.secret, max_retries=0
+        )
+        _chat(client)
+    finally:
+        served.loop.run(first.stop(0))
+    second = served.loop.run(start_gateway(config))
+    try:
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{second.port}"))
+        usage = stub.GetKeyUsage(keys_pb2.GetKeyUsageRequest(name="durable"), metadata=admin)
+        assert [(u.key, u.requests) for u in usage.usage] == [("durable", 1)]
+        assert usage.usage[0].prompt_tokens > 0
+        assert second.http is not None
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{second.http.port}/v1", api_key=made.secret, max_retries=0
+        )
+        _chat(client)  # the key still opens the gateway
+    finally:
+        served.loop.run(second.stop(0))
