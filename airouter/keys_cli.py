@@ -37,7 +37,7 @@ def add_keys_commands(commands: "argparse._SubParsersAction[argparse.ArgumentPar
     listing = actions.add_parser("list", help="every key, without secrets")
     listing.add_argument("--json", action="store_true", help=JSON_HELP)
     revoke = actions.add_parser("revoke", help="refuse a key from now on (its usage stays)")
-    revoke.add_argument("name")
+    revoke.add_argument("name", help="the key's name, as keys list shows it")
     usage = actions.add_parser("usage", help="requests, tokens and cloud cost per key, day, model")
     usage.add_argument("name", nargs="?", default="", help="one key's (default: every key's)")
     usage.add_argument("--since", type=_day, help="from this day on: YYYY-MM-DD")

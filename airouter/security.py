@@ -214,6 +214,11 @@ def accepts_token(credentials: Credentials, presented: str) -> bool:
     )
 
 
+def is_admin_token(credentials: Credentials, presented: str | None) -> bool:
+    admin = credentials.admin_token
+    return admin is not None and _equal(presented, admin)
+
+
 def presented_token(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS batches (
     total INTEGER NOT NULL,
     last_sequence INTEGER NOT NULL DEFAULT 0,
     trace_id TEXT NOT NULL DEFAULT '',
-    span_id TEXT NOT NULL DEFAULT ''
+    span_id TEXT NOT NULL DEFAULT '',
+    api_key TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS items (
     batch_id TEXT NOT NULL REFERENCES batches (id),
@@ -70,6 +71,7 @@ class StoredBatch:
     last_sequence: int
     trace_id: str
     span_id: str
+    api_key: str = ""  # the name of the key it was submitted with; its items count toward it
 
 
 @dataclass
@@ -99,6 +101,9 @@ class BatchStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
+        if "api_key" not in columns:  # a database from before API keys
+            self._db.execute("ALTER TABLE batches ADD COLUMN api_key TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self._db.close()
@@ -110,12 +115,13 @@ class BatchStore:
         items: list[tuple[str, GenerateRequest]],
         trace_id: str,
         span_id: str,
+        api_key: str = "",
     ) -> StoredBatch:
         created = time.time()
         with self._transaction():
             self._db.execute(
-                "INSERT INTO batches (id, created_at, state, total, trace_id, span_id) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO batches (id, created_at, state, total, trace_id, span_id, api_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     batch_id,
                     created,
@@ -123,6 +129,7 @@ class BatchStore:
                     len(items),
                     trace_id,
                     span_id,
+                    api_key,
                 ),
             )
             self._db.executemany(
@@ -142,11 +149,13 @@ class BatchStore:
             0,
             trace_id,
             span_id,
+            api_key,
         )
 
     def batch(self, batch_id: str) -> StoredBatch | None:
         row = self._db.execute(
-            "SELECT id, created_at, finished_at, state, total, last_sequence, trace_id, span_id "
+            "SELECT id, created_at, finished_at, state, total, last_sequence, trace_id, span_id, "
+            "api_key "
             "FROM batches WHERE id = ?",
             (batch_id,),
         ).fetchone()
@@ -154,7 +163,8 @@ class BatchStore:
 
     def batches(self) -> list[StoredBatch]:
         rows = self._db.execute(
-            "SELECT id, created_at, finished_at, state, total, last_sequence, trace_id, span_id "
+            "SELECT id, created_at, finished_at, state, total, last_sequence, trace_id, span_id, "
+            "api_key "
             "FROM batches ORDER BY created_at DESC"
         ).fetchall()
         return [_stored(row) for row in rows]

@@ -297,19 +297,23 @@ class BatchRunner:
             self._executor.shutdown()
 
     async def submit(
-        self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any = None
+        self,
+        batch_id: str,
+        items: list[tuple[str, GenerateRequest]],
+        carrier: Any = None,
+        api_key: str = "",
     ) -> BatchInfo:
         """Stores the batch of (custom_id, request) items (its span continues the caller's
         trace from `carrier`) and returns it once it is on disk; an empty batch_id gets
-        one."""
+        one. Its items run under `api_key` (a key's name), counting toward its limits."""
         batch_id = batch_id or f"batch_{uuid.uuid4().hex}"
         # Up to MAX_ITEMS items: checked on a worker thread, not the event loop.
         await off_loop(_validate, batch_id, items)
         async with self._submitting:
-            return await self._store_batch(batch_id, items, carrier)
+            return await self._store_batch(batch_id, items, carrier, api_key)
 
     async def _store_batch(
-        self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any
+        self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any, api_key: str
     ) -> BatchInfo:
         assert self._store is not None
         existing = self._batches.get(batch_id)
@@ -326,7 +330,9 @@ class BatchRunner:
         ) as span:
             context = span.get_span_context()
             trace_id, span_id = tracing.hex_ids(context) if context.is_valid else ("", "")
-            stored = await self._db(self._store.add_batch, batch_id, items, trace_id, span_id)
+            stored = await self._db(
+                self._store.add_batch, batch_id, items, trace_id, span_id, api_key
+            )
         batch = self._batches[batch_id] = _Batch(stored)
         self._track(batch)
         for index, (custom_id, request) in enumerate(items):
@@ -479,7 +485,11 @@ class BatchRunner:
     async def _run(self, item: _Item) -> None:
         batch = item.batch
         item.attempts += 1
-        request = replace(item.request, request_id=f"{batch.id}-{item.index}-{item.attempts}")
+        request = replace(
+            item.request,
+            request_id=f"{batch.id}-{item.index}-{item.attempts}",
+            routing=replace(item.request.routing, key=batch.stored.api_key),
+        )
         outputs = Outputs()
         finished: Finished | None = None
         error: AirouterError | None = None

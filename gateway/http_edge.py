@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -53,7 +54,7 @@ from airouter.openai_api import (
     usage_json,
 )
 from airouter.output import Turn
-from airouter.security import Credentials, accepts_token
+from airouter.security import Credentials, accepts_token, is_admin_token
 from airouter.v1 import generate_pb2
 from gateway import anthropic, embeddings_api, infill_api, responses
 from gateway.embeddings import EmbedRequest
@@ -81,6 +82,7 @@ from gateway.offload import HEAVY_SIZE, heavy, off_loop, off_process
 from gateway.openai_batches import BatchDoor
 from gateway.response_store import ResponseStore, StoredResponse
 from gateway.service import GatewayService
+from gateway.status import StatusBoard
 
 _log = structlog.get_logger()
 _tracer = trace.get_tracer("airouter.gateway")
@@ -91,9 +93,13 @@ KEEPALIVE_S = 75.0
 REQUEST_ID = web.RequestKey("request_id", str)
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
 # Answered without a token: load balancers' and container runtimes' probes carry none.
-_OPEN_PATHS = frozenset({"/health", "/ready"})
+_OPEN_PATHS = frozenset({"/health", "/ready", "/"})
 # Every key's usage shows there: a token's, not a key's.
-_ADMIN_PATHS = frozenset({"/metrics"})
+_ADMIN_PATHS = frozenset({"/metrics", "/status.json"})
+# The cluster's whole state: only the admin token, where there is one.
+_ADMIN_TOKEN_PATHS = frozenset({"/status.json"})
+# The status page itself holds no data (it asks /status.json, with the admin token).
+_PAGE = (Path(__file__).parent / "static" / "index.html").read_bytes()
 API_KEY = web.RequestKey("api_key", str)  # the name of the key a request came with
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _T = TypeVar("_T")
@@ -224,6 +230,7 @@ class HttpEdge:
         stored_responses: ResponseStore | None = None,
         batch_door: BatchDoor | None = None,
         keys: KeyRing | None = None,
+        status: StatusBoard | None = None,
     ) -> None:
         self._service = service
         self._metrics = metrics
@@ -235,11 +242,15 @@ class HttpEdge:
         self._first_seen: dict[str, int] = {}  # model name -> when /v1/models first listed it
         self._cors_origins = set(cors_origins or ())
         self._keys = keys
+        self._status = status
+        self._sampler: asyncio.Task[None] | None = None
         self._stored = stored_responses  # owned: closed with the edge
         self.app = web.Application(
             middlewares=[self._errors, self._cors, self._auth], client_max_size=MAX_GENERATE_BYTES
         )
         self.app.on_response_prepare.append(_add_request_id)
+        self.app.router.add_get("/", self._page)
+        self.app.router.add_get("/status.json", self._status_json)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/ready", self._ready)
         self.app.router.add_post("/v1/chat/completions", self._chat)
@@ -257,6 +268,7 @@ class HttpEdge:
         self.app.router.add_get("/metrics", self._prometheus)
         self._batch_door = batch_door  # owned: its file store closes with the edge
         if batch_door is not None:
+            batch_door.key_of = lambda request: request.get(API_KEY, "")
             batch_door.add_routes(self.app)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -286,6 +298,8 @@ class HttpEdge:
                 "address with --http-listen (http_listen in gateway.toml)"
             ) from exc
         self.port = self._listener.sockets[0].getsockname()[1]
+        if self._status is not None:
+            self._sampler = asyncio.create_task(self._status.run())
         return self.port
 
     def _connection(self) -> asyncio.Protocol:
@@ -305,6 +319,8 @@ class HttpEdge:
         return handler
 
     async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self._listener is not None:
             self._listener.close()
         if self._runner is not None:
@@ -388,6 +404,9 @@ class HttpEdge:
             if request.path in _ADMIN_PATHS:
                 raise PermissionDenied(f"{request.path} needs the admin token, not an API key")
             request[API_KEY] = key.name
+        elif request.path in _ADMIN_TOKEN_PATHS and self._credentials.admin_token:
+            if not is_admin_token(self._credentials, token):
+                raise Unauthenticated(f"{request.path} needs the admin token")
         elif self._credentials.authenticates:
             if token is None:
                 raise Unauthenticated(
@@ -397,6 +416,16 @@ class HttpEdge:
             if not accepts_token(self._credentials, token):
                 raise Unauthenticated("the key or token is not valid")
         return await handler(request)
+
+    async def _page(self, request: web.Request) -> web.Response:
+        """The status page for people (gateway/static/index.html): it draws /status.json."""
+        return web.Response(body=_PAGE, content_type="text/html", charset="utf-8")
+
+    async def _status_json(self, request: web.Request) -> web.Response:
+        """The cluster's state (gateway.status), as the page and scripts read it."""
+        if self._status is None:
+            raise NotFound("this gateway keeps no status board")
+        return web.json_response(await self._status.snapshot())
 
     async def _health(self, request: web.Request) -> web.Response:
         """Live: the gateway answers (for load balancers' and containers' health checks)."""

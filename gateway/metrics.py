@@ -54,6 +54,18 @@ class GatewayMetrics:
             ["host"],
             registry=self.registry,
         )
+        self.cloud_fallbacks = Counter(
+            f"{PREFIX}_cloud_fallbacks",
+            "Requests for a local model sent to its cloud model because no host could serve.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.cloud_cost = Counter(
+            f"{PREFIX}_cloud_cost_usd",
+            "What cloud requests cost, as the upstream reported it.",
+            ["model"],
+            registry=self.registry,
+        )
         self.upstream_errors = Counter(
             f"{PREFIX}_upstream_errors",
             "Upstream (OpenRouter) calls that failed, by the status code they became.",
@@ -106,6 +118,8 @@ class GatewayMetrics:
         child(self.prompt_tokens, f.host, "reused").inc(reused)
         child(self.prompt_tokens, f.host, "computed").inc(f.usage.prompt_tokens - reused)
         child(self.latency, model).observe(seconds)
+        if f.usage.cost_usd:
+            child(self.cloud_cost, model).inc(f.usage.cost_usd)
         if f.host == UPSTREAM_HOST and f.reason is FinishReason.ERROR:
             self.upstream_errors.labels("mid_stream").inc()
 
@@ -128,6 +142,9 @@ class GatewayMetrics:
         self.requests.labels(model, "", code).inc()
         if model.startswith(OPENROUTER_PREFIX):
             self.upstream_errors.labels(code).inc()
+
+    def cloud_fallback(self, model: str) -> None:
+        self._child(self.cloud_fallbacks, model).inc()
 
     def failed_over(self, host: str) -> None:
         self.failovers.labels(host).inc()

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,9 @@ class BatchDoor:
     """The Files and Batches routes of the HTTP edge."""
 
     def __init__(self, files: FileStore, runner: BatchRunner, max_upload_bytes: int) -> None:
+        # The name of the API key a request came with; the HTTP edge, which checks keys,
+        # sets it ("" for a token).
+        self.key_of: Callable[[web.Request], str] = lambda request: ""
         self._files = files
         self._runner = runner
         self._max_upload_bytes = max_upload_bytes
@@ -468,7 +471,9 @@ class BatchDoor:
         stored = BatchRecord(batch_id, file_id, endpoint, window, metadata, time.time())
         await asyncio.to_thread(self._files.add_batch, stored)
         try:
-            info = await self._runner.submit(batch_id, items, list(request.headers.items()))
+            info = await self._runner.submit(
+                batch_id, items, list(request.headers.items()), self.key_of(request)
+            )
         except BaseException:
             await asyncio.to_thread(self._files.forget_batch, batch_id)
             raise

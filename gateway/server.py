@@ -22,6 +22,7 @@ from gateway.prefixes import PrefixPolicy
 from gateway.response_store import ResponseStore
 from gateway.service import CloudRouting, GatewayService
 from gateway.servicer import GatewayServicer
+from gateway.status import StatusBoard
 from gateway.upstream import OpenAIUpstream, UpstreamSettings
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -176,6 +177,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
                 config.max_upload_bytes,
             ),
             keys,
+            StatusBoard(service, metrics, batches, keys),
         )
         try:
             await gateway.http.start(config.http_listen, http_tls(config))

@@ -134,6 +134,7 @@ class RequestObserver(Protocol):
     def failed_over(self, host: str) -> None: ...
     def embedded(self, model: str, host: str, prompt_tokens: int, seconds: float) -> None: ...
     def key_used(self, key: str, model: str, usage: Usage) -> None: ...
+    def cloud_fallback(self, model: str) -> None: ...
 
 
 class GatewayService:
@@ -320,6 +321,14 @@ class GatewayService:
             raise Unauthenticated(f"the key {name!r} is unknown here; ask for a new one")
         return record
 
+    def check_key_models(self, key: str, models: set[str]) -> None:
+        """Refuses, at once, a batch whose key may not use all of its models."""
+        if key:
+            assert self.keys is not None
+            record = self._key(key)
+            for model in sorted(models):
+                self.keys.allows(record, model)
+
     def _admit(self, key: str, model: str, most_tokens: int) -> Admission | None:
         """Lets the request in under its key's limits (None: it came with a token)."""
         if not key:
@@ -412,6 +421,7 @@ class GatewayService:
             if not local_first:
                 raise
             log.info("cloud_fallback", cloud_model=fallback, reason=str(exc))
+            self.observer.cloud_fallback(self.model_label(requested))
             trace.get_current_span().add_event("cloud_fallback", {"airouter.reason": str(exc)})
         assert fallback is not None
         request = request.with_model(fallback)

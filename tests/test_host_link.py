@@ -69,6 +69,7 @@ GATEWAY_ONLY = {
     "routing.min_context_length",
     "routing.conversation_id",
     "routing.prefix",
+    "routing.key",
 }
 
 

@@ -24,7 +24,7 @@ from airouter.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from airouter.v1 import gateway_pb2_grpc, keys_pb2
+from airouter.v1 import gateway_pb2, gateway_pb2_grpc, keys_pb2
 from gateway.key_store import KeyLimits, KeyStore
 from gateway.keys import KeyRing
 from gateway.server import start_gateway
@@ -456,3 +456,31 @@ def test_keys_and_usage_survive_a_gateway_restart(served: Served, tmp_path: Path
         _chat(client)  # the key still opens the gateway
     finally:
         served.loop.run(second.stop(0))
+
+
+def test_a_batch_runs_under_the_key_it_was_submitted_with(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = served.create(capsys, "batcher", "--models", "gemma*")
+    stub, metadata = served.stub(secret)
+    items = [
+        gateway_pb2.BatchItem(
+            custom_id=f"item-{i}", request=gateway_request(prompt=PROMPT, max_tokens=3)
+        )
+        for i in range(2)
+    ]
+    submitted = stub.SubmitBatch(gateway_pb2.SubmitBatchRequest(items=items), metadata=metadata)
+    results = list(
+        stub.StreamBatchResults(
+            gateway_pb2.StreamBatchResultsRequest(batch_id=submitted.batch.id), metadata=metadata
+        )
+    )
+    assert len(results) == 2
+    rows = stub_usage(served, "batcher")
+    assert sum(r.requests for r in rows) == 2
+    outside = gateway_pb2.BatchItem(
+        custom_id="x", request=gateway_request(model="openrouter/vendor/ok", prompt=PROMPT)
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.SubmitBatch(gateway_pb2.SubmitBatchRequest(items=[outside]), metadata=metadata)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -69,6 +69,9 @@ class Observer:
     def embedded(self, model: str, host: str, prompt_tokens: int, seconds: float) -> None:
         self.events.append(("embedded", (model, host, prompt_tokens)))
 
+    def cloud_fallback(self, model: str) -> None:
+        self.events.append(("cloud_fallback", model))
+
     def key_used(self, key: str, model: str, usage: Usage) -> None:
         self.events.append(("key_used", (key, model, usage.prompt_tokens)))
 

@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from airouter import tracing
-from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, model_host_pb2
+from airouter.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2, keys_pb2, model_host_pb2
 from airouter.v1.model_host_pb2_grpc import ModelHostStub
 from gateway.generation import GenerateRequest, request_attributes
 from tests.conftest import LoopThread, wait_for_health, wait_until
@@ -56,10 +56,12 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def __init__(self) -> None:
         self.spans: list[Span] = []
+        self.exports: list[bytes] = []  # every export as it came, to search for secrets
         self._lock = threading.Lock()
 
     def Export(self, request, context):  # type: ignore[no-untyped-def]
         with self._lock:
+            self.exports.append(request.SerializeToString())
             for resource_spans in request.resource_spans:
                 service = next(
                     a.value.string_value
@@ -279,6 +281,13 @@ def test_openrouter_calls_and_the_http_edge_are_traced(traced: Traced, tmp_path:
     try:
         wait_for_health(gateway.address)
         http_port = next(r["http_port"] for r in gateway.log if r["event"] == "gateway_serving")
+        # An API key (the gateway has no tokens, so its admin RPCs are open on loopback).
+        with grpc.insecure_channel(gateway.address) as channel:
+            secret = (
+                gateway_pb2_grpc.GatewayStub(channel)
+                .CreateKey(keys_pb2.CreateKeyRequest(name="traced"))
+                .secret
+            )
         trace_id = "5b8aa5a2d2c872e8321cf37308d69df2"
         request = urllib.request.Request(
             f"http://127.0.0.1:{http_port}/v1/chat/completions",
@@ -291,6 +300,7 @@ def test_openrouter_calls_and_the_http_edge_are_traced(traced: Traced, tmp_path:
             headers={
                 "Content-Type": "application/json",
                 "traceparent": f"00-{trace_id}-a3ce929d0e0e4736-01",
+                "Authorization": f"Bearer {secret}",
             },
         )
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -311,6 +321,9 @@ def test_openrouter_calls_and_the_http_edge_are_traced(traced: Traced, tmp_path:
         assert by_name["chat openrouter/vendor/429-once"].attributes["airouter.request_id"] == (
             request_id
         )
+        # The key's secret is in no span and no log line; its usage is counted by name.
+        assert all(secret.encode() not in export for export in traced.receiver.exports)
+        assert secret not in json.dumps(gateway.log)
     finally:
         gateway.stop()
         loop.run(upstream.stop())
