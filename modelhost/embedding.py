@@ -26,6 +26,9 @@ _log = structlog.get_logger()
 
 # Inputs one request may carry (OpenAI's limit for /v1/embeddings).
 MAX_INPUTS = 2048
+# Inputs this short are tokenized on the event loop (tens of microseconds); a hop to a worker
+# thread would cost more than the work.
+INLINE_TOKENIZE_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,10 @@ class EmbeddingService:
         try:
             async with self.residency.use(resident, time_left_s) as engine:
                 _check_dimensions(spec.dimensions, engine.embedding_size, config)
-                tokens = await asyncio.to_thread(_tokens, spec.inputs, engine, config.name)
+                if sum(len(i) for i in spec.inputs) <= INLINE_TOKENIZE_CHARS:
+                    tokens = _tokens(spec.inputs, engine, config.name)  # microseconds
+                else:
+                    tokens = await asyncio.to_thread(_tokens, spec.inputs, engine, config.name)
                 pooled = await _run(engine, spec, tokens, time_left_s)
         except AirouterError as exc:
             self.metrics.refused(config.name, exc)
