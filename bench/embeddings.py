@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from bench.llama_server import stop
+from bench.llama_server import launch_airouter_with, stop
 from modelhost.config import embedded_embedding_model_config
 from modelhost.engines.llamacpp.bert import cached_gguf
 from tests.processes import free_port_address
@@ -45,30 +45,11 @@ WORDS = (
 
 
 def launch_airouter(gguf: Path) -> tuple[subprocess.Popen[bytes], str]:
-    config = Path(tempfile.mkdtemp()) / "models.toml"
-    config.write_text(
+    return launch_airouter_with(
         f'[[models]]\nname = "{MODEL}"\npath = "{gguf}"\nkind = "embedding"\n'
         f"slots = {SLOTS}\nbatch_tokens = {BATCH_TOKENS}\ncontext_length = 512\n"
         "preload = true\n"
     )
-    http = free_port_address()
-    command = [
-        str(Path(sys.executable).parent / "airouter"),
-        "up",
-        "--config",
-        str(config),
-        "--device",
-        "cpu",
-        "--listen",
-        free_port_address(),
-        "--modelhost-listen",
-        free_port_address(),
-        "--http-listen",
-        http,
-    ]
-    env = {**os.environ, "XDG_STATE_HOME": tempfile.mkdtemp()}
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env)
-    return process, f"http://{http}"
 
 
 def launch_llama_server(binary: str, gguf: Path) -> tuple[subprocess.Popen[bytes], str]:

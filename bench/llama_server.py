@@ -48,11 +48,16 @@ class Figures:
 
 
 def launch_airouter(gguf: Path) -> tuple[subprocess.Popen[bytes], str]:
-    config = Path(tempfile.mkdtemp()) / "models.toml"
-    config.write_text(
+    return launch_airouter_with(
         f'[[models]]\nname = "gemma-3-270m"\npath = "{gguf}"\nchat_template = "gemma"\n'
         f"slots = {SLOTS}\ncontext_length = {CONTEXT}\npreload = true\n"
     )
+
+
+def launch_airouter_with(models_toml: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`airouter up` on the CPU with this models.toml; the process and its HTTP base URL."""
+    config = Path(tempfile.mkdtemp()) / "models.toml"
+    config.write_text(models_toml)
     http = free_port_address()
     command = [
         str(Path(sys.executable).parent / "airouter"),
