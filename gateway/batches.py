@@ -309,6 +309,7 @@ class BatchRunner:
         batch_id = batch_id or f"batch_{uuid.uuid4().hex}"
         # Up to MAX_ITEMS items: checked on a worker thread, not the event loop.
         await off_loop(_validate, batch_id, items)
+        self._service.check_key_models(api_key, {request.model for _, request in items})
         async with self._submitting:
             return await self._store_batch(batch_id, items, carrier, api_key)
 

@@ -202,10 +202,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.SubmitBatchResponse:
         items = await off_loop(batch_items, request)  # up to 50,000
-        key = self._key(context)
-        self._service.check_key_models(key, {generate.model for _, generate in items})
         metadata = context.invocation_metadata()
-        batch = await self._batches.submit(request.batch_id, items, metadata, key)
+        batch = await self._batches.submit(request.batch_id, items, metadata, self._key(context))
         return gateway_pb2.SubmitBatchResponse(batch=batch_pb(batch))
 
     async def GetBatch(

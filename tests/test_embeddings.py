@@ -255,12 +255,15 @@ def test_the_gateway_rpc_and_the_cli(served: Served, capsys: pytest.CaptureFixtu
     assert np.allclose(printed, expected, atol=1e-6)
 
 
-def test_the_zero_config_host_lists_the_embedding_model_and_loads_it_on_first_use() -> None:
+def test_the_zero_config_host_lists_the_embedding_model_and_loads_it_on_first_use(
+    client: openai.OpenAI,
+) -> None:
     names = {m.name: m for m in embedded_models()}
     assert MODEL in names
     minilm = names[MODEL]
     assert minilm.kind == "embedding" and not minilm.preload
     assert minilm.capabilities == ["embedding"]
+    assert MODEL in {m.id for m in client.models.list()}
 
 
 def test_the_engine_drops_requests_whose_client_left_or_whose_deadline_passed(

@@ -3,6 +3,7 @@ restarts), then end to end through a gateway with an admin token: the CLI, every
 cloud budget against the fake OpenRouter, and the secret in no log and no metric."""
 
 import datetime
+import json
 import threading
 import urllib.error
 import urllib.request
@@ -484,3 +485,24 @@ def test_a_batch_runs_under_the_key_it_was_submitted_with(
     with pytest.raises(grpc.RpcError) as refused:
         stub.SubmitBatch(gateway_pb2.SubmitBatchRequest(items=[outside]), metadata=metadata)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_an_openai_batch_under_a_key_is_refused_for_models_outside_it(
+    served: Served, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    secret = served.create(capsys, "filer", "--models", "qwen*")
+    client = served.openai(secret)
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gemma-3-270m", "messages": [{"role": "user", "content": PROMPT}]},
+    }
+    path = tmp_path / "input.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with path.open("rb") as upload:
+        uploaded = client.files.create(file=upload, purpose="batch")
+    with pytest.raises(openai.PermissionDeniedError, match=r"only the models qwen\*"):
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
