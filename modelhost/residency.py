@@ -135,7 +135,9 @@ class Residency:
         self.budget_bytes = budget_bytes
         self.memory = memory
         self.stats = CacheStats()
-        self._host = HostSettings(device=device, threads=threads, cache_dir=cache_dir)
+        self._host = HostSettings(
+            device=device, threads=threads, cache_dir=cache_dir, budget_bytes=budget_bytes
+        )
         self.models = [ResidentModel(config) for config in configs]
         self._by_name = {
             name: resident

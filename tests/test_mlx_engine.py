@@ -642,3 +642,57 @@ def test_structured_output_tools_and_logprobs_through_the_sdk(mlx_dir: Path) -> 
             assert content and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
         finally:
             host.loop.run(gateway.stop(0))
+
+
+def test_metal_memory_limits_are_the_hosts_not_each_generators(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mlx-lm's BatchGenerator sets the wired limit and restores the old one when it closes;
+    two models closing out of order would leave the wrong one. The host sets the limits from
+    its budget (once for the cache), and no generator restores anything."""
+    from modelhost.engines.mlxlm import engine
+
+    class FakeMx:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int]] = []
+
+        def device_info(self) -> dict[str, int]:
+            return {"max_recommended_working_set_size": 12 << 30}
+
+        def set_wired_limit(self, value: int) -> int:
+            self.calls.append(("wired", value))
+            return 0
+
+        def set_cache_limit(self, value: int) -> int:
+            self.calls.append(("cache", value))
+            return 0
+
+    class Generator:
+        _old_wired_limit: int | None = 5 << 30  # what mlx-lm would restore at close
+
+    monkeypatch.setattr(engine, "_limits_set", False)
+    mx = FakeMx()
+    first, second = Generator(), Generator()
+    engine.own_memory_limits(mx, first, 8 << 30)
+    engine.own_memory_limits(mx, second, 8 << 30)
+    assert first._old_wired_limit is None and second._old_wired_limit is None
+    assert mx.calls == [("wired", 8 << 30), ("cache", (8 << 30) // 10), ("wired", 8 << 30)]
+    unbudgeted = FakeMx()
+    monkeypatch.setattr(engine, "_limits_set", False)
+    engine.own_memory_limits(unbudgeted, Generator(), 0)  # no budget: the device's advice
+    assert unbudgeted.calls[0] == ("wired", 12 << 30)
+
+
+def test_metal_needs_no_metal_llama_cpp_when_mlx_can_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from modelhost import device
+    from modelhost.engines import backend
+
+    monkeypatch.setattr(device, "_is_apple_silicon", lambda: True)
+    monkeypatch.setattr(backend("llama.cpp"), "unsupported", lambda d: "built without Metal")
+    monkeypatch.setattr(backend("mlx"), "unsupported", lambda d: None)
+    assert device.resolve_device("metal") == "metal"
+    monkeypatch.setattr(backend("mlx"), "unsupported", lambda d: "mlx is not installed")
+    with pytest.raises(device.DeviceError, match="no installed engine can use Metal"):
+        device.resolve_device("metal")

@@ -30,6 +30,7 @@ class HostSettings:
     device: str  # resolved: cpu, cuda or metal
     threads: int
     cache_dir: Path
+    budget_bytes: int = 0  # what the models may take from the device together; 0: unknown
 
 
 @dataclass(frozen=True)

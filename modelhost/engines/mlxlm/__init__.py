@@ -122,6 +122,7 @@ class MlxBackend(EngineBackend):
             context_per_slot=config.context_length,
             batch_tokens=config.batch_tokens,
             device=host.device,
+            budget_bytes=host.budget_bytes,
         )
 
 

@@ -10,6 +10,7 @@ the rest is computed. Caches kept and caches in use together never exceed `slots
 
 import json
 import random
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -56,6 +57,27 @@ class _Sequence(Sequence):
     uid: int = -1
 
 
+_limits_lock = threading.Lock()
+_limits_set = False
+
+
+def own_memory_limits(mx: Any, generator: Any, budget_bytes: int) -> None:
+    """Metal's wired and cache limits belong to the host, set once per process from its budget.
+    mlx-lm's BatchGenerator sets the wired limit when it starts and restores the previous one
+    when it closes, so two models closing out of order could leave either value; each
+    generator's restore is therefore cancelled, and the host's limits set (again) here."""
+    global _limits_set
+    generator._old_wired_limit = None  # mlx-lm restores this at close; the host owns it
+    with _limits_lock:
+        recommended = mx.device_info().get("max_recommended_working_set_size") or budget_bytes
+        wired = min(budget_bytes, recommended) if budget_bytes else recommended
+        mx.set_wired_limit(wired)
+        if not _limits_set:
+            # Freed buffers kept for reuse: at most a tenth of the budget, not all of memory.
+            mx.set_cache_limit(max(wired // 10, 1 << 28))
+            _limits_set = True
+
+
 class MlxEngine(StepLoopEngine[_Sequence]):
     """Decodes up to `slots` requests together with mlx-lm's BatchGenerator."""
 
@@ -73,8 +95,10 @@ class MlxEngine(StepLoopEngine[_Sequence]):
         context_per_slot: int,
         batch_tokens: int,
         device: str,
+        budget_bytes: int = 0,
     ) -> None:
         super().__init__(name=name, slots=slots, max_queue=max_queue)
+        self._budget_bytes = budget_bytes
         self._path = path
         self._context = context_per_slot
         self._batch_tokens = batch_tokens
@@ -189,6 +213,8 @@ class MlxEngine(StepLoopEngine[_Sequence]):
             prefill_step_size=self._batch_tokens,
             stream=self._stream,
         )
+        if self._device_name == "gpu":
+            own_memory_limits(mx, self._generator, self._budget_bytes)
 
     def _free(self) -> None:
         import mlx.core as mx
