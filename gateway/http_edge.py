@@ -535,20 +535,8 @@ class HttpEdge:
         """OpenAI's embeddings (gateway.embeddings_api), made on a host by load."""
         embed, as_base64 = await _read(request, _parse_embeddings)
         embed = replace(embed, request_id=request[REQUEST_ID], key=request.get(API_KEY, ""))
-        attributes = functools.partial(
-            tracing.embed_attributes,
-            model=embed.model,
-            inputs=len(embed.inputs),
-            request_id=embed.request_id,
-        )
-        name = f"embeddings {embed.model}"
-        with tracing.request_span(_tracer, name, attributes, request.headers.items()) as span:
-            made = await self._service.embed(embed, self._request_timeout_s)
-            span.set_attributes(
-                tracing.embedded_attributes(
-                    model=made.model, input_tokens=made.prompt_tokens, host=made.host
-                )
-            )
+        carrier = request.headers.items()
+        made = await self._service.embed(embed, self._request_timeout_s, carrier)
         # Rendering many vectors as JSON takes milliseconds: off the loop.
         render = functools.partial(embeddings_api.response_body, made, as_base64)
         body = await off_loop(render) if len(made.vectors) > 8 else render()

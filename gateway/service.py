@@ -12,6 +12,7 @@ caller's deadline; after it, a failure ends the stream with an `error` finish na
 
 import asyncio
 import fnmatch
+import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -257,9 +258,29 @@ class GatewayService:
             f"{'; '.join(failures) or 'none in time'}"
         )
 
-    async def embed(self, request: EmbedRequest, time_left_s: float | None) -> Embeddings:
+    async def embed(
+        self, request: EmbedRequest, time_left_s: float | None, carrier: Any = None
+    ) -> Embeddings:
         """The request's embeddings from a host that serves its model, chosen by load; before
-        an answer, a host that is down or full is skipped for the next. Local models only."""
+        an answer, a host that is down or full is skipped for the next. Local models only.
+        Its span continues the caller's trace from `carrier` (gRPC metadata, HTTP headers)."""
+        attributes = functools.partial(
+            tracing.embed_attributes,
+            model=request.model,
+            inputs=len(request.inputs),
+            request_id=request.request_id,
+        )
+        name = f"embeddings {request.model}"
+        with tracing.request_span(_tracer, name, attributes, carrier) as span:
+            made = await self._embed(request, time_left_s)
+            span.set_attributes(
+                tracing.embedded_attributes(
+                    model=made.model, input_tokens=made.prompt_tokens, host=made.host
+                )
+            )
+        return made
+
+    async def _embed(self, request: EmbedRequest, time_left_s: float | None) -> Embeddings:
         started = time.perf_counter()
         deadline = None if time_left_s is None else time.monotonic() + time_left_s
         label = self.model_label(request.model)

@@ -109,20 +109,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             request_id=on_host.request_id,
             key=self._key(context),
         )
-        attributes = functools.partial(
-            tracing.embed_attributes,
-            model=embed.model,
-            inputs=len(embed.inputs),
-            request_id=embed.request_id,
-        )
-        name = f"embeddings {embed.model}"
-        with tracing.request_span(_tracer, name, attributes, context.invocation_metadata()) as span:
-            made = await self._service.embed(embed, context.time_remaining())
-            span.set_attributes(
-                tracing.embedded_attributes(
-                    model=made.model, input_tokens=made.prompt_tokens, host=made.host
-                )
-            )
+        metadata = context.invocation_metadata()
+        made = await self._service.embed(embed, context.time_remaining(), metadata)
         return gateway_pb2.GatewayEmbedResponse(
             response=embed_pb2.EmbedResponse(
                 embeddings=[embed_pb2.Embedding(values=vector) for vector in made.vectors],
