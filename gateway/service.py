@@ -197,9 +197,11 @@ class GatewayService:
                 await off_loop(validate, request)
             else:
                 validate(request)
-            n = request.output.n
-            most = request.size() + (request.stopping.max_tokens or DEFAULT_RESERVE) * n
-            admission = self._admit(request.routing.key, request.model, most)
+            if request.routing.key:  # what it may use is reckoned only for keyed requests
+                most = request.size() + (request.stopping.max_tokens or DEFAULT_RESERVE) * (
+                    request.output.n
+                )
+                admission = self._admit(request.routing.key, request.model, most)
             async with aclosing(self._serve(request, time_left_s)) as responses:
                 async for event in responses:
                     if first and isinstance(event, Token):
@@ -230,9 +232,7 @@ class GatewayService:
         else:
             validate(request)
         requested = request.model
-        if request.routing.key:
-            assert self.keys is not None
-            self.keys.allows(self._key(request.routing.key), requested)
+        self.check_key_models(request.routing.key, {requested})
         if requested.startswith(OPENROUTER_PREFIX) or self.cloud.policy(request) == "cloud_only":
             raise FailedPrecondition(
                 f"{shown(requested)} runs in the cloud, where tokens cannot be counted ahead; "
@@ -293,9 +293,10 @@ class GatewayService:
             if self.draining:
                 raise Unavailable("the gateway is shutting down; send the request to another")
             request.validate()
-            inputs = request.inputs
-            most = sum(len(i.encode()) + 2 if isinstance(i, str) else len(i) for i in inputs)
-            admission = self._admit(request.key, request.model, most)
+            if request.key:
+                inputs = request.inputs
+                most = sum(len(i.encode()) + 2 if isinstance(i, str) else len(i) for i in inputs)
+                admission = self._admit(request.key, request.model, most)
             if request.model.startswith(OPENROUTER_PREFIX):
                 raise FailedPrecondition(
                     f"{shown(request.model)} is a cloud model; embeddings are made by local "
@@ -343,17 +344,16 @@ class GatewayService:
         return record
 
     def check_key_models(self, key: str, models: set[str]) -> None:
-        """Refuses, at once, a batch whose key may not use all of its models."""
+        """Refuses, at once, a request (a batch, a token count) whose key is not valid or may
+        not use all of its models; nothing for a request without a key."""
         if key:
             assert self.keys is not None
             record = self._key(key)
             for model in sorted(models):
                 self.keys.allows(record, model)
 
-    def _admit(self, key: str, model: str, most_tokens: int) -> Admission | None:
-        """Lets the request in under its key's limits (None: it came with a token)."""
-        if not key:
-            return None
+    def _admit(self, key: str, model: str, most_tokens: int) -> Admission:
+        """Lets a keyed request in under its key's limits."""
         assert self.keys is not None
         return self.keys.admit(self._key(key), model, most_tokens)
 
