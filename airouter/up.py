@@ -39,12 +39,14 @@ def add_up_command(commands: argparse._SubParsersAction) -> None:  # type: ignor
         "--modelhost-listen", default="127.0.0.1:50051", help="the modelhost's gRPC address"
     )
     up.add_argument(
+        "--store",
         "--batch-db",
-        type=Path,
+        dest="store",
+        metavar="PATH|URL",
         default=None,
-        help="the gateway's store of batches and responses (default: "
-        "$XDG_STATE_HOME/airouter/batches.sqlite3); another `airouter up` beside this one "
-        "needs its own",
+        help="the gateway's store of batches, files, responses and keys: an SQLite file "
+        "(default: $XDG_STATE_HOME/airouter/batches.sqlite3; another `airouter up` beside "
+        "this one needs its own) or postgresql://...",
     )
     add_log_level_flag(up)
 
@@ -89,8 +91,8 @@ def run_up(args: argparse.Namespace) -> int:
         args.http_listen,
         "--modelhost",
         args.modelhost_listen,
-        "--batch-db",
-        str(args.batch_db or default_batch_db()),
+        "--store",
+        args.store or str(default_batch_db()),
         "--log-level",
         args.log_level,
     ]
@@ -141,15 +143,18 @@ def _taken(args: argparse.Namespace) -> str | None:
             return f"{address} ({what}) is taken; pass {option} HOST:PORT to use another"
         except ValueError:
             return f"{option} {address}: use HOST:PORT"
-    database = args.batch_db or default_batch_db()
-    lock = Path(f"{database}.lock")
+    store = args.store or str(default_batch_db())
+    if store.startswith(("postgresql://", "postgres://")):
+        return None  # shared by any number of gateways
+    database = store.removeprefix("sqlite://")
+    lock = Path(f"{database}.lock").expanduser()
     if lock.exists():
         with lock.open("rb") as held:
             try:
                 fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return (
-                    f"{database} is in use by another gateway; pass --batch-db PATH to give "
+                    f"{database} is in use by another gateway; pass --store PATH to give "
                     "this one its own"
                 )
     return None

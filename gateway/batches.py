@@ -1,29 +1,31 @@
-"""Batches: stored before they are acknowledged, then run across the hosts in the background.
+"""Batches: stored before they are acknowledged, then run across the hosts in the background,
+by every gateway on the store at once.
 
-Items are pulled as slots free up: an item of a model starts while the hosts where that model
-is resident have more slots than this gateway keeps busy there, so every host takes work in
-proportion to its slots, interactive requests keep their share, and a model that is resident
-nowhere gets one item (which loads it) before the rest follow. A failed attempt is retried
-with jittered exponential backoff; an item whose model is unknown or whose request is invalid
-fails at once. A result is on disk before anyone sees it, and items without one run again
-after a restart, so a gateway killed mid-batch loses no result and repeats none.
+Items are pulled as slots free up: an item of a model is claimed while the hosts where that
+model is resident have more slots than this gateway keeps busy there, so every host takes work
+in proportion to its slots, interactive requests keep their share, and a model that is
+resident nowhere gets one item (which loads it) before the rest follow. A claim is a lease in
+the store (gateway.batch_store), renewed while the item runs: a gateway that dies stops
+renewing, and another takes its items over when their leases lapse. A failed attempt is
+retried with jittered exponential backoff; an item whose model is unknown or whose request is
+invalid fails at once. A result is stored before anyone sees it, once, by the gateway holding
+the item, so a gateway killed mid-batch loses no result and repeats none.
 
 Each attempt is a trace of its own whose root span links to the batch's span: a batch of
 thousands of items stays readable in Jaeger.
 """
 
 import asyncio
-import dataclasses
+import os
 import random
 import re
+import socket
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import structlog
@@ -47,16 +49,10 @@ from airouter.errors import (
 from airouter.output import PLAIN
 from airouter.v1 import generate_pb2
 from gateway import router
-from gateway.batch_records import (
-    FINAL_ITEM_STATES,
-    BatchInfo,
-    BatchState,
-    Counts,
-    ItemResult,
-    ItemState,
-)
-from gateway.batch_store import BatchStore, PendingItem, StoredBatch
+from gateway.batch_records import BatchInfo, BatchState, Counts, ItemResult, ItemState
+from gateway.batch_store import BatchStore, ClaimedItem, StoredBatch
 from gateway.config import OPENROUTER_PREFIX
+from gateway.database import StoreUnavailable
 from gateway.generation import (
     Finished,
     FinishReason,
@@ -82,219 +78,191 @@ RETRY_BACKOFF_S = (1.0, 60.0)
 CLOUD_CONCURRENCY = 8
 # How often finished batches past their retention are looked for.
 PRUNE_EVERY_S = 3600.0
-# How often the dispatcher looks at the hosts again while items wait for a slot.
+# How often the dispatcher looks at the hosts again while items wait for a slot, and at the
+# store when nothing waits (other gateways' news arrives sooner, as notifications).
 DISPATCH_POLL_S = 0.5
+IDLE_POLL_S = 5.0
+# How often a result stream looks at the store when no notification came.
+RESULTS_POLL_S = 1.0
 # Failures another attempt may well get past; any other is the item's own.
 _RETRYABLE = (Unavailable, ResourceExhausted, DeadlineExceeded, Internal)
-# The largest sequence SQLite's INTEGER holds: an after_sequence beyond it is past the end.
+# The largest sequence a BIGINT holds: an after_sequence beyond it is past the end.
 _MAX_SEQUENCE = (1 << 63) - 1
 _SUCCEEDED = ItemState.SUCCEEDED
 _FAILED = ItemState.FAILED
 _CANCELLED = ItemState.CANCELLED
-# The item states as BatchCounts names them: pending, running, succeeded, ...
-_ITEM_STATES = [f.name for f in dataclasses.fields(Counts) if f.name != "total"]
-_IN_PROGRESS = BatchState.IN_PROGRESS
-_CANCELLING = BatchState.CANCELLING
 
 
 @dataclass(eq=False)
 class _Item:
-    batch: "_Batch"
-    index: int
-    custom_id: str
-    request: GenerateRequest
-    attempts: int
+    claimed: ClaimedItem
+    batch: StoredBatch  # its batch as first seen here: the key and the trace to link to
     task: asyncio.Task[None] | None = None
+    # Why its task was cancelled: the batch was (a cancelled result is recorded), or the
+    # gateway stops or lost the item's lease (nothing is recorded: it runs again elsewhere).
+    stopped_by_cancel: bool = False
+    recording: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.claimed.batch_id, self.claimed.index
+
+    @property
+    def model(self) -> str:
+        return self.claimed.request.model
 
     def result(self, error: AirouterError, state: ItemState = _FAILED) -> ItemResult:
         """The item's result record: failed (or `state`) with the error's code."""
+        claimed = self.claimed
         return ItemResult(
-            self.custom_id,
-            self.index,
+            claimed.custom_id,
+            claimed.index,
             state,
-            self.attempts,
-            self.request.chat,
+            claimed.attempts,
+            claimed.request.chat,
             error_code=error.code,
             error_message=str(error),
         )
 
-
-@dataclass(eq=False)
-class _Batch:
-    stored: StoredBatch
-    finals: Counter[ItemState] = field(default_factory=Counter)  # items with a result
-    # Items ready to run, per requested model, in batch order.
-    pending: dict[str, deque[_Item]] = field(default_factory=dict)
-    retrying: set[_Item] = field(default_factory=set)  # waiting out their backoff
-    running: set[_Item] = field(default_factory=set)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def id(self) -> str:
-        return self.stored.id
-
-    @property
-    def active(self) -> bool:
-        return self.stored.state in (_IN_PROGRESS, _CANCELLING)
-
-    def counts(self) -> Counts:
-        running, done = len(self.running), sum(self.finals.values())
-        return Counts(
-            total=self.stored.total,
-            pending=self.stored.total - running - done,
-            running=running,
-            succeeded=self.finals[_SUCCEEDED],
-            failed=self.finals[_FAILED],
-            cancelled=self.finals[_CANCELLED],
-        )
-
-    def info(self) -> BatchInfo:
-        stored = self.stored
-        return BatchInfo(
-            self.id, stored.state, self.counts(), stored.created_at, stored.finished_at
-        )
-
     def link(self) -> list[trace.Link]:
-        if not self.stored.trace_id:
+        if not self.batch.trace_id:
             return []
         context = trace.SpanContext(
-            int(self.stored.trace_id, 16),
-            int(self.stored.span_id, 16),
+            int(self.batch.trace_id, 16),
+            int(self.batch.span_id, 16),
             is_remote=True,
             trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
         )
-        return [trace.Link(context, {"airouter.batch.id": self.id})]
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    def take_waiting(self) -> list["_Item"]:
-        """Removes and returns the items that wait to start (queued or backing off)."""
-        waiting = [i for queue in self.pending.values() for i in queue]
-        waiting += self.retrying
-        self.pending.clear()
-        self.retrying.clear()
-        return waiting
+        return [trace.Link(context, {"airouter.batch.id": self.batch.id})]
 
 
 class BatchRunner:
-    """The gateway's batches: stored in the SQLite file at `path`, run through the same
-    routing and relay as interactive requests."""
+    """The batches of the gateway's store, run through the same routing and relay as
+    interactive requests, beside any other gateways on the same database."""
 
     def __init__(
         self,
-        path: Path,
+        store: BatchStore,
         service: GatewayService,
         metrics: GatewayMetrics,
         max_attempts: int = 4,
         item_timeout_s: float = 600.0,
         retention_s: float = 7 * 86400.0,
+        lease_s: float = 30.0,
     ) -> None:
-        self._path = path
+        self._store = store
         self._service = service
         self._pool = service.pool
         self._cloud = service.cloud
         self._max_attempts = max_attempts
         self._item_timeout_s = item_timeout_s
         self._retention_s = retention_s
-        self._batches: dict[str, _Batch] = {}  # every stored batch, oldest first
-        # The batches in progress or cancelling, oldest first (older batches run first): the
-        # dispatcher and /metrics walk these, not the finished ones.
-        self._active: dict[str, _Batch] = {}
-        # Items of the finished batches by state, for /metrics.
-        self._settled: Counter[str] = Counter()
-        self._pruner: asyncio.Task[None] | None = None
+        self._lease_s = lease_s
+        # Who holds a claimed item: unique to this process, whatever else runs on the machine.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._running: dict[tuple[str, int], _Item] = {}
         self._running_by_model: Counter[str] = Counter()
-        self._retries: list[tuple[float, _Item]] = []
+        # A request of each model seen, standing for its items when the dispatcher weighs
+        # where they could run (items of one model share their routing options as a rule).
+        self._examples: dict[str, GenerateRequest] = {}
         self._wake = asyncio.Event()
-        # SQLite runs on a thread of its own, one statement at a time, off the event loop.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch-db")
-        self._store: BatchStore | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._changed: dict[str, asyncio.Event] = {}  # per batch, for result streams
+        self._tasks: list[asyncio.Task[None]] = []
         self._draining = False
-        # Submits one at a time: two with one batch_id must not both store it.
+        # Submits one at a time here: two with one batch_id must not both store it.
         self._submitting = asyncio.Lock()
-        self._recording: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Task[Any]] = set()
+        self._totals: dict[ItemState, int] = {}
+        self._store_down_logged = False
         self.retries = 0  # attempts that failed and were tried again
         metrics.watch_batches(self._item_states, lambda: self.retries)
 
     async def start(self) -> None:
-        """Opens the database (StoreLocked when another gateway has it) and resumes the
-        batches that were running when the gateway last stopped."""
-        self._store = await self._db(BatchStore, self._path)
-        resumed = 0
-        for stored in reversed(await self._db(self._store.batches)):
-            batch = _Batch(stored)
-            states = await self._db(self._store.item_states, stored.id)
-            batch.finals.update({s: n for s, n in states.items() if s in FINAL_ITEM_STATES})
-            self._batches[stored.id] = batch
-            self._track(batch)
-            if batch.active:
-                for pending in await self._db(self._store.unfinished_items, stored.id):
-                    self._enqueue(batch, pending)
-                resumed += 1
-            if batch.stored.state == _CANCELLING:  # cancelled just before the gateway stopped
-                await self._cancel_items(batch, batch.take_waiting())
-        if resumed:
-            _log.info("batches_resumed", batches=resumed, path=str(self._path))
-        self._dispatcher = asyncio.create_task(self._dispatch())
-        self._pruner = asyncio.create_task(self._prune_forever())
+        """Takes up the batches in progress in the store."""
+        if self._store.db.dialect == "sqlite":
+            # The file is this gateway's alone: what a killed run held is free now.
+            await self._store.release_lapsed()
+        self._store.db.on_notify(self._heard)
+        active = [b for b in await self._store.batches() if b.active]
+        if active:
+            _log.info("batches_resumed", batches=len(active), store=self._store.db.described)
+        self._totals = await self._store.item_totals()
+        self._tasks = [
+            asyncio.create_task(self._dispatch()),
+            asyncio.create_task(self._renew_forever()),
+            asyncio.create_task(self._prune_forever()),
+        ]
 
-    def _track(self, batch: "_Batch") -> None:
-        """Files a batch as active, or counts it as settled once it has finished."""
-        if batch.active:
-            self._active[batch.id] = batch
-            return
-        self._active.pop(batch.id, None)
-        counts = batch.counts()
-        self._settled.update({s: getattr(counts, s) for s in _ITEM_STATES})
+    def _heard(self, payload: str) -> None:
+        """A change made by this gateway or another (empty: anything may have changed)."""
+        kind, _, batch_id = payload.partition(":")
+        if kind == "cancel":
+            self._spawn(self._stop_batch_items(batch_id))
+        if kind in ("result", "cancel"):
+            self._announce(batch_id)
+        else:
+            self._wake.set()
+            if not kind:
+                for batch in list(self._changed):
+                    self._announce(batch)
+
+    def _announce(self, batch_id: str) -> None:
+        event = self._changed.pop(batch_id, None)
+        if event is not None:
+            event.set()
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
 
     async def _prune_forever(self) -> None:
         """Deletes finished batches older than the retention period, now and every hour."""
         while True:
-            await self.prune()
+            try:
+                await self.prune()
+            except StoreUnavailable:
+                pass  # the next round
             await asyncio.sleep(PRUNE_EVERY_S)
 
     async def prune(self) -> None:
-        assert self._store is not None
-        deleted = await self._db(
-            self._store.delete_finished_before, time.time() - self._retention_s
-        )
-        for batch_id in deleted:
-            batch = self._batches.pop(batch_id, None)
-            if batch is not None:
-                counts = batch.counts()
-                self._settled.subtract({s: getattr(counts, s) for s in _ITEM_STATES})
+        deleted = await self._store.delete_finished_before(time.time() - self._retention_s)
         if deleted:
             _log.info("batches_deleted", batches=len(deleted), retention_s=self._retention_s)
+            self._totals = await self._store.item_totals()
 
     def drain(self) -> None:
         """Shutdown begins: no item starts any more, and result streams end with UNAVAILABLE
         so their clients resume (after_sequence) with the next gateway instead of holding
         the shutdown's grace period."""
         self._draining = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-        for batch in self._batches.values():
-            batch.notify()
+        if self._tasks:
+            self._tasks[0].cancel()  # the dispatcher
+        for batch_id in list(self._changed):
+            self._announce(batch_id)
 
     async def stop_items(self) -> None:
-        """Stops dispatching and the running items (they run again at the next start)."""
-        tasks = [i.task for b in self._active.values() for i in b.running if i.task]
-        tasks += [t for t in (self._dispatcher, self._pruner) if t is not None]
-        for task in tasks:
+        """Stops dispatching and the running items, and gives them back to the store: they
+        run again on another gateway, or on this one at its next start."""
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        items = [i.task for i in self._running.values() if i.task]
+        for item in self._running.values():
+            if item.task and not item.recording:  # a result being recorded is let finish
+                item.task.cancel()
+        await asyncio.gather(*self._tasks, *items, *self._recording, return_exceptions=True)
+        self._tasks = []
+        try:
+            released = await self._store.release_all(self.owner)
+        except StoreUnavailable:
+            return  # their leases lapse instead
+        if released:
+            _log.info("batch_items_released", items=released)
 
     async def close(self) -> None:
-        """Stops the items, waits for the results being recorded, and closes the database."""
+        """Stops the items and waits for the results being recorded (the store is the
+        server's to close)."""
         await self.stop_items()
-        await asyncio.gather(*self._recording, return_exceptions=True)
-        store, self._store = self._store, None
-        if store is not None:
-            await self._db(store.close)
-            self._executor.shutdown()
 
     async def submit(
         self,
@@ -304,26 +272,28 @@ class BatchRunner:
         api_key: str = "",
     ) -> BatchInfo:
         """Stores the batch of (custom_id, request) items (its span continues the caller's
-        trace from `carrier`) and returns it once it is on disk; an empty batch_id gets
-        one. Its items run under `api_key` (a key's name), counting toward its limits."""
+        trace from `carrier`) and returns it once it is stored; an empty batch_id gets one.
+        Its items run under `api_key` (a key's name), counting toward its limits."""
         batch_id = batch_id or f"batch_{uuid.uuid4().hex}"
         # Up to MAX_ITEMS items: checked on a worker thread, not the event loop.
         await off_loop(_validate, batch_id, items)
         self._service.check_key_models(api_key, {request.model for _, request in items})
         async with self._submitting:
-            return await self._store_batch(batch_id, items, carrier, api_key)
-
-    async def _store_batch(
-        self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any, api_key: str
-    ) -> BatchInfo:
-        assert self._store is not None
-        existing = self._batches.get(batch_id)
-        if existing is not None:
-            if not await self._db(self._store.same_items, batch_id, items):
+            existing = await self._store.batch(batch_id)
+            if existing is None:
+                stored = await self._store_batch(batch_id, items, carrier, api_key)
+                if stored is not None:
+                    return stored.info()
+            # The same submit again (perhaps to another gateway, at the same moment)?
+            if not await self._store.same_items(batch_id, items):
                 raise AlreadyExists(
                     f"batch {shown(batch_id)} exists with other items; choose another batch_id"
                 )
-            return existing.info()  # the same submit again: nothing more to do
+            return await self.get(batch_id)
+
+    async def _store_batch(
+        self, batch_id: str, items: list[tuple[str, GenerateRequest]], carrier: Any, api_key: str
+    ) -> StoredBatch | None:
         with _tracer.start_as_current_span(
             f"batch {batch_id}",
             context=tracing.extract_context(carrier),
@@ -331,46 +301,48 @@ class BatchRunner:
         ) as span:
             context = span.get_span_context()
             trace_id, span_id = tracing.hex_ids(context) if context.is_valid else ("", "")
-            stored = await self._db(
-                self._store.add_batch, batch_id, items, trace_id, span_id, api_key
-            )
-        batch = self._batches[batch_id] = _Batch(stored)
-        self._track(batch)
-        for index, (custom_id, request) in enumerate(items):
-            self._enqueue(batch, PendingItem(index, custom_id, request, 0))
-        _log.info("batch_submitted", batch_id=batch_id, items=len(items))
-        self._wake.set()
-        return batch.info()
+            stored = await self._store.add_batch(batch_id, items, trace_id, span_id, api_key)
+        if stored is not None:
+            _log.info("batch_submitted", batch_id=batch_id, items=len(items))
+            self._totals = await self._store.item_totals()
+        return stored
 
-    def get(self, batch_id: str) -> BatchInfo:
-        return self._batch(batch_id).info()
+    async def get(self, batch_id: str) -> BatchInfo:
+        return (await self._batch(batch_id)).info()
 
-    def all(self) -> list[BatchInfo]:
-        return [b.info() for b in reversed(self._batches.values())]
+    async def all(self) -> list[BatchInfo]:
+        return [b.info() for b in await self._store.batches()]
 
     async def cancel(self, batch_id: str) -> BatchInfo:
-        batch = self._batch(batch_id)
-        if batch.stored.state is BatchState.COMPLETED:
+        stored = await self._store.cancel(batch_id)
+        if stored is None:
+            raise _no_batch(batch_id)
+        if stored.state is BatchState.COMPLETED:
             raise FailedPrecondition(
                 f"batch {shown(batch_id)} has already completed; nothing to cancel"
             )
-        if batch.active:
-            assert self._store is not None
-            # Nothing of the batch may start from here on: the dispatcher runs between awaits.
-            batch.stored.state = _CANCELLING
-            waiting = batch.take_waiting()
-            self._retries = [(due, i) for due, i in self._retries if i.batch is not batch]
-            await self._db(self._store.set_state, batch_id, _CANCELLING)
-            await self._cancel_items(batch, waiting)
-            _log.info("batch_cancelled", batch_id=batch_id, **_counts_log(batch))
-        return batch.info()
+        await self._stop_batch_items(batch_id)
+        stored = await self._batch(batch_id)
+        _log.info("batch_cancelled", batch_id=batch_id, **_counts_log(stored))
+        return stored.info()
+
+    async def _stop_batch_items(self, batch_id: str) -> None:
+        """Stops this gateway's items of a cancelled batch; each records a cancelled result."""
+        stopping = [i for i in self._running.values() if i.claimed.batch_id == batch_id and i.task]
+        for item in stopping:
+            if not item.recording and not item.stopped_by_cancel:
+                item.stopped_by_cancel = True
+                assert item.task is not None
+                item.task.cancel()
+        await asyncio.gather(*(i.task for i in stopping if i.task), return_exceptions=True)
 
     async def results(
         self, batch_id: str, after_sequence: int
     ) -> AsyncIterator[tuple[ItemResult, Counts]]:
-        """The batch's results after `after_sequence`, then each new one, until the last."""
-        batch = self._batch(batch_id)
-        assert self._store is not None
+        """The batch's results after `after_sequence`, then each new one, until the last,
+        whichever gateway records them: woken by the store's notifications, and polling
+        every RESULTS_POLL_S in case one was missed."""
+        stored = await self._batch(batch_id)
         after_sequence = min(after_sequence, _MAX_SEQUENCE)
         while True:
             if self._draining:
@@ -378,78 +350,101 @@ class BatchRunner:
                     "the gateway is shutting down; ask again for the results after sequence "
                     f"{after_sequence} once it is back"
                 )
-            changed = batch.changed
-            page = await self._db(self._store.results, batch_id, after_sequence, 256)
-            for result in page:
-                after_sequence = result.sequence
-                yield result, batch.counts()
+            changed = self._changed.setdefault(batch_id, asyncio.Event())
+            page = await self._store.results(batch_id, after_sequence, 256)
             if page:
+                counts = (await self._batch(batch_id)).counts()
+                for result in page:
+                    after_sequence = result.sequence
+                    yield result, counts
                 continue
-            if not batch.active and after_sequence >= batch.stored.last_sequence:
+            stored = await self._batch(batch_id)
+            if not stored.active and after_sequence >= stored.last_sequence:
                 return
-            await changed.wait()
+            try:
+                await asyncio.wait_for(changed.wait(), RESULTS_POLL_S)
+            except TimeoutError:
+                pass
 
     async def result_page(self, batch_id: str, after_sequence: int, limit: int) -> list[ItemResult]:
         """The batch's results stored so far after `after_sequence`, at most `limit`."""
-        self._batch(batch_id)
-        assert self._store is not None
+        await self._batch(batch_id)
         after = min(after_sequence, _MAX_SEQUENCE)
-        return await self._db(self._store.results, batch_id, after, limit)
+        return await self._store.results(batch_id, after, limit)
 
-    def _batch(self, batch_id: str) -> _Batch:
-        batch = self._batches.get(batch_id)
-        if batch is None:
-            raise NotFound(f"no batch {shown(batch_id)}; `airouter batch list` shows the batches")
-        return batch
+    async def _batch(self, batch_id: str) -> StoredBatch:
+        stored = await self._store.batch(batch_id)
+        if stored is None:
+            raise _no_batch(batch_id)
+        return stored
 
-    def _enqueue(self, batch: _Batch, pending: PendingItem) -> None:
-        item = _Item(batch, pending.index, pending.custom_id, pending.request, pending.attempts)
-        batch.pending.setdefault(item.request.model, deque()).append(item)
+    # --- dispatching -----------------------------------------------------------------
 
     async def _dispatch(self) -> None:
+        backoff = 0.0
         while True:
             self._wake.clear()
-            now = time.monotonic()
-            while self._retries and self._retries[0][0] <= now:
-                _, item = self._retries.pop(0)
-                item.batch.retrying.discard(item)
-                item.batch.pending.setdefault(item.request.model, deque()).appendleft(item)
-            waiting = False
-            for batch in list(self._active.values()):
-                for model, queue in list(batch.pending.items()):
-                    while queue and batch.stored.state == _IN_PROGRESS:
-                        item = queue[0]
-                        try:
-                            if not self._room(model, item.request):
-                                break
-                        except Exception as exc:  # one bad item must not stop every batch
-                            queue.popleft()
-                            self._fail_now(item, exc)
-                            continue
-                        self._start(queue.popleft())
-                        # Let the item reach its host, so the next decision counts it there.
-                        await asyncio.sleep(0)
-                    waiting = waiting or bool(queue)
-            timeout = DISPATCH_POLL_S if waiting else None
-            if self._retries:
-                due = self._retries[0][0] - time.monotonic()
-                timeout = max(min(timeout or due, due), 0.0)
+            try:
+                timeout = await self._dispatch_once()
+                backoff = 0.0
+                if self._store_down_logged:
+                    self._store_down_logged = False
+            except StoreUnavailable as exc:
+                backoff = min(max(backoff * 2, 0.25), 5.0)
+                timeout = backoff
+                if not self._store_down_logged:
+                    _log.warning("batches_waiting_for_store", error=str(exc))
+                    self._store_down_logged = True
+            except Exception as exc:  # a bug: logged, and the dispatcher goes on
+                _log.error("batch_dispatch_failed", error=f"{type(exc).__name__}: {exc}")
+                backoff = min(max(backoff * 2, 0.25), 5.0)
+                timeout = backoff
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
 
-    def _room(self, model: str, request: GenerateRequest) -> bool:
-        """Whether another item of `model` may start now."""
+    async def _dispatch_once(self) -> float | None:
+        """Claims what may start now; returns the seconds until it should look again."""
+        waiting = await self._store.waiting()
+        await self._store.sweep_cancelling()
+        held_back = False
+        for model, count in waiting.models:
+            try:
+                room = min(self._room(model), count)
+            except Exception as exc:  # one model's trouble must not stop every batch
+                _log.error("batch_item_unplaceable", model=model, error=f"{type(exc).__name__}")
+                error = Internal(f"the gateway could not dispatch this item: {exc!r}")
+                for claimed in await self._store.claim(self.owner, model, 1, self._lease_s):
+                    await self._start(claimed, error)
+                continue
+            if room <= 0:
+                held_back = True
+                continue
+            for claimed in await self._store.claim(self.owner, model, room, self._lease_s):
+                await self._start(claimed)
+                # Let the item reach its host, so the next decision counts it there.
+                await asyncio.sleep(0)
+            held_back = held_back or room < count
+        timeout = DISPATCH_POLL_S if held_back else IDLE_POLL_S
+        if waiting.next_due_at is not None:
+            timeout = min(timeout, max(waiting.next_due_at - time.time(), 0.0) + 0.01)
+        return timeout
+
+    def _room(self, model: str) -> int:
+        """How many more items of `model` may start now."""
         running = self._running_by_model[model]
-        if model.startswith(OPENROUTER_PREFIX) or self._cloud.policy(request) == "cloud_only":
-            return running < CLOUD_CONCURRENCY
+        example = self._examples.get(model)
+        cloud_only = example is not None and self._cloud.policy(example) == "cloud_only"
+        if model.startswith(OPENROUTER_PREFIX) or cloud_only:
+            return CLOUD_CONCURRENCY - running
+        context = example.routing.min_context_length if example is not None else 0
         try:
-            ranked = router.candidates(self._pool.hosts, model, request.routing.min_context_length)
+            ranked = router.candidates(self._pool.hosts, model, context)
         except Unavailable:
-            return False  # no host is up: the items wait for one rather than fail
+            return 0  # no host is up: the items wait for one rather than fail
         except (NotFound, InvalidArgument):
-            return True  # the item fails at once with the reason
+            return CLOUD_CONCURRENCY  # they fail at once with the reason
         slots = busy = 0
         for candidate in ranked:
             name = candidate.model.name
@@ -458,52 +453,54 @@ class BatchRunner:
                 slots += max(status.slots, 1)
                 busy += candidate.host.in_flight.get(name, 0)
         if not slots:
-            return running == 0  # resident nowhere: one item loads it, the rest follow
+            return 1 if running == 0 else 0  # resident nowhere: one item loads it
         others = max(busy - running, 0)  # interactive requests keep their slots
-        return running + others < slots
+        return slots - running - others
 
-    def _fail_now(self, item: _Item, exc: Exception) -> None:
-        """Fails an item that the dispatcher could not even place, and goes on."""
-        _log.error(
-            "batch_item_unplaceable",
-            batch_id=item.batch.id,
-            custom_id=item.custom_id,
-            error=f"{type(exc).__name__}: {exc}",
-        )
-        error = Internal(f"the gateway could not dispatch this item: {exc!r}")
-        self._spawn_record(item.batch, [item.result(error)])
+    async def _start(self, claimed: ClaimedItem, error: AirouterError | None = None) -> None:
+        """Runs a claimed item, or fails it with `error` at once."""
+        batch = await self._batch_for(claimed.batch_id)
+        item = _Item(claimed, batch)
+        self._examples[item.model] = claimed.request
+        self._running[item.key] = item
+        self._running_by_model[item.model] += 1
+        if error is None and claimed.attempts > self._max_attempts:
+            # Taken over each time from a gateway that stopped while running it.
+            error = Unavailable(
+                f"the gateways running this item stopped during each of its "
+                f"{claimed.attempts - 1} attempts"
+            )
+        if error is not None:
+            item.task = asyncio.create_task(self._settle(item, [item.result(error)]))
+        else:
+            item.task = asyncio.create_task(self._run(item))
 
-    def _spawn_record(self, batch: "_Batch", results: list[ItemResult]) -> None:
-        task = asyncio.create_task(self._record(batch, results))
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
-
-    def _start(self, item: _Item) -> None:
-        item.batch.running.add(item)
-        self._running_by_model[item.request.model] += 1
-        item.task = asyncio.create_task(self._run(item))
+    async def _batch_for(self, batch_id: str) -> StoredBatch:
+        for item in self._running.values():
+            if item.claimed.batch_id == batch_id:
+                return item.batch
+        return await self._batch(batch_id)
 
     async def _run(self, item: _Item) -> None:
-        batch = item.batch
-        item.attempts += 1
+        claimed = item.claimed
         request = replace(
-            item.request,
-            request_id=f"{batch.id}-{item.index}-{item.attempts}",
-            routing=replace(item.request.routing, key=batch.stored.api_key),
+            claimed.request,
+            request_id=f"{claimed.batch_id}-{claimed.index}-{claimed.attempts}",
+            routing=replace(claimed.request.routing, key=item.batch.api_key),
         )
         outputs = Outputs()
         finished: Finished | None = None
         error: AirouterError | None = None
         try:
             with _tracer.start_as_current_span(
-                f"batch_item {item.custom_id}",
+                f"batch_item {claimed.custom_id}",
                 context=otel_context.Context(),  # a trace of its own, linked to the batch
-                links=batch.link(),
+                links=item.link(),
                 attributes={
-                    "airouter.batch.id": batch.id,
-                    "airouter.batch.custom_id": item.custom_id,
-                    "airouter.batch.index": item.index,
-                    "airouter.attempt": item.attempts,
+                    "airouter.batch.id": claimed.batch_id,
+                    "airouter.batch.custom_id": claimed.custom_id,
+                    "airouter.batch.index": claimed.index,
+                    "airouter.attempt": claimed.attempts,
                     **request_attributes(request),
                 },
             ) as span:
@@ -526,106 +523,147 @@ class BatchRunner:
                         span.set_attributes(finish_attributes(finished))
                 if error is not None:
                     span.set_status(trace.StatusCode.ERROR, f"{error.code}: {error}")
-        finally:
-            batch.running.discard(item)
-            self._running_by_model[item.request.model] -= 1
-            self._wake.set()
+        except asyncio.CancelledError:
+            if not item.stopped_by_cancel:
+                self._forget(item)
+                raise  # the gateway stops, or another took the item over
+            item.recording = True
+            cancelled = Cancelled("the batch was cancelled before this item finished")
+            await asyncio.shield(self._settle(item, [item.result(cancelled, _CANCELLED)]))
+            return
+        # From here on the outcome is being recorded: a cancel no longer interrupts it.
+        item.recording = True
         if error is None:
             assert finished is not None
             result = ItemResult(
-                item.custom_id,
-                item.index,
+                claimed.custom_id,
+                claimed.index,
                 _SUCCEEDED,
-                item.attempts,
-                item.request.chat,
+                claimed.attempts,
+                claimed.request.chat,
                 text=outputs.text(),
                 finished=finished,
                 # Kept where the request asked for more than one choice's text.
-                choices=outputs.choices(finished) if item.request.output is not PLAIN else (),
+                choices=outputs.choices(finished) if claimed.request.output is not PLAIN else (),
             )
-        elif (
-            isinstance(error, _RETRYABLE)
-            and item.attempts < self._max_attempts
-            and batch.stored.state == _IN_PROGRESS
-        ):
+        elif isinstance(error, _RETRYABLE) and claimed.attempts < self._max_attempts:
             with trace.use_span(span):  # its log line carries the attempt's trace id
-                await self._retry_later(item, error)
+                await asyncio.shield(self._retry_later(item, error))
             return
         else:
             with trace.use_span(span):
                 _log.warning(
                     "batch_item_failed",
-                    batch_id=batch.id,
-                    custom_id=item.custom_id,
+                    batch_id=claimed.batch_id,
+                    custom_id=claimed.custom_id,
                     code=error.code,
                     error=str(error),
-                    attempts=item.attempts,
+                    attempts=claimed.attempts,
                 )
             result = item.result(error)
-        await asyncio.shield(self._record(batch, [result]))
+        await asyncio.shield(self._settle(item, [result]))
 
     async def _retry_later(self, item: _Item, error: AirouterError) -> None:
-        assert self._store is not None
         first, cap = RETRY_BACKOFF_S
-        delay = min(first * 2 ** (item.attempts - 1), cap) * random.uniform(0.5, 1.5)
+        attempts = item.claimed.attempts
+        delay = min(first * 2 ** (attempts - 1), cap) * random.uniform(0.5, 1.5)
         _log.info(
             "batch_item_retry",
-            batch_id=item.batch.id,
-            custom_id=item.custom_id,
+            batch_id=item.claimed.batch_id,
+            custom_id=item.claimed.custom_id,
             code=error.code,
             error=str(error),
-            attempt=item.attempts,
+            attempt=attempts,
             in_s=round(delay, 2),
         )
         self.retries += 1
-        item.batch.retrying.add(item)
-        self._retries.append((time.monotonic() + delay, item))
-        self._retries.sort(key=lambda entry: entry[0])
-        await asyncio.shield(
-            self._db(self._store.record_attempt_failed, item.batch.id, item.index, item.attempts)
-        )
+        item.recording = True
+        try:
+            await self._persist(
+                self._store.release,
+                self.owner,
+                item.claimed.batch_id,
+                item.claimed.index,
+                time.time() + delay,
+            )
+        finally:
+            self._forget(item)
+        self._wake.set()
 
-    async def _cancel_items(self, batch: _Batch, waiting: list[_Item]) -> None:
-        """Stops the batch's running items and records them and the `waiting` ones (taken
-        from the queues already) as cancelled; the store closes the batch."""
-        running = [i for i in batch.running if i.task is not None]
-        for item in running:
-            assert item.task is not None
-            item.task.cancel()
-        await asyncio.gather(*(i.task for i in running if i.task), return_exceptions=True)
-        waiting = [*waiting, *running]
-        cancelled = Cancelled("the batch was cancelled before this item finished")
-        results = [i.result(cancelled, _CANCELLED) for i in sorted(waiting, key=lambda i: i.index)]
-        await asyncio.shield(self._record(batch, results))
+    async def _settle(self, item: _Item, results: list[ItemResult]) -> None:
+        """Records the item's result: stored and counted once, then announced."""
+        item.recording = True
+        try:
+            stored, finished = await self._persist(
+                self._store.record_results, self.owner, item.claimed.batch_id, results
+            )
+        finally:
+            self._forget(item)
+        if not stored:
+            _log.warning(
+                "batch_item_result_dropped",
+                batch_id=item.claimed.batch_id,
+                custom_id=item.claimed.custom_id,
+                reason="its lease lapsed and another gateway holds the item now",
+            )
+        if finished is not None:
+            _log.info("batch_finished", batch_id=finished.id, **_counts_log(finished))
+        try:
+            self._totals = await self._store.item_totals()
+        except StoreUnavailable:
+            pass
+        self._announce(item.claimed.batch_id)
+        self._wake.set()
 
-    async def _record(self, batch: _Batch, results: list[ItemResult]) -> None:
-        """Commits the results, then counts and announces those that were new."""
-        assert self._store is not None
-        stored = await self._db(self._store.record_results, batch.id, results)
-        batch.finals.update(r.state for r in stored)
-        if stored:
-            batch.stored.last_sequence = stored[-1].sequence
-        if sum(batch.finals.values()) == batch.stored.total and batch.active:
-            refreshed = await self._db(self._store.batch, batch.id)
-            assert refreshed is not None
-            batch.stored = refreshed
-            self._track(batch)
-            _log.info("batch_finished", batch_id=batch.id, **_counts_log(batch))
-        batch.notify()
+    def _forget(self, item: _Item) -> None:
+        if self._running.pop(item.key, None) is item:
+            self._running_by_model[item.model] -= 1
+            self._wake.set()
+
+    async def _persist(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """A write an item's outcome depends on, retried while the store is unreachable (the
+        item's lease may lapse meanwhile; then another gateway runs it and this write is
+        refused, so nothing is recorded twice)."""
+        delay = 0.1
+        while True:
+            try:
+                return await call(*args)
+            except StoreUnavailable as exc:
+                _log.info("batch_store_retry", error=str(exc), in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _renew_forever(self) -> None:
+        """Renews this gateway's leases, stops the items it no longer holds, and stops those
+        of batches cancelled where the notification did not reach it."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                held, cancelling = await self._store.renew(self.owner, self._lease_s)
+                self._totals = await self._store.item_totals()
+            except StoreUnavailable:
+                continue  # the dispatcher says so; leases may lapse if this goes on
+            for key, item in list(self._running.items()):
+                if item.recording or item.task is None or item.task.done():
+                    continue
+                if item.claimed.batch_id in cancelling:
+                    self._spawn(self._stop_batch_items(item.claimed.batch_id))
+                elif key not in held and not item.recording:
+                    _log.warning(
+                        "batch_item_lease_lost",
+                        batch_id=item.claimed.batch_id,
+                        custom_id=item.claimed.custom_id,
+                    )
+                    item.task.cancel()
 
     def _item_states(self) -> Counter[str]:
         """Items of every stored batch by state (BatchCounts' fields but total), for
-        /metrics."""
-        totals: Counter[str] = Counter({state: 0 for state in _ITEM_STATES})
-        totals.update(self._settled)
-        for batch in self._active.values():
-            counts = batch.counts()
-            for state in _ITEM_STATES:
-                totals[state] += getattr(counts, state)
-        return totals
+        /metrics: as of this gateway's last look at the store."""
+        return Counter({state.name.lower(): self._totals.get(state, 0) for state in ItemState})
 
-    async def _db(self, call: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+
+def _no_batch(batch_id: str) -> NotFound:
+    return NotFound(f"no batch {shown(batch_id)}; `airouter batch list` shows the batches")
 
 
 def _validate(batch_id: str, items: list[tuple[str, GenerateRequest]]) -> None:
@@ -656,6 +694,6 @@ def _validate(batch_id: str, items: list[tuple[str, GenerateRequest]]) -> None:
             raise InvalidArgument(f"{where}.request: {exc}") from None
 
 
-def _counts_log(batch: _Batch) -> dict[str, int]:
+def _counts_log(batch: StoredBatch) -> dict[str, int]:
     counts = batch.counts()
     return {"succeeded": counts.succeeded, "failed": counts.failed, "cancelled": counts.cancelled}

@@ -13,8 +13,9 @@ from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
 from airouter.security import SecurityError, add_security_flags, security_flags
 from airouter.tracing import add_tracing_flag, tracing_for
-from gateway.batch_store import StoreLocked
 from gateway.config import DEFAULT_LISTEN, DEFAULT_MODELHOST, GatewayConfig, load_gateway_config
+from gateway.database import StoreLocked, StoreUnavailable
+from gateway.schema import SchemaTooNew
 from gateway.server import RunningGateway, start_gateway
 
 _log = structlog.get_logger()
@@ -44,9 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long accepted requests may take to finish at shutdown (default 30)",
     )
     serve.add_argument(
+        "--store",
         "--batch-db",
-        type=Path,
-        help="SQLite file of the batches (default $XDG_STATE_HOME/airouter/batches.sqlite3)",
+        dest="store",
+        metavar="PATH|URL",
+        help="where batches, files, stored responses, keys and usage live: an SQLite file, "
+        "one gateway's alone (a path or sqlite:///path; default "
+        "$XDG_STATE_HOME/airouter/batches.sqlite3), or postgresql://user@host/db, shared by "
+        "any number of gateways",
     )
     add_security_flags(serve)
     serve.add_argument("--modelhost-ca", type=Path, help="CA of the modelhosts' certificates")
@@ -70,13 +76,13 @@ def _run(args: argparse.Namespace) -> int:
         "http_listen": args.http_listen,
         "shutdown_grace_s": args.shutdown_grace,
         "modelhost_ca": args.modelhost_ca,
-        "batch_db": args.batch_db,
+        "store": args.store,
         **security_flags(args),
     }
     try:
         config = load_gateway_config(args.config, **flags)
         grpc_server.run(_serve(config, args.config, flags))
-    except (ConfigError, SecurityError, StoreLocked) as exc:
+    except (ConfigError, SecurityError, StoreLocked, StoreUnavailable, SchemaTooNew) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

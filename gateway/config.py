@@ -75,17 +75,39 @@ class GatewayConfig(ServerSecurity):
     prefix_routing: bool = True
     prefix_min_tokens: int = Field(default=64, ge=1)
     prefix_max_queue_gap: int = Field(default=1, ge=0)
-    # Batches are kept in this SQLite file (one gateway per file); attempts per item, and
-    # the time one attempt may take.
-    batch_db: Path = Field(default_factory=default_batch_db)
+    # Where batches, uploaded files, stored responses, keys and usage live: an SQLite file
+    # (a path or sqlite:///path; one gateway per file), or postgresql://user:password@host/db,
+    # where any number of gateways are active at once. batch_db is its former name.
+    store: str = Field(default_factory=lambda: str(default_batch_db()), min_length=1)
+    batch_db: Path | None = None
+    # Seconds a gateway's claim on a batch item lasts unless renewed (every third of it):
+    # how long the items of a gateway that died wait before another takes them over.
+    batch_lease_s: float = Field(default=30.0, ge=1.0)
+    # Attempts per batch item, and the time one attempt may take.
     batch_max_attempts: int = Field(default=4, ge=1)
     batch_item_timeout_s: float = Field(default=600.0, gt=0)
     # Finished batches (and their results) are deleted after this many seconds.
     batch_retention_s: float = Field(default=7 * 86400.0, gt=0)
     # The largest file /v1/files takes (OpenAI's batch files may be 200 MB).
     max_upload_bytes: int = Field(default=200 << 20, ge=1)
-    # Seconds a stored response (the Responses API's store) is kept, in batch_db's file.
+    # Seconds a stored response (the Responses API's store) is kept in the store.
     response_retention_s: float = Field(default=30 * 86400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_db_is_the_store(self) -> "GatewayConfig":
+        if self.batch_db is not None:
+            if "store" in self.model_fields_set:
+                raise ValueError("store and batch_db name the same thing; keep store")
+            self.store = str(self.batch_db)
+            self.batch_db = None
+        return self
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The store's file, where it is SQLite."""
+        if self.store.startswith(("postgresql://", "postgres://")):
+            return None
+        return Path(self.store.removeprefix("sqlite://")).expanduser()
 
     @model_validator(mode="after")
     def _cloud_models_are_openrouter_models(self) -> "GatewayConfig":

@@ -417,13 +417,13 @@ class BatchDoor:
             size += len(line)
         name = f"{batch_id}_{'errors' if errors else 'output'}.jsonl"
         file_id = (error_file_id if errors else output_file_id)(batch_id)
-        created = self._runner.get(batch_id).created_at
+        created = (await self._runner.get(batch_id)).created_at
         return FileRecord(file_id, name, "batch_output", size, created)
 
     async def _result_lines(self, batch_id: str, errors: bool) -> AsyncIterator[bytes]:
         """The batch's stored results in OpenAI's output line format: the successes, or
         (errors) the failures and cancellations."""
-        created = int(self._runner.get(batch_id).created_at)
+        created = int((await self._runner.get(batch_id)).created_at)
         after = 0
         while page := await self._runner.result_page(batch_id, after, 256):
             after = page[-1].sequence
@@ -502,7 +502,7 @@ class BatchDoor:
                     after = None
                 continue
             try:
-                data.append(batch_json(record, self._runner.get(record.id)))
+                data.append(batch_json(record, await self._runner.get(record.id)))
             except NotFound:
                 continue  # pruned
         page = data[:limit]
@@ -520,7 +520,7 @@ class BatchDoor:
         record = await asyncio.to_thread(self._files.batch, batch_id)
         if record is None:
             raise NotFound(f"no batch {shown(batch_id)}; GET /v1/batches lists them")
-        return record, self._runner.get(batch_id)
+        return record, await self._runner.get(batch_id)
 
 
 def _finish(handle: Any) -> None:

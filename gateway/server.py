@@ -2,6 +2,7 @@
 
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
@@ -10,8 +11,10 @@ from grpc_health.v1 import health
 from airouter import grpc_server
 from airouter.security import Credentials, channel_credentials, read_secret
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.batch_store import BatchStore
 from gateway.batches import BatchRunner
 from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfig
+from gateway.database import Database, open_database
 from gateway.hosts import CHANNEL_OPTIONS, HostPool
 from gateway.http_edge import HttpEdge
 from gateway.key_store import KeyStore
@@ -20,6 +23,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.openai_batches import BatchDoor, FileStore
 from gateway.prefixes import PrefixPolicy
 from gateway.response_store import ResponseStore
+from gateway.schema import VERSION as SCHEMA_VERSION
+from gateway.schema import migrate
 from gateway.service import CloudRouting, GatewayService
 from gateway.servicer import GatewayServicer
 from gateway.status import StatusBoard
@@ -47,6 +52,7 @@ class RunningGateway:
     upstream: OpenAIUpstream
     service: GatewayService
     batches: BatchRunner
+    database: Database
     http: HttpEdge | None = None
 
     async def drain(self) -> None:
@@ -74,6 +80,7 @@ class RunningGateway:
         self.service.close()  # the last usage rows are written
         if self.service.keys is not None:
             self.service.keys.store.close()
+        await self.database.close()
 
 
 def host_pool(config: GatewayConfig) -> HostPool:
@@ -106,6 +113,20 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         warnings.append(credentials.check_exposure(config.http_listen, "gateway HTTP edge"))
     for warning in filter(None, warnings):
         _log.warning("serving_without_protection", detail=warning)
+    database = await open_database(config.store)
+    try:
+        version = await migrate(database)
+        if version != SCHEMA_VERSION:
+            _log.info("store_migrated", store=database.described, to=SCHEMA_VERSION, was=version)
+        return await _start(config, credentials, database)
+    except BaseException:
+        await database.close()
+        raise
+
+
+async def _start(
+    config: GatewayConfig, credentials: Credentials, database: Database
+) -> RunningGateway:
     pool = host_pool(config)
     upstream = OpenAIUpstream(
         UpstreamSettings(
@@ -122,7 +143,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         tuple(config.cloud_allowed_models),
         config.allow_policy_override,
     )
-    keys = KeyRing(KeyStore(config.batch_db))
+    keys = KeyRing(KeyStore(_sqlite_path(config)))
     server, health_servicer = grpc_server.new_server(
         [SERVICE_NAME],
         credentials,
@@ -138,12 +159,13 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         pool, cloud, metrics, config.first_message_timeout_s, prefix_policy, keys
     )
     batches = BatchRunner(
-        config.batch_db,
+        BatchStore(database),
         service,
         metrics,
         max_attempts=config.batch_max_attempts,
         item_timeout_s=config.batch_item_timeout_s,
         retention_s=config.batch_retention_s,
+        lease_s=config.batch_lease_s,
     )
     try:
         await batches.start()
@@ -161,7 +183,9 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     await server.start()
     await grpc_server.mark_serving(health_servicer, [SERVICE_NAME])
     await pool.start()
-    gateway = RunningGateway(server, health_servicer, port, pool, upstream, service, batches)
+    gateway = RunningGateway(
+        server, health_servicer, port, pool, upstream, service, batches, database
+    )
     if config.http_listen:
         gateway.http = HttpEdge(
             service,
@@ -170,9 +194,9 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
             config.http_request_timeout_s,
             config.http_header_timeout_s,
             config.cors_origins,
-            ResponseStore(config.batch_db, config.response_retention_s),
+            ResponseStore(_sqlite_path(config), config.response_retention_s),
             BatchDoor(
-                FileStore(config.batch_db.parent / "files", config.batch_db),
+                FileStore(_sqlite_path(config).parent / "files", _sqlite_path(config)),
                 batches,
                 config.max_upload_bytes,
             ),
@@ -195,3 +219,9 @@ def http_tls(config: GatewayConfig) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.tls_cert, config.tls_key)
     return context
+
+
+def _sqlite_path(config: GatewayConfig) -> Path:
+    path = config.sqlite_path
+    assert path is not None
+    return path

@@ -197,12 +197,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def GetBatch(
         self, request: gateway_pb2.GetBatchRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GetBatchResponse:
-        return gateway_pb2.GetBatchResponse(batch=batch_pb(self._batches.get(request.batch_id)))
+        return gateway_pb2.GetBatchResponse(
+            batch=batch_pb(await self._batches.get(request.batch_id))
+        )
 
     async def ListBatches(
         self, request: gateway_pb2.ListBatchesRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListBatchesResponse:
-        return gateway_pb2.ListBatchesResponse(batches=[batch_pb(b) for b in self._batches.all()])
+        return gateway_pb2.ListBatchesResponse(
+            batches=[batch_pb(b) for b in await self._batches.all()]
+        )
 
     async def StreamBatchResults(
         self, request: gateway_pb2.StreamBatchResultsRequest, context: grpc.aio.ServicerContext

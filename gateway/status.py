@@ -92,14 +92,14 @@ class StatusBoard:
                 "fallbacks": _total(metrics.cloud_fallbacks),
                 "spend_usd": _total(metrics.cloud_cost),
             },
-            "batches": self._batch_list(),
+            "batches": await self._batch_list(),
             "keys": usage,
         }
 
-    def _batch_list(self) -> list[dict[str, Any]]:
+    async def _batch_list(self) -> list[dict[str, Any]]:
         if self._batches is None:
             return []
-        shown = sorted(self._batches.all(), key=lambda b: b.created_at, reverse=True)
+        shown = sorted(await self._batches.all(), key=lambda b: b.created_at, reverse=True)
         running = [b for b in shown if b.finished_at is None]
         rest = [b for b in shown if b.finished_at is not None]
         out = []

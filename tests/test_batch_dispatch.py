@@ -13,9 +13,11 @@ from airouter.errors import AlreadyExists, NotFound
 from airouter.v1 import gateway_pb2
 from gateway.batch_store import BatchStore
 from gateway.batches import BatchRunner
+from gateway.database import open_database
 from gateway.generation import Event, Finished, FinishReason, GenerateRequest, Token
 from gateway.hosts import HostPool
 from gateway.metrics import GatewayMetrics
+from gateway.schema import migrate
 from gateway.service import CloudRouting, GatewayService
 from gateway.upstream import OpenAIUpstream, UpstreamSettings
 from tests.test_service import MODEL, Observer, fake_host, plays
@@ -61,13 +63,16 @@ def with_runner(
         cloud = CloudRouting(upstream)
         service = FakeService(pool, cloud)
         metrics = GatewayMetrics(pool, upstream)
-        runner = BatchRunner(tmp_path / "batches.sqlite3", service, metrics, **settings)
+        database = await open_database(str(tmp_path / "batches.sqlite3"))
+        await migrate(database)
+        runner = BatchRunner(BatchStore(database), service, metrics, **settings)
         await runner.start()
         try:
             return await body(runner, service)
         finally:
             service.release.set()
             await runner.close()
+            await database.close()
 
     return asyncio.run(run())
 
@@ -75,7 +80,7 @@ def with_runner(
 async def settle(runner: BatchRunner, batch_id: str) -> gateway_pb2.Batch:
     async with asyncio.timeout(10):
         while True:
-            got = runner.get(batch_id)
+            got = await runner.get(batch_id)
             if got.state in (gateway_pb2.BATCH_STATE_COMPLETED, gateway_pb2.BATCH_STATE_CANCELLED):
                 return got
             await asyncio.sleep(0.01)
@@ -91,34 +96,34 @@ def test_a_cancel_lets_no_waiting_item_start(tmp_path: Path) -> None:
         service.release.set()
         done = await settle(runner, "b1")
         # Nothing is left that a dispatcher waking late could start.
-        cancelled = runner._batches["b1"]
-        assert not cancelled.pending and not cancelled.retrying and not cancelled.running
+        assert (await runner._store.waiting()).models == []
+        assert not runner._running
         assert service.started == ["p0"]
         assert done.counts.cancelled == 3 and done.counts.pending == 0
 
     with_runner(tmp_path, body)
 
 
-def test_an_item_that_cannot_be_placed_fails_alone(
+def test_a_model_whose_items_cannot_be_placed_fails_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     room = BatchRunner._room
 
-    def boom(self: BatchRunner, model: str, request: GenerateRequest) -> bool:
-        if request.prompt == "p1":
+    def boom(self: BatchRunner, model: str) -> int:
+        if model == "broken":
             raise KeyError("something no validation foresaw")
-        return room(self, model, request)
+        return room(self, model)
 
     monkeypatch.setattr(BatchRunner, "_room", boom)
 
     async def body(runner: BatchRunner, service: FakeService) -> None:
         service.release.set()
-        await runner.submit("b1", batch(4))
+        await runner.submit("b1", [*batch(3), ("i3", GenerateRequest("broken", prompt="p3"))])
         done = await settle(runner, "b1")
         assert done.counts.succeeded == 3 and done.counts.failed == 1
         results = [r async for r, _ in runner.results("b1", 0)]
         failed = [r for r in results if r.state == gateway_pb2.BATCH_ITEM_STATE_FAILED]
-        assert [r.custom_id for r in failed] == ["i1"]
+        assert [r.custom_id for r in failed] == ["i3"]
         assert failed[0].error_code == "INTERNAL" and "KeyError" in failed[0].error_message
 
     with_runner(tmp_path, body, slots=4)
@@ -147,9 +152,9 @@ def test_finished_batches_are_deleted_after_their_retention(tmp_path: Path) -> N
         await asyncio.sleep(0.3)
         await runner.prune()
         with pytest.raises(NotFound):
-            runner.get("b1")
+            await runner.get("b1")
         assert runner._item_states()["succeeded"] == 0
-        assert runner.all() == []
+        assert await runner.all() == []
 
     with_runner(tmp_path, body, retention_s=0.2)
 
@@ -160,18 +165,18 @@ def test_close_waits_for_the_results_being_recorded(
     """A result recorded by a task of its own (an item the dispatcher could not place) is on
     disk once close() returns, not lost with the database closed under it."""
 
-    def boom(self: BatchRunner, model: str, request: GenerateRequest) -> bool:
+    def boom(self: BatchRunner, model: str) -> int:
         raise KeyError("something no validation foresaw")
 
     monkeypatch.setattr(BatchRunner, "_room", boom)
-    spawn_record = BatchRunner._spawn_record
+    settle_item = BatchRunner._settle
     recording: list[asyncio.Event] = []
 
-    def spawned(self: BatchRunner, *args: Any) -> None:
-        spawn_record(self, *args)
+    async def settling(self: BatchRunner, *args: Any) -> None:
         recording[0].set()
+        await settle_item(self, *args)
 
-    monkeypatch.setattr(BatchRunner, "_spawn_record", spawned)
+    monkeypatch.setattr(BatchRunner, "_settle", settling)
 
     async def body(runner: BatchRunner, service: FakeService) -> None:
         recording.append(asyncio.Event())
@@ -181,9 +186,13 @@ def test_close_waits_for_the_results_being_recorded(
         await runner.close()
 
     with_runner(tmp_path, body)
-    store = BatchStore(tmp_path / "batches.sqlite3")
-    try:
-        [result] = store.results("b1", 0, 10)
-        assert result.state == gateway_pb2.BATCH_ITEM_STATE_FAILED
-    finally:
-        store.close()
+
+    async def stored() -> list[Any]:
+        database = await open_database(str(tmp_path / "batches.sqlite3"))
+        try:
+            return await BatchStore(database).results("b1", 0, 10)
+        finally:
+            await database.close()
+
+    [result] = asyncio.run(stored())
+    assert result.state == gateway_pb2.BATCH_ITEM_STATE_FAILED
