@@ -1,14 +1,17 @@
 """API keys: one per person or program sharing the gateway, each limited to some models, a
 request rate, a token rate, a daily token quota and a cloud budget, with its usage recorded.
 
-The KeyRing holds every key in memory (looked up by the SHA-256 of the presented secret) and
-the live counts its limits need; the KeyStore keeps keys and usage on disk. Admission reserves
-what a request can at most use (its prompt's bytes, an upper bound of its tokens, plus its
-max_tokens) and a request is let in only while a limit's used and reserved tokens are below
-it: however many race for the last tokens of a quota, the total ends at most one request's
-worth over, and a stream that crosses a quota finishes. Rates are per gateway.
+The KeyRing holds every key in memory (looked up by the SHA-256 of the presented secret); the
+KeyStore keeps keys and usage in the gateway's store. Admission reserves what a request can at
+most use (its prompt's bytes, an upper bound of its tokens, plus its max_tokens) and a request
+is let in only while a limit's used and reserved tokens are below it: however many race for
+the last tokens of a quota, the total ends at most one request's worth over, and a stream that
+crosses a quota finishes. One gateway on its own SQLite file counts in memory; gateways
+sharing PostgreSQL count in it (gateway.key_store), so the limits hold across all of them,
+and hear of keys created or revoked on the others at once (with a poll behind it).
 """
 
+import asyncio
 import datetime
 import fnmatch
 import hashlib
@@ -16,9 +19,12 @@ import math
 import re
 import secrets
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+import structlog
 
 from airouter.errors import (
     InvalidArgument,
@@ -27,13 +33,22 @@ from airouter.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from gateway.key_store import KeyLimits, KeyRecord, KeyStore, UsageRow
+from gateway.database import StoreUnavailable
+from gateway.key_store import KeyLimits, KeyRecord, KeyStore, UsageRow, Window
+
+_log = structlog.get_logger()
 
 # Secrets look like this, so a leaked one is recognisable (and scanners can be taught it).
 SECRET_PREFIX = "air-"
 WINDOW_S = 60.0
 # Tokens a request without max_tokens is counted for until it ends.
 DEFAULT_RESERVE = 4096
+# How long a shared reservation outlives its request's deadline (or a request without one's
+# start): the tokens a gateway that died held come back after it.
+RESERVATION_S = 3600.0
+# How often gateways sharing a store reload the keys and their spend, should a notification be
+# missed.
+KEYS_REFRESH_S = 10.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
@@ -63,6 +78,17 @@ class _Counts:
     reserved: int = 0  # tokens held by requests in flight
     spend_usd: float = 0.0  # all time
 
+    def window(self) -> Window:
+        return Window(
+            starts=len(self.starts),
+            oldest_start=self.starts[0] if self.starts else None,
+            minute_tokens=self.minute_tokens,
+            oldest_tokens=self.minute[0][0] if self.minute else None,
+            day_tokens=self.day_tokens,
+            reserved=self.reserved,
+            spend_usd=self.spend_usd,
+        )
+
 
 @dataclass(frozen=True)
 class Admission:
@@ -71,27 +97,71 @@ class Admission:
     key: str
     model: str
     reserved: int
+    reservation: str = ""  # its row in the store, where the limits are counted there
 
 
 class KeyRing:
-    def __init__(self, store: KeyStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: KeyStore, clock: Callable[[], float] = time.time, shared: bool = False
+    ) -> None:
         self._store = store
         self._clock = clock
+        self.shared = shared  # limits counted in the store, for several gateways
         self._by_hash: dict[str, KeyRecord] = {}
         self._by_name: dict[str, KeyRecord] = {}
         self._counts: dict[str, _Counts] = {}
-        for record in store.keys():
-            self._remember(record)
+        self._refreshing: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def load(cls, store: KeyStore, clock: Callable[[], float] = time.time) -> "KeyRing":
+        """The keys in the store, with today's tokens and each key's spend."""
+        ring = cls(store, clock, shared=store.db.dialect == "postgresql")
+        for record in await store.keys():
+            ring._remember(record)
         today = utc_day(clock())
-        for row in store.usage():
-            counts = self._counts.setdefault(row.name, _Counts(day=today))
+        for row in await store.usage():
+            counts = ring._counts.setdefault(row.name, _Counts(day=today))
             counts.spend_usd += row.cloud_cost_usd
             if row.day == today:
                 counts.day_tokens += row.prompt_tokens + row.completion_tokens
+        store.db.on_notify(ring._heard)
+        if ring.shared:
+            ring._refreshing = asyncio.create_task(ring._refresh_forever())
+        return ring
 
     @property
     def store(self) -> KeyStore:
         return self._store
+
+    async def close(self) -> None:
+        tasks = [*self._reloads, *([self._refreshing] if self._refreshing else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _heard(self, payload: str) -> None:
+        if payload in ("keys", "") and self.shared:
+            task = asyncio.ensure_future(self.refresh())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(KEYS_REFRESH_S)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Reloads the keys (created or revoked on another gateway) and their spend."""
+        try:
+            records = await self._store.keys()
+            spend = await self._store.spend()
+        except StoreUnavailable:
+            return  # the keys known stay in force until the store is back
+        for record in records:
+            self._remember(record)
+        for name, usd in spend.items():
+            self._counts.setdefault(name, _Counts()).spend_usd = usd
 
     def _remember(self, record: KeyRecord) -> None:
         old = self._by_name.get(record.name)
@@ -100,9 +170,9 @@ class KeyRing:
         self._by_hash[record.secret_sha256] = record
         self._by_name[record.name] = record
 
-    # --- administration (blocking: the store writes) -----------------------------------
+    # --- administration ------------------------------------------------------------
 
-    def create(self, name: str, limits: KeyLimits) -> tuple[KeyRecord, str]:
+    async def create(self, name: str, limits: KeyLimits) -> tuple[KeyRecord, str]:
         """A new key and its secret, which is shown once and never stored."""
         if not _NAME.fullmatch(name):
             raise InvalidArgument(
@@ -114,16 +184,16 @@ class KeyRing:
         record = KeyRecord(
             name, secret_hash(secret), secret[: len(SECRET_PREFIX) + 4], limits, self._clock()
         )
-        self._store.add(record)
+        await self._store.add(record)
         self._remember(record)
         return record, secret
 
-    def revoke(self, name: str) -> KeyRecord:
+    async def revoke(self, name: str) -> KeyRecord:
         record = self._by_name.get(name)
         if record is None or record.revoked_at is not None:
             raise NotFound(f"no key named {name!r} is active; `airouter keys list` shows them")
         at = self._clock()
-        self._store.revoke(name, at)
+        await self._store.revoke(name, at)
         revoked = KeyRecord(
             record.name, record.secret_sha256, record.hint, record.limits, record.created_at, at
         )
@@ -185,55 +255,42 @@ class KeyRing:
         budget = record.limits.cloud_budget_usd
         return budget is not None and self.spend(record.name) >= budget
 
-    def admit(self, record: KeyRecord, model: str, most_tokens: int) -> Admission:
+    async def admit(
+        self, record: KeyRecord, model: str, most_tokens: int, time_left_s: float | None = None
+    ) -> Admission:
         """Lets a request for `model` in under the key, reserving `most_tokens`; raises
         Unauthenticated, PermissionDenied or ResourceExhausted (with a retry-after) when the
         key cannot make it now."""
         self.allows(record, model)
-        limits = record.limits
         now = self._clock()
         counts = self._current(record.name, now)
-        if limits.rpm is not None and len(counts.starts) >= limits.rpm:
-            wait = counts.starts[0] + WINDOW_S - now
-            raise ResourceExhausted(
-                f"the key {record.name!r} made {limits.rpm} requests in the last minute, its "
-                f"limit; retry in {math.ceil(wait)} s",
-                retry_after_s=wait,
+        if self.shared:
+            reservation = uuid.uuid4().hex
+            window = await self._store.admit(
+                record.name,
+                now,
+                counts.day,
+                reservation,
+                most_tokens,
+                now + (time_left_s or 0.0) + RESERVATION_S,
+                lambda window: _check(record, window, now),
             )
-        if limits.tpm is not None and counts.minute_tokens + counts.reserved >= limits.tpm:
-            wait = counts.minute[0][0] + WINDOW_S - now if counts.minute else 1.0
-            raise ResourceExhausted(
-                f"the key {record.name!r} used its {limits.tpm} tokens a minute (requests in "
-                f"flight count what they may use); retry in {math.ceil(wait)} s",
-                retry_after_s=wait,
-            )
-        quota = limits.tokens_per_day
-        if quota is not None and counts.day_tokens + counts.reserved >= quota:
-            wait = _seconds_to_midnight(now)
-            raise ResourceExhausted(
-                f"the key {record.name!r} used its {quota} tokens for today (UTC; requests in "
-                f"flight count what they may use); retry in {math.ceil(wait)} s, after midnight",
-                retry_after_s=wait,
-            )
+            counts.spend_usd = window.spend_usd
+            return Admission(record.name, model, most_tokens, reservation)
+        _check(record, counts.window(), now)
         counts.starts.append(now)
         counts.reserved += most_tokens
         return Admission(record.name, model, most_tokens)
 
     def settle(
         self, admission: Admission, prompt_tokens: int, completion_tokens: int, cost_usd: float
-    ) -> UsageRow:
-        """Ends an admitted request: its reservation becomes what it used. Returns the usage
-        to record in the store (the caller writes it off the event loop)."""
+    ) -> tuple[UsageRow, Callable[[], Awaitable[None]]]:
+        """Ends an admitted request: its reservation becomes what it used. Returns its usage
+        and the write that records it in the store (the caller runs the writes in order)."""
         now = self._clock()
         counts = self._current(admission.key, now)
-        counts.reserved -= admission.reserved
-        used = prompt_tokens + completion_tokens
-        if used:
-            counts.minute.append((now, used))
-            counts.minute_tokens += used
-            counts.day_tokens += used
         counts.spend_usd += cost_usd
-        return UsageRow(
+        row = UsageRow(
             admission.key,
             counts.day,
             admission.model,
@@ -242,6 +299,15 @@ class KeyRing:
             completion_tokens,
             cost_usd,
         )
+        if self.shared:
+            return row, lambda: self._store.settle(admission.reservation, row, now)
+        counts.reserved -= admission.reserved
+        used = prompt_tokens + completion_tokens
+        if used:
+            counts.minute.append((now, used))
+            counts.minute_tokens += used
+            counts.day_tokens += used
+        return row, lambda: self._store.record(row)
 
     def _current(self, name: str, now: float) -> _Counts:
         """The key's counts with the minute's window moved to now and the day turned over."""
@@ -254,6 +320,33 @@ class KeyRing:
         if counts.day != today:
             counts.day, counts.day_tokens = today, 0
         return counts
+
+
+def _check(record: KeyRecord, window: Window, now: float) -> None:
+    """Raises ResourceExhausted, with when to retry, where the key has reached a limit."""
+    limits = record.limits
+    if limits.rpm is not None and window.starts >= limits.rpm:
+        wait = (window.oldest_start or now) + WINDOW_S - now
+        raise ResourceExhausted(
+            f"the key {record.name!r} made {limits.rpm} requests in the last minute, its "
+            f"limit; retry in {math.ceil(wait)} s",
+            retry_after_s=wait,
+        )
+    if limits.tpm is not None and window.minute_tokens + window.reserved >= limits.tpm:
+        wait = window.oldest_tokens + WINDOW_S - now if window.oldest_tokens else 1.0
+        raise ResourceExhausted(
+            f"the key {record.name!r} used its {limits.tpm} tokens a minute (requests in "
+            f"flight count what they may use); retry in {math.ceil(wait)} s",
+            retry_after_s=wait,
+        )
+    quota = limits.tokens_per_day
+    if quota is not None and window.day_tokens + window.reserved >= quota:
+        wait = _seconds_to_midnight(now)
+        raise ResourceExhausted(
+            f"the key {record.name!r} used its {quota} tokens for today (UTC; requests in "
+            f"flight count what they may use); retry in {math.ceil(wait)} s, after midnight",
+            retry_after_s=wait,
+        )
 
 
 def _check_limits(limits: KeyLimits) -> None:

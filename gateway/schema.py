@@ -103,6 +103,20 @@ ALTER TABLE batches ADD COLUMN cancelled INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX items_waiting ON items (model) WHERE sequence IS NULL;
 CREATE INDEX items_unfinished ON items (batch_id, state) WHERE sequence IS NULL;
 CREATE INDEX items_owned ON items (owner) WHERE sequence IS NULL;
+CREATE TABLE key_events (
+    name TEXT NOT NULL,
+    at {FLOAT} NOT NULL,
+    kind INTEGER NOT NULL,
+    tokens {BIGINT} NOT NULL
+);
+CREATE INDEX key_events_by_key ON key_events (name, at);
+CREATE TABLE key_reservations (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    tokens {BIGINT} NOT NULL,
+    until {FLOAT} NOT NULL
+);
+CREATE INDEX key_reservations_by_key ON key_reservations (name);
 """
 
 

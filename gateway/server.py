@@ -77,9 +77,9 @@ class RunningGateway:
         await self.batches.close()
         await self.pool.close()
         await self.upstream.close()
-        self.service.close()  # the last usage rows are written
+        await self.service.close()  # the last usage rows are written
         if self.service.keys is not None:
-            self.service.keys.store.close()
+            await self.service.keys.close()
         await self.database.close()
 
 
@@ -143,7 +143,7 @@ async def _start(
         tuple(config.cloud_allowed_models),
         config.allow_policy_override,
     )
-    keys = KeyRing(KeyStore(_sqlite_path(config)))
+    keys = await KeyRing.load(KeyStore(database))
     server, health_servicer = grpc_server.new_server(
         [SERVICE_NAME],
         credentials,

@@ -15,8 +15,7 @@ import fnmatch
 import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -41,6 +40,7 @@ from airouter.prefix import NO_PREFIX, Prefix
 from airouter.v1 import generate_pb2
 from gateway import router
 from gateway.config import OPENROUTER_PREFIX
+from gateway.database import StoreUnavailable
 from gateway.embeddings import Embeddings, EmbedRequest
 from gateway.generation import (
     Event,
@@ -65,6 +65,8 @@ _tracer = trace.get_tracer("airouter.gateway")
 
 # How long a listing right after start waits for hosts to be tried.
 FIRST_CONTACT_WAIT_S = 3.0
+# Seconds a stopping gateway waits for key usage still to be written to the store.
+USAGE_FLUSH_S = 10.0
 # Errors before the first token after which another host may well succeed.
 _FAILOVER_ERRORS = (Unavailable, ResourceExhausted, Internal)
 # Candidates in this tier or worse are saturated or must evict: local_first prefers the cloud.
@@ -151,7 +153,9 @@ class GatewayService:
         self.pool = pool
         self.keys = keys
         # Usage rows go to the key store in order, on a thread of their own.
-        self._usage_writes = ThreadPoolExecutor(1, thread_name_prefix="key-usage")
+        # Usage rows written to the store in order, off the request path.
+        self._usage_writes: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue()
+        self._usage_writer: asyncio.Task[None] | None = None
         self.cloud = cloud
         self.observer = observer
         # The most an attempt waits for a host's first message before the next host is tried.
@@ -201,7 +205,7 @@ class GatewayService:
                 most = request.size() + (request.stopping.max_tokens or DEFAULT_RESERVE) * (
                     request.output.n
                 )
-                admission = self._admit(request.routing.key, request.model, most)
+                admission = await self._admit(request.routing.key, request.model, most, time_left_s)
             async with aclosing(self._serve(request, time_left_s)) as responses:
                 async for event in responses:
                     if first and isinstance(event, Token):
@@ -296,7 +300,7 @@ class GatewayService:
             if request.key:
                 inputs = request.inputs
                 most = sum(len(i.encode()) + 2 if isinstance(i, str) else len(i) for i in inputs)
-                admission = self._admit(request.key, request.model, most)
+                admission = await self._admit(request.key, request.model, most, time_left_s)
             if request.model.startswith(OPENROUTER_PREFIX):
                 raise FailedPrecondition(
                     f"{shown(request.model)} is a cloud model; embeddings are made by local "
@@ -352,23 +356,47 @@ class GatewayService:
             for model in sorted(models):
                 self.keys.allows(record, model)
 
-    def _admit(self, key: str, model: str, most_tokens: int) -> Admission:
+    async def _admit(
+        self, key: str, model: str, most_tokens: int, time_left_s: float | None
+    ) -> Admission:
         """Lets a keyed request in under its key's limits."""
         assert self.keys is not None
-        return self.keys.admit(self._key(key), model, most_tokens)
+        return await self.keys.admit(self._key(key), model, most_tokens, time_left_s)
 
     def _settle(self, admission: Admission, label: str, usage: Usage) -> None:
-        """What the request used counts toward its key, in memory now and on disk soon."""
+        """What the request used counts toward its key, in memory now and in the store soon."""
         assert self.keys is not None
-        row = self.keys.settle(
+        _, write = self.keys.settle(
             admission, usage.prompt_tokens, usage.completion_tokens, usage.cost_usd
         )
-        self._usage_writes.submit(self.keys.store.record, row)
+        self._usage_writes.put_nowait(write)
+        if self._usage_writer is None:
+            self._usage_writer = asyncio.create_task(self._write_usage())
         self.observer.key_used(admission.key, label, usage)
 
-    def close(self) -> None:
-        """Waits for the usage still being written."""
-        self._usage_writes.shutdown(wait=True)
+    async def _write_usage(self) -> None:
+        while True:
+            write = await self._usage_writes.get()
+            delay = 0.1
+            while True:
+                try:
+                    await write()
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(delay)  # kept until the store is back
+                    delay = min(delay * 2, 5.0)
+            self._usage_writes.task_done()
+
+    async def close(self) -> None:
+        """Waits (a while) for the usage still being written."""
+        if self._usage_writer is None:
+            return
+        try:
+            await asyncio.wait_for(self._usage_writes.join(), USAGE_FLUSH_S)
+        except TimeoutError:
+            _log.error("key_usage_unwritten", rows=self._usage_writes.qsize())
+        self._usage_writer.cancel()
+        await asyncio.gather(self._usage_writer, return_exceptions=True)
 
     def model_label(self, requested: str) -> str:
         """The requested name as /metrics may show it: a name some host, alias or configured

@@ -124,7 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: keys_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
     ) -> keys_pb2.CreateKeyResponse:
         limits = key_limits_from_pb(request.limits)
-        record, secret = await off_loop(self._keys.create, request.name, limits)
+        record, secret = await self._keys.create(request.name, limits)
         _log.info("key_created", key=record.name)  # never the secret
         return keys_pb2.CreateKeyResponse(key=self._key_pb(record), secret=secret)
 
@@ -136,14 +136,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def RevokeKey(
         self, request: keys_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext
     ) -> keys_pb2.RevokeKeyResponse:
-        record = await off_loop(self._keys.revoke, request.name)
+        record = await self._keys.revoke(request.name)
         _log.info("key_revoked", key=record.name)
         return keys_pb2.RevokeKeyResponse(key=self._key_pb(record))
 
     async def GetKeyUsage(
         self, request: keys_pb2.GetKeyUsageRequest, context: grpc.aio.ServicerContext
     ) -> keys_pb2.GetKeyUsageResponse:
-        rows = await off_loop(self._keys.store.usage, request.name or None, request.since_day)
+        rows = await self._keys.store.usage(request.name or None, request.since_day)
         return keys_pb2.GetKeyUsageResponse(
             usage=[
                 keys_pb2.KeyUsage(

@@ -126,7 +126,7 @@ class StatusBoard:
         if self._keys is None:
             return []
         keys = self._keys
-        rows = await asyncio.to_thread(keys.store.usage, None, utc_day(self._clock()))
+        rows = await keys.store.usage(None, utc_day(self._clock()))
         today: dict[str, dict[str, Any]] = {}
         for record in keys.keys():
             today[record.name] = {

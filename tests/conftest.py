@@ -6,10 +6,10 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
@@ -20,6 +20,9 @@ from gateway.config import GatewayConfig
 from gateway.server import RunningGateway, start_gateway
 from modelhost.config import HostConfig, ModelConfig, embedded_model_config
 from modelhost.server import RunningHost, start_host
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 T = TypeVar("T")
 
@@ -32,7 +35,10 @@ def gateway_config(modelhosts: list[str], **fields: Any) -> GatewayConfig:
     batches database of its own."""
     fields.setdefault("listen", "127.0.0.1:0")
     fields.setdefault("http_listen", None)
-    fields.setdefault("batch_db", Path(tempfile.mkdtemp(prefix="airouter-")) / "batches.sqlite3")
+    if "store" not in fields:
+        fields.setdefault(
+            "batch_db", Path(tempfile.mkdtemp(prefix="airouter-")) / "batches.sqlite3"
+        )
     return GatewayConfig(modelhosts=modelhosts, **fields)
 
 
@@ -50,6 +56,13 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
+
+
+async def until(condition: "Callable[[], bool]") -> None:
+    """Polls condition() on the event loop until it is true; fails after 10 seconds."""
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110 (another process's doing: no event to await)
+            await asyncio.sleep(0.01)
 
 
 def wait_until(condition, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
@@ -168,3 +181,32 @@ def http_stack(models: list[ModelConfig], **gateway_fields: Any) -> Iterator[str
     finally:
         loop.run(host.stop(0))
         loop.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator["PostgresServer"]:
+    """One PostgreSQL server for the session (each test takes a database of its own)."""
+    from tests.postgres import PostgresServer, server_programs
+
+    programs = server_programs()
+    if programs is None:
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+    server = PostgresServer(programs)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: "PostgresServer") -> str:
+    """A fresh, empty PostgreSQL database."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store on each backend: an SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "gateway.sqlite3")
+    return str(request.getfixturevalue("postgres_url"))

@@ -23,7 +23,8 @@ class ServerProcess:
         extra = ["--listen", listen]
         if args[0] == "gateway" and "--http-listen" not in args:
             extra += ["--http-listen", "127.0.0.1:0"]  # never the fixed default port
-        if args[0] == "gateway" and "--batch-db" not in args:  # never the user's own batches
+        store_given = "--batch-db" in args or "--store" in args
+        if args[0] == "gateway" and not store_given:  # never the user's own batches
             extra += ["--batch-db", f"{tempfile.mkdtemp(prefix='airouter-')}/batches.sqlite3"]
         self.process = subprocess.Popen(
             [str(BIN / args[0]), *args[1:], *extra],

@@ -2,12 +2,13 @@
 restarts), then end to end through a gateway with an admin token: the CLI, every door, the
 cloud budget against the fake OpenRouter, and the secret in no log and no metric."""
 
+import asyncio
 import datetime
 import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,21 @@ from airouter.errors import (
     Unauthenticated,
 )
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, keys_pb2
-from gateway.key_store import KeyLimits, KeyStore
-from gateway.keys import KeyRing
+from gateway.database import open_database
+from gateway.key_store import KeyLimits, KeyStore, UsageRow
+from gateway.keys import Admission, KeyRing
+from gateway.schema import migrate
 from gateway.server import start_gateway
 from modelhost.config import HostConfig, embedded_model_config
 from modelhost.server import start_host
-from tests.conftest import CONTEXT, LoopThread, gateway_config, scrape_metrics, wait_for_health
+from tests.conftest import (
+    CONTEXT,
+    LoopThread,
+    gateway_config,
+    scrape_metrics,
+    until,
+    wait_for_health,
+)
 from tests.fake_openrouter import API_KEY, COST_USD, FakeOpenRouter
 from tests.streaming import gateway_request
 
@@ -47,123 +57,206 @@ class Clock:
         return self.now
 
 
-def ring(tmp_path: Path, clock: Clock | None = None) -> KeyRing:
-    return KeyRing(KeyStore(tmp_path / "gateway.sqlite3"), clock or Clock())
+def with_rings(
+    url: str,
+    body: Callable[..., Awaitable[Any]],
+    clock: Clock | None = None,
+    gateways: int = 1,
+) -> Any:
+    """body(ring, ...) with a KeyRing per gateway on the store at url (one SQLite file
+    serves one gateway; several share PostgreSQL)."""
+
+    async def run() -> Any:
+        databases = [await open_database(url) for _ in range(gateways)]
+        await migrate(databases[0])
+        rings = [await KeyRing.load(KeyStore(d), clock or Clock()) for d in databases]
+        try:
+            return await body(*rings)
+        finally:
+            for keys in rings:
+                await keys.close()
+            for database in databases:
+                await database.close()
+
+    return asyncio.run(run())
 
 
-def test_a_key_is_made_once_and_its_secret_is_never_stored(tmp_path: Path) -> None:
-    keys = ring(tmp_path)
-    record, secret = keys.create("alice", KeyLimits())
-    assert secret.startswith("air-") and len(secret) > 40 and secret.startswith(record.hint)
-    assert keys.identify(secret) == record
-    assert keys.identify(secret + "x") is None and keys.identify("sk-other") is None
-    keys.store.close()
-    assert secret.encode() not in (tmp_path / "gateway.sqlite3").read_bytes()
-    with pytest.raises(AlreadyExists):
-        ring(tmp_path).create("alice", KeyLimits())
-    for bad_name in ("", "a b", "-dash", "x" * 65):
-        with pytest.raises(InvalidArgument):
-            keys.create(bad_name, KeyLimits())
-    with pytest.raises(InvalidArgument, match="rpm"):
-        keys.create("bob", KeyLimits(rpm=0))
+async def settle(
+    keys: KeyRing, admission: Admission, prompt: int, completion: int, cost: float
+) -> UsageRow:
+    row, write = keys.settle(admission, prompt, completion, cost)
+    await write()
+    return row
+
+
+def test_a_key_is_made_once_and_its_secret_is_never_stored(store_url: str) -> None:
+    secrets: list[str] = []
+
+    async def body(keys: KeyRing) -> None:
+        record, secret = await keys.create("alice", KeyLimits())
+        secrets.append(secret)
+        assert secret.startswith("air-") and len(secret) > 40 and secret.startswith(record.hint)
+        assert keys.identify(secret) == record
+        assert keys.identify(secret + "x") is None and keys.identify("sk-other") is None
+        for bad_name in ("", "a b", "-dash", "x" * 65):
+            with pytest.raises(InvalidArgument):
+                await keys.create(bad_name, KeyLimits())
+        with pytest.raises(InvalidArgument, match="rpm"):
+            await keys.create("bob", KeyLimits(rpm=0))
+        rows = await keys.store.db.fetch("SELECT * FROM api_keys")
+        assert secrets[0] not in repr([tuple(r) for r in rows])
+
+    with_rings(store_url, body)
+
+    async def again(keys: KeyRing) -> None:
+        with pytest.raises(AlreadyExists):
+            await keys.create("alice", KeyLimits())
+
+    with_rings(store_url, again)
+    if not store_url.startswith("postgresql"):
+        assert secrets[0].encode() not in Path(store_url).read_bytes()
 
 
 def test_models_outside_the_patterns_revoked_and_expired_keys_are_refused(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
     clock = Clock()
-    keys = ring(tmp_path, clock)
-    record, _ = keys.create("coder", KeyLimits(models=("qwen*", "gemma-3-270m")))
-    keys.admit(record, "qwen2.5-coder", 10)
-    with pytest.raises(PermissionDenied, match=r"only the models qwen\*, gemma-3-270m"):
-        keys.admit(record, "openrouter/openai/gpt-4o", 10)
-    later, secret = keys.create("temp", KeyLimits(expires_at=clock.now + 60))
-    keys.admit(later, "m", 1)
-    clock.now += 61
-    with pytest.raises(Unauthenticated, match="expired"):
-        keys.admit(later, "m", 1)
-    keys.revoke("coder")
-    revoked = keys.get("coder")
-    assert revoked is not None
-    with pytest.raises(Unauthenticated, match="revoked"):
-        keys.admit(revoked, "qwen2.5-coder", 1)
-    with pytest.raises(Unauthenticated):
-        keys.validate(secret)
-    # A revoked name may be given to a new key; the old secret stays refused.
-    fresh, _ = keys.create("coder", KeyLimits())
-    keys.admit(fresh, "anything", 1)
+
+    async def body(keys: KeyRing) -> None:
+        record, _ = await keys.create("coder", KeyLimits(models=("qwen*", "gemma-3-270m")))
+        await keys.admit(record, "qwen2.5-coder", 10)
+        with pytest.raises(PermissionDenied, match=r"only the models qwen\*, gemma-3-270m"):
+            await keys.admit(record, "openrouter/openai/gpt-4o", 10)
+        later, secret = await keys.create("temp", KeyLimits(expires_at=clock.now + 60))
+        await keys.admit(later, "m", 1)
+        clock.now += 61
+        with pytest.raises(Unauthenticated, match="expired"):
+            await keys.admit(later, "m", 1)
+        await keys.revoke("coder")
+        revoked = keys.get("coder")
+        assert revoked is not None
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await keys.admit(revoked, "qwen2.5-coder", 1)
+        with pytest.raises(Unauthenticated):
+            keys.validate(secret)
+        # A revoked name may be given to a new key; the old secret stays refused.
+        fresh, _ = await keys.create("coder", KeyLimits())
+        await keys.admit(fresh, "anything", 1)
+
+    with_rings(store_url, body, clock)
 
 
-def test_requests_a_minute_with_the_wait_until_the_window_frees(tmp_path: Path) -> None:
+def test_requests_a_minute_with_the_wait_until_the_window_frees(store_url: str) -> None:
     clock = Clock()
-    keys = ring(tmp_path, clock)
-    record, _ = keys.create("r", KeyLimits(rpm=3))
-    for _ in range(3):
-        keys.settle(keys.admit(record, "m", 10), 5, 5, 0.0)
-        clock.now += 10
-    with pytest.raises(ResourceExhausted) as refused:
-        keys.admit(record, "m", 10)
-    assert refused.value.retry_after_s == pytest.approx(30)
-    clock.now += 30
-    keys.admit(record, "m", 10)
+
+    async def body(keys: KeyRing) -> None:
+        record, _ = await keys.create("r", KeyLimits(rpm=3))
+        for _ in range(3):
+            await settle(keys, await keys.admit(record, "m", 10), 5, 5, 0.0)
+            clock.now += 10
+        with pytest.raises(ResourceExhausted) as refused:
+            await keys.admit(record, "m", 10)
+        assert refused.value.retry_after_s == pytest.approx(30)
+        clock.now += 30
+        await keys.admit(record, "m", 10)
+
+    with_rings(store_url, body, clock)
 
 
-def test_tokens_a_minute_count_what_requests_in_flight_may_use(tmp_path: Path) -> None:
+def test_tokens_a_minute_count_what_requests_in_flight_may_use(store_url: str) -> None:
     clock = Clock()
-    keys = ring(tmp_path, clock)
-    record, _ = keys.create("t", KeyLimits(tpm=1000))
-    first = keys.admit(record, "m", 600)
-    second = keys.admit(record, "m", 600)  # 600 reserved < 1000: let in
-    with pytest.raises(ResourceExhausted):
-        keys.admit(record, "m", 1)  # 1200 reserved
-    keys.settle(first, 100, 100, 0.0)
-    keys.settle(second, 100, 100, 0.0)
-    keys.admit(record, "m", 500)  # 400 used + 0 reserved
-    clock.now += 61
-    keys.admit(record, "m", 500)
+
+    async def body(keys: KeyRing) -> None:
+        record, _ = await keys.create("t", KeyLimits(tpm=1000))
+        first = await keys.admit(record, "m", 600)
+        second = await keys.admit(record, "m", 600)  # 600 reserved < 1000: let in
+        with pytest.raises(ResourceExhausted):
+            await keys.admit(record, "m", 1)  # 1200 reserved
+        await settle(keys, first, 100, 100, 0.0)
+        await settle(keys, second, 100, 100, 0.0)
+        await keys.admit(record, "m", 500)  # 400 used + 0 reserved
+        clock.now += 61
+        await keys.admit(record, "m", 500)
+
+    with_rings(store_url, body, clock)
 
 
 def test_racing_for_the_last_tokens_of_a_day_ends_at_most_one_request_over(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
+    """Twenty requests arrive together, each able to use 300 tokens, with 100 left: only one
+    gets in, on one gateway or across three sharing PostgreSQL."""
     clock = Clock()
-    keys = ring(tmp_path, clock)
-    record, _ = keys.create("q", KeyLimits(tokens_per_day=1000))
-    keys.settle(keys.admit(record, "m", 900), 400, 500, 0.0)  # 900 used
-    # Twenty requests arrive together, each able to use 300 tokens: only one gets in.
-    admitted, refused = [], []
-    for _ in range(20):
-        try:
-            admitted.append(keys.admit(record, "m", 300))
-        except ResourceExhausted as exc:
-            refused.append(exc)
-    assert len(admitted) == 1 and len(refused) == 19
-    keys.settle(admitted[0], 100, 200, 0.0)  # the stream that crosses the quota finishes
-    used = 900 + 300
-    assert used <= 1000 + 300
-    with pytest.raises(ResourceExhausted, match="tokens for today") as after:
-        keys.admit(record, "m", 1)
-    assert after.value.retry_after_s == pytest.approx(6 * 3600)
-    clock.now += 6 * 3600  # midnight UTC: a new day
-    keys.admit(record, "m", 1)
+    gateways = 3 if store_url.startswith("postgresql") else 1
+
+    async def body(*rings: KeyRing) -> None:
+        record, _ = await rings[0].create("q", KeyLimits(tokens_per_day=1000))
+        await settle(rings[0], await rings[0].admit(record, "m", 900), 400, 500, 0.0)
+        tries = [rings[i % gateways].admit(record, "m", 300) for i in range(20)]
+        outcomes = await asyncio.gather(*tries, return_exceptions=True)
+        admitted = [o for o in outcomes if isinstance(o, Admission)]
+        refused = [o for o in outcomes if isinstance(o, ResourceExhausted)]
+        assert len(admitted) == 1 and len(refused) == 19
+        # The stream that crosses the quota finishes: 900 + 300 <= 1000 + one request.
+        await settle(rings[0], admitted[0], 100, 200, 0.0)
+        for keys in rings:
+            with pytest.raises(ResourceExhausted, match="tokens for today") as after:
+                await keys.admit(record, "m", 1)
+            assert after.value.retry_after_s == pytest.approx(6 * 3600)
+        clock.now += 6 * 3600  # midnight UTC: a new day
+        await rings[-1].admit(record, "m", 1)
+
+    with_rings(store_url, body, clock, gateways)
 
 
-def test_usage_and_spend_survive_a_restart(tmp_path: Path) -> None:
+def test_usage_and_spend_survive_a_restart(store_url: str) -> None:
     clock = Clock()
-    keys = ring(tmp_path, clock)
-    record, secret = keys.create("p", KeyLimits(tokens_per_day=1000, cloud_budget_usd=0.5))
-    row = keys.settle(keys.admit(record, "openrouter/x/y", 10), 600, 300, 0.75)
-    keys.store.record(row)
-    keys.store.close()
-    again = ring(tmp_path, clock)
-    restored = again.identify(secret)
-    assert restored is not None and again.cloud_spent(restored)
-    assert again.spend("p") == pytest.approx(0.75)
-    again.admit(restored, "m", 100)  # 900 used today < 1000
-    with pytest.raises(ResourceExhausted):
-        again.admit(restored, "m", 1)  # 900 used + 100 reserved
-    [usage] = again.store.usage("p")
-    assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (1, 600, 300)
+    secrets: list[str] = []
+
+    async def before(keys: KeyRing) -> None:
+        record, secret = await keys.create(
+            "p", KeyLimits(tokens_per_day=1000, cloud_budget_usd=0.5)
+        )
+        secrets.append(secret)
+        await settle(keys, await keys.admit(record, "openrouter/x/y", 10), 600, 300, 0.75)
+
+    async def after(keys: KeyRing) -> None:
+        restored = keys.identify(secrets[0])
+        assert restored is not None and keys.cloud_spent(restored)
+        assert keys.spend("p") == pytest.approx(0.75)
+        await keys.admit(restored, "m", 100)  # 900 used today < 1000
+        with pytest.raises(ResourceExhausted):
+            await keys.admit(restored, "m", 1)  # 900 used + 100 reserved
+        [usage] = await keys.store.usage("p")
+        assert (usage.requests, usage.prompt_tokens, usage.completion_tokens) == (1, 600, 300)
+
+    with_rings(store_url, before, clock)
+    with_rings(store_url, after, clock)
+
+
+def test_keys_made_or_revoked_on_one_gateway_hold_on_the_others_at_once(
+    postgres_url: str,
+) -> None:
+    async def body(first: KeyRing, second: KeyRing) -> None:
+        record, secret = await first.create("shared", KeyLimits(rpm=2))
+        await until(lambda: second.identify(secret) is not None)  # told by NOTIFY
+        seen = second.identify(secret)
+        assert seen is not None
+        await first.admit(record, "m", 1)
+        await second.admit(seen, "m", 1)
+        with pytest.raises(ResourceExhausted, match="2 requests in the last minute"):
+            await first.admit(record, "m", 1)  # the rate holds across both
+        await second.revoke("shared")
+        await until(lambda: _revoked(first, "shared"))
+        with pytest.raises(Unauthenticated, match="revoked"):
+            first.validate(secret)
+
+    with_rings(postgres_url, body, gateways=2)
+
+
+def _revoked(keys: KeyRing, name: str) -> bool:
+    record = keys.get(name)
+    return record is not None and record.revoked_at is not None
 
 
 # --- end to end ----------------------------------------------------------------------
