@@ -172,7 +172,10 @@ class BatchRunner:
         # Submits one at a time here: two with one batch_id must not both store it.
         self._submitting = asyncio.Lock()
         self._recording: set[asyncio.Task[Any]] = set()
-        self._totals: dict[ItemState, int] = {}
+        # Items by state as of the last look at the store, moved on at once for this
+        # gateway's own results (a look that began before them is then discarded).
+        self._totals: Counter[ItemState] = Counter()
+        self._totals_version = 0
         self._store_down_logged = False
         self.retries = 0  # attempts that failed and were tried again
         metrics.watch_batches(self._item_states, lambda: self.retries)
@@ -186,7 +189,7 @@ class BatchRunner:
         active = [b for b in await self._store.batches() if b.active]
         if active:
             _log.info("batches_resumed", batches=len(active), store=self._store.db.described)
-        self._totals = await self._store.item_totals()
+        await self._refresh_totals()
         self._tasks = [
             asyncio.create_task(self._dispatch()),
             asyncio.create_task(self._renew_forever()),
@@ -229,7 +232,7 @@ class BatchRunner:
         deleted = await self._store.delete_finished_before(time.time() - self._retention_s)
         if deleted:
             _log.info("batches_deleted", batches=len(deleted), retention_s=self._retention_s)
-            self._totals = await self._store.item_totals()
+            await self._refresh_totals()
 
     def drain(self) -> None:
         """Shutdown begins: no item starts any more, and result streams end with UNAVAILABLE
@@ -304,7 +307,8 @@ class BatchRunner:
             stored = await self._store.add_batch(batch_id, items, trace_id, span_id, api_key)
         if stored is not None:
             _log.info("batch_submitted", batch_id=batch_id, items=len(items))
-            self._totals = await self._store.item_totals()
+            self._totals_version += 1
+            self._totals[ItemState.PENDING] += len(items)
         return stored
 
     async def get(self, batch_id: str) -> BatchInfo:
@@ -322,6 +326,7 @@ class BatchRunner:
                 f"batch {shown(batch_id)} has already completed; nothing to cancel"
             )
         await self._stop_batch_items(batch_id)
+        await self._refresh_totals()
         stored = await self._batch(batch_id)
         _log.info("batch_cancelled", batch_id=batch_id, **_counts_log(stored))
         return stored.info()
@@ -415,13 +420,17 @@ class BatchRunner:
             except Exception as exc:  # one model's trouble must not stop every batch
                 _log.error("batch_item_unplaceable", model=model, error=f"{type(exc).__name__}")
                 error = Internal(f"the gateway could not dispatch this item: {exc!r}")
-                for claimed in await self._store.claim(self.owner, model, 1, self._lease_s):
+                claims = await self._store.claim(self.owner, model, 1, self._lease_s)
+                self._count_claims(claims)
+                for claimed in claims:
                     await self._start(claimed, error)
                 continue
             if room <= 0:
                 held_back = True
                 continue
-            for claimed in await self._store.claim(self.owner, model, room, self._lease_s):
+            claims = await self._store.claim(self.owner, model, room, self._lease_s)
+            self._count_claims(claims)
+            for claimed in claims:
                 await self._start(claimed)
                 # Let the item reach its host, so the next decision counts it there.
                 await asyncio.sleep(0)
@@ -588,6 +597,9 @@ class BatchRunner:
             )
         finally:
             self._forget(item)
+        self._totals_version += 1
+        self._totals[ItemState.RUNNING] -= 1
+        self._totals[ItemState.PENDING] += 1
         self._wake.set()
 
     async def _settle(self, item: _Item, results: list[ItemResult]) -> None:
@@ -606,12 +618,12 @@ class BatchRunner:
                 custom_id=item.claimed.custom_id,
                 reason="its lease lapsed and another gateway holds the item now",
             )
+        if stored:
+            self._totals_version += 1
+            self._totals[ItemState.RUNNING] -= len(stored)
+            self._totals.update(r.state for r in stored)
         if finished is not None:
             _log.info("batch_finished", batch_id=finished.id, **_counts_log(finished))
-        try:
-            self._totals = await self._store.item_totals()
-        except StoreUnavailable:
-            pass
         self._announce(item.claimed.batch_id)
         self._wake.set()
 
@@ -640,7 +652,7 @@ class BatchRunner:
             await asyncio.sleep(self._lease_s / 3)
             try:
                 held, cancelling = await self._store.renew(self.owner, self._lease_s)
-                self._totals = await self._store.item_totals()
+                await self._refresh_totals()
             except StoreUnavailable:
                 continue  # the dispatcher says so; leases may lapse if this goes on
             for key, item in list(self._running.items()):
@@ -655,6 +667,24 @@ class BatchRunner:
                         custom_id=item.claimed.custom_id,
                     )
                     item.task.cancel()
+
+    def _count_claims(self, claims: list[ClaimedItem]) -> None:
+        """Moves claimed items from pending to running in the totals (an item taken over from
+        a gateway that died was running already: the store is asked again then)."""
+        self._totals_version += 1
+        self._totals[ItemState.PENDING] -= len(claims)
+        self._totals[ItemState.RUNNING] += len(claims)
+        if any(c.attempts > 1 for c in claims):
+            self._spawn(self._refresh_totals())
+
+    async def _refresh_totals(self) -> None:
+        version = self._totals_version
+        try:
+            totals = await self._store.item_totals()
+        except StoreUnavailable:
+            return  # the next look
+        if version == self._totals_version:
+            self._totals = Counter(totals)
 
     def _item_states(self) -> Counter[str]:
         """Items of every stored batch by state (BatchCounts' fields but total), for

@@ -244,7 +244,7 @@ class HttpEdge:
         self._keys = keys
         self._status = status
         self._sampler: asyncio.Task[None] | None = None
-        self._stored = stored_responses  # owned: closed with the edge
+        self._stored = stored_responses
         self.app = web.Application(
             middlewares=[self._errors, self._cors, self._auth], client_max_size=MAX_GENERATE_BYTES
         )
@@ -325,10 +325,6 @@ class HttpEdge:
             self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._stored is not None:
-            self._stored.close()
-        if self._batch_door is not None:
-            self._batch_door.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -653,12 +649,12 @@ class HttpEdge:
             return
         conversation = history + prepared.turns + responses.output_turns(output)
         stored = StoredResponse(ident, root, conversation, final)
-        await asyncio.to_thread(self._stored.put, stored)
+        await self._stored.put(stored)
 
     async def _stored_or_404(self, ident: str) -> StoredResponse:
         found = None
         if self._stored is not None:
-            found = await asyncio.to_thread(self._stored.get, ident)
+            found = await self._stored.get(ident)
         if found is None:
             raise NotFound(
                 f"no stored response {shown(ident)}: responses are kept only when created with "
@@ -705,7 +701,7 @@ class HttpEdge:
 
     async def _delete_response(self, request: web.Request) -> web.Response:
         ident = request.match_info["id"]
-        deleted = self._stored is not None and await asyncio.to_thread(self._stored.delete, ident)
+        deleted = self._stored is not None and await self._stored.delete(ident)
         if not deleted:
             raise NotFound(f"no stored response {shown(ident)}")
         body = {"id": ident, "object": "response.deleted", "deleted": True}

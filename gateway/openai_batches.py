@@ -5,22 +5,15 @@ repeats no result), and its output and error files are OpenAI's line format read
 results stored so far (a view of the store, so they grow as results arrive and never
 disagree with it).
 
-Uploads stream to the gateway's own directory (`<batch_db's directory>/files/`, one file per
-upload named by its id, written to a temporary name and renamed when whole), never held in
-memory, up to `max_upload_bytes`. Their records, and each OpenAI batch's input file, endpoint
-and metadata, are tables of the batches' SQLite database. Only files the gateway wrote there
-are ever deleted.
+Uploads stream into the gateway's store (gateway.file_store) as they arrive, never held in
+memory, up to `max_upload_bytes`, so every gateway on the store reads them.
 """
 
 import asyncio
 import json
-import os
-import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,155 +24,14 @@ from airouter.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from airouter.openai_api import json_body
 from gateway.batch_records import BatchInfo, BatchState
 from gateway.batches import MAX_ITEMS, BatchRunner
+from gateway.file_store import BatchRecord, FileRecord, FileStore
 from gateway.generation import GenerateRequest, validate
 from gateway.offload import off_loop
 from gateway.wire import item_result_pb, request_from_pb
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    id TEXT PRIMARY KEY,
-    filename TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS openai_batches (
-    id TEXT PRIMARY KEY,
-    input_file_id TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    completion_window TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
 # OpenAI's purposes; only batch files are read here, the rest are kept as uploaded.
 PURPOSES = ("batch", "fine-tune", "assistants", "vision", "user_data", "evals")
 CHUNK_BYTES = 1 << 16
-_PARTIAL = ".partial"
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    id: str
-    filename: str
-    purpose: str
-    bytes: int
-    created_at: float
-
-    def json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "file",
-            "bytes": self.bytes,
-            "created_at": int(self.created_at),
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": "processed",
-            "expires_at": None,
-            "status_details": None,
-        }
-
-
-@dataclass(frozen=True)
-class BatchRecord:
-    id: str
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str]
-    created_at: float
-
-
-class FileStore:
-    """Uploaded files and OpenAI batches' records. Blocking: call from worker threads."""
-
-    def __init__(self, directory: Path, database: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a file id answered is a file kept
-        self._db.executescript(_SCHEMA)
-        # Uploads a killed gateway left half written are its own: removed.
-        for partial in directory.glob(f"*{_PARTIAL}"):
-            partial.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def path(self, file_id: str) -> Path:
-        return self.directory / file_id
-
-    def add(self, record: FileRecord) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO files (id, filename, purpose, bytes, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (record.id, record.filename, record.purpose, record.bytes, record.created_at),
-            )
-
-    def get(self, file_id: str) -> FileRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id, filename, purpose, bytes, created_at FROM files WHERE id = ?",
-                (file_id,),
-            ).fetchone()
-        return FileRecord(*row) if row else None
-
-    def all(self) -> list[FileRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, filename, purpose, bytes, created_at FROM files "
-                "ORDER BY created_at DESC"
-            ).fetchall()
-        return [FileRecord(*row) for row in rows]
-
-    def delete(self, file_id: str) -> bool:
-        with self._lock:
-            deleted = self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
-        if deleted:
-            self.path(file_id).unlink(missing_ok=True)  # a file this gateway wrote
-        return bool(deleted)
-
-    def add_batch(self, record: BatchRecord) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO openai_batches (id, input_file_id, endpoint, completion_window, "
-                "metadata, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.input_file_id,
-                    record.endpoint,
-                    record.completion_window,
-                    json.dumps(record.metadata),
-                    record.created_at,
-                ),
-            )
-
-    def forget_batch(self, batch_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM openai_batches WHERE id = ?", (batch_id,))
-
-    def batch(self, batch_id: str) -> BatchRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id, input_file_id, endpoint, completion_window, metadata, created_at "
-                "FROM openai_batches WHERE id = ?",
-                (batch_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        return BatchRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
-
-    def batches(self) -> list[BatchRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, input_file_id, endpoint, completion_window, metadata, created_at "
-                "FROM openai_batches ORDER BY created_at DESC"
-            ).fetchall()
-        return [BatchRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
 
 
 def read_batch_lines(path: Path, endpoint: str) -> list[tuple[str, GenerateRequest]]:
@@ -280,8 +132,8 @@ class BatchDoor:
         self._runner = runner
         self._max_upload_bytes = max_upload_bytes
 
-    def close(self) -> None:
-        self._files.close()
+    async def start(self) -> None:
+        await self._files.start()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/files", self.upload)
@@ -320,40 +172,34 @@ class BatchDoor:
                     f"purpose: {shown(purpose or '')} is not one of {', '.join(PURPOSES)}"
                 )
             record = FileRecord(saved.id, saved.filename, purpose, saved.bytes, saved.created_at)
-            await asyncio.to_thread(self._files.add, record)
+            await self._files.add(record)
         except BaseException:
             if saved is not None:
-                await asyncio.to_thread(self._files.path(saved.id).unlink, True)
+                await asyncio.shield(self._files.drop_contents(saved.id))
             raise
         return web.json_response(record.json())
 
     async def _save(self, part: BodyPartReader) -> FileRecord:
-        """The part's bytes, streamed to a temporary file and renamed to its id when whole."""
+        """The part's bytes, streamed into the store as they arrive."""
         file_id = f"file-{uuid.uuid4().hex}"
-        final = self._files.path(file_id)
-        partial = final.with_name(final.name + _PARTIAL)
-        size = 0
-        handle = await asyncio.to_thread(partial.open, "wb")
-        try:
+        limit = self._max_upload_bytes
+
+        async def chunks() -> AsyncIterator[bytes]:
+            size = 0
             while chunk := await part.read_chunk(CHUNK_BYTES):
                 size += len(chunk)
-                if size > self._max_upload_bytes:
+                if size > limit:
                     raise InvalidArgument(
-                        f"file: larger than {self._max_upload_bytes >> 20} MiB "
-                        "(max_upload_bytes); split it"
+                        f"file: larger than {limit >> 20} MiB (max_upload_bytes); split it"
                     )
-                await asyncio.to_thread(handle.write, chunk)
-            await asyncio.to_thread(_finish, handle)
-            await asyncio.to_thread(os.replace, partial, final)
-        except BaseException:
-            handle.close()
-            await asyncio.to_thread(partial.unlink, True)
-            raise
+                yield chunk
+
+        size = await self._files.save(file_id, chunks())
         return FileRecord(file_id, part.filename or "upload.jsonl", "", size, time.time())
 
     async def list_files(self, request: web.Request) -> web.Response:
         """The uploaded files (a batch's result files are found through the batch)."""
-        files = await asyncio.to_thread(self._files.all)
+        files = await self._files.all()
         data = [f.json() for f in files]
         return web.json_response({"object": "list", "data": data, "has_more": False})
 
@@ -362,7 +208,7 @@ class BatchDoor:
 
     async def delete_file(self, request: web.Request) -> web.Response:
         file_id = request.match_info["id"]
-        if not await asyncio.to_thread(self._files.delete, file_id):
+        if not await self._files.delete(file_id):
             if await self._result_file(file_id) is not None:
                 raise FailedPrecondition(
                     f"{shown(file_id)} is a batch's result file, read from its stored results; "
@@ -373,16 +219,12 @@ class BatchDoor:
 
     async def content(self, request: web.Request) -> web.StreamResponse:
         file_id = request.match_info["id"]
-        record = await asyncio.to_thread(self._files.get, file_id)
+        record = await self._files.get(file_id)
         out = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         if record is not None:
             await out.prepare(request)
-            handle = await asyncio.to_thread(self._files.path(file_id).open, "rb")
-            try:
-                while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
-                    await out.write(chunk)
-            finally:
-                handle.close()
+            async for chunk in self._files.read(file_id):
+                await out.write(chunk)
             return out
         found = await self._result_file(file_id)
         if found is None:
@@ -394,7 +236,7 @@ class BatchDoor:
         return out
 
     async def _file(self, file_id: str) -> FileRecord:
-        record = await asyncio.to_thread(self._files.get, file_id)
+        record = await self._files.get(file_id)
         if record is not None:
             return record
         found = await self._result_file(file_id)
@@ -407,7 +249,7 @@ class BatchDoor:
         for suffix, errors in (("-output", False), ("-errors", True)):
             if file_id.startswith("file-") and file_id.endswith(suffix):
                 batch_id = file_id.removeprefix("file-").removesuffix(suffix)
-                if await asyncio.to_thread(self._files.batch, batch_id) is not None:
+                if await self._files.batch(batch_id) is not None:
                     return batch_id, errors
         return None
 
@@ -457,7 +299,7 @@ class BatchDoor:
             raise InvalidArgument(
                 "metadata: at most 16 pairs of strings (keys up to 64, values up to 512 chars)"
             )
-        record = await asyncio.to_thread(self._files.get, file_id)
+        record = await self._files.get(file_id)
         if record is None:
             raise NotFound(f"input_file_id: no file {shown(file_id)}; upload it to /v1/files")
         if record.purpose != "batch":
@@ -465,17 +307,17 @@ class BatchDoor:
                 f"input_file_id: {shown(file_id)} was uploaded for {record.purpose!r}; upload "
                 "the batch file with purpose batch"
             )
-        path = self._files.path(file_id)
-        items = await asyncio.to_thread(read_batch_lines, path, endpoint)
+        async with self._files.local_path(file_id) as path:
+            items = await asyncio.to_thread(read_batch_lines, path, endpoint)
         batch_id = f"batch_{uuid.uuid4().hex}"
         stored = BatchRecord(batch_id, file_id, endpoint, window, metadata, time.time())
-        await asyncio.to_thread(self._files.add_batch, stored)
+        await self._files.add_batch(stored)
         try:
             info = await self._runner.submit(
                 batch_id, items, list(request.headers.items()), self.key_of(request)
             )
         except BaseException:
-            await asyncio.to_thread(self._files.forget_batch, batch_id)
+            await self._files.forget_batch(batch_id)
             raise
         return web.json_response(batch_json(stored, info))
 
@@ -496,7 +338,7 @@ class BatchDoor:
             raise InvalidArgument("limit: a number from 1 to 100") from None
         after = request.query.get("after")
         data = []
-        for record in await asyncio.to_thread(self._files.batches):
+        for record in await self._files.batches():
             if after is not None:
                 if record.id == after:
                     after = None
@@ -517,16 +359,10 @@ class BatchDoor:
         )
 
     async def _batch(self, batch_id: str) -> tuple[BatchRecord, BatchInfo]:
-        record = await asyncio.to_thread(self._files.batch, batch_id)
+        record = await self._files.batch(batch_id)
         if record is None:
             raise NotFound(f"no batch {shown(batch_id)}; GET /v1/batches lists them")
         return record, await self._runner.get(batch_id)
-
-
-def _finish(handle: Any) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
-    handle.close()
 
 
 def _lines(page: list[Any], batch_id: str, created: int, errors: bool) -> bytes:

@@ -91,7 +91,8 @@ CREATE TABLE IF NOT EXISTS openai_batches (
 """
 
 # Items claimed under leases by any gateway; a batch's counts kept with it; per-key limits
-# counted in the database; uploaded files' contents in it.
+# counted in the database; uploaded files' contents in it (PostgreSQL; SQLite keeps them on
+# disk beside its file).
 _V2 = """
 ALTER TABLE items ADD COLUMN model TEXT NOT NULL DEFAULT '';
 ALTER TABLE items ADD COLUMN owner TEXT;
@@ -117,6 +118,13 @@ CREATE TABLE key_reservations (
     until {FLOAT} NOT NULL
 );
 CREATE INDEX key_reservations_by_key ON key_reservations (name);
+CREATE TABLE file_chunks (
+    file_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    data {BLOB} NOT NULL,
+    created_at {FLOAT} NOT NULL,
+    PRIMARY KEY (file_id, n)
+);
 """
 
 

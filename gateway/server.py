@@ -2,7 +2,6 @@
 
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import structlog
@@ -15,12 +14,13 @@ from gateway.batch_store import BatchStore
 from gateway.batches import BatchRunner
 from gateway.config import MODELHOST_TOKEN_ENV, OPENROUTER_KEY_ENV, GatewayConfig
 from gateway.database import Database, open_database
+from gateway.file_store import FileStore
 from gateway.hosts import CHANNEL_OPTIONS, HostPool
 from gateway.http_edge import HttpEdge
 from gateway.key_store import KeyStore
 from gateway.keys import KeyRing
 from gateway.metrics import GatewayMetrics
-from gateway.openai_batches import BatchDoor, FileStore
+from gateway.openai_batches import BatchDoor
 from gateway.prefixes import PrefixPolicy
 from gateway.response_store import ResponseStore
 from gateway.schema import VERSION as SCHEMA_VERSION
@@ -187,6 +187,8 @@ async def _start(
         server, health_servicer, port, pool, upstream, service, batches, database
     )
     if config.http_listen:
+        sqlite_path = config.sqlite_path
+        files = FileStore(database, sqlite_path.parent / "files" if sqlite_path else None)
         gateway.http = HttpEdge(
             service,
             credentials,
@@ -194,9 +196,9 @@ async def _start(
             config.http_request_timeout_s,
             config.http_header_timeout_s,
             config.cors_origins,
-            ResponseStore(_sqlite_path(config), config.response_retention_s),
+            ResponseStore(database, config.response_retention_s),
             BatchDoor(
-                FileStore(_sqlite_path(config).parent / "files", _sqlite_path(config)),
+                files,
                 batches,
                 config.max_upload_bytes,
             ),
@@ -204,6 +206,7 @@ async def _start(
             StatusBoard(service, metrics, batches, keys),
         )
         try:
+            await files.start()
             await gateway.http.start(config.http_listen, http_tls(config))
         except OSError:
             await gateway.stop(0)
@@ -219,9 +222,3 @@ def http_tls(config: GatewayConfig) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.tls_cert, config.tls_key)
     return context
-
-
-def _sqlite_path(config: GatewayConfig) -> Path:
-    path = config.sqlite_path
-    assert path is not None
-    return path

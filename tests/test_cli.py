@@ -267,7 +267,7 @@ def test_a_second_airouter_up_says_in_one_line_what_is_taken(tmp_path: Path) -> 
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         refused = up("--batch-db", str(database))
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
-    assert f"{database} is in use by another gateway; pass --batch-db" in refused.stderr
+    assert f"{database} is in use by another gateway; pass --store" in refused.stderr
 
 
 def test_airouter_up_then_generate_answers_from_the_instruct_model_and_ctrl_c_stops_both() -> None:

@@ -118,7 +118,8 @@ def test_the_kubernetes_manifests_render_and_match_what_the_programs_accept() ->
     config = GatewayConfig.model_validate(tomllib.loads(configs[0]["data"]["gateway.toml"]))
     assert config.modelhosts == [f"modelhost.airouter.svc.cluster.local:{port}"]
     mounts = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}
-    assert str(config.batch_db.parent) == mounts["batches"]
+    assert config.sqlite_path is not None
+    assert str(config.sqlite_path.parent) == mounts["batches"]
     claims = deployment["template"]["spec"]["volumes"]
     assert {"name": "batches", "persistentVolumeClaim": {"claimName": "gateway-batches"}} in claims
     _one(documents, "PersistentVolumeClaim", "gateway-batches")
