@@ -5,7 +5,9 @@ claiming) and renews it while the item runs; a gateway that dies stops renewing,
 lease has lapsed any gateway claims the item again. An item's result is recorded in the same
 transaction that ends the item and numbers it, and only by the gateway that holds the item, so
 every result is recorded exactly once: a gateway that lost its lease finds its result refused.
-A batch's counts are kept with it, so any gateway answers for any batch.
+A batch's counts are kept with it, so any gateway answers for any batch. A recorded item keeps
+its owner, so a gateway whose recording committed without an answer (the connection dropped
+at COMMIT) finds, when it tries again, that the result is its own.
 """
 
 from __future__ import annotations
@@ -349,9 +351,25 @@ class BatchStore:
         batch where this finished it."""
 
         async def body(conn: Connection) -> tuple[list[ItemResult], StoredBatch | None]:
-            return await self._finish(
+            stored, finished = await self._finish(
                 conn, batch_id, results, "owner = $6 AND state = " + str(_RUNNING), owner
             )
+            # A result whose earlier recording committed unacknowledged (the connection
+            # dropped at COMMIT) is there already, under this owner: it counts as stored.
+            recorded = {id(result) for result in stored}
+            for result in results:
+                if id(result) not in recorded:
+                    row = await conn.fetchrow(
+                        "SELECT sequence FROM items WHERE batch_id = $1 AND idx = $2 "
+                        "AND owner = $3 AND sequence IS NOT NULL",
+                        batch_id,
+                        result.index,
+                        owner,
+                    )
+                    if row is not None:
+                        result.sequence = row[0]
+                        stored.append(result)
+            return stored, finished
 
         return await self.db.transact(body)
 
@@ -439,8 +457,8 @@ class BatchStore:
         for result in results:
             result.sequence = last + 1
             updated = await conn.execute(
-                "UPDATE items SET state = $1, sequence = $2, result = $3, owner = NULL, "
-                f"lease_until = NULL WHERE batch_id = $4 AND idx = $5 AND sequence IS NULL "
+                "UPDATE items SET state = $1, sequence = $2, result = $3, lease_until = NULL "
+                "WHERE batch_id = $4 AND idx = $5 AND sequence IS NULL "
                 f"AND {condition}",
                 int(result.state),
                 result.sequence,

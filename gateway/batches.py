@@ -25,7 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import structlog
@@ -96,12 +96,12 @@ _CANCELLED = ItemState.CANCELLED
 @dataclass(eq=False)
 class _Item:
     claimed: ClaimedItem
-    batch: StoredBatch  # its batch as first seen here: the key and the trace to link to
     task: asyncio.Task[None] | None = None
     # Why its task was cancelled: the batch was (a cancelled result is recorded), or the
     # gateway stops or lost the item's lease (nothing is recorded: it runs again elsewhere).
     stopped_by_cancel: bool = False
     recording: bool = False
+    claimed_at: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -123,17 +123,6 @@ class _Item:
             error_code=error.code,
             error_message=str(error),
         )
-
-    def link(self) -> list[trace.Link]:
-        if not self.batch.trace_id:
-            return []
-        context = trace.SpanContext(
-            int(self.batch.trace_id, 16),
-            int(self.batch.span_id, 16),
-            is_remote=True,
-            trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
-        )
-        return [trace.Link(context, {"airouter.batch.id": self.batch.id})]
 
 
 class BatchRunner:
@@ -165,6 +154,7 @@ class BatchRunner:
         # A request of each model seen, standing for its items when the dispatcher weighs
         # where they could run (items of one model share their routing options as a rule).
         self._examples: dict[str, GenerateRequest] = {}
+        self._batches_seen: dict[str, StoredBatch] = {}
         self._wake = asyncio.Event()
         self._changed: dict[str, asyncio.Event] = {}  # per batch, for result streams
         self._tasks: list[asyncio.Task[None]] = []
@@ -334,6 +324,8 @@ class BatchRunner:
     async def _stop_batch_items(self, batch_id: str) -> None:
         """Stops this gateway's items of a cancelled batch; each records a cancelled result."""
         stopping = [i for i in self._running.values() if i.claimed.batch_id == batch_id and i.task]
+        if stopping:
+            _log.info("batch_items_stopping", batch_id=batch_id, items=len(stopping))
         for item in stopping:
             if not item.recording and not item.stopped_by_cancel:
                 item.stopped_by_cancel = True
@@ -423,7 +415,7 @@ class BatchRunner:
                 claims = await self._store.claim(self.owner, model, 1, self._lease_s)
                 self._count_claims(claims)
                 for claimed in claims:
-                    await self._start(claimed, error)
+                    self._start(claimed, error)
                 continue
             if room <= 0:
                 held_back = True
@@ -431,7 +423,8 @@ class BatchRunner:
             claims = await self._store.claim(self.owner, model, room, self._lease_s)
             self._count_claims(claims)
             for claimed in claims:
-                await self._start(claimed)
+                self._start(claimed)
+            for _ in claims:
                 # Let the item reach its host, so the next decision counts it there.
                 await asyncio.sleep(0)
             held_back = held_back or room < count
@@ -466,10 +459,12 @@ class BatchRunner:
         others = max(busy - running, 0)  # interactive requests keep their slots
         return slots - running - others
 
-    async def _start(self, claimed: ClaimedItem, error: AirouterError | None = None) -> None:
-        """Runs a claimed item, or fails it with `error` at once."""
-        batch = await self._batch_for(claimed.batch_id)
-        item = _Item(claimed, batch)
+    def _start(self, claimed: ClaimedItem, error: AirouterError | None = None) -> None:
+        """Runs a claimed item, or fails it with `error` at once; registered as this
+        gateway's before anything else can run, so renewals never take it for an orphan."""
+        if (claimed.batch_id, claimed.index) in self._running:
+            return  # still running here, its lease lapsed while the store was unreachable
+        item = _Item(claimed)
         self._examples[item.model] = claimed.request
         self._running[item.key] = item
         self._running_by_model[item.model] += 1
@@ -484,27 +479,31 @@ class BatchRunner:
         else:
             item.task = asyncio.create_task(self._run(item))
 
-    async def _batch_for(self, batch_id: str) -> StoredBatch:
-        for item in self._running.values():
-            if item.claimed.batch_id == batch_id:
-                return item.batch
-        return await self._batch(batch_id)
+    async def _batch_of(self, batch_id: str) -> StoredBatch:
+        """The batch as first seen here (its key and trace do not change)."""
+        batch = self._batches_seen.get(batch_id)
+        if batch is None:
+            batch = self._batches_seen[batch_id] = await self._batch(batch_id)
+            if len(self._batches_seen) > 1024:  # a long-lived gateway's old ones
+                self._batches_seen.pop(next(iter(self._batches_seen)))
+        return batch
 
     async def _run(self, item: _Item) -> None:
         claimed = item.claimed
-        request = replace(
-            claimed.request,
-            request_id=f"{claimed.batch_id}-{claimed.index}-{claimed.attempts}",
-            routing=replace(claimed.request.routing, key=item.batch.api_key),
-        )
         outputs = Outputs()
         finished: Finished | None = None
         error: AirouterError | None = None
         try:
+            batch = await self._batch_of(claimed.batch_id)
+            request = replace(
+                claimed.request,
+                request_id=f"{claimed.batch_id}-{claimed.index}-{claimed.attempts}",
+                routing=replace(claimed.request.routing, key=batch.api_key),
+            )
             with _tracer.start_as_current_span(
                 f"batch_item {claimed.custom_id}",
                 context=otel_context.Context(),  # a trace of its own, linked to the batch
-                links=item.link(),
+                links=_link(batch),
                 attributes={
                     "airouter.batch.id": claimed.batch_id,
                     "airouter.batch.custom_id": claimed.custom_id,
@@ -628,7 +627,8 @@ class BatchRunner:
         self._wake.set()
 
     def _forget(self, item: _Item) -> None:
-        if self._running.pop(item.key, None) is item:
+        if self._running.get(item.key) is item:
+            del self._running[item.key]
             self._running_by_model[item.model] -= 1
             self._wake.set()
 
@@ -641,7 +641,8 @@ class BatchRunner:
             try:
                 return await call(*args)
             except StoreUnavailable as exc:
-                _log.info("batch_store_retry", error=str(exc), in_s=delay)
+                if delay == 0.1:  # once per write, not at every try
+                    _log.info("batch_store_retry", error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -650,6 +651,7 @@ class BatchRunner:
         of batches cancelled where the notification did not reach it."""
         while True:
             await asyncio.sleep(self._lease_s / 3)
+            began = time.monotonic()
             try:
                 held, cancelling = await self._store.renew(self.owner, self._lease_s)
                 await self._refresh_totals()
@@ -660,13 +662,18 @@ class BatchRunner:
                     continue
                 if item.claimed.batch_id in cancelling:
                     self._spawn(self._stop_batch_items(item.claimed.batch_id))
-                elif key not in held and not item.recording:
+                elif key not in held and item.claimed_at < began:  # (one claimed since is)
                     _log.warning(
                         "batch_item_lease_lost",
                         batch_id=item.claimed.batch_id,
                         custom_id=item.claimed.custom_id,
                     )
                     item.task.cancel()
+            # Held in the store but run by nothing here (its task failed unexpectedly): given
+            # back, rather than renewed forever.
+            for batch_id, index in held - self._running.keys():
+                _log.error("batch_item_orphan_released", batch_id=batch_id, index=index)
+                self._spawn(self._store.release(self.owner, batch_id, index, time.time(), False))
 
     def _count_claims(self, claims: list[ClaimedItem]) -> None:
         """Moves claimed items from pending to running in the totals (an item taken over from
@@ -690,6 +697,19 @@ class BatchRunner:
         """Items of every stored batch by state (BatchCounts' fields but total), for
         /metrics: as of this gateway's last look at the store."""
         return Counter({state.name.lower(): self._totals.get(state, 0) for state in ItemState})
+
+
+def _link(batch: StoredBatch) -> list[trace.Link]:
+    """To the batch's span, from each of its items' traces."""
+    if not batch.trace_id:
+        return []
+    context = trace.SpanContext(
+        int(batch.trace_id, 16),
+        int(batch.span_id, 16),
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    return [trace.Link(context, {"airouter.batch.id": batch.id})]
 
 
 def _no_batch(batch_id: str) -> NotFound:

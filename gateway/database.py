@@ -321,17 +321,24 @@ class PostgresDatabase(Database):
         for attempt in range(4):
             try:
                 async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
-                    async with conn.transaction():
-                        result = await body(_PostgresConnection(conn))
+                    try:
+                        async with conn.transaction():
+                            result = await body(_PostgresConnection(conn))
+                    except Exception as exc:
+                        if conn.is_closed() or isinstance(exc, _broken_connection()):
+                            conn.terminate()  # the pool opens a new one when next asked
+                            raise _Lost(exc) from None
+                        raise
             except retryable:
                 if attempt == 3:
                     raise
                 await asyncio.sleep(0.01 * 2**attempt)
                 continue
-            except _connection_errors() as exc:
-                self._went(False, exc)
+            except _unreachable() as exc:
+                cause = exc.cause if isinstance(exc, _Lost) else exc
+                self._went(False, cause)
                 raise StoreUnavailable(
-                    f"the store {self.described} is unreachable ({_short(exc)}); retry shortly"
+                    f"the store {self.described} is unreachable ({_short(cause)}); retry shortly"
                 ) from None
             self._went(True)
             return result
@@ -379,6 +386,25 @@ class PostgresDatabase(Database):
             await asyncio.wait_for(self._pool.close(), CONNECT_TIMEOUT_S)
         except _connection_errors():  # TimeoutError among them
             self._pool.terminate()
+
+
+class _Lost(Exception):
+    """A statement failed because its connection did."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    return (*_connection_errors(), _Lost)
+
+
+def _broken_connection() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    # A connection that failed mid-operation can be left unusable ("another operation is in
+    # progress"): it is dropped, not reused.
+    return (*_connection_errors(), asyncpg.InternalClientError)
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
