@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +14,13 @@ from airouter.config_files import ConfigError
 from airouter.logs import configure_logging
 from airouter.security import SecurityError, add_security_flags, security_flags
 from airouter.tracing import add_tracing_flag, tracing_for
-from gateway.config import DEFAULT_LISTEN, DEFAULT_MODELHOST, GatewayConfig, load_gateway_config
+from gateway.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_MODELHOST,
+    STORE_ENV,
+    GatewayConfig,
+    load_gateway_config,
+)
 from gateway.database import StoreLocked, StoreUnavailable
 from gateway.schema import SchemaTooNew
 from gateway.server import RunningGateway, start_gateway
@@ -52,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where batches, files, stored responses, keys and usage live: an SQLite file, "
         "one gateway's alone (a path or sqlite:///path; default "
         "$XDG_STATE_HOME/airouter/batches.sqlite3), or postgresql://user@host/db, shared by "
-        "any number of gateways",
+        f"any number of gateways; else ${STORE_ENV}, else gateway.toml's store",
     )
     add_security_flags(serve)
     serve.add_argument("--modelhost-ca", type=Path, help="CA of the modelhosts' certificates")
@@ -76,7 +83,8 @@ def _run(args: argparse.Namespace) -> int:
         "http_listen": args.http_listen,
         "shutdown_grace_s": args.shutdown_grace,
         "modelhost_ca": args.modelhost_ca,
-        "store": args.store,
+        # The store's URL may carry a password: from a Secret through the environment.
+        "store": args.store or os.environ.get(STORE_ENV) or None,
         **security_flags(args),
     }
     try:

@@ -18,6 +18,7 @@ DEFAULT_MODELHOST = "127.0.0.1:50051"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 MODELHOST_TOKEN_ENV = "AIROUTER_MODELHOST_TOKEN"
 OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
+STORE_ENV = "AIROUTER_STORE"  # the store's URL, where it carries a password
 # Models named openrouter/<vendor>/<model> go to the OpenAI-compatible upstream.
 OPENROUTER_PREFIX = "openrouter/"
 Policy: TypeAlias = Literal["local_only", "local_first", "cloud_only"]

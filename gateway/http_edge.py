@@ -57,6 +57,7 @@ from airouter.output import Turn
 from airouter.security import Credentials, accepts_token, is_admin_token
 from airouter.v1 import generate_pb2
 from gateway import anthropic, embeddings_api, infill_api, responses
+from gateway.database import Database
 from gateway.embeddings import EmbedRequest
 from gateway.generation import (
     MAX_GENERATE_BYTES,
@@ -231,7 +232,9 @@ class HttpEdge:
         batch_door: BatchDoor | None = None,
         keys: KeyRing | None = None,
         status: StatusBoard | None = None,
+        store: Database | None = None,
     ) -> None:
+        self._database = store
         self._service = service
         self._metrics = metrics
         self._credentials = credentials
@@ -431,7 +434,14 @@ class HttpEdge:
         """Ready: some host is serving and the gateway is not shutting down; else 503."""
         serving = len(self._service.pool.routable())
         ready = serving > 0 and not self._service.draining
-        body = {"status": "ready" if ready else "not ready", "hosts_serving": serving}
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "not ready",
+            "hosts_serving": serving,
+        }
+        if self._database is not None:
+            # Shown, not a reason to take the gateway out of rotation: requests still run
+            # while the store is away; batches, files and stored responses wait for it.
+            body["store"] = self._database.state()
         if self._service.draining:
             body["reason"] = "the gateway is shutting down"
         elif not serving:

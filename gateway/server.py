@@ -203,7 +203,8 @@ async def _start(
                 config.max_upload_bytes,
             ),
             keys,
-            StatusBoard(service, metrics, batches, keys),
+            StatusBoard(service, metrics, batches, keys, database),
+            database,
         )
         try:
             await files.start()

@@ -16,6 +16,7 @@ from airouter import installed_version
 from airouter.labels import enum_label
 from airouter.v1 import generate_pb2, host_status_pb2
 from gateway.batches import BatchRunner
+from gateway.database import Database, StoreUnavailable
 from gateway.hosts import Host
 from gateway.keys import KeyRing, utc_day
 from gateway.metrics import GatewayMetrics
@@ -35,8 +36,10 @@ class StatusBoard:
         metrics: GatewayMetrics,
         batches: BatchRunner | None,
         keys: KeyRing | None,
+        store: Database | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._store = store
         self._service = service
         self._metrics = metrics
         self._batches = batches
@@ -73,8 +76,12 @@ class StatusBoard:
 
     async def snapshot(self) -> dict[str, Any]:
         metrics = self._metrics
-        usage = await self._key_usage()
+        try:
+            usage, batches = await self._key_usage(), await self._batch_list()
+        except StoreUnavailable:
+            usage, batches = [], []  # the page says the store is unreachable
         return {
+            "store": self._store.state() if self._store is not None else None,
             "gateway": {
                 "version": installed_version(),
                 "uptime_s": round(self._clock() - self._started, 1),
@@ -92,7 +99,7 @@ class StatusBoard:
                 "fallbacks": _total(metrics.cloud_fallbacks),
                 "spend_usd": _total(metrics.cloud_cost),
             },
-            "batches": await self._batch_list(),
+            "batches": batches,
             "keys": usage,
         }
 

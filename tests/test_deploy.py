@@ -61,12 +61,12 @@ def test_the_gateway_example_is_a_valid_config() -> None:
     assert config.default_policy == "local_first" and "capability:code" in config.cloud_models
 
 
-def _kustomize() -> list[dict[str, Any]]:
+def _kustomize(layout: str = "k8s") -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: the Kubernetes manifests are not rendered")
     rendered = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY / "k8s")],
+        [kubectl, "kustomize", str(DEPLOY / layout)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -159,11 +159,62 @@ def test_the_cuda_image_runs_a_modelhost_the_cli_accepts() -> None:
     assert "-DGGML_CUDA=on" in dockerfile and "-DGGML_NATIVE=OFF" in dockerfile
 
 
-def test_the_kubernetes_manifests_pass_strict_schema_validation() -> None:
+@pytest.mark.parametrize("layout", ["k8s", "k8s-postgres"])
+def test_the_kubernetes_manifests_pass_strict_schema_validation(layout: str) -> None:
     import kubernetes_validate
 
-    for document in _kustomize():
+    for document in _kustomize(layout):
         kubernetes_validate.validate(document, "1.33.0", strict=True)  # raises on an error
+
+
+def test_the_postgres_layout_runs_several_gateways_on_the_store_its_secret_names() -> None:
+    documents = _kustomize("k8s-postgres")
+    deployment = _one(documents, "Deployment", "gateway")["spec"]
+    assert deployment["replicas"] == 2
+    assert deployment["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    pod = deployment["template"]["spec"]
+    [gateway] = pod["containers"]
+    [env] = gateway["env"]
+    assert env["name"] == "AIROUTER_STORE"
+    secret_ref = env["valueFrom"]["secretKeyRef"]
+    secret = _one(documents, "Secret", secret_ref["name"])["stringData"]
+    store = secret[secret_ref["key"]]
+    # The URL the Secret holds is the store the config takes, with the example database's
+    # password (which the StatefulSet reads from the same Secret).
+    config = GatewayConfig.model_validate(
+        {**tomllib.loads(_gateway_toml(documents)), "store": store}
+    )
+    assert config.sqlite_path is None and store.startswith("postgresql://airouter:")
+    assert f":{secret['password']}@postgres.airouter.svc.cluster.local:5432/" in store
+    # No claim: nothing of the gateway's own is on a volume any more.
+    assert not any(d["kind"] == "PersistentVolumeClaim" for d in documents)
+    assert {m["mountPath"] for m in gateway["volumeMounts"]} == {
+        "/etc/airouter/gateway.toml",
+        "/etc/airouter/secrets",
+        "/tmp",
+    }
+    assert "batches" not in {v["name"] for v in pod["volumes"]}
+    budget = _one(documents, "PodDisruptionBudget", "gateway")["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"] == {"app.kubernetes.io/name": "gateway"}
+    # The example database: its password from the Secret, reachable from the gateways only.
+    database = _one(documents, "StatefulSet", "postgres")["spec"]["template"]["spec"]
+    [postgres] = database["containers"]
+    password = next(e for e in postgres["env"] if e["name"] == "POSTGRES_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "airouter-store", "key": "password"}
+    assert database["securityContext"]["runAsNonRoot"] is True
+    policy = _one(documents, "NetworkPolicy", "postgres-from-gateway-only")["spec"]
+    assert policy["ingress"][0]["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}
+    ]
+
+
+def _gateway_toml(documents: list[dict[str, Any]]) -> str:
+    [config] = [d for d in documents if d["kind"] == "ConfigMap" and "gateway.toml" in d["data"]]
+    return str(config["data"]["gateway.toml"])
 
 
 def test_the_kubernetes_workloads_run_unprivileged_on_versioned_images() -> None:
