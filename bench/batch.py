@@ -1,6 +1,7 @@
 """Batches: makespan against the ideal for the slots, and a gateway killed mid-batch.
 
     python -m bench.batch [--items 200] [--tokens 16]
+    python -m bench.batch --stores [--items 200] [--tokens 16] [--rounds 2]
 
 A modelhost process with the embedded model (the zero-config 8 slots) and a gateway process
 with a batches database of its own. The ideal makespan is what the host's slots allow: the
@@ -10,9 +11,17 @@ items in waves of `slots` concurrent requests sent straight to the host, each wa
 - the same batch again, with the gateway killed (SIGKILL) once 40% of its results are in and
   restarted on the same database: every custom_id must come back exactly once.
 Every request generates exactly `--tokens` tokens (ignore_eos), so the work is the same.
+
+With --stores, the store instead: the same batch on the same host through one gateway on
+SQLite and through two gateways on one PostgreSQL (submitted to one, its results streamed
+from the other, both claiming items), interleaved for --rounds rounds, medians compared;
+then the store's own cost per item (claim, then record its result: what each item costs a
+gateway beside its generation) on each backend, in process. PostgreSQL runs on a temporary
+directory as tests/postgres.py starts it (initdb and pg_ctl must be installed).
 """
 
 import argparse
+import asyncio
 import statistics
 import tempfile
 import time
@@ -22,6 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc, model_host_pb2, model_host_pb2_grpc
+from gateway.batch_records import ItemResult, ItemState
+from gateway.batch_store import BatchStore
+from gateway.database import open_database
+from gateway.generation import GenerateRequest
+from gateway.schema import migrate
+from tests.postgres import PostgresServer, server_programs
 from tests.processes import ServerProcess
 from tests.streaming import gateway_request
 
@@ -81,11 +96,105 @@ def read_results(
     return results
 
 
+def makespan_across(
+    submit_to: ServerProcess, read_from: ServerProcess, batch_id: str, batch: list
+) -> float:
+    """Submitted through one gateway, its results read from another until the last."""
+    items = [gateway_pb2.BatchItem(custom_id=f"item-{i}", request=r) for i, r in enumerate(batch)]
+    with (
+        grpc.insecure_channel(submit_to.address) as submit_channel,
+        grpc.insecure_channel(read_from.address) as read_channel,
+    ):
+        started = time.perf_counter()
+        gateway_pb2_grpc.GatewayStub(submit_channel).SubmitBatch(
+            gateway_pb2.SubmitBatchRequest(batch_id=batch_id, items=items)
+        )
+        results = read_results(gateway_pb2_grpc.GatewayStub(read_channel), batch_id)
+        elapsed = time.perf_counter() - started
+    assert len(results) == len(batch) and len({r.index for r in results}) == len(batch)
+    assert all(r.state == gateway_pb2.BATCH_ITEM_STATE_SUCCEEDED for r in results)
+    return elapsed
+
+
+def store_cost_ms(url: str, items: int) -> float:
+    """Milliseconds of store work per item: claimed one at a time, its result recorded."""
+
+    async def run() -> float:
+        database = await open_database(url)
+        try:
+            await migrate(database)
+            store = BatchStore(database)
+            batch = [(f"i{i}", GenerateRequest("m", prompt=f"p{i}")) for i in range(items)]
+            await store.add_batch("cost", batch, "", "")
+            started = time.perf_counter()
+            for _ in range(items):
+                [claimed] = await store.claim("bench", "m", 1, 30.0)
+                result = ItemResult(
+                    claimed.custom_id, claimed.index, ItemState.SUCCEEDED, 1, False, text="x" * 64
+                )
+                await store.record_results("bench", "cost", [result])
+            return (time.perf_counter() - started) * 1000 / items
+        finally:
+            await database.close()
+
+    return asyncio.run(run())
+
+
+def compare_stores(args: argparse.Namespace) -> None:
+    programs = server_programs()
+    if programs is None:
+        raise SystemExit("PostgreSQL's initdb and pg_ctl are needed: install postgresql")
+    batch = requests(args.items, args.tokens)
+    postgres = PostgresServer(programs)
+    host = ServerProcess("modelhost", "serve")
+    sqlite_store = f"{tempfile.mkdtemp(prefix='airouter-bench-')}/batches.sqlite3"
+    shared = postgres.new_database()
+    alone = ServerProcess("gateway", "serve", "--modelhost", host.address, "--store", sqlite_store)
+    pair = [
+        ServerProcess("gateway", "serve", "--modelhost", host.address, "--store", shared)
+        for _ in range(2)
+    ]
+    times: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+    try:
+        wave_s(host.address, batch[:SLOTS])  # warm up: the model's first decodes
+        for round_ in range(args.rounds):
+            times["sqlite"].append(makespan_across(alone, alone, f"s{round_}", batch))
+            times["postgresql"].append(makespan_across(pair[0], pair[1], f"p{round_}", batch))
+            print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+        cost = {
+            "sqlite": store_cost_ms(f"{tempfile.mkdtemp(prefix='airouter-bench-')}/c.sqlite3", 500),
+            "postgresql": store_cost_ms(postgres.new_database(), 500),
+        }
+    finally:
+        for process in (alone, *pair, host):
+            process.stop()
+        postgres.close()
+    sqlite_s, postgres_s = (statistics.median(times[k]) for k in ("sqlite", "postgresql"))
+    print(
+        f"\n{args.items} prompts x {args.tokens} tokens, one host of {SLOTS} slots, "
+        f"{args.rounds} interleaved rounds (medians)\n"
+    )
+    print("| store | gateways | makespan s | store's cost per item ms |")
+    print("|---|---|---|---|")
+    print(f"| SQLite | 1 | {sqlite_s:.1f} | {cost['sqlite']:.2f} |")
+    print(f"| PostgreSQL | 2 | {postgres_s:.1f} | {cost['postgresql']:.2f} |")
+    print()
+    print(
+        f"{'makespan, 2 gateways on PostgreSQL / 1 on SQLite':<52} "
+        f"{postgres_s / sqlite_s:8.3f}  (goal <= 1.05)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--stores", action="store_true", help="SQLite against PostgreSQL")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if args.stores:
+        compare_stores(args)
+        return
 
     batch = requests(args.items, args.tokens)
     database = f"{tempfile.mkdtemp(prefix='airouter-bench-')}/batches.sqlite3"

@@ -205,6 +205,7 @@ class SQLiteDatabase(Database):
         # One statement at a time on its own thread; one transaction at a time.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._serial = asyncio.Lock()
+        self._closed = False
 
     @classmethod
     async def open(cls, path: str) -> SQLiteDatabase:
@@ -247,6 +248,10 @@ class SQLiteDatabase(Database):
         return result
 
     async def close(self) -> None:
+        """Closes the file and lets another gateway have it (again: nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         async with self._serial:
             await self._run(self._conn.close)
         self._executor.shutdown()
@@ -378,6 +383,8 @@ class PostgresDatabase(Database):
                 delay = min(delay * 2, 5.0)
 
     async def close(self) -> None:
+        if self._closing:
+            return
         self._closing = True
         if self._listening is not None:
             self._listening.cancel()

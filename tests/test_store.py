@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from gateway.database import Database, StoreLocked, open_database
 from gateway.generation import GenerateRequest
 from gateway.schema import VERSION, SchemaTooNew, migrate
 from gateway.wire import item_result_bytes, request_bytes
+from tests.processes import BIN
 
 MODEL = "gemma-3-270m"
 
@@ -266,3 +268,27 @@ def test_results_finish_the_batch_and_old_batches_are_pruned(store_url: str) -> 
         assert [b.id for b in await store.batches()] == ["b2"]
 
     with_database(store_url, body)
+
+
+def test_a_gateway_refuses_a_newer_store_or_one_it_cannot_reach_in_one_line(
+    tmp_path: Path,
+) -> None:
+    store = str(tmp_path / "newer.sqlite3")
+
+    async def newer(database: Database) -> None:
+        await database.execute("UPDATE schema_version SET version = $1", VERSION + 1)
+
+    with_database(store, newer)
+    unreachable = f"postgresql://nobody@/airouter?host={tmp_path / 'no-such-socket-dir'}"
+    for where, says in (
+        (store, f"has schema version {VERSION + 1}, newer than this gateway's {VERSION}"),
+        (unreachable, "cannot reach the store"),
+    ):
+        refused = subprocess.run(
+            [str(BIN / "gateway"), "serve", "--listen", "127.0.0.1:0", "--store", where],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert says in refused.stderr and "Traceback" not in refused.stderr
