@@ -235,17 +235,32 @@ class SQLiteDatabase(Database):
 
     async def transact(self, body: Callable[[Connection], Awaitable[T]]) -> T:
         conn = _SQLiteConnection(self)
+        loop = asyncio.get_running_loop()
         async with self._serial:
-            await self._run(lambda: self._conn.execute("BEGIN IMMEDIATE"))
             try:
+                await self._run(lambda: self._conn.execute("BEGIN IMMEDIATE"))
                 result = await body(conn)
             except BaseException:
-                await asyncio.shield(self._run(lambda: self._conn.execute("ROLLBACK")))
+                # Even when cancelled (BEGIN may be running still): queued behind it on the
+                # one thread, so the next transaction finds none open.
+                await asyncio.shield(loop.run_in_executor(self._executor, self._end, False))
                 raise
-            await asyncio.shield(self._run(lambda: self._conn.execute("COMMIT")))
+            await asyncio.shield(loop.run_in_executor(self._executor, self._end, True))
         for payload in conn.notifications:
             self._deliver(payload)
         return result
+
+    def _end(self, commit: bool) -> None:
+        if not self._conn.in_transaction:
+            return
+        if commit:
+            try:
+                self._conn.execute("COMMIT")
+                return
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        self._conn.execute("ROLLBACK")
 
     async def close(self) -> None:
         """Closes the file and lets another gateway have it (again: nothing)."""

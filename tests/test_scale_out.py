@@ -21,6 +21,7 @@ from tests.conftest import wait_until
 from tests.postgres import PostgresServer
 from tests.processes import ServerProcess
 from tests.test_batches import SUCCEEDED, items, submit
+from tests.test_batches import results as stored_results
 
 LEASE_S = 2.0  # a killed gateway's items are taken over after this
 OUTAGE_S = 10.0  # how long the database is away
@@ -126,11 +127,7 @@ def test_a_cancel_through_one_gateway_stops_the_items_running_on_another(
 
         wait_until(settled, timeout=30)
         final = via_b.GetBatch(gateway_pb2.GetBatchRequest(batch_id=batch.id)).batch
-        results = list(
-            via_b.StreamBatchResults(
-                gateway_pb2.StreamBatchResultsRequest(batch_id=batch.id), timeout=30
-            )
-        )
+        results = stored_results(via_b, batch.id)
     finally:
         channel_a.close()
         channel_b.close()
@@ -208,11 +205,7 @@ def test_a_batch_rides_out_the_database_going_away(
             return got.state == gateway_pb2.BATCH_STATE_COMPLETED
 
         wait_until(completed, timeout=180)
-        results = list(
-            stub.StreamBatchResults(
-                gateway_pb2.StreamBatchResultsRequest(batch_id=batch.id), timeout=30
-            )
-        )
+        results = stored_results(stub, batch.id)
     finally:
         channel.close()
         process.stop()

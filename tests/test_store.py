@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from airouter.v1 import gateway_pb2
 from gateway.batch_records import BatchState, ItemResult, ItemState
 from gateway.batch_store import BatchStore
-from gateway.database import Database, StoreLocked, open_database
+from gateway.database import Database, SQLiteDatabase, StoreLocked, open_database
 from gateway.generation import GenerateRequest
 from gateway.schema import VERSION, SchemaTooNew, migrate
 from gateway.wire import item_result_bytes, request_bytes
@@ -192,7 +193,12 @@ def test_cancel_settles_waiting_items_and_leaves_held_ones_to_their_gateway(
     async def body(database: Database) -> None:
         store = BatchStore(database, clock)
         told = asyncio.Event()
-        database.on_notify(lambda payload: payload == "cancel:b1" and told.set())
+
+        def heard(payload: str) -> None:
+            if payload == "cancel:b1":
+                told.set()
+
+        database.on_notify(heard)
         await store.add_batch("b1", items(5), "", "")
         held = await store.claim("a", MODEL, 2, 30.0)
         cancelled = await store.cancel("b1")
@@ -292,3 +298,41 @@ def test_a_gateway_refuses_a_newer_store_or_one_it_cannot_reach_in_one_line(
         )
         assert refused.returncode == 2, refused.stderr
         assert says in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_transaction_cancelled_while_it_begins_leaves_none_open(tmp_path: Path) -> None:
+    """A gateway stopping cancels its tasks mid-transaction, even while SQLite runs their BEGIN
+    on its thread: the next transaction must still begin (it once found one open)."""
+
+    class SlowBegin:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+            self.begun, self.go = threading.Event(), threading.Event()
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql == "BEGIN IMMEDIATE" and not self.go.is_set():
+                self.begun.set()
+                self.go.wait(10)
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+    async def body(database: Database) -> None:
+        assert isinstance(database, SQLiteDatabase)
+        store = BatchStore(database)
+        await store.add_batch("b1", items(2), "", "")
+        slow = SlowBegin(database._conn)
+        database._conn = slow  # type: ignore[assignment]
+        task = asyncio.create_task(store.claim("a", MODEL, 1, 30.0))
+        assert await asyncio.to_thread(slow.begun.wait, 10)
+        task.cancel()
+        slow.go.set()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()
+        batch = await store.batch("b1")  # a new transaction begins
+        assert batch is not None and batch.counts().running == 0
+        assert not slow.conn.in_transaction
+        database._conn = slow.conn
+
+    with_database(str(tmp_path / "g.sqlite3"), body)
