@@ -13,8 +13,9 @@ items in waves of `slots` concurrent requests sent straight to the host, each wa
 Every request generates exactly `--tokens` tokens (ignore_eos), so the work is the same.
 
 With --stores, the store instead: the same batch on the same host through one gateway on
-SQLite and through two gateways on one PostgreSQL (submitted to one, its results streamed
-from the other, both claiming items), interleaved for --rounds rounds, medians compared;
+SQLite, one gateway on PostgreSQL, and two gateways on one PostgreSQL (submitted to one, its
+results streamed from the other, both claiming items), interleaved for --rounds rounds,
+medians compared;
 then the store's own cost per item (claim, then record its result: what each item costs a
 gateway beside its generation) on each backend, in process. PostgreSQL runs on a temporary
 directory as tests/postgres.py starts it (initdb and pg_ctl must be installed).
@@ -154,11 +155,14 @@ def compare_stores(args: argparse.Namespace) -> None:
         ServerProcess("gateway", "serve", "--modelhost", host.address, "--store", shared)
         for _ in range(2)
     ]
-    times: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
+    solo_store = postgres.new_database()
+    solo = ServerProcess("gateway", "serve", "--modelhost", host.address, "--store", solo_store)
+    times: dict[str, list[float]] = {"sqlite": [], "postgresql, 1": [], "postgresql": []}
     try:
         wave_s(host.address, batch[:SLOTS])  # warm up: the model's first decodes
         for round_ in range(args.rounds):
             times["sqlite"].append(makespan_across(alone, alone, f"s{round_}", batch))
+            times["postgresql, 1"].append(makespan_across(solo, solo, f"o{round_}", batch))
             times["postgresql"].append(makespan_across(pair[0], pair[1], f"p{round_}", batch))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
         cost = {
@@ -166,10 +170,12 @@ def compare_stores(args: argparse.Namespace) -> None:
             "postgresql": store_cost_ms(postgres.new_database(), 500),
         }
     finally:
-        for process in (alone, *pair, host):
+        for process in (alone, solo, *pair, host):
             process.stop()
         postgres.close()
-    sqlite_s, postgres_s = (statistics.median(times[k]) for k in ("sqlite", "postgresql"))
+    sqlite_s, one_s, postgres_s = (
+        statistics.median(times[k]) for k in ("sqlite", "postgresql, 1", "postgresql")
+    )
     print(
         f"\n{args.items} prompts x {args.tokens} tokens, one host of {SLOTS} slots, "
         f"{args.rounds} interleaved rounds (medians)\n"
@@ -177,7 +183,11 @@ def compare_stores(args: argparse.Namespace) -> None:
     print("| store | gateways | makespan s | store's cost per item ms |")
     print("|---|---|---|---|")
     print(f"| SQLite | 1 | {sqlite_s:.1f} | {cost['sqlite']:.2f} |")
-    print(f"| PostgreSQL | 2 | {postgres_s:.1f} | {cost['postgresql']:.2f} |")
+    print(f"| PostgreSQL | 1 | {one_s:.1f} | {cost['postgresql']:.2f} |")
+    print(
+        f"| PostgreSQL | 2 (submitted to one, read from the other) | {postgres_s:.1f} | "
+        f"{cost['postgresql']:.2f} |"
+    )
     print()
     print(
         f"{'makespan, 2 gateways on PostgreSQL / 1 on SQLite':<52} "

@@ -245,10 +245,13 @@ class BatchStore:
                 "GROUP BY i.model ORDER BY MIN(b.created_at)",
                 now,
             )
+            # Only what becomes due later: items due now wait for room, not for a time.
             due = await conn.fetchrow(
-                f"SELECT MIN(CASE WHEN i.state = {_PENDING} THEN i.not_before "
-                "ELSE i.lease_until END) FROM items i JOIN batches b ON b.id = i.batch_id "
-                f"WHERE i.sequence IS NULL AND b.state IN ({_IN_PROGRESS}, {_CANCELLING})"
+                f"SELECT MIN(t) FROM (SELECT CASE WHEN i.state = {_PENDING} THEN i.not_before "
+                "ELSE i.lease_until END AS t FROM items i JOIN batches b ON b.id = i.batch_id "
+                f"WHERE i.sequence IS NULL AND b.state IN ({_IN_PROGRESS}, {_CANCELLING})) "
+                "AS due WHERE t > $1",
+                now,
             )
             return Waiting([(row[0], int(row[1])) for row in rows], due[0] if due else None)
 
