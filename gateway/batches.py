@@ -384,8 +384,7 @@ class BatchRunner:
             try:
                 timeout = await self._dispatch_once()
                 backoff = 0.0
-                if self._store_down_logged:
-                    self._store_down_logged = False
+                self._store_down_logged = False
             except StoreUnavailable as exc:
                 backoff = min(max(backoff * 2, 0.25), 5.0)
                 timeout = backoff
