@@ -7,11 +7,12 @@ other settings take effect at the next start.
 from pathlib import Path
 from typing import Literal, TypeAlias
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from airouter.config_files import load_toml_config
 from airouter.paths import default_batch_db
 from airouter.security import ServerSecurity
+from gateway.database import sqlite_path
 
 DEFAULT_LISTEN = "127.0.0.1:50050"
 DEFAULT_MODELHOST = "127.0.0.1:50051"
@@ -103,12 +104,17 @@ class GatewayConfig(ServerSecurity):
             self.batch_db = None
         return self
 
+    @field_validator("store")
+    @classmethod
+    def _store_is_a_path_or_a_url_we_speak(cls, store: str) -> str:
+        sqlite_path(store)  # raises saying what to write
+        return store
+
     @property
     def sqlite_path(self) -> Path | None:
         """The store's file, where it is SQLite."""
-        if self.store.startswith(("postgresql://", "postgres://")):
-            return None
-        return Path(self.store.removeprefix("sqlite://")).expanduser()
+        path = sqlite_path(self.store)
+        return None if path is None else Path(path).expanduser()
 
     @model_validator(mode="after")
     def _cloud_models_are_openrouter_models(self) -> "GatewayConfig":

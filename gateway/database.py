@@ -142,21 +142,30 @@ def _short(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}"[:300] if error is not None else ""
 
 
-async def open_database(url: str) -> Database:
-    """A file path or sqlite:///path, or postgresql://... (postgres:// too)."""
+def sqlite_path(url: str) -> str | None:
+    """The file of an SQLite store (a path or sqlite:///path); None for PostgreSQL. Raises
+    ValueError, saying what to write, for any other URL."""
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme in ("postgresql", "postgres"):
-        return await PostgresDatabase.open(url)
+        return None
     if scheme == "sqlite":
         path = url[len("sqlite://") :]
         if not path.startswith("/"):
             raise ValueError(f"{url}: write sqlite:///absolute/path, or give the path alone")
-        return await SQLiteDatabase.open(path)
+        return path
     if scheme and len(scheme) > 1:  # not a Windows drive letter
         raise ValueError(
             f"the store {url!r}: use a file path, sqlite:///path or postgresql://user@host/db"
         )
-    return await SQLiteDatabase.open(url)
+    return url
+
+
+async def open_database(url: str) -> Database:
+    """A file path or sqlite:///path, or postgresql://... (postgres:// too)."""
+    path = sqlite_path(url)
+    if path is None:
+        return await PostgresDatabase.open(url)
+    return await SQLiteDatabase.open(path)
 
 
 # --- SQLite ------------------------------------------------------------------------------

@@ -279,7 +279,7 @@ def test_results_finish_the_batch_and_old_batches_are_pruned(store_url: str) -> 
     with_database(store_url, body)
 
 
-def test_a_gateway_refuses_a_newer_store_or_one_it_cannot_reach_in_one_line(
+def test_a_gateway_refuses_a_newer_store_one_it_cannot_reach_or_a_bad_url_in_one_line(
     tmp_path: Path,
 ) -> None:
     store = str(tmp_path / "newer.sqlite3")
@@ -292,6 +292,8 @@ def test_a_gateway_refuses_a_newer_store_or_one_it_cannot_reach_in_one_line(
     for where, says in (
         (store, f"has schema version {VERSION + 1}, newer than this gateway's {VERSION}"),
         (unreachable, "cannot reach the store"),
+        ("ftp://host/db", "use a file path, sqlite:///path or postgresql://user@host/db"),
+        ("sqlite://relative.db", "write sqlite:///absolute/path"),
     ):
         refused = subprocess.run(
             [str(BIN / "gateway"), "serve", "--listen", "127.0.0.1:0", "--store", where],
