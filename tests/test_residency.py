@@ -15,7 +15,7 @@ from airouter.v1 import model_host_pb2
 from modelhost.config import embedded_model_config
 from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from modelhost.generation import EngineRequest, Sampling
-from modelhost.gguf_header import read_gguf_header
+from modelhost.gguf_header import GGUFError, read_gguf_header
 from modelhost.memory import estimate_footprint
 from tests.conftest import scrape_metrics, wait_until
 from tests.hosts import ERROR, LOADING, NOT_LOADED, READY, UNLOADING, running_host, small
@@ -266,6 +266,17 @@ def test_gguf_header_reads_the_model_metadata(model_path: Path) -> None:
     assert header.arch_int("block_count") == 18
     assert header.array_lengths["tokenizer.ggml.tokens"] == 262144
     assert header.file_bytes == model_path.stat().st_size
+
+
+@pytest.mark.parametrize("kept", [0, 3, 30, 1 << 20])  # empty, magic, first key, vocabulary
+def test_gguf_header_of_a_truncated_file_says_so(
+    model_path: Path, tmp_path: Path, kept: int
+) -> None:
+    truncated = tmp_path / "cut.gguf"
+    with model_path.open("rb") as source:
+        truncated.write_bytes(source.read(kept))
+    with pytest.raises(GGUFError, match=r"truncated|not a GGUF file"):
+        read_gguf_header(truncated)
 
 
 def test_status_table_is_readable() -> None:
