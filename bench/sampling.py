@@ -14,7 +14,6 @@
 
 import argparse
 import asyncio
-import ctypes
 import statistics
 import time
 from pathlib import Path
@@ -74,12 +73,11 @@ def ms_per_token(rows: list[np.ndarray], sampling: Sampling, *, llama_chain: boo
         sampler._truncate = False
         sampler._chain = _llama_chain(sampling)
     row = np.empty_like(rows[0])
-    pointer = row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     elapsed = 0.0
     for source in rows:
         row[:] = source  # the sampler may write into its row
         started = time.perf_counter()
-        sampler.sample(pointer)
+        sampler.sample(row)
         elapsed += time.perf_counter() - started
     sampler.close()
     return elapsed / len(rows) * 1e3

@@ -12,6 +12,8 @@ from airouter.infill import Infill
 from airouter.output import PLAIN, OutputOptions, TokenLogprob, Turn, turn_parts
 
 if TYPE_CHECKING:
+    import asyncio
+
     from modelhost.constraints import TokenConstraint
 
 MAX_STOP_STRINGS = 16
@@ -188,7 +190,9 @@ class EngineRequest:
     sampling: Sampling
     max_tokens: int
     stop: list[str]
-    # Called on the engine thread with each step's events; must hand them off, not block.
+    # Called with each step's events: on `loop` where one is given (the engine hands a
+    # step's events for all of that loop's requests over in one call), else on the engine
+    # thread, where it must hand them off, not block.
     on_events: Callable[[list[Event]], object]
     arrived: float  # time.perf_counter() when the request reached the host
     deadline: float | None = None  # time.perf_counter() past which the client has given up
@@ -201,6 +205,7 @@ class EngineRequest:
     # The request's other choices (n > 1) share this object: a choice waits for the first
     # to compute the prompt, then copies its cells.
     siblings: object | None = None
+    loop: "asyncio.AbstractEventLoop | None" = None
 
 
 def merge_deltas(events: list[Event]) -> list[Event]:

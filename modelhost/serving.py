@@ -148,7 +148,8 @@ class GenerationService:
                 sampling=_choice_sampling(spec.sampling, choice),
                 max_tokens=max_tokens,
                 stop=spec.stop,
-                on_events=partial(_hand_over, loop, inbox, choice),
+                on_events=partial(_received, inbox, choice),
+                loop=loop,
                 arrived=arrived,
                 deadline=None if time_left_s is None else arrived + time_left_s,
                 ignore_eos=spec.ignore_eos,
@@ -293,13 +294,10 @@ def _choice_sampling(sampling: Sampling, choice: int) -> Sampling:
     return replace(sampling, seed=sampling.seed + choice)
 
 
-def _hand_over(
-    loop: asyncio.AbstractEventLoop,
-    inbox: "asyncio.Queue[tuple[int, list[Event]]]",
-    choice: int,
-    events: list[Event],
+def _received(
+    inbox: "asyncio.Queue[tuple[int, list[Event]]]", choice: int, events: list[Event]
 ) -> None:
-    loop.call_soon_threadsafe(inbox.put_nowait, (choice, events))
+    inbox.put_nowait((choice, events))
 
 
 def _error_finish(rejected: Rejected, model: str, prompt_tokens: int) -> Finish:

@@ -6,18 +6,15 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from modelhost.engines.llamacpp.sampler import TokenSampler
+from modelhost.engines.llamacpp.sampler import TokenSampler, sample_rows, top_k_rows
 from modelhost.generation import Sampling
 
 N_VOCAB = 5000
 
 
-def logits_row(values: np.ndarray) -> ctypes.Array[ctypes.c_float]:
-    return (ctypes.c_float * len(values))(*values.tolist())
-
-
-def pointer(row: ctypes.Array[ctypes.c_float]):  # type: ignore[no-untyped-def]
-    return ctypes.cast(row, ctypes.POINTER(ctypes.c_float))
+def row(values: np.ndarray) -> np.ndarray:
+    """A fresh float32 row of logits (the sampler may write into it)."""
+    return np.array(values, dtype=np.float32)
 
 
 def reference_draw(chain: ctypes.c_void_p, values: np.ndarray) -> int:
@@ -53,7 +50,7 @@ def test_seeded_draws_match_llama_cpp_over_the_whole_vocabulary(top_k: int) -> N
         for _ in range(50):
             values = (rng.standard_normal(N_VOCAB) * 3).astype(np.float32)
             expected = reference_draw(theirs, values)
-            assert ours.sample(pointer(logits_row(values))) == expected
+            assert ours.sample(row(values)) == expected
     finally:
         ours.close()
         llama_cpp.llama_sampler_free(theirs)
@@ -63,18 +60,18 @@ def test_greedy_takes_the_largest_logit() -> None:
     values = np.zeros(N_VOCAB, dtype=np.float32)
     values[4321] = 5.0
     sampler = TokenSampler(Sampling(temperature=0.0), N_VOCAB, [])
-    assert sampler.sample(pointer(logits_row(values))) == 4321
+    assert sampler.sample(row(values)) == 4321
 
 
 def test_banned_tokens_are_never_chosen() -> None:
     values = np.zeros(N_VOCAB, dtype=np.float32)
     values[7], values[8], values[9] = 50.0, 40.0, 1.0  # 7 and 8 end generation
     greedy = TokenSampler(Sampling(temperature=0.0), N_VOCAB, [7, 8])
-    assert greedy.sample(pointer(logits_row(values))) == 9
+    assert greedy.sample(row(values)) == 9
     sampled = TokenSampler(
         Sampling(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0), N_VOCAB, [7, 8]
     )
-    draws = {sampled.sample(pointer(logits_row(values))) for _ in range(200)}
+    draws = {sampled.sample(row(values)) for _ in range(200)}
     sampled.close()
     assert not draws & {7, 8}
 
@@ -84,9 +81,9 @@ def test_repetition_penalty_steers_greedy_away_from_recent_tokens() -> None:
     values[10], values[11] = 3.0, 2.0
     plain = TokenSampler(Sampling(temperature=0.0), N_VOCAB, [])
     penalized = TokenSampler(Sampling(temperature=0.0, repetition_penalty=2.0), N_VOCAB, [])
-    assert [plain.sample(pointer(logits_row(values))) for _ in range(2)] == [10, 10]
+    assert [plain.sample(row(values)) for _ in range(2)] == [10, 10]
     # The second time 10's logit is halved to 1.5, below 11's 2.0.
-    assert [penalized.sample(pointer(logits_row(values))) for _ in range(2)] == [10, 11]
+    assert [penalized.sample(row(values)) for _ in range(2)] == [10, 11]
 
 
 @pytest.mark.parametrize(
@@ -106,7 +103,40 @@ def test_without_top_k_numpy_truncates_and_the_draw_is_still_llama_cpp_s(
         for _ in range(50):
             values = (rng.standard_normal(N_VOCAB) * scale).astype(np.float32)
             expected = reference_draw(theirs, values)
-            assert ours.sample(pointer(logits_row(values))) == expected
+            assert ours.sample(row(values)) == expected
     finally:
         ours.close()
         llama_cpp.llama_sampler_free(theirs)
+
+
+def test_sample_rows_gives_each_sampler_what_sample_gives() -> None:
+    """A step's rows at once: greedy ones in one argmax (banned tokens out first), a mix
+    row by row; the tokens are those each sampler picks from its own row."""
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((6, N_VOCAB)).astype(np.float32)
+    banned = [int(rows[1].argmax()), int(rows[3].argmax())]  # the top of rows 1 and 3
+
+    def samplers(*settings: Sampling) -> list[TokenSampler]:
+        return [TokenSampler(s, N_VOCAB, banned if i % 2 else []) for i, s in enumerate(settings)]
+
+    greedy = [Sampling(temperature=0.0)] * 6
+    mixed = [*greedy[:4], Sampling(seed=5), Sampling(temperature=0.0, repetition_penalty=1.5)]
+    for settings in (greedy, mixed):
+        expected = [s.sample(rows[i].copy()) for i, s in enumerate(samplers(*settings))]
+        assert sample_rows(samplers(*settings), rows.copy()) == expected
+    picked = sample_rows(samplers(*greedy), rows.copy())
+    assert picked[0] == rows[0].argmax() and picked[1] != banned[0]
+
+
+@pytest.mark.parametrize("n_vocab", [5000, 49152, 151936])  # Qwen's: not whole columns
+def test_top_k_rows_holds_each_rows_top_k(n_vocab: int) -> None:
+    rng = np.random.default_rng(n_vocab)
+    rows = (rng.standard_normal((5, n_vocab)) * 3).astype(np.float32)
+    rows[1, -40:] += 30.0  # the top in the last 40 (past the whole columns where there are)
+    rows[2, 7::13] += 20.0  # the top spread over every column
+    rows[3, :-40] = -np.inf  # banned all but 40: every id may come back, the top among them
+    for k in (1, 40, 200):
+        for i, (row, ids) in enumerate(zip(rows, top_k_rows(rows, k), strict=True)):
+            expected = set(np.argsort(-row, kind="stable")[:k].tolist())
+            assert expected <= set(ids.tolist())
+            assert len(ids) < k + 128 or i == 3

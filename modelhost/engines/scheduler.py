@@ -5,6 +5,7 @@ take a slot, one decode step, and what a token's bytes are. An engine with a sch
 own implements modelhost.engines.interface.Engine directly.
 """
 
+import asyncio
 import queue
 import threading
 import time
@@ -58,6 +59,26 @@ class Sequence:
 
 S = TypeVar("S", bound=Sequence)
 
+# The parts of a decode step a StepProfile times (bench.engine_overhead).
+STEP_PHASES = ("build", "decode", "fetch", "sample", "detokenize", "deliver")
+
+
+@dataclass
+class StepProfile:
+    """Seconds an engine's decode steps spent in each phase, summed, and how many steps and
+    sampled sequences they had. Attached to an engine's `profile` by a benchmark; the engine
+    times its steps regardless (a few perf_counter calls) and adds them only then."""
+
+    steps: int = 0
+    sequences: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))
+
+    def record(self, sequences: int, **seconds: float) -> None:
+        self.steps += 1
+        self.sequences += sequences
+        for phase, spent in seconds.items():
+            self.seconds[phase] += spent
+
 
 class StepLoopEngine(Engine, Generic[S]):
     """Decodes up to `slots` requests together on a dedicated thread, a step at a time."""
@@ -81,6 +102,10 @@ class StepLoopEngine(Engine, Generic[S]):
         self._cached_prefixes: dict[int, int] = {}  # replaced whole on the engine thread
         self._closing = False
         self.failure: str | None = None  # why the engine thread stopped, if it failed
+        self.profile: StepProfile | None = None
+        # Events for requests received on an event loop, handed over once a step (_hand_off).
+        self._outgoing: dict[asyncio.AbstractEventLoop, list[tuple[EngineRequest, list[Event]]]]
+        self._outgoing = {}
         # Bytes of the longest token; None until known (see scan_vocabulary).
         self.longest_token_bytes: int | None = None
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -202,17 +227,20 @@ class StepLoopEngine(Engine, Generic[S]):
                 self._admit()
                 if self._running:
                     self._step()
+                self._hand_off()
         except Exception as exc:
             _log.exception("engine_failed", model=self._name)
             with self._lock:
                 self.failure = str(exc) or type(exc).__name__
             self._take_inbox(block=False)
             self._finish_everything(FinishReason.ERROR, f"engine failed: {exc}")
+            self._hand_off()
             # The model stays until close(): requests already past submit may still tokenize.
             while not self._closing:
                 self._take_inbox(block=True)
             return
         self._finish_everything(FinishReason.CANCELLED, "")
+        self._hand_off()
 
     def _take_inbox(self, *, block: bool) -> None:
         try:
@@ -258,7 +286,7 @@ class StepLoopEngine(Engine, Generic[S]):
                 f"{self._name!r}'s {self._slots} slots; allow more time, or retry on a less "
                 "busy host"
             )
-            _emit(request, [Rejected(error)])
+            self._emit(request, [Rejected(error)])
 
     def _finish_waiting(
         self, request: EngineRequest, reason: FinishReason, error: str = ""
@@ -267,7 +295,7 @@ class StepLoopEngine(Engine, Generic[S]):
         self._dequeued()
         waited_ms = (time.perf_counter() - request.arrived) * 1e3
         timings = Timings(queue_ms=waited_ms, total_ms=waited_ms)
-        _emit(request, [self._finish_event(request, reason, 0, 0, timings, error)])
+        self._emit(request, [self._finish_event(request, reason, 0, 0, timings, error)])
 
     def _cannot_sample(self, request: EngineRequest, exc: Exception) -> None:
         """Ends a request whose sampling settings the engine could not set up; the caller has
@@ -343,7 +371,23 @@ class StepLoopEngine(Engine, Generic[S]):
     def _deliver(self, seq: S) -> None:
         if seq.events:
             events, seq.events = seq.events, []
-            _emit(seq.request, events)
+            self._emit(seq.request, events)
+
+    def _emit(self, request: EngineRequest, events: list[Event]) -> None:
+        if request.loop is None:
+            _emit(request, events)
+        else:
+            self._outgoing.setdefault(request.loop, []).append((request, events))
+
+    def _hand_off(self) -> None:
+        """Hands the step's events to their event loops: one wake-up of each loop a step,
+        not one a request (at 64 sequences that was most of the delivery's cost)."""
+        outgoing, self._outgoing = self._outgoing, {}
+        for loop, batch in outgoing.items():
+            try:
+                loop.call_soon_threadsafe(_emit_all, batch)
+            except RuntimeError:  # the loop closed: nobody is left to receive them
+                _log.warning("event_loop_closed", model=self._name, requests=len(batch))
 
     def _finish_everything(self, reason: FinishReason, error: str) -> None:
         for seq in list(self._running.values()):
@@ -389,6 +433,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _emit_all(batch: list[tuple[EngineRequest, list[Event]]]) -> None:
+    for request, events in batch:
+        _emit(request, events)
 
 
 def _emit(request: EngineRequest, events: list[Event]) -> None:

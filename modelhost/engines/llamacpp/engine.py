@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import llama_cpp
+import numpy as np
 import structlog
 
 from airouter.infill import Infill
 from modelhost.constraints import ConstraintCompiler, compute_masks
 from modelhost.engines.llamacpp.model import LlamaModel
-from modelhost.engines.llamacpp.sampler import NoTokenAllowed, TokenSampler
+from modelhost.engines.llamacpp.sampler import NoTokenAllowed, TokenSampler, sample_rows
 from modelhost.engines.scheduler import (
     Blocks,
     Sequence,
@@ -53,7 +54,6 @@ class _Sequence(Sequence):
     slot: _Slot = field(default_factory=lambda: _Slot(-1))
     sampler: TokenSampler | None = None
     prompt_done: int = 0  # prompt tokens already in the KV cache
-    batch_index: int = -1  # where this sequence's logits are in the current batch
 
     @property
     def prefilled(self) -> bool:
@@ -239,56 +239,18 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         return oldest <= max(0, n - window)
 
     def _step(self) -> None:
-        batch = self._batch
-        n = 0
-
-        def add(token: int, slot: _Slot, logits: bool) -> None:
-            nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = len(slot.cached)
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = logits
-            slot.cached.append(token)
-            n += 1
-
-        sampling: list[_Sequence] = []
-        # Generating sequences first: each costs one token and keeps its stream flowing.
-        for seq in self._running.values():
-            if seq.prefilled:
-                seq.batch_index = n
-                add(seq.last_token, seq.slot, True)
-                sampling.append(seq)
-        # Then prompt chunks in the room left, the least left to compute first: a short prompt
-        # (a chat's next turn) is not held behind a long document's chunks for its whole
-        # prefill, and the document takes what room the short ones leave.
-        generating = n  # one token each: sampling[:generating] are these sequences
-        chunked: list[tuple[_Sequence, int]] = []  # prompt chunks added, with where they began
-        prefilling = [seq for seq in self._running.values() if not seq.prefilled]
-        prefilling.sort(key=lambda seq: len(seq.request.prompt) - seq.prompt_done)
-        for seq in prefilling:
-            room = self._model.batch_tokens - n
-            if room <= 0 or self._prompts_deferred:
-                break
-            prompt = seq.request.prompt
-            end = min(len(prompt), seq.prompt_done + room)
-            chunked.append((seq, seq.prompt_done))
-            for i in range(seq.prompt_done, end):
-                add(prompt[i], seq.slot, i == len(prompt) - 1)
-            seq.prompt_done = end
-            if seq.prefilled:
-                seq.batch_index = n - 1
-                sampling.append(seq)
-        batch.n_tokens = n
-
+        started = time.perf_counter()
+        n, sampling, generating, chunked = self._fill_batch()
+        built = time.perf_counter()
         # A constrained sequence's next mask is needed only when its sampled token is
         # rejected, but then at once: computed ahead, beside llama_decode (both release the
         # GIL), it costs the step nothing on a GPU and little on a CPU.
         constrained = [s.request.constraint for s in sampling if s.request.constraint is not None]
         masks = self._masks.submit(compute_masks, constrained) if constrained else None
-        rc = llama_cpp.llama_decode(self._model.ctx, batch)
+        rc = llama_cpp.llama_decode(self._model.ctx, self._batch)
         if masks is not None:
             masks.result()
+        decoded = time.perf_counter()
         if rc == 1 and 0 < generating < n:
             # No KV room for the prompt chunks (nothing was decoded): undo this step and let
             # the generating sequences go on alone; the prompts follow as cells free up.
@@ -308,20 +270,85 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
                 self._deliver(seq)
             return
 
-        now = time.perf_counter()
         self._decode_steps += bool(sampling)
-        for seq in sampling:
-            logits = llama_cpp.llama_get_logits_ith(self._model.ctx, seq.batch_index)
-            sampler = seq.sampler
-            assert sampler is not None
-            try:
-                token = sampler.sample(logits)
-            except NoTokenAllowed as exc:
-                self._finish(seq, FinishReason.ERROR, f"the output constraint failed: {exc}")
-                continue
-            self._accept(seq, token, now, sampler.logprobs)
+        rows = self._logit_rows(sampling)
+        fetched = time.perf_counter()
+        tokens = sample_rows([seq.sampler for seq in sampling], rows)  # type: ignore[misc]
+        sampled = time.perf_counter()
+        for seq, token in zip(sampling, tokens, strict=True):
+            if isinstance(token, NoTokenAllowed):
+                self._finish(seq, FinishReason.ERROR, f"the output constraint failed: {token}")
+            else:
+                assert seq.sampler is not None
+                self._accept(seq, token, decoded, seq.sampler.logprobs)
+        accepted = time.perf_counter()
         for seq in sampling:
             self._deliver(seq)
+        if self.profile is not None and generating == n:  # steps that only generate
+            delivered = time.perf_counter()
+            self.profile.record(
+                len(sampling),
+                build=built - started,
+                decode=decoded - built,
+                fetch=fetched - decoded,
+                sample=sampled - fetched,
+                detokenize=accepted - sampled,
+                deliver=delivered - accepted,
+            )
+
+    def _fill_batch(self) -> tuple[int, list[_Sequence], int, list[tuple[_Sequence, int]]]:
+        """Fills the batch: every generating sequence's last token, then prompt chunks in the
+        room left. Returns its token count, the sequences to sample in the order of their
+        logit rows, how many of them are generating, and the prompt chunks added with where
+        each began."""
+        batch = self._batch
+        n = 0
+
+        def add(token: int, slot: _Slot, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = len(slot.cached)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = logits
+            slot.cached.append(token)
+            n += 1
+
+        sampling: list[_Sequence] = []
+        # Generating sequences first: each costs one token and keeps its stream flowing.
+        for seq in self._running.values():
+            if seq.prefilled:
+                add(seq.last_token, seq.slot, True)
+                sampling.append(seq)
+        # Then prompt chunks in the room left, the least left to compute first: a short prompt
+        # (a chat's next turn) is not held behind a long document's chunks for its whole
+        # prefill, and the document takes what room the short ones leave.
+        generating = n
+        chunked: list[tuple[_Sequence, int]] = []
+        prefilling = [seq for seq in self._running.values() if not seq.prefilled]
+        prefilling.sort(key=lambda seq: len(seq.request.prompt) - seq.prompt_done)
+        for seq in prefilling:
+            room = self._model.batch_tokens - n
+            if room <= 0 or self._prompts_deferred:
+                break
+            prompt = seq.request.prompt
+            end = min(len(prompt), seq.prompt_done + room)
+            chunked.append((seq, seq.prompt_done))
+            for i in range(seq.prompt_done, end):
+                add(prompt[i], seq.slot, i == len(prompt) - 1)
+            seq.prompt_done = end
+            if seq.prefilled:
+                sampling.append(seq)
+        batch.n_tokens = n
+        return n, sampling, generating, chunked
+
+    def _logit_rows(self, sampling: list[_Sequence]) -> np.ndarray:
+        """The step's logits, one row a sampled sequence in `sampling`'s order: llama.cpp
+        keeps the rows of the batch's logits-flagged tokens contiguous, in batch order."""
+        if not sampling:
+            return np.empty((0, self._model.n_vocab), np.float32)
+        first = llama_cpp.llama_get_logits(self._model.ctx)
+        return np.ctypeslib.as_array(first, shape=(len(sampling), self._model.n_vocab))
 
     def _release(self, seq: _Sequence, reason: FinishReason) -> None:
         """The slot keeps its KV cells for prefix reuse unless they may be bad."""

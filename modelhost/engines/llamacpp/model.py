@@ -145,6 +145,8 @@ class LlamaModel:
             llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
         )
         self._end_of_generation: list[int] | None = None
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._is_eog = bytearray(self.n_vocab)
 
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = settings.slots * settings.context_per_slot
@@ -290,7 +292,14 @@ class LlamaModel:
         return None
 
     def token_bytes(self, token: int) -> bytes:
-        """The bytes a token stands for; control tokens render as nothing."""
+        """The bytes a token stands for; control tokens render as nothing. Kept once asked:
+        a call into llama.cpp a token was a tenth of the engine's work per sequence."""
+        piece = self._pieces[token]
+        if piece is None:
+            piece = self._pieces[token] = self._piece(token)
+        return piece
+
+    def _piece(self, token: int) -> bytes:
         buf = self._piece_buffer
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
@@ -299,7 +308,11 @@ class LlamaModel:
         return buf.raw[:n]
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        known = self._is_eog[token]  # 0: not asked yet, 1: no, 2: yes
+        if not known:
+            ends = llama_cpp.llama_vocab_is_eog(self.vocab, token)
+            known = self._is_eog[token] = 2 if ends else 1
+        return known == 2
 
     def scan_vocabulary(self) -> int:
         """Finds the end-of-generation tokens and returns the longest token's bytes: a walk

@@ -24,7 +24,7 @@ import numpy as np
 
 from modelhost.constraints import TokenConstraint
 from modelhost.generation import Sampling, StepLogprobs
-from modelhost.logprobs import NUCLEUS_THRESHOLDS, largest, step_logprobs, threshold_pool
+from modelhost.logprobs import NUCLEUS_THRESHOLDS, largest, step_logprobs, threshold_pool, top_k
 
 # Tokens the repetition penalty looks back over.
 PENALTY_WINDOW = 64
@@ -34,6 +34,8 @@ PENALTY_WINDOW = 64
 # only when those hold too few from the masked row.
 SPARSE_WORDS = 256
 CANDIDATES = 256
+# top_k_rows folds a row of logits into columns of this many.
+COLUMNS = 2048
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
@@ -78,13 +80,42 @@ class TokenSampler:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
 
-    def sample(self, logits_pointer: ctypes._Pointer) -> int:  # type: ignore[type-arg]
-        """The next token; may overwrite the logits row it is given. Raises NoTokenAllowed
-        when the constraint admits none."""
-        logits = np.ctypeslib.as_array(logits_pointer, shape=(self._n_vocab,))
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the token is the row's argmax once banned tokens are out: no draw,
+        penalty, constraint or log probabilities (see sample_rows)."""
+        return (
+            self._chain is None
+            and self._constraint is None
+            and self._top_logprobs is None
+            and self._sampling.repetition_penalty == 1.0
+        )
+
+    @property
+    def plain_draw(self) -> bool:
+        """Whether the token is a seeded draw among the row's top_k once banned tokens are
+        out: no penalty, constraint, log probabilities or top-p without top-k (see
+        sample_rows)."""
+        return (
+            self._chain is not None
+            and self._sampling.top_k > 0
+            and self._constraint is None
+            and self._top_logprobs is None
+            and self._sampling.repetition_penalty == 1.0
+        )
+
+    def draw_among(self, logits: np.ndarray, ids: np.ndarray) -> int:
+        """A plain draw's token, given ids that hold the row's top_k (sample_rows)."""
+        self._pool = None
+        token = self._draw(logits, ids)
+        self.took(token)
+        return token
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token from a row of logits, which it may overwrite. Raises
+        NoTokenAllowed when the constraint admits none."""
         raw = logits.copy() if self._top_logprobs is not None else None
-        if self._banned.size:
-            logits[self._banned] = -np.inf
+        self.ban(logits)
         if self._recent and self._sampling.repetition_penalty != 1.0:
             self._penalize(logits)
         self._pool = None
@@ -96,6 +127,16 @@ class TokenSampler:
             self.logprobs = step_logprobs(raw, token, self._top_logprobs or 0)
         self._recent.append(token)
         return token
+
+    def ban(self, logits: np.ndarray) -> None:
+        """Takes the banned tokens out of a row (again is harmless)."""
+        if self._banned.size:
+            logits[self._banned] = -np.inf
+
+    def took(self, token: int) -> None:
+        """Records a token picked for it by sample_rows."""
+        self.logprobs = None
+        self._recent.append(token)
 
     def _pick(self, logits: np.ndarray) -> int:
         return int(logits.argmax()) if self._chain is None else self._draw(logits)
@@ -133,7 +174,7 @@ class TokenSampler:
 
     def _draw(self, logits: np.ndarray, among: np.ndarray | None = None) -> int:
         """A seeded draw through llama.cpp's chain; `among`: the only tokens that may be
-        drawn (at least top_k of them)."""
+        drawn (at least top_k of them), or a set that holds the row's top_k."""
         assert self._chain is not None
         in_order = False
         if among is not None:
@@ -189,6 +230,61 @@ class TokenSampler:
         ids = ids[:kept]
         # min-p on what top-p kept: a prefix, its first token always.
         return ids[: max(int(np.count_nonzero(logits[ids] >= floor)), 1)], True
+
+
+def sample_rows(samplers: list[TokenSampler], rows: np.ndarray) -> list[int | NoTokenAllowed]:
+    """Each sampler's next token from its row of `rows` (one row a sampler, in order; rows
+    may be overwritten), or the NoTokenAllowed its constraint raised. The vocabulary-wide
+    work of the common cases is done for all rows at once: a greedy batch is one argmax, and
+    plain draws find their top-k candidates in one pass over their rows (top_k_rows); the
+    rest sample row by row."""
+    if all(sampler.plain_greedy for sampler in samplers):
+        for sampler, row in zip(samplers, rows, strict=True):
+            sampler.ban(row)
+        picked = rows.argmax(axis=1).tolist()
+        for sampler, token in zip(samplers, picked, strict=True):
+            sampler.took(token)
+        return picked
+    tokens: list[int | NoTokenAllowed | None] = [None] * len(samplers)
+    drawn = [i for i, sampler in enumerate(samplers) if sampler.plain_draw]
+    if drawn:
+        for i in drawn:
+            samplers[i].ban(rows[i])
+        k = max(samplers[i]._sampling.top_k for i in drawn)
+        among = top_k_rows(rows if len(drawn) == len(samplers) else rows[drawn], k)
+        for i, ids in zip(drawn, among, strict=True):
+            tokens[i] = samplers[i].draw_among(rows[i], ids)
+    for i, sampler in enumerate(samplers):
+        if tokens[i] is None:
+            try:
+                tokens[i] = sampler.sample(rows[i])
+            except NoTokenAllowed as exc:
+                tokens[i] = exc
+    return tokens  # type: ignore[return-value]
+
+
+def top_k_rows(rows: np.ndarray, k: int) -> list[np.ndarray]:
+    """For each row, ids that hold its k largest logits (a few more at most). One pass over
+    the rows: the rows, folded into columns of COLUMNS logits, are reduced to each column's
+    maximum (an elementwise maximum of contiguous runs: as fast as one argmax); at least k
+    logits of a row reach its k-th largest column maximum, so its k largest all do, and
+    they lie in the columns whose maximum reaches it."""
+    n, n_vocab = rows.shape
+    depth = n_vocab // COLUMNS
+    if depth < 2 or k > COLUMNS // 4:
+        return [top_k(row, k) for row in rows]
+    width = depth * COLUMNS
+    column_max = rows[:, :width].reshape(n, depth, COLUMNS).max(axis=1)
+    floors = np.partition(column_max, COLUMNS - k, axis=1)[:, COLUMNS - k]
+    offsets = np.arange(0, width, COLUMNS)[:, None]
+    tail = np.arange(width, n_vocab)
+    among = []
+    for row, maxima, floor in zip(rows, column_max, floors, strict=True):
+        ids = (np.flatnonzero(maxima >= floor) + offsets).ravel()
+        if tail.size:
+            ids = np.concatenate((ids, tail))
+        among.append(ids[row[ids] >= floor])
+    return among
 
 
 def _llama_chain(sampling: Sampling, *, truncated: bool = False) -> ctypes.c_void_p:

@@ -1,0 +1,265 @@
+"""What the engine spends around `llama_decode` each step: the Python that a GPU would leave
+setting the pace.
+
+    python -m bench.engine_overhead [--steps 48] [--vocab 49152 262144] [--sequences 1 8 64]
+        [--json]
+
+For each vocabulary size it writes a randomly initialised Llama-shaped model with the `gguf`
+package (one layer, 32-wide: `llama_decode` is cheap, so what is around it shows; its logits
+spread like a real model's, a few hundred tokens within 8 of the top one), and runs the real
+engine (LlamaEngine, its thread, events handed to an asyncio loop as the host's serving does)
+with 1, 8 and 64 sequences at once, greedy and with the default sampling (temperature 0.8,
+top-k 40, top-p 0.95, min-p 0.05, seeded). Over the steps that only generate (no prompt in
+the batch) it prints, per step: wall time, time inside `llama_decode`, and the rest split into
+batch building, logits fetch, sampling, detokenizing (each token's bytes, text, stop strings)
+and delivery to the event loop, in microseconds per step and per sequence; beside it the
+floor no engine escapes, `row_scan_us`: one `numpy.argmax` over a row of that many logits,
+and the goal (issue 28): overhead <= 100 us per step + per sequence row_scan_us + 15 us
+(greedy) or + 40 us (default sampling).
+
+It also prints a digest of every token generated: greedy text and seeded draws must not
+change when the engine gets faster. With --json the last line is one JSON object:
+{"rows": [{"vocab": ..., "sampling": ..., "sequences": ..., "overhead_us_per_step": ...,
+"row_scan_us": ..., ...}, ...]}.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from modelhost.engines.llamacpp.engine import LlamaEngine
+from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
+from modelhost.engines.scheduler import STEP_PHASES, StepProfile
+from modelhost.generation import Delta, EngineRequest, Event, Finish, Sampling
+
+GREEDY = Sampling(temperature=0.0)
+DEFAULT = Sampling()  # llama.cpp's defaults
+GOAL_BASE_US = 100.0
+GOAL_PER_SEQUENCE_US = {"greedy": 15.0, "default": 40.0}
+PROMPT = [1, 300, 301, 302]  # BOS and three words
+
+
+def write_model(path: Path, vocab: int) -> Path:
+    """A one-layer Llama with a SentencePiece vocabulary of `vocab` tokens: <unk>, <s>, </s>,
+    the 256 byte tokens, then words."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    n_embd, n_head, n_ff = 32, 2, 64
+    writer.add_context_length(4096)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    words = vocab - len(tokens)
+    tokens += [("\u2581" + _word(i)).encode() for i in range(words)]
+    types = [2, 3, 3] + [6] * 256 + [1] * words  # unknown, control, byte, normal
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(words)])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+
+    def weights(*shape: int, scale: float = 0.5) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", weights(vocab, n_embd))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    # Logits of spread ~3: a few hundred tokens within 8 of the top, as in a real model.
+    writer.add_tensor("output.weight", weights(vocab, n_embd, scale=3 / n_embd**0.5))
+    block = "blk.0."
+    writer.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
+    writer.add_tensor(block + "ffn_norm.weight", np.ones(n_embd, np.float32))
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        writer.add_tensor(block + name + ".weight", weights(n_embd, n_embd))
+    writer.add_tensor(block + "ffn_gate.weight", weights(n_ff, n_embd))
+    writer.add_tensor(block + "ffn_up.weight", weights(n_ff, n_embd))
+    writer.add_tensor(block + "ffn_down.weight", weights(n_embd, n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _word(i: int) -> str:
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    word = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, len(letters))
+        word += letters[r]
+    return word
+
+
+@dataclass
+class Row:
+    vocab: int
+    sampling: str
+    sequences: int
+    profile: StepProfile
+    row_scan_us: float
+    digest: str
+
+    def per_step_us(self, phase: str) -> float:
+        return self.profile.seconds[phase] / max(self.profile.steps, 1) * 1e6
+
+    @property
+    def wall_us(self) -> float:
+        return sum(self.per_step_us(phase) for phase in STEP_PHASES)
+
+    @property
+    def overhead_us(self) -> float:
+        return self.wall_us - self.per_step_us("decode")
+
+    @property
+    def goal_us(self) -> float:
+        per_sequence = self.row_scan_us + GOAL_PER_SEQUENCE_US[self.sampling]
+        return GOAL_BASE_US + self.sequences * per_sequence
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "vocab": self.vocab,
+            "sampling": self.sampling,
+            "sequences": self.sequences,
+            "steps": self.profile.steps,
+            "wall_us_per_step": round(self.wall_us, 1),
+            "decode_us_per_step": round(self.per_step_us("decode"), 1),
+            "overhead_us_per_step": round(self.overhead_us, 1),
+            "overhead_us_per_sequence": round(self.overhead_us / self.sequences, 1),
+            **{
+                f"{phase}_us_per_step": round(self.per_step_us(phase), 1)
+                for phase in STEP_PHASES
+                if phase != "decode"
+            },
+            "row_scan_us": round(self.row_scan_us, 1),
+            "goal_us_per_step": round(self.goal_us, 1),
+            "meets_goal": self.overhead_us <= self.goal_us,
+            "digest": self.digest,
+        }
+
+
+def row_scan_us(vocab: int) -> float:
+    """One numpy.argmax over a float32 row of `vocab` logits, median of many."""
+    row = np.random.default_rng(1).standard_normal(vocab).astype(np.float32)
+    times = []
+    for _ in range(200):
+        started = time.perf_counter()
+        row.argmax()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+async def run(engine: LlamaEngine, sampling: Sampling, sequences: int, steps: int) -> str:
+    """`sequences` requests of `steps` tokens at once; the digest of every token's text."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue()
+
+    def received(i: int, events: list[Event]) -> None:  # as the host's serving receives them
+        inbox.put_nowait((i, events))
+
+    texts: list[list[str]] = [[] for _ in range(sequences)]
+    for i in range(sequences):
+        seeded = Sampling(**{**sampling.__dict__, "seed": i}) if sampling.temperature else sampling
+        engine.submit(
+            EngineRequest(
+                id=str(i),
+                prompt=[*PROMPT, 400 + i],
+                sampling=seeded,
+                max_tokens=steps,
+                stop=[],
+                on_events=partial(received, i),
+                loop=loop,
+                arrived=time.perf_counter(),
+                ignore_eos=True,
+            )
+        )
+    finished = 0
+    while finished < sequences:
+        i, events = await inbox.get()
+        for event in events:
+            if isinstance(event, Delta):
+                texts[i].append(event.text)
+            elif isinstance(event, Finish):
+                assert event.completion_tokens == steps, event
+                finished += 1
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+
+
+def measure(path: Path, vocab: int, args: argparse.Namespace) -> list[Row]:
+    slots = max(args.sequences)
+    model = LlamaModel(
+        path,
+        gpu_layers=0,
+        settings=ContextSettings(
+            slots=slots, context_per_slot=args.steps + 16, batch_tokens=512, threads=args.threads
+        ),
+    )
+    engine = LlamaEngine(model, name=f"random-{vocab}", slots=slots, max_queue=0)
+    scan = row_scan_us(vocab)
+    rows = []
+    try:
+        for name, sampling in (("greedy", GREEDY), ("default", DEFAULT)):
+            for sequences in args.sequences:
+                asyncio.run(run(engine, sampling, sequences, 4))  # warm
+                engine.profile = profile = StepProfile()
+                digest = asyncio.run(run(engine, sampling, sequences, args.steps))
+                engine.profile = None
+                rows.append(Row(vocab, name, sequences, profile, scan, digest))
+    finally:
+        engine.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=48, help="tokens each sequence generates")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 262144])
+    parser.add_argument("--sequences", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as folder:
+        for vocab in args.vocab:
+            path = write_model(Path(folder) / f"random-{vocab}.gguf", vocab)
+            rows += measure(path, vocab, args)
+    header = (
+        "| vocab | sampling | seqs | wall | llama_decode | overhead | "
+        + " | ".join(p for p in STEP_PHASES if p != "decode")
+        + " | overhead/seq | row_scan | goal | digest |"
+    )
+    print(f"\nmicroseconds per decode step ({args.steps} tokens a sequence)\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for row in rows:
+        phases = " | ".join(f"{row.per_step_us(p):.0f}" for p in STEP_PHASES if p != "decode")
+        verdict = "ok" if row.overhead_us <= row.goal_us else "OVER"
+        print(
+            f"| {row.vocab} | {row.sampling} | {row.sequences} | {row.wall_us:.0f} | "
+            f"{row.per_step_us('decode'):.0f} | {row.overhead_us:.0f} | {phases} | "
+            f"{row.overhead_us / row.sequences:.1f} | {row.row_scan_us:.1f} | "
+            f"{row.goal_us:.0f} {verdict} | {row.digest} |"
+        )
+    if args.json:
+        print(json.dumps({"rows": [row.as_json() for row in rows]}))
+
+
+if __name__ == "__main__":
+    main()
