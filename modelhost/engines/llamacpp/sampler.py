@@ -74,6 +74,10 @@ class TokenSampler:
         if sampling.temperature > 0.0:
             self._chain = _llama_chain(sampling, truncated=self._truncate)
             self._candidates = np.empty(sampling.top_k or n_vocab, dtype=_TOKEN_DATA)
+            # One llama_token_data_array over the candidates, refilled for each draw.
+            self._data = self._candidates.ctypes.data_as(llama_cpp.llama_token_data_p)
+            self._array = llama_cpp.llama_token_data_array(data=self._data, size=0)
+            self._array_ref = ctypes.byref(self._array)
 
     def close(self) -> None:
         if self._chain is not None:
@@ -197,13 +201,10 @@ class TokenSampler:
         candidates["id"] = ids
         candidates["logit"] = logits[ids]
         candidates["p"] = 0.0
-        array = llama_cpp.llama_token_data_array(
-            data=candidates.ctypes.data_as(llama_cpp.llama_token_data_p),
-            size=k,
-            selected=-1,
-            sorted=in_order,
-        )
-        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
+        array = self._array
+        array.data = self._data  # type: ignore[assignment]
+        array.size, array.selected, array.sorted = k, -1, in_order
+        llama_cpp.llama_sampler_apply(self._chain, self._array_ref)
         # The samplers may point `data` elsewhere inside the array; read through it.
         return int(array.data[array.selected].id)
 
@@ -264,11 +265,12 @@ def sample_rows(samplers: list[TokenSampler], rows: np.ndarray) -> list[int | No
 
 
 def top_k_rows(rows: np.ndarray, k: int) -> list[np.ndarray]:
-    """For each row, ids that hold its k largest logits (a few more at most). One pass over
-    the rows: the rows, folded into columns of COLUMNS logits, are reduced to each column's
-    maximum (an elementwise maximum of contiguous runs: as fast as one argmax); at least k
-    logits of a row reach its k-th largest column maximum, so its k largest all do, and
-    they lie in the columns whose maximum reaches it."""
+    """For each row, ids that hold its k largest logits (a few more at most), in one pass
+    over the rows where top_k takes three: the rows, folded into columns of COLUMNS logits,
+    are reduced to each column's maximum for all rows at once (an elementwise maximum of
+    contiguous runs: as fast as one argmax). At least k logits of a row reach its k-th
+    largest column maximum, so its k largest all do, and they lie in the columns whose
+    maximum reaches it: only those columns' logits are read again."""
     n, n_vocab = rows.shape
     depth = n_vocab // COLUMNS
     if depth < 2 or k > COLUMNS // 4:
@@ -277,7 +279,7 @@ def top_k_rows(rows: np.ndarray, k: int) -> list[np.ndarray]:
     column_max = rows[:, :width].reshape(n, depth, COLUMNS).max(axis=1)
     floors = np.partition(column_max, COLUMNS - k, axis=1)[:, COLUMNS - k]
     offsets = np.arange(0, width, COLUMNS)[:, None]
-    tail = np.arange(width, n_vocab)
+    tail = np.arange(width, n_vocab)  # the last, partial column: read whole
     among = []
     for row, maxima, floor in zip(rows, column_max, floors, strict=True):
         ids = (np.flatnonzero(maxima >= floor) + offsets).ravel()
