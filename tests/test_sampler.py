@@ -140,3 +140,39 @@ def test_top_k_rows_holds_each_rows_top_k(n_vocab: int) -> None:
             expected = set(np.argsort(-row, kind="stable")[:k].tolist())
             assert expected <= set(ids.tolist())
             assert len(ids) < k + 128 or i == 3
+
+
+class AskedAbout:
+    """A token set that records which tokens were asked about, and how often it was walked."""
+
+    def __init__(self, tokens: set[int]) -> None:
+        self.tokens, self.asked, self.walks = tokens, [], 0
+
+    def __contains__(self, token: object, /) -> bool:
+        self.asked.append(token)
+        return token in self.tokens
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.walks += 1
+        return iter(sorted(self.tokens))
+
+
+def test_a_greedy_sampler_asks_only_about_the_tokens_it_picks() -> None:
+    """ignore_eos on a greedy request: the end-of-generation tokens on top are passed over
+    one by one, as taking them all out first would (the lowest id among equal logits), and
+    the vocabulary is never walked to find them; a draw takes them all out."""
+    values = np.zeros(N_VOCAB, dtype=np.float32)
+    values[[5, 9, 11]] = [9.0, 8.0, 7.0]  # the three likeliest are banned
+    values[[12, 2, 400]] = 6.0  # then a tie: 2 is the lowest id; 400 is banned but unasked
+    banned = {5, 9, 11, 400}
+    eager = TokenSampler(Sampling(temperature=0.0), N_VOCAB, sorted(banned))
+    assert eager.sample(row(values)) == 2
+    lazy = AskedAbout(banned)
+    assert TokenSampler(Sampling(temperature=0.0), N_VOCAB, lazy).sample(row(values)) == 2
+    assert lazy.asked == [5, 9, 11, 2] and lazy.walks == 0
+    lazy = AskedAbout(banned)
+    rows = np.stack([values, values])
+    greedy = [TokenSampler(Sampling(temperature=0.0), N_VOCAB, lazy) for _ in range(2)]
+    assert sample_rows(greedy, rows) == [2, 2] and lazy.walks == 0
+    drawn = TokenSampler(Sampling(seed=1, top_k=3), N_VOCAB, lazy)
+    assert lazy.walks == 1 and drawn.sample(row(values)) in {2, 12}

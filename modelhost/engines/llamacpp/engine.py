@@ -139,7 +139,7 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
                 sampler = TokenSampler(
                     request.sampling,
                     self._model.n_vocab,
-                    self._model.end_of_generation_tokens() if request.ignore_eos else [],
+                    self._model.end_of_generation if request.ignore_eos else (),
                     constraint=request.constraint,
                     top_logprobs=request.top_logprobs,
                 )

@@ -7,6 +7,7 @@ and may run on any thread.
 import ctypes
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -91,6 +92,20 @@ class ContextSettings:
     pooling: int = -1  # llama.cpp's llama_pooling_type; -1: what the GGUF declares
 
 
+class _EndOfGeneration:
+    """A model's end-of-generation tokens as a set (modelhost.engines.llamacpp.sampler's
+    TokenSet): membership asks about one token, iterating finds them all (once)."""
+
+    def __init__(self, model: "LlamaModel") -> None:
+        self._model = model
+
+    def __contains__(self, token: object, /) -> bool:
+        return isinstance(token, int) and self._model.is_end_of_generation(token)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._model.end_of_generation_tokens())
+
+
 class LlamaModel:
     """A loaded GGUF model and one decoding context sized for `settings.slots` sequences."""
 
@@ -147,6 +162,7 @@ class LlamaModel:
         self._end_of_generation: list[int] | None = None
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._is_eog = bytearray(self.n_vocab)
+        self.end_of_generation = _EndOfGeneration(self)
 
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = settings.slots * settings.context_per_slot
