@@ -89,7 +89,7 @@ class TokenSampler:
             self._array = llama_cpp.llama_token_data_array(data=self._data, size=0)
             self._array_ref = ctypes.byref(self._array)
         # Tokens it may not pick (e.g. end-of-generation ones): a plain greedy sampler asks
-        # about the token it picked (_avoiding), the others take them all out of each row.
+        # about the token it picked (avoiding), the others take them all out of each row.
         self._avoid: TokenSet | None = None
         self._banned = np.empty(0, dtype=np.int64)
         if self.plain_greedy:
