@@ -2,8 +2,10 @@
 
 An Engine owns one loaded model and decodes requests for it on a thread of its own: the event
 loop only submits and cancels, and receives each request's events through its `on_events`
-callback. An EngineBackend is what an engine package registers (modelhost.engines.ENGINES): which
-model files it runs, on which devices, how big a model will be, and how to open one. Many
+callback (called on the request's `loop`, a step's events for all of that loop's requests in
+one hand-off, where the request names one). An EngineBackend is what an engine package
+registers (modelhost.engines.ENGINES): which model files it runs, on which devices, how big a
+model will be, and how to open one. Many
 engines will reuse the step-loop scheduler (modelhost.engines.scheduler); the interface does
 not require it.
 """
