@@ -1,6 +1,8 @@
 """Continuous batching in the modelhost: many streams at once, each with its own text, slots
 handed over at once, bounded queues, deadlines and prefix reuse; real gRPC, real model."""
 
+import asyncio
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -409,3 +411,64 @@ def test_constrained_sequences_leave_the_free_ones_in_their_batch_unchanged() ->
     beside_constrained, masked = run(constrained=True)
     assert masked > 0  # the constrained ones really were masked
     assert beside_constrained == beside_free and len(beside_free) > 40
+
+
+def test_a_steps_events_reach_their_event_loop_in_one_hand_off(model_path) -> None:  # type: ignore[no-untyped-def]
+    """Requests received on an event loop get their events there, a step's events for all
+    of them in one call_soon_threadsafe (one wake-up of the loop a step, not one a request)."""
+    model = LlamaModel(
+        model_path,
+        gpu_layers=0,
+        settings=ContextSettings(slots=4, context_per_slot=64, batch_tokens=32, threads=2),
+    )
+    engine = LlamaEngine(model, name="hand-off", slots=4, max_queue=4)
+    loop = asyncio.new_event_loop()
+    hand_offs = 0
+    threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        nonlocal hand_offs
+        hand_offs += 1
+        return threadsafe(*args)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    received: dict[int, list[Event]] = {i: [] for i in range(4)}
+    threads: set[threading.Thread] = set()
+
+    async def run() -> None:
+        done = loop.create_future()
+
+        def on_events(i: int, events: list[Event]) -> None:
+            threads.add(threading.current_thread())
+            received[i].extend(events)
+            if all(any(isinstance(e, Finish) for e in got) for got in received.values()):
+                if not done.done():
+                    done.set_result(None)
+
+        for i in range(4):
+            engine.submit(
+                EngineRequest(
+                    id=f"r{i}",
+                    prompt=[2, 1596 + i],
+                    sampling=Sampling(temperature=0.0),
+                    max_tokens=8,
+                    stop=[],
+                    on_events=functools.partial(on_events, i),
+                    arrived=time.perf_counter(),
+                    ignore_eos=True,
+                    loop=loop,
+                )
+            )
+        await asyncio.wait_for(done, 60)
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        engine.close()
+        loop.close()
+    assert threads == {threading.main_thread()}
+    for events in received.values():
+        assert sum(e.token_count for e in events if isinstance(e, Delta)) == 8
+    # 8 steps once all four run (a few more if they were admitted apart): one hand-off each,
+    # where one a request made 32 or more.
+    assert hand_offs <= 14, hand_offs
