@@ -65,17 +65,15 @@ STEP_PHASES = ("build", "decode", "fetch", "sample", "detokenize", "deliver")
 
 @dataclass
 class StepProfile:
-    """Seconds an engine's decode steps spent in each phase, summed, and how many steps and
-    sampled sequences they had. Attached to an engine's `profile` by a benchmark; the engine
-    times its steps regardless (a few perf_counter calls) and adds them only then."""
+    """Seconds an engine's decode steps spent in each phase, summed, and how many steps they
+    were. Attached to an engine's `profile` by a benchmark; the engine times its steps
+    regardless (a few perf_counter calls) and adds them only then."""
 
     steps: int = 0
-    sequences: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))
 
-    def record(self, sequences: int, **seconds: float) -> None:
+    def record(self, **seconds: float) -> None:
         self.steps += 1
-        self.sequences += sequences
         for phase, spent in seconds.items():
             self.seconds[phase] += spent
 

@@ -290,7 +290,6 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         if self.profile is not None and generating == n:  # steps that only generate
             delivered = time.perf_counter()
             self.profile.record(
-                len(sampling),
                 build=built - started,
                 decode=decoded - built,
                 fetch=fetched - decoded,
@@ -351,7 +350,7 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         numpy view is kept for as long as llama.cpp keeps the buffer where it was
         (np.ctypeslib.as_array took 80 us a step)."""
         if not sampling:
-            return np.empty((0, self._model.n_vocab), np.float32)
+            return self._logits[:0]
         first = llama_cpp.llama_get_logits(self._model.ctx)
         address = ctypes.cast(first, ctypes.c_void_p).value
         if address != self._logits_address:
