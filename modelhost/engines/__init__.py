@@ -24,6 +24,7 @@ __all__ = [
     "estimate_bytes",
     "model_files",
     "open_engine",
+    "release_prefetched",
 ]
 
 # name (models.toml's `engine`) -> the package that registers it. With engine = "auto" the
@@ -68,3 +69,9 @@ def estimate_bytes(config: ModelConfig, path: Path, device: str) -> int:
 def open_engine(config: ModelConfig, path: Path, host: HostSettings) -> Engine:
     """Loads the model and starts its engine; blocking (call it from a worker thread)."""
     return backend(engine_for(config, path)).open(config, path, host)
+
+
+def release_prefetched() -> None:
+    """Frees the weights engines loaded ahead of models the host then did not load."""
+    for name in ENGINES:
+        backend(name).release_prefetched()

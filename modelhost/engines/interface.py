@@ -157,3 +157,8 @@ class EngineBackend(ABC):
     @abstractmethod
     def open(self, config: "ModelConfig", path: Path, host: HostSettings) -> Engine:
         """Loads the model and starts its engine; blocking (called on a worker thread)."""
+
+    @abstractmethod
+    def release_prefetched(self) -> None:
+        """Frees what the engine loaded ahead of a model that the host then did not load
+        (modelhost.early_load)."""

@@ -33,7 +33,7 @@ class LlamaBackend(EngineBackend):
 
     def unsupported(self, device: str) -> str | None:
         try:
-            from modelhost.engines.llamacpp.model import supports_gpu_offload
+            from modelhost.engines.llamacpp.weights import supports_gpu_offload
         except ImportError:
             return _MISSING
         if device == "cpu":
@@ -53,7 +53,8 @@ class LlamaBackend(EngineBackend):
         # Which instruction sets llama.cpp was built for: a build with -march=native on one
         # CPU (or AMX on a Xeon) crashes in llama_decode on another; this says what to rebuild.
         try:
-            from modelhost.engines.llamacpp.model import build_features, supports_gpu_offload
+            from modelhost.engines.llamacpp.model import build_features
+            from modelhost.engines.llamacpp.weights import supports_gpu_offload
         except ImportError:
             return {"installed": False}
         return {"features": build_features(), "gpu_offload": supports_gpu_offload()}
@@ -75,6 +76,11 @@ class LlamaBackend(EngineBackend):
         except ImportError:
             raise RuntimeError(_MISSING) from None
         return open_engine(config, path, host.device, host.threads)
+
+    def release_prefetched(self) -> None:
+        weights = sys.modules.get("modelhost.engines.llamacpp.weights")  # none loaded without it
+        if weights is not None:
+            weights.release_prefetched()
 
 
 BACKEND = LlamaBackend()

@@ -6,7 +6,6 @@ and may run on any thread.
 
 import ctypes
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -18,46 +17,30 @@ import structlog
 
 from airouter.infill import FimTokens, Infill, infill_tokens
 from airouter.labels import format_bytes
+from modelhost.engines.llamacpp.weights import (
+    capturing_load,
+    init_backend,
+    load_weights,
+    log_warnings,
+    take_prefetched,
+)
 
 _log = structlog.get_logger()
 
-# ggml's log levels; everything below WARN is llama.cpp's load chatter.
-_GGML_LOG_LEVEL_WARN = 3
-_GGML_LOG_LEVEL_CONT = 5
-_backend_ready = False
 # ggml types of the KV cache settings.
 KV_CACHE_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}
 # llama.cpp reports each buffer it allocates while loading, e.g.
 # "load_tensors:   CPU_Mapped model buffer size =   241.41 MiB" or
 # "llama_kv_cache:      CUDA0 KV buffer size =   576.00 MiB"; a model's measured footprint is
 # their sum. "load_tensors: offloaded 19/19 layers to GPU" says how much of it a GPU holds.
-# Loads are serialised so the lines of one load are not mixed with another's.
 _BUFFER_LINE = re.compile(r"(\S+)\s+(?:\w+ )?buffer size\s*=\s*([\d.]+) MiB")
 _OFFLOADED_LINE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
-_load_lock = threading.Lock()
-_buffer_lines: list[str] | None = None
-
-
-@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    if _buffer_lines is not None and (b"buffer size" in text or b"layers to GPU" in text):
-        _buffer_lines.append(text.decode("utf-8", "replace"))
-    if _GGML_LOG_LEVEL_WARN <= level < _GGML_LOG_LEVEL_CONT:
-        _log.warning("llama_cpp", message=text.decode("utf-8", "replace").strip())
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    if not _backend_ready:
-        llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
 
 
 def build_features() -> dict[str, list[str]]:
     """What this llama.cpp was built with, per backend: {"CPU": ["AVX2", "FMA", ...], ...}
     from llama_print_system_info ("CPU : SSE3 = 1 | AVX2 = 1 | ... |")."""
-    _init_backend()
+    init_backend()
     features: dict[str, list[str]] = {}
     backend = "?"
     for part in llama_cpp.llama_print_system_info().decode("utf-8", "replace").split("|"):
@@ -67,11 +50,6 @@ def build_features() -> dict[str, list[str]]:
         if value.strip() == "1":
             features.setdefault(backend.strip(), []).append(name.strip())
     return features
-
-
-def supports_gpu_offload() -> bool:
-    """Whether this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
-    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 @dataclass(frozen=True)
@@ -117,19 +95,23 @@ class LlamaModel:
         settings: ContextSettings,
         chat_template: str | None = None,
     ) -> None:
-        global _buffer_lines
-        _init_backend()
-        with _load_lock:
-            _buffer_lines = []
-            try:
-                self._load(path, gpu_layers, settings, chat_template)
-            finally:
-                lines, _buffer_lines = _buffer_lines, None
+        init_backend()
+        weights = take_prefetched(path, gpu_layers) or load_weights(path, gpu_layers)
+        if not weights.model:
+            log_warnings(weights.lines)
+            raise RuntimeError(f"llama.cpp could not load {path}; is it a GGUF file?")
+        lines = list(weights.lines)
+        try:
+            with capturing_load() as context_lines:
+                self._load(weights.model, path, settings, chat_template)
+        finally:
+            lines += context_lines
+            log_warnings(lines)
         # Bytes llama.cpp allocated, by buffer type: "CPU", "CPU_Mapped", "CUDA0", ...
         self.buffers: dict[str, int] = {}
         # Layers on the GPU and layers in all, as "19/19"; None on a build without GPU offload.
         self.offloaded_layers: str | None = None
-        for line in lines:
+        for _, line in lines:
             if match := _BUFFER_LINE.search(line):
                 name, mib = match.group(1), float(match.group(2))
                 self.buffers[name] = self.buffers.get(name, 0) + int(mib * (1 << 20))
@@ -137,17 +119,9 @@ class LlamaModel:
                 self.offloaded_layers = f"{match.group(1)}/{match.group(2)}"
 
     def _load(
-        self,
-        path: Path,
-        gpu_layers: int,
-        settings: ContextSettings,
-        chat_template: str | None,
+        self, model: Any, path: Path, settings: ContextSettings, chat_template: str | None
     ) -> None:
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = gpu_layers
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
-        if not model:
-            raise RuntimeError(f"llama.cpp could not load {path}; is it a GGUF file?")
+        """The context over loaded weights (which it frees if it cannot be made)."""
         self._model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)

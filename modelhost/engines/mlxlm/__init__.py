@@ -125,5 +125,8 @@ class MlxBackend(EngineBackend):
             budget_bytes=host.budget_bytes,
         )
 
+    def release_prefetched(self) -> None:
+        pass  # it loads nothing ahead of a model
+
 
 BACKEND = MlxBackend()
