@@ -47,11 +47,10 @@ def import_numpy_with_one_blas_thread() -> None:
     from the model's load on a two-core machine, for no gain (numpy does no linear algebra
     here worth threads). The variable is put back afterwards, so that a BLAS loaded later
     (MLX's) still uses every core; a value the user set is left as it is."""
-    if "OPENBLAS_NUM_THREADS" in os.environ:
-        import numpy  # noqa: F401
-        return
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    set_by_user = "OPENBLAS_NUM_THREADS" in os.environ
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         import numpy  # noqa: F401
     finally:
-        del os.environ["OPENBLAS_NUM_THREADS"]
+        if not set_by_user:
+            del os.environ["OPENBLAS_NUM_THREADS"]

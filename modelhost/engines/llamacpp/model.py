@@ -96,7 +96,10 @@ class LlamaModel:
         chat_template: str | None = None,
     ) -> None:
         init_backend()
-        weights = take_prefetched(path, gpu_layers) or load_weights(path, gpu_layers)
+        prefetched = take_prefetched(path, gpu_layers)
+        # Whether the weights loaded ahead, while the host started (modelhost.early_load).
+        self.loaded_ahead = prefetched is not None
+        weights = prefetched or load_weights(path, gpu_layers)
         if not weights.model:
             log_warnings(weights.lines)
             raise RuntimeError(f"llama.cpp could not load {path}; is it a GGUF file?")
@@ -193,7 +196,11 @@ class LlamaModel:
 
     def describe(self) -> dict[str, object]:
         buffers = {name: format_bytes(n) for name, n in self.buffers.items()}
-        return {"offloaded_layers": self.offloaded_layers, "buffers": buffers}
+        return {
+            "offloaded_layers": self.offloaded_layers,
+            "buffers": buffers,
+            "weights_loaded_ahead": self.loaded_ahead,
+        }
 
     def warm_up(self) -> None:
         """Decodes one token and forgets it, as llama.cpp's own server does, so the first
