@@ -12,8 +12,10 @@ measures through the same aiohttp client at OpenAI's `/v1/embeddings` (float vec
 - batch 64: `--requests / 8` requests of 64 texts each, one after another (indexing).
 Texts are sentences of 10-40 words, unique per request. Prints texts/s per server, per batch,
 medians over the rounds and the ratio airouter / llama-server, and checks the two servers'
-vectors agree (cosine). llama-server is optional (`--llama-server` or $LLAMA_SERVER); build
-it as bench.llama_server says.
+vectors agree (cosine). Then, per path, the median time of a one-text request (`--requests`
+each, one after another): airouter's host asked directly over gRPC, its gateway over gRPC and
+over HTTP, and llama-server over HTTP: where batch 1's time goes. llama-server is optional
+(`--llama-server` or $LLAMA_SERVER); build it as bench.llama_server says.
 """
 
 import argparse
@@ -28,8 +30,10 @@ import time
 from pathlib import Path
 
 import aiohttp
+import grpc
 import numpy as np
 
+from airouter.v1 import embed_pb2, gateway_pb2, gateway_pb2_grpc, model_host_pb2_grpc
 from bench.llama_server import launch_airouter_with, stop
 from modelhost.config import embedded_embedding_model_config
 from modelhost.engines.llamacpp.bert import cached_gguf
@@ -100,6 +104,48 @@ async def measure(base: str, requests: int, batch: int, seed: int) -> tuple[floa
     return (requests - 1) * batch / elapsed, first
 
 
+def flag(process: subprocess.Popen[bytes], name: str) -> str:
+    command = list(process.args)  # type: ignore[arg-type]
+    return str(command[command.index(name) + 1])
+
+
+async def one_text_latencies(
+    base: str, process: subprocess.Popen[bytes] | None, requests: int, seed: int
+) -> dict[str, float]:
+    """Median milliseconds of one-text requests, path by path: over HTTP, and for airouter
+    (`process` given) to its gateway and its host over gRPC."""
+    rng = random.Random(seed)
+    texts = [sentence(rng) for _ in range(requests)]
+    paths = {}
+    async with aiohttp.ClientSession() as session:
+        paths["HTTP"] = lambda text: embed(session, base, [text])
+        if process is None:
+            return {name: await median_ms(call, texts) for name, call in paths.items()}
+        host = grpc.aio.insecure_channel(flag(process, "--modelhost-listen"))
+        gateway = grpc.aio.insecure_channel(flag(process, "--listen"))
+        async with host, gateway:
+            host_stub = model_host_pb2_grpc.ModelHostStub(host)
+            gateway_stub = gateway_pb2_grpc.GatewayStub(gateway)
+
+            def request(text: str) -> embed_pb2.EmbedRequest:
+                return embed_pb2.EmbedRequest(model=MODEL, inputs=[embed_pb2.EmbedInput(text=text)])
+
+            paths["host gRPC"] = lambda text: host_stub.Embed(request(text))
+            paths["gateway gRPC"] = lambda text: gateway_stub.Embed(
+                gateway_pb2.GatewayEmbedRequest(request=request(text))
+            )
+            return {name: await median_ms(call, texts) for name, call in paths.items()}
+
+
+async def median_ms(call, texts: list[str]) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for text in texts:
+        started = time.perf_counter()
+        await call(text)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
@@ -118,6 +164,7 @@ def main() -> None:
     batches = {1: args.requests, 64: max(args.requests // 8, 2)}
     rates: dict[tuple[str, int], list[float]] = {}
     agreement: list[float] = []
+    latencies: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
         order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
         firsts: dict[tuple[str, int], np.ndarray] = {}
@@ -129,6 +176,10 @@ def main() -> None:
                     rate, first = asyncio.run(measure(base, requests, batch, 1000 * round_ + batch))
                     rates.setdefault((name, batch), []).append(rate)
                     firsts[(name, batch)] = first
+                on_airouter = process if name == "airouter" else None
+                paths = asyncio.run(one_text_latencies(base, on_airouter, args.requests, round_))
+                for path, ms in paths.items():
+                    latencies.setdefault(f"{name} {path}", []).append(ms)
             finally:
                 stop(process)
         for batch in batches if len(servers) > 1 else ():
@@ -149,6 +200,9 @@ def main() -> None:
             print(f"{batch:>6} {ours:>10.1f} {median:>13.1f} {ours / median:>6.2f}x")
         else:
             print(f"{batch:>6} {ours:>10.1f} {'-':>13} {'-':>7}")
+    print(f"\none text a request, median ms per path (medians over {args.rounds} rounds):")
+    for path, values in sorted(latencies.items(), key=lambda item: statistics.median(item[1])):
+        print(f"  {path:<24} {statistics.median(values):6.2f}")
     if agreement:
         print(
             "\nlowest cosine between the two servers' vectors of the same text: "
