@@ -11,7 +11,8 @@
 #                                          is, unlike the carried folders, replaced each call)
 #   bash bench/cuda_check.sh build         there: a fresh venv over its python 3.12, the wheels,
 #                                          the build
-#   bash bench/cuda_check.sh run OUT       there: the check; OUT/cuda_report.md (and the logits)
+#   bash bench/cuda_check.sh run OUT       there: the check; OUT/cuda_report.md (and the logits),
+#                                          and OUT/backend_sampling.md
 #
 # The wheels are bench/cuda_requirements.txt: the runtime closure for cp312 manylinux, locked
 # with hashes by `python -m bench.cuda_lock`. `wheels DIR` downloads just them and `venv WHEELS
@@ -148,8 +149,13 @@ run() {
   local out=$1 model="$STAGE/model.gguf"
   mkdir -p "$out"
   cat "$STAGE"/model.gguf.part-* >"$model"
+  local failed=0
   "$VENV/bin/python" -m bench.cuda_check --model "$model" --report "$out/cuda_report.md" \
-    --build-info "$(cat "$STAGE/build-info.txt")"
+    --build-info "$(cat "$STAGE/build-info.txt")" || failed=$?
+  # Greedy sampling in llama.cpp's graph against reading the logits (issue 28), ~20 s.
+  "$VENV/bin/python" -m bench.backend_sampling --device cuda >"$out/backend_sampling.md" \
+    || failed=$?
+  return "$failed"
 }
 
 case $command in
