@@ -6,10 +6,10 @@ llama.cpp 0.3.36 can run a sampler chain inside the decode's graph, on the devic
 computes it (`llama_context_params.samplers`, experimental), and hand back one token per
 sequence (`llama_get_sampled_token_ith`) instead of a row of logits per sequence, which the
 engine reads and reduces with numpy (1 MB a row at a 262k vocabulary). This measures both
-ways on the randomly initialised one-layer models of bench.engine_overhead, at 49k and 262k
-tokens and 8 and 64 sequences, each a greedy decode of `--steps` steps (the first 5 not
-counted): per step the time in `llama_decode`, the time to the tokens after it, and their
-sum, alternating the two ways twice. Both must pick the same tokens (a digest per way).
+ways on bench.engine_overhead's randomly initialised one-layer models (bench.random_llama),
+at 49k and 262k tokens and 8 and 64 sequences, each a greedy decode of `--steps` steps (the
+first 5 not counted): per step the time in `llama_decode`, the time to the tokens after it,
+and their sum, alternating the two ways twice. Both must pick the same tokens (a digest per way).
 Whether the engine should sample in the graph is decided by these sums, on each device.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from bench.engine_overhead import write_model
+from bench.random_llama import write_model
 from modelhost.engines.llamacpp.weights import init_backend
 
 WARM_UP_STEPS = 5

@@ -2,8 +2,10 @@
 # The CUDA device check: on a machine with one NVIDIA GPU, nvcc and CMake but no network, build
 # llama-cpp-python for that GPU's architecture only and prove the modelhost on it
 # (bench/cuda_check.py: layers on the GPU, greedy tokens against llama.cpp's and the CPU's,
-# bench.batching at 1, 8 and 64 streams, VRAM through NVML, one report file). Build 5 min, check 30 s on 16
-# cores (H200, 2026-11-27).
+# bench.batching at 1, 8 and 64 streams, VRAM through NVML, one report file), then greedy
+# sampling in the graph (bench.backend_sampling) and airouter beside llama-server, built from
+# the same tree (bench.llama_server: SmolLM2 and randomly initialised 8B-shaped Llamas). Build
+# 5 min, check 30 s on 16 cores (H200, 2026-11-27), before llama-server and the last two.
 #
 #   bash bench/cuda_check.sh prepare DIR   here, with the registries: what the GPU machine lacks
 #                                          (~175 MiB, packed as DIR/carry-1..N of < 64 MiB)
@@ -12,7 +14,7 @@
 #   bash bench/cuda_check.sh build         there: a fresh venv over its python 3.12, the wheels,
 #                                          the build
 #   bash bench/cuda_check.sh run OUT       there: the check; OUT/cuda_report.md (and the logits),
-#                                          and OUT/backend_sampling.md
+#                                          OUT/backend_sampling.md and OUT/llama_server.md
 #
 # The wheels are bench/cuda_requirements.txt: the runtime closure for cp312 manylinux, locked
 # with hashes by `python -m bench.cuda_lock`. `wheels DIR` downloads just them and `venv WHEELS
@@ -72,7 +74,22 @@ prepare() {
   local src="$tmp/llama_cpp_python-$LLAMA_CPP_PYTHON"
   local ggml="$src/vendor/llama.cpp/ggml/src"
   rm -rf "$src/.git" "$src/vendor/llama.cpp/.git" "$src/vendor/llama.cpp/models/"* \
-    "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/benches" "$src/vendor/llama.cpp/tools/ui"
+    "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/benches"
+  # llama-server's web UI: only what builds it without one (its sources are 8 MiB).
+  find "$src/vendor/llama.cpp/tools/ui" -mindepth 1 -maxdepth 1 \
+    ! -name CMakeLists.txt ! -name 'ui.*.in' -exec rm -rf {} +
+  # llama-server from llama-cpp-python's own build tree, on request (build, below): its
+  # tools cannot be switched on there (mtmd would be added twice).
+  cat >>"$src/CMakeLists.txt" <<'CMAKE'
+
+# airouter's device check (bench/cuda_check.sh): llama-server from this build tree.
+if (AIROUTER_LLAMA_SERVER)
+    # Their CMakeLists expect llama.cpp's project: PROJECT_SOURCE_DIR at its root.
+    set(PROJECT_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/vendor/llama.cpp)
+    add_subdirectory(vendor/llama.cpp/tools/ui)
+    add_subdirectory(vendor/llama.cpp/tools/server)
+endif()
+CMAKE
   for backend in sycl vulkan opencl hexagon metal cann webgpu openvino zdnn zendnn et virtgpu \
     musa hip; do
     rm -rf "$ggml/ggml-$backend"
@@ -120,7 +137,18 @@ build() {
   if ! CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch -DGGML_NATIVE=OFF \
 -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     "$VENV/bin/python" -m pip install -v --no-index --no-deps --no-build-isolation \
+    --config-settings=build-dir="$STAGE/llama-build" \
     "$src/llama_cpp_python-$LLAMA_CPP_PYTHON" >"$log" 2>&1; then
+    grep -iE '(^|\W)error' "$log" | head -40
+    tail -40 "$log"
+    exit 1
+  fi
+  # llama-server from the same build tree and flags: the libraries are built, only the
+  # server's own sources compile (40 s on 2 cores; without its web UI, which would be
+  # downloaded).
+  if ! { PATH="$VENV/bin:$PATH" cmake -DAIROUTER_LLAMA_SERVER=ON "$STAGE/llama-build" \
+    && PATH="$VENV/bin:$PATH" cmake --build "$STAGE/llama-build" --target llama-server \
+    -j "$(nproc)"; } >>"$log" 2>&1; then
     grep -iE '(^|\W)error' "$log" | head -40
     tail -40 "$log"
     exit 1
@@ -155,6 +183,20 @@ run() {
   # Greedy sampling in llama.cpp's graph against reading the logits (issue 28), ~20 s.
   "$VENV/bin/python" -m bench.backend_sampling --device cuda >"$out/backend_sampling.md" \
     || failed=$?
+  # airouter beside llama-server on the GPU (issue 28): SmolLM2, and randomly initialised
+  # 8B-shaped Llamas (Q4_0) with Llama 3's 128k vocabulary and a 262k one, ~1 min each.
+  local random
+  for vocab in 128256 262144; do
+    random="$STAGE/llama-8b-$vocab.gguf"
+    [ -e "$random" ] || "$VENV/bin/python" -m bench.random_llama "$random" --shape llama-8b \
+      --vocab "$vocab" --q4-0
+  done
+  for gguf in "$model" "$STAGE"/llama-8b-*.gguf; do
+    "$VENV/bin/python" -m bench.llama_server --device cuda --model "$gguf" --rounds 1 \
+      --llama-server "$STAGE/llama-build/vendor/llama.cpp/tools/server/llama-server" \
+      >>"$out/llama_server.md" \
+      || failed=$?
+  done
   return "$failed"
 }
 

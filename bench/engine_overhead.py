@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import gguf
 import numpy as np
 
+from bench.random_llama import write_model
 from modelhost.engines.llamacpp.engine import LlamaEngine
 from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from modelhost.engines.scheduler import STEP_PHASES, StepProfile
@@ -47,65 +47,6 @@ DEFAULT = Sampling()  # llama.cpp's defaults
 GOAL_BASE_US = 100.0
 GOAL_PER_SEQUENCE_US = {"greedy": 15.0, "default": 40.0}
 PROMPT = [1, 300, 301, 302]  # BOS and three words
-
-
-def write_model(path: Path, vocab: int) -> Path:
-    """A one-layer Llama with a SentencePiece vocabulary of `vocab` tokens: <unk>, <s>, </s>,
-    the 256 byte tokens, then words."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    n_embd, n_head, n_ff = 32, 2, 64
-    writer.add_context_length(4096)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head)
-    writer.add_rope_dimension_count(n_embd // n_head)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
-    words = vocab - len(tokens)
-    tokens += [("\u2581" + _word(i)).encode() for i in range(words)]
-    types = [2, 3, 3] + [6] * 256 + [1] * words  # unknown, control, byte, normal
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(words)])
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    rng = np.random.default_rng(0)
-
-    def weights(*shape: int, scale: float = 0.5) -> np.ndarray:
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    writer.add_tensor("token_embd.weight", weights(vocab, n_embd))
-    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    # Logits of spread ~3: a few hundred tokens within 8 of the top, as in a real model.
-    writer.add_tensor("output.weight", weights(vocab, n_embd, scale=3 / n_embd**0.5))
-    block = "blk.0."
-    writer.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
-    writer.add_tensor(block + "ffn_norm.weight", np.ones(n_embd, np.float32))
-    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-        writer.add_tensor(block + name + ".weight", weights(n_embd, n_embd))
-    writer.add_tensor(block + "ffn_gate.weight", weights(n_ff, n_embd))
-    writer.add_tensor(block + "ffn_up.weight", weights(n_ff, n_embd))
-    writer.add_tensor(block + "ffn_down.weight", weights(n_embd, n_ff))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def _word(i: int) -> str:
-    letters = "etaoinshrdlucmfwypvbgkjqxz"
-    word = ""
-    i += 1
-    while i:
-        i, r = divmod(i - 1, len(letters))
-        word += letters[r]
-    return word
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """airouter beside llama-server, on the same GGUF, slots, context and client.
 
     python -m bench.llama_server [--llama-server PATH] [--rounds 3] [--streams 1 8 64]
-                                 [--tokens 64]
+                                 [--tokens 64] [--model GGUF] [--device cpu|cuda]
 
 Each round launches each server the way a user does (`airouter up`: a modelhost and a
 gateway; `llama-server -m GGUF -np 8 -c 32768`), sends a streamed completion the moment the
@@ -11,7 +11,9 @@ launch to the first streamed token; then, with the model loaded, it measures res
 each concurrency: aggregate tok/s and TTFT. Both are driven through their OpenAI-compatible
 HTTP endpoint (`/v1/completions`, SSE) by the same aiohttp client, with unique prompts so no
 request reuses another's prefix. Servers alternate within each round; medians are printed,
-and for launches the worst run too.
+and for launches the worst run too. The model is the embedded Gemma 3 270M unless `--model`
+names another GGUF (the device check's randomly initialised 8B-shaped ones, bench.random_llama);
+with `--device cuda` both put every layer on the GPU.
 llama-server is optional: without it (`--llama-server` or $LLAMA_SERVER) the script says so
 and measures airouter alone. Build it from the llama.cpp that llama-cpp-python vendors:
 `cmake -B build -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF`
@@ -37,6 +39,7 @@ from modelhost.config import embedded_model_config
 from tests.processes import free_port_address
 
 SLOTS, CONTEXT = 8, 4096
+MODEL = "bench-model"  # the name airouter serves it under; llama-server ignores it
 
 
 @dataclass
@@ -47,15 +50,18 @@ class Figures:
     ttfts: dict[int, list[float]] = field(default_factory=dict)  # streams -> seconds
 
 
-def launch_airouter(gguf: Path) -> tuple[subprocess.Popen[bytes], str]:
+def launch_airouter(gguf: Path, device: str = "cpu") -> tuple[subprocess.Popen[bytes], str]:
     return launch_airouter_with(
-        f'[[models]]\nname = "gemma-3-270m"\npath = "{gguf}"\nchat_template = "gemma"\n'
-        f"slots = {SLOTS}\ncontext_length = {CONTEXT}\npreload = true\n"
+        f'[[models]]\nname = "{MODEL}"\npath = "{gguf}"\nchat_template = "gemma"\n'
+        f"slots = {SLOTS}\ncontext_length = {CONTEXT}\npreload = true\n",
+        device,
     )
 
 
-def launch_airouter_with(models_toml: str) -> tuple[subprocess.Popen[bytes], str]:
-    """`airouter up` on the CPU with this models.toml; the process and its HTTP base URL."""
+def launch_airouter_with(
+    models_toml: str, device: str = "cpu"
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`airouter up` on `device` with this models.toml; the process and its HTTP base URL."""
     config = Path(tempfile.mkdtemp()) / "models.toml"
     config.write_text(models_toml)
     http = free_port_address()
@@ -65,7 +71,7 @@ def launch_airouter_with(models_toml: str) -> tuple[subprocess.Popen[bytes], str
         "--config",
         str(config),
         "--device",
-        "cpu",
+        device,
         "--listen",
         free_port_address(),
         "--modelhost-listen",
@@ -78,10 +84,14 @@ def launch_airouter_with(models_toml: str) -> tuple[subprocess.Popen[bytes], str
     return process, f"http://{http}"
 
 
-def launch_llama_server(binary: str, gguf: Path) -> tuple[subprocess.Popen[bytes], str]:
+def launch_llama_server(
+    binary: str, gguf: Path, device: str = "cpu"
+) -> tuple[subprocess.Popen[bytes], str]:
     host, _, port = free_port_address().partition(":")
     command = [binary, "-m", str(gguf), "-np", str(SLOTS), "-c", str(SLOTS * CONTEXT)]
     command += ["--host", host, "--port", port]
+    if device == "cuda":
+        command += ["-ngl", "999"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, f"http://{host}:{port}"
 
@@ -91,7 +101,7 @@ async def stream(
 ) -> tuple[float, int]:
     """One streamed greedy completion: (seconds to its first token, tokens received)."""
     body = {
-        "model": "gemma-3-270m",
+        "model": MODEL,
         "prompt": prompt,
         "max_tokens": tokens,
         "temperature": 0,
@@ -174,11 +184,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--model", type=Path, help="a GGUF (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
-    gguf = embedded_model_config().model_path(Path.home() / ".cache" / "airouter")
-    servers = {"airouter": lambda: launch_airouter(gguf)}
+    gguf = args.model or embedded_model_config().model_path(Path.home() / ".cache" / "airouter")
+    servers = {"airouter": lambda: launch_airouter(gguf, args.device)}
     if args.llama_server:
-        servers["llama-server"] = lambda: launch_llama_server(args.llama_server, gguf)
+        servers["llama-server"] = lambda: launch_llama_server(args.llama_server, gguf, args.device)
     else:
         print("no llama-server given (--llama-server or $LLAMA_SERVER): airouter alone")
     figures = {name: Figures() for name in servers}
@@ -188,8 +200,8 @@ def main() -> None:
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
 
     print(
-        f"\nGemma 3 270M Q4_K_M, {SLOTS} slots x {CONTEXT} tokens, {args.tokens} greedy tokens "
-        f"per stream, {args.rounds} rounds (medians; TTFT over every request)\n"
+        f"\n{gguf.name} on {args.device}, {SLOTS} slots x {CONTEXT} tokens, {args.tokens} greedy "
+        f"tokens per stream, {args.rounds} rounds (medians; TTFT over every request)\n"
     )
     header = "| server | launch to first token s, median / worst | RSS MiB |"
     header += "".join(f" {s} streams tok/s | {s} TTFT p50 ms |" for s in args.streams)

@@ -132,3 +132,41 @@ def test_the_locked_wheels_make_a_fresh_venv_that_runs_the_three_clis(tmp_path):
         text=True,
     )
     assert imported.returncode == 0, imported.stdout + imported.stderr[-2000:]
+
+
+def test_a_random_q4_0_llama_loads_and_decodes(tmp_path: Path) -> None:
+    """The device check's 8B-shaped model, at a small shape: raw Q4_0 blocks llama.cpp reads,
+    a vocabulary it tokenizes, logits it computes."""
+    import gguf
+    import numpy as np
+
+    from bench.random_llama import Shape, write_model
+    from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
+
+    shape = Shape(n_embd=256, layers=2, n_ff=512, n_head=4, n_head_kv=2)
+    path = write_model(tmp_path / "random.gguf", 1000, shape, q4_0=True)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.1.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["output.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    settings = ContextSettings(slots=1, context_per_slot=64, batch_tokens=64, threads=2)
+    model = LlamaModel(path, gpu_layers=0, settings=settings)
+    try:
+        assert model.n_vocab == 1000
+        tokens = model.tokenize("ta et")
+        assert tokens[0] == 1 and len(tokens) >= 3  # <s> and the words
+        import llama_cpp
+
+        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+        try:
+            batch.n_tokens = len(tokens)
+            for i, token in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, i == len(tokens) - 1
+            assert llama_cpp.llama_decode(model.ctx, batch) == 0
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), (1000,))
+            assert np.isfinite(row).all() and row.std() > 0
+        finally:
+            llama_cpp.llama_batch_free(batch)
+    finally:
+        model.close()
