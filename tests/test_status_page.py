@@ -116,9 +116,11 @@ def test_the_page_follows_the_cluster_live(cluster: Cluster, tmp_path: Path) -> 
 
         with grpc.insecure_channel(f"127.0.0.1:{cluster.gateway.port}") as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
+            # Long enough for the page's polls (every 2 s) to see it between 0 and 12 on a
+            # fast machine too: 24 tokens an item ended in under 4 s on a Xeon.
             items = [
                 gateway_pb2.BatchItem(
-                    custom_id=f"i{i}", request=gateway_request(prompt="Count:", max_tokens=24)
+                    custom_id=f"i{i}", request=gateway_request(prompt="Count:", max_tokens=96)
                 )
                 for i in range(12)
             ]
