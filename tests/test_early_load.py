@@ -199,3 +199,16 @@ def test_numpy_starts_no_blas_threads_in_the_servers() -> None:
     )
     # One thread, and the variable put back for a BLAS loaded later (MLX's).
     assert done.stdout.split() == ["1", "False"], done
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "metal", "auto"])
+@pytest.mark.parametrize("configured", [None, 0, 7, -1])
+def test_the_guess_counts_gpu_layers_as_the_llama_cpp_engine_does(
+    device: str, configured: int | None
+) -> None:
+    from modelhost.engines.llamacpp.loading import gpu_layers
+
+    config = small("m", gpu_layers=configured)
+    # `auto` is the one the guess cannot resolve; it assumes the GPU that resolving finds.
+    resolved = "cuda" if device == "auto" else device
+    assert early_load._gpu_layers(device, configured) == gpu_layers(config, resolved)
