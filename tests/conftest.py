@@ -2,7 +2,6 @@
 on ephemeral loopback ports, in a background event loop."""
 
 import asyncio
-import tempfile
 import threading
 import time
 import urllib.request
@@ -20,6 +19,7 @@ from gateway.config import GatewayConfig
 from gateway.server import RunningGateway, start_gateway
 from modelhost.config import HostConfig, ModelConfig, embedded_model_config
 from modelhost.server import RunningHost, start_host
+from tests.scratch import scratch_dir
 
 if TYPE_CHECKING:
     from tests.postgres import PostgresServer
@@ -36,9 +36,7 @@ def gateway_config(modelhosts: list[str], **fields: Any) -> GatewayConfig:
     fields.setdefault("listen", "127.0.0.1:0")
     fields.setdefault("http_listen", None)
     if "store" not in fields:
-        fields.setdefault(
-            "batch_db", Path(tempfile.mkdtemp(prefix="airouter-")) / "batches.sqlite3"
-        )
+        fields.setdefault("batch_db", scratch_dir() / "batches.sqlite3")
     return GatewayConfig(modelhosts=modelhosts, **fields)
 
 

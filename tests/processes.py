@@ -6,9 +6,10 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
+
+from tests.scratch import scratch_dir
 
 BIN = Path(sys.executable).parent
 
@@ -25,7 +26,7 @@ class ServerProcess:
             extra += ["--http-listen", "127.0.0.1:0"]  # never the fixed default port
         store_given = "--batch-db" in args or "--store" in args
         if args[0] == "gateway" and not store_given:  # never the user's own batches
-            extra += ["--batch-db", f"{tempfile.mkdtemp(prefix='airouter-')}/batches.sqlite3"]
+            extra += ["--batch-db", str(scratch_dir() / "batches.sqlite3")]
         self.process = subprocess.Popen(
             [str(BIN / args[0]), *args[1:], *extra],
             stderr=subprocess.PIPE,

@@ -1,12 +1,14 @@
 """TokenSampler against llama.cpp's own sampler chain over the whole vocabulary."""
 
 import ctypes
+import threading
 
 import llama_cpp
 import numpy as np
 import pytest
 
-from modelhost.engines.llamacpp.sampler import TokenSampler, sample_rows, top_k_rows
+from modelhost.engines.llamacpp import sampler as sampler_module
+from modelhost.engines.llamacpp.sampler import TokenSampler, in_parts, sample_rows, top_k_rows
 from modelhost.generation import Sampling
 
 N_VOCAB = 5000
@@ -129,7 +131,11 @@ def test_sample_rows_gives_each_sampler_what_sample_gives() -> None:
 
 
 @pytest.mark.parametrize("n_vocab", [5000, 49152, 151936])  # Qwen's: not whole columns
-def test_top_k_rows_holds_each_rows_top_k(n_vocab: int) -> None:
+@pytest.mark.parametrize("group", [1, 2, 8])  # rows folded in one call: 5 rows, 3 or 1 calls
+def test_top_k_rows_holds_each_rows_top_k(
+    n_vocab: int, group: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sampler_module, "GROUP_LOGITS", group * n_vocab)
     rng = np.random.default_rng(n_vocab)
     rows = (rng.standard_normal((5, n_vocab)) * 3).astype(np.float32)
     rows[1, -40:] += 30.0  # the top in the last 40 (past the whole columns where there are)
@@ -137,9 +143,66 @@ def test_top_k_rows_holds_each_rows_top_k(n_vocab: int) -> None:
     rows[3, :-40] = -np.inf  # banned all but 40: every id may come back, the top among them
     for k in (1, 40, 200):
         for i, (row, ids) in enumerate(zip(rows, top_k_rows(rows, k), strict=True)):
-            expected = set(np.argsort(-row, kind="stable")[:k].tolist())
+            top = np.argsort(-row, kind="stable")[:k]
+            expected = set(top[row[top] > -np.inf].tolist())  # none that cannot be drawn
             assert expected <= set(ids.tolist())
             assert len(ids) < k + 128 or i == 3
+
+
+def test_many_rows_are_read_by_several_threads_with_the_same_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A step with many logits shares its rows among threads: greedy, drawn and mixed
+    steps pick exactly what one thread picks, each row's token at its own place."""
+    rng = np.random.default_rng(11)
+    rows = (rng.standard_normal((7, 49152)) * 3).astype(np.float32)
+    greedy = [Sampling(temperature=0.0)] * 7
+    drawn = [Sampling(seed=i) for i in range(7)]
+    mixed = [*drawn[:3], *greedy[:3], Sampling(seed=9, repetition_penalty=1.3)]
+
+    def tokens(settings: list[Sampling]) -> list[int]:
+        samplers = [TokenSampler(s, 49152, []) for s in settings]
+        picked = sample_rows(samplers, rows.copy())
+        for sampler in samplers:
+            sampler.close()
+        return picked  # type: ignore[return-value]
+
+    alone = [tokens(settings) for settings in (greedy, drawn, mixed)]
+    readers: set[str] = set()
+
+    def argmax_noting_the_reader(part: np.ndarray) -> list[int]:
+        readers.add(threading.current_thread().name)
+        return part.argmax(axis=1).tolist()
+
+    monkeypatch.setattr(sampler_module, "SCAN_THREADS", 3)
+    monkeypatch.setattr(sampler_module, "PARALLEL_LOGITS", rows[:2].size)
+    assert [tokens(settings) for settings in (greedy, drawn, mixed)] == alone
+    assert in_parts(argmax_noting_the_reader, rows) == rows.argmax(axis=1).tolist()
+    assert len(readers) > 1
+
+
+def test_a_failed_part_returns_only_once_no_helper_reads_the_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """llama.cpp may reuse the rows once sampling returns, even by an error: the helpers'
+    parts are done by then."""
+    monkeypatch.setattr(sampler_module, "SCAN_THREADS", 2)
+    monkeypatch.setattr(sampler_module, "PARALLEL_LOGITS", 1)
+    helper_reading = threading.Event()
+    helper_done = threading.Event()
+
+    def work(part: np.ndarray) -> list[int]:
+        if threading.current_thread() is threading.main_thread():
+            assert helper_reading.wait(10)
+            raise RuntimeError("this thread's part failed")
+        helper_reading.set()
+        helper_done.wait(0.2)  # still reading when the other part fails
+        helper_done.set()
+        return [0] * len(part)
+
+    with pytest.raises(RuntimeError, match="part failed"):
+        in_parts(work, np.zeros((4, 8), np.float32))
+    assert helper_done.is_set()
 
 
 class AskedAbout:
