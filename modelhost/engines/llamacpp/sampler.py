@@ -26,6 +26,7 @@ from typing import Protocol, TypeVar
 
 import llama_cpp
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from modelhost.constraints import TokenConstraint
 from modelhost.device import default_threads
@@ -320,7 +321,7 @@ def top_k_rows(rows: np.ndarray, k: int) -> list[np.ndarray]:
     maximum, so the k largest all do, and they lie in the columns whose maximum reaches it:
     only those columns are read again, while the row is still in cache. Rows are shared
     among threads when they are many (in_parts)."""
-    depth, width, offsets, tail = _fold(rows.shape[1])
+    depth, offsets, tail = _fold(rows.shape[1])
     if depth < 2 or k > COLUMNS // 4:
         return [top_k(row, k) for row in rows]
 
@@ -330,36 +331,31 @@ def top_k_rows(rows: np.ndarray, k: int) -> list[np.ndarray]:
         found = []
         for start in range(0, len(part), group):
             block = part[start : start + group]
-            # The block's columns, seen in place (a reshape would copy rows with a tail).
-            folded = np.lib.stride_tricks.as_strided(
-                block,
-                shape=(len(block), depth, COLUMNS),
-                strides=(block.strides[0], COLUMNS * block.strides[1], block.strides[1]),
-                writeable=False,
-            )
+            if tail.size:  # the block's columns seen in place: a reshape would copy them
+                strides = (block.strides[0], COLUMNS * block.strides[1], block.strides[1])
+                folded = as_strided(block, (len(block), depth, COLUMNS), strides, writeable=False)
+            else:
+                folded = block.reshape(len(block), depth, COLUMNS)
             maxima = folded.max(axis=1)
             floors = np.partition(maxima, COLUMNS - k, axis=1)[:, COLUMNS - k]
-            for row, columns_of_row, row_maxima, floor in zip(
-                block, folded, maxima, floors, strict=True
-            ):
-                columns = np.flatnonzero(row_maxima >= floor)
-                ids = (columns + offsets)[columns_of_row[:, columns] >= floor]
+            for row, row_maxima, floor in zip(block, maxima, floors, strict=True):
+                ids = (np.flatnonzero(row_maxima >= floor) + offsets).ravel()
                 if tail.size:
-                    ids = np.concatenate((ids, tail[row[width:] >= floor]))
-                found.append(ids)
+                    ids = np.concatenate((ids, tail))
+                found.append(ids[row[ids] >= floor])
         return found
 
     return in_parts(among, rows)
 
 
 @functools.cache
-def _fold(n_vocab: int) -> tuple[int, int, np.ndarray, np.ndarray]:
-    """How top_k_rows folds a row of n_vocab logits: rows of COLUMNS (depth of them, width
-    logits in all), the id each row starts at, and the ids of the last, partial row, which
-    is read whole."""
+def _fold(n_vocab: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """How top_k_rows folds a row of n_vocab logits into whole columns: their depth, the id
+    each of their rows starts at, and the ids past them (the last, partial column), which
+    are read whole."""
     depth = n_vocab // COLUMNS
     width = depth * COLUMNS
-    return depth, width, np.arange(0, width, COLUMNS)[:, None], np.arange(width, n_vocab)
+    return depth, np.arange(0, width, COLUMNS)[:, None], np.arange(width, n_vocab)
 
 
 def in_parts(work: Callable[[np.ndarray], list[T]], rows: np.ndarray) -> list[T]:
