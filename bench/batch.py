@@ -24,7 +24,6 @@ directory as tests/postgres.py starts it (initdb and pg_ctl must be installed).
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from gateway.generation import GenerateRequest
 from gateway.schema import migrate
 from tests.postgres import PostgresServer, server_programs
 from tests.processes import ServerProcess
+from tests.scratch import scratch_dir
 from tests.streaming import gateway_request
 
 SLOTS = 8  # the embedded model's zero-config slots
@@ -148,7 +148,7 @@ def compare_stores(args: argparse.Namespace) -> None:
     batch = requests(args.items, args.tokens)
     postgres = PostgresServer(programs)
     host = ServerProcess("modelhost", "serve")
-    sqlite_store = f"{tempfile.mkdtemp(prefix='airouter-bench-')}/batches.sqlite3"
+    sqlite_store = str(scratch_dir() / "batches.sqlite3")
     shared = postgres.new_database()
     alone = ServerProcess("gateway", "serve", "--modelhost", host.address, "--store", sqlite_store)
     pair = [
@@ -166,7 +166,7 @@ def compare_stores(args: argparse.Namespace) -> None:
             times["postgresql"].append(makespan_across(pair[0], pair[1], f"p{round_}", batch))
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
         cost = {
-            "sqlite": store_cost_ms(f"{tempfile.mkdtemp(prefix='airouter-bench-')}/c.sqlite3", 500),
+            "sqlite": store_cost_ms(str(scratch_dir() / "c.sqlite3"), 500),
             "postgresql": store_cost_ms(postgres.new_database(), 500),
         }
     finally:
@@ -207,7 +207,7 @@ def main() -> None:
         return
 
     batch = requests(args.items, args.tokens)
-    database = f"{tempfile.mkdtemp(prefix='airouter-bench-')}/batches.sqlite3"
+    database = str(scratch_dir() / "batches.sqlite3")
     host = ServerProcess("modelhost", "serve")
     gateway = ServerProcess("gateway", "serve", "--modelhost", host.address, "--batch-db", database)
     try:

@@ -35,7 +35,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,7 @@ import pynvml
 
 from airouter.v1 import model_host_pb2, model_host_pb2_grpc
 from tests.processes import ServerProcess
+from tests.scratch import scratch_dir
 
 MODEL_NAME = "check-model"
 GREEDY_TOKENS = 16
@@ -435,7 +435,7 @@ def main() -> int:
     )
     print(f"GPU: {gpu}", flush=True)
 
-    config = Path(tempfile.mkdtemp(prefix="airouter-cuda-")) / "models.toml"
+    config = scratch_dir() / "models.toml"
     config.write_text(
         f'[[models]]\nname = "{MODEL_NAME}"\npath = "{args.model.resolve()}"\npreload = true\n'
     )

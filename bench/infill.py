@@ -19,15 +19,14 @@ cached ones the host reported, and the cold / warm ratios.
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import openai
 
 from modelhost.config import ModelConfig
 from modelhost.device import default_threads
 from tests.conftest import http_stack
+from tests.scratch import scratch_dir
 from tests.tiny_models import tiny_llama_fim
 
 LINE = "    total = compute(values[{i}], weights[{i}]) + offset  # step {i}\n"
@@ -69,7 +68,7 @@ def main() -> None:
     parser.add_argument("--embd", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="airouter-infill-"))
+    directory = scratch_dir()
     path = tiny_llama_fim(directory / "coder.gguf", n_embd=args.embd, layers=args.layers)
     model = ModelConfig(name="coder", path=path, context_length=4096, slots=2, preload=True)
     lines = max(1, args.prefix_tokens // 30)  # about 30 tokens a function of two lines

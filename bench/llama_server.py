@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import psutil
 
 from modelhost.config import embedded_model_config
 from tests.processes import free_port_address
+from tests.scratch import scratch_dir
 
 SLOTS, CONTEXT = 8, 4096
 MODEL = "bench-model"  # the name airouter serves it under; llama-server ignores it
@@ -62,7 +62,7 @@ def launch_airouter_with(
     models_toml: str, device: str = "cpu"
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`airouter up` on `device` with this models.toml; the process and its HTTP base URL."""
-    config = Path(tempfile.mkdtemp()) / "models.toml"
+    config = scratch_dir() / "models.toml"
     config.write_text(models_toml)
     http = free_port_address()
     command = [
@@ -79,7 +79,7 @@ def launch_airouter_with(
         "--http-listen",
         http,
     ]
-    env = {**os.environ, "XDG_STATE_HOME": tempfile.mkdtemp()}  # a batch store of its own
+    env = {**os.environ, "XDG_STATE_HOME": str(scratch_dir())}  # a batch store of its own
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env)
     return process, f"http://{http}"
 

