@@ -2,8 +2,9 @@
 # The CUDA device check: on a machine with one NVIDIA GPU, nvcc and CMake but no network, build
 # llama-cpp-python for that GPU's architecture only and prove the modelhost on it
 # (bench/cuda_check.py: layers on the GPU, greedy tokens against llama.cpp's and the CPU's,
-# bench.batching at 1, 8 and 64 streams, VRAM through NVML, one report file), then greedy
-# sampling in the graph (bench.backend_sampling) and airouter beside llama-server, built from
+# bench.batching at 1, 8 and 64 streams, VRAM through NVML, one report file), then the
+# engine's cost per step (bench.engine_overhead), greedy sampling in the graph
+# (bench.backend_sampling) and airouter beside llama-server, built from
 # the same tree (bench.llama_server: SmolLM2 and randomly initialised 8B-shaped Llamas). Build
 # 5 min, check 30 s on 16 cores (H200, 2026-11-27), before llama-server and the last two.
 #
@@ -14,7 +15,8 @@
 #   bash bench/cuda_check.sh build         there: a fresh venv over its python 3.12, the wheels,
 #                                          the build
 #   bash bench/cuda_check.sh run OUT       there: the check; OUT/cuda_report.md (and the logits),
-#                                          OUT/backend_sampling.md and OUT/llama_server.md
+#                                          OUT/engine_overhead.md, OUT/backend_sampling.md and
+#                                          OUT/llama_server.md
 #
 # The wheels are bench/cuda_requirements.txt: the runtime closure for cp312 manylinux, locked
 # with hashes by `python -m bench.cuda_lock`. `wheels DIR` downloads just them and `venv WHEELS
@@ -180,7 +182,10 @@ run() {
   local failed=0
   "$VENV/bin/python" -m bench.cuda_check --model "$model" --report "$out/cuda_report.md" \
     --build-info "$(cat "$STAGE/build-info.txt")" || failed=$?
-  # Greedy sampling in llama.cpp's graph against reading the logits (issue 28), ~20 s.
+  # The engine's cost around llama_decode with the logits copied from the GPU (issue 28), and
+  # greedy sampling in llama.cpp's graph against reading the logits, ~20 s each.
+  "$VENV/bin/python" -m bench.engine_overhead --device cuda >"$out/engine_overhead.md" \
+    || failed=$?
   "$VENV/bin/python" -m bench.backend_sampling --device cuda >"$out/backend_sampling.md" \
     || failed=$?
   # airouter beside llama-server on the GPU (issue 28): SmolLM2, and randomly initialised

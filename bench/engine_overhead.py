@@ -2,7 +2,7 @@
 setting the pace.
 
     python -m bench.engine_overhead [--steps 48] [--vocab 49152 262144] [--sequences 1 8 64]
-        [--json]
+        [--device cpu|cuda] [--json]
 
 For each vocabulary size it writes a randomly initialised Llama-shaped model with the `gguf`
 package (one layer, 32-wide: `llama_decode` is cheap, so what is around it shows; its logits
@@ -16,6 +16,9 @@ and delivery to the event loop, in microseconds per step and per sequence; besid
 floor no engine escapes, `row_scan_us`: one `numpy.argmax` over a row of that many logits,
 and the goal (issue 28): overhead <= 100 us per step + per sequence row_scan_us + 15 us
 (greedy) or + 40 us (default sampling).
+
+With `--device cuda` every layer and the output run on the GPU, and the logits reach the
+host as they do there (copied from the device after each step): the device check runs it.
 
 It also prints a digest of every token generated: greedy text and seeded draws must not
 change when the engine gets faster. With --json the last line is one JSON object:
@@ -161,7 +164,7 @@ def measure(path: Path, vocab: int, args: argparse.Namespace) -> list[Row]:
     slots = max(args.sequences)
     model = LlamaModel(
         path,
-        gpu_layers=0,
+        gpu_layers=0 if args.device == "cpu" else -1,
         settings=ContextSettings(
             slots=slots, context_per_slot=args.steps + 16, batch_tokens=512, threads=args.threads
         ),
@@ -191,6 +194,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 262144])
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
     rows: list[Row] = []
@@ -203,7 +207,7 @@ def main() -> None:
         + " | ".join(p for p in STEP_PHASES if p != "decode")
         + " | overhead/seq | row_scan | goal | step_scan | goal at step_scan | digest |"
     )
-    print(f"\nmicroseconds per decode step ({args.steps} tokens a sequence)\n")
+    print(f"\nmicroseconds per decode step ({args.steps} tokens a sequence, {args.device})\n")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
