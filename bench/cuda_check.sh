@@ -186,6 +186,10 @@ run() {
   # greedy sampling in llama.cpp's graph against reading the logits, ~20 s each.
   "$VENV/bin/python" -m bench.engine_overhead --device cuda >"$out/engine_overhead.md" \
     || failed=$?
+  # The same with 8 rows of 262k (2M logits) read by several threads: where the threshold
+  # measured on a CPU (4M) belongs when the rows arrive from a GPU.
+  "$VENV/bin/python" -m bench.engine_overhead --device cuda --sequences 8 64 \
+    --parallel-logits 1048576 >>"$out/engine_overhead.md" || failed=$?
   "$VENV/bin/python" -m bench.backend_sampling --device cuda >"$out/backend_sampling.md" \
     || failed=$?
   # airouter beside llama-server on the GPU (issue 28): SmolLM2, and randomly initialised

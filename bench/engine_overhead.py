@@ -2,7 +2,7 @@
 setting the pace.
 
     python -m bench.engine_overhead [--steps 48] [--vocab 49152 262144] [--sequences 1 8 64]
-        [--device cpu|cuda] [--json]
+        [--device cpu|cuda] [--parallel-logits N] [--json]
 
 For each vocabulary size it writes a randomly initialised Llama-shaped model with the `gguf`
 package (one layer, 32-wide: `llama_decode` is cheap, so what is around it shows; its logits
@@ -18,7 +18,9 @@ and the goal (issue 28): overhead <= 100 us per step + per sequence row_scan_us 
 (greedy) or + 40 us (default sampling).
 
 With `--device cuda` every layer and the output run on the GPU, and the logits reach the
-host as they do there (copied from the device after each step): the device check runs it.
+host as they do there (copied from the device after each step): the device check runs it,
+also with `--parallel-logits` lower than the engine's threshold for reading a step's rows
+with several threads (sampler.PARALLEL_LOGITS, measured on a CPU), to see where it pays there.
 
 It also prints a digest of every token generated: greedy text and seeded draws must not
 change when the engine gets faster. With --json the last line is one JSON object:
@@ -40,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.random_llama import write_model
+from modelhost.engines.llamacpp import sampler
 from modelhost.engines.llamacpp.engine import LlamaEngine
 from modelhost.engines.llamacpp.model import ContextSettings, LlamaModel
 from modelhost.engines.scheduler import STEP_PHASES, StepProfile
@@ -195,8 +198,15 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--parallel-logits",
+        type=int,
+        default=sampler.PARALLEL_LOGITS,
+        help="logits a step needs for its rows to be read by several threads",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
+    sampler.PARALLEL_LOGITS = args.parallel_logits
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as folder:
         for vocab in args.vocab:
@@ -207,7 +217,10 @@ def main() -> None:
         + " | ".join(p for p in STEP_PHASES if p != "decode")
         + " | overhead/seq | row_scan | goal | step_scan | goal at step_scan | digest |"
     )
-    print(f"\nmicroseconds per decode step ({args.steps} tokens a sequence, {args.device})\n")
+    print(
+        f"\nmicroseconds per decode step ({args.steps} tokens a sequence, {args.device}, rows "
+        f"read by several threads from {args.parallel_logits} logits a step)\n"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
