@@ -1,5 +1,6 @@
 """TokenSampler against llama.cpp's own sampler chain over the whole vocabulary."""
 
+import concurrent.futures
 import ctypes
 import threading
 
@@ -185,24 +186,28 @@ def test_a_failed_part_returns_only_once_no_helper_reads_the_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """llama.cpp may reuse the rows once sampling returns, even by an error: the helpers'
-    parts are done by then."""
+    parts are waited for first."""
     monkeypatch.setattr(sampler_module, "SCAN_THREADS", 2)
     monkeypatch.setattr(sampler_module, "PARALLEL_LOGITS", 1)
     helper_reading = threading.Event()
-    helper_done = threading.Event()
+    waited_for: list[concurrent.futures.Future[list[int]]] = []
+    real_wait = concurrent.futures.wait
+
+    def wait(futures, *args, **kwargs):  # type: ignore[no-untyped-def]
+        waited_for.extend(futures)
+        return real_wait(futures, *args, **kwargs)
 
     def work(part: np.ndarray) -> list[int]:
         if threading.current_thread() is threading.main_thread():
             assert helper_reading.wait(10)
             raise RuntimeError("this thread's part failed")
         helper_reading.set()
-        helper_done.wait(0.2)  # still reading when the other part fails
-        helper_done.set()
         return [0] * len(part)
 
+    monkeypatch.setattr(concurrent.futures, "wait", wait)
     with pytest.raises(RuntimeError, match="part failed"):
         in_parts(work, np.zeros((4, 8), np.float32))
-    assert helper_done.is_set()
+    assert len(waited_for) == 1 and waited_for[0].done()
 
 
 class AskedAbout:
