@@ -43,16 +43,6 @@ def write_model(
 ) -> Path:
     """Writes the model to `path` and returns it."""
     writer = gguf.GGUFWriter(str(path), "llama")
-    n_embd, head_dim = shape.n_embd, shape.n_embd // shape.n_head
-    writer.add_context_length(4096)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(shape.layers)
-    writer.add_feed_forward_length(shape.n_ff)
-    writer.add_head_count(shape.n_head)
-    writer.add_head_count_kv(shape.n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if q4_0 else gguf.LlamaFileType.ALL_F32)
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
     words = vocab - len(tokens)
     tokens += [("\u2581" + _word(i)).encode() for i in range(words)]
@@ -64,6 +54,35 @@ def write_model(
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
+    # Logits of spread ~3: a few hundred tokens within 8 of the top, as in a real model.
+    add_llama(writer, vocab, shape, q4_0=q4_0, output_scale=3 / shape.n_embd**0.5)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def add_llama(
+    writer: gguf.GGUFWriter,
+    vocab: int,
+    shape: Shape,
+    *,
+    q4_0: bool = False,
+    output_scale: float = 0.5,
+) -> None:
+    """A Llama's hyperparameters and seeded random weights for a `vocab`-token vocabulary,
+    into `writer` (the tokenizer is the caller's): float32, or raw Q4_0 blocks."""
+    n_embd, head_dim = shape.n_embd, shape.n_embd // shape.n_head
+    writer.add_context_length(4096)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if q4_0 else gguf.LlamaFileType.ALL_F32)
     rng = np.random.default_rng(0)
     shared: dict[tuple[int, int, float], np.ndarray] = {}
 
@@ -81,7 +100,7 @@ def write_model(
 
     matrix("token_embd.weight", vocab, n_embd)
     writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    matrix("output.weight", vocab, n_embd, scale=3 / n_embd**0.5)
+    matrix("output.weight", vocab, n_embd, scale=output_scale)
     kv = shape.n_head_kv * head_dim
     for i in range(shape.layers):
         block = f"blk.{i}."
@@ -94,11 +113,6 @@ def write_model(
         matrix(block + "ffn_gate.weight", shape.n_ff, n_embd)
         matrix(block + "ffn_up.weight", shape.n_ff, n_embd)
         matrix(block + "ffn_down.weight", n_embd, shape.n_ff)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _q4_0_blocks(rng: np.random.Generator, rows: int, columns: int, scale: float) -> np.ndarray:

@@ -10,6 +10,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from bench.random_llama import Shape, add_llama
 from modelhost.config import embedded_chat_model_config
 
 
@@ -134,32 +135,7 @@ def tiny_llama_fim(path: Path, n_embd: int = 64, layers: int = 2) -> Path:
     n_vocab = _copy_tokenizer(writer)
     for name, token in [("pre", 8), ("suf", 9), ("mid", 10), ("sep", 5)]:
         writer.add_uint32(f"tokenizer.ggml.fim_{name}_token_id", token)
-    n_head, n_head_kv, n_ff = 4, 2, 2 * n_embd
-    head_dim = n_embd // n_head
-    writer.add_context_length(4096)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _, weights = _random_weights()
-    writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
-    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
-    writer.add_tensor("output.weight", weights(n_vocab, n_embd))
-    for i in range(layers):
-        block = f"blk.{i}."
-        writer.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
-        writer.add_tensor(block + "attn_q.weight", weights(n_embd, n_embd))
-        writer.add_tensor(block + "attn_k.weight", weights(n_head_kv * head_dim, n_embd))
-        writer.add_tensor(block + "attn_v.weight", weights(n_head_kv * head_dim, n_embd))
-        writer.add_tensor(block + "attn_output.weight", weights(n_embd, n_embd))
-        writer.add_tensor(block + "ffn_norm.weight", np.ones(n_embd, np.float32))
-        writer.add_tensor(block + "ffn_gate.weight", weights(n_ff, n_embd))
-        writer.add_tensor(block + "ffn_up.weight", weights(n_ff, n_embd))
-        writer.add_tensor(block + "ffn_down.weight", weights(n_embd, n_ff))
+    add_llama(writer, n_vocab, Shape(n_embd, layers, n_ff=2 * n_embd, n_head=4, n_head_kv=2))
     return _write(writer, path)
 
 
