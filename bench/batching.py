@@ -149,8 +149,11 @@ def main() -> None:
     args = parser.parse_args()
 
     host_args = ["modelhost", "serve", "--device", args.device]
+    threads = default_threads()
     if args.config:
-        config: ModelConfig = load_config(args.config).models[0]
+        host_config = load_config(args.config)
+        config: ModelConfig = host_config.models[0]
+        threads = host_config.threads or threads  # the ceiling runs as the host does
         host_args += ["--config", str(args.config)]
     else:
         config = embedded_model_config()  # what `modelhost serve` runs with no config
@@ -159,7 +162,7 @@ def main() -> None:
         config.model_path(Path.home() / ".cache" / "airouter"),
         gpu_layers=0 if args.device == "cpu" else -1,
         settings=ContextSettings(
-            slots, config.context_length, config.batch_tokens, default_threads()
+            slots, config.context_length, config.batch_tokens, threads
         ),
     )
     host = ServerProcess(*host_args)
@@ -199,7 +202,7 @@ def main() -> None:
     ceil = {b: statistics.median(v) for b, v in ceiling.items()}
     print(
         f"\n{config.name} on {args.device}, {slots} slots, {args.tokens} greedy tokens per "
-        f"request, {default_threads()} threads, {args.rounds} interleaved rounds (medians; "
+        f"request, {threads} threads, {args.rounds} interleaved rounds (medians; "
         "percentiles over every request)\n"
     )
     print(
