@@ -161,9 +161,7 @@ def main() -> None:
     model = LlamaModel(
         config.model_path(Path.home() / ".cache" / "airouter"),
         gpu_layers=0 if args.device == "cpu" else -1,
-        settings=ContextSettings(
-            slots, config.context_length, config.batch_tokens, threads
-        ),
+        settings=ContextSettings(slots, config.context_length, config.batch_tokens, threads),
     )
     host = ServerProcess(*host_args)
     gateway = ServerProcess("gateway", "serve", "--modelhost", host.address)
