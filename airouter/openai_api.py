@@ -294,6 +294,8 @@ class CompletionRequest(_CompletionParams):
     # The text after the insertion point: the prompt is then the text before it, and the
     # model fills in the middle (with its FIM tokens), as code editors ask.
     suffix: StrictText | None = None
+    # OpenAI's best-of-n (several drawn, the likeliest returned), at its neutral value only.
+    best_of: Literal[1] | None = None
 
     def infill(self) -> Infill | None:
         return None if self.suffix is None else Infill(self.text, self.suffix)
@@ -306,6 +308,22 @@ class CompletionRequest(_CompletionParams):
             n=self.n or 1,
         )
         return PLAIN if options == PLAIN else options
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_not_token_ids(cls, value: Any) -> Any:
+        # OpenAI's API also takes token ids here, which only the model's own vocabulary
+        # reads: refused by name rather than as "not a valid string".
+        if (
+            isinstance(value, list)
+            and value
+            and all(
+                isinstance(item, list) or (isinstance(item, int) and not isinstance(item, bool))
+                for item in value
+            )
+        ):
+            raise ValueError("token ids are not accepted here; send the prompt as text")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -396,6 +414,7 @@ _UNSUPPORTED = {
     "frequency_penalty": "only 0 is supported; use repetition_penalty (an extension) instead",
     "tool_choice": "must be none, auto, required or {'type': 'function', 'function': {...}}",
     "echo": "echo is not supported; the prompt is not returned",
+    "best_of": "only 1 is supported; use n for several completions",
 }
 # gRPC status name -> (HTTP status, OpenAI error type), as the OpenAI API and its SDKs expect.
 HTTP_FOR_STATUS: dict[str, tuple[int, str]] = {

@@ -231,6 +231,34 @@ def test_bad_bodies_are_400s_naming_the_field(
     assert needle in answer["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        (
+            {"prompt": [1, 2, 3]},
+            "prompt",
+            "token ids are not accepted here; send the prompt as text",
+        ),
+        ({"prompt": [[1, 2], [3]]}, "prompt", "token ids are not accepted here"),
+        ({"prompt": [True]}, "prompt", "Input should be a valid string"),
+        ({"prompt": "Hi", "best_of": 3}, "best_of", "only 1 is supported; use n"),
+        ({"prompt": "Hi", "echo": True}, "echo", "echo is not supported"),
+    ],
+)
+def test_bad_completion_bodies_are_400s_naming_the_field(
+    client: openai.OpenAI, body: dict[str, Any], param: str, needle: str
+) -> None:
+    """The legacy completions' own fields: what OpenAI takes there and airouter does not
+    (token-id prompts, best-of-n, echo) is refused by name."""
+    status, answer = post(
+        client, "/completions", json.dumps({"model": "gemma-3-270m", **body}).encode()
+    )
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["param"] == param
+    assert needle in answer["error"]["message"]
+
+
 def test_a_body_that_is_not_utf8_or_not_json_is_a_400(client: openai.OpenAI) -> None:
     status, answer = post(client, "/completions", b'{"model": "\xff\xfe"}')
     assert status == 400 and "not UTF-8" in answer["error"]["message"]
@@ -465,6 +493,7 @@ def test_llama_server_style_extensions_are_honoured(client: openai.OpenAI) -> No
         max_tokens=24,
         presence_penalty=0,
         frequency_penalty=0,
+        best_of=1,
         extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True},
     )
     assert response.usage is not None and response.usage.completion_tokens == 24
