@@ -1,16 +1,24 @@
-"""Greedy sampling in llama.cpp's graph ("backend sampling") against reading the logits.
+"""Sampling in llama.cpp's graph ("backend sampling") against reading the logits.
 
     python -m bench.backend_sampling [--device cpu|cuda] [--steps 30]
 
 llama.cpp 0.3.36 can run a sampler chain inside the decode's graph, on the device that
-computes it (`llama_context_params.samplers`, experimental), and hand back one token per
-sequence (`llama_get_sampled_token_ith`) instead of a row of logits per sequence, which the
-engine reads and reduces with numpy (1 MB a row at a 262k vocabulary). This measures both
-ways on bench.engine_overhead's randomly initialised one-layer models (bench.random_llama),
-at 49k and 262k tokens and 8 and 64 sequences, each a greedy decode of `--steps` steps (the
-first 5 not counted): per step the time in `llama_decode`, the time to the tokens after it,
-and their sum, alternating the two ways twice. Both must pick the same tokens (a digest per way).
-Whether the engine should sample in the graph is decided by these sums, on each device.
+computes it (`llama_context_params.samplers`, experimental), and hand back per sequence a
+token (`llama_get_sampled_token_ith`) or a few candidates with their logits
+(`llama_get_sampled_candidates_ith`, `llama_get_sampled_logits_ith`) instead of a row of
+logits, which the engine reads and reduces with numpy (1 MB a row at a 262k vocabulary). Two
+kinds of sampling are measured both ways:
+
+- greedy: an argmax in the graph against `argmax` over the rows;
+- top-k: the 40 likeliest in the graph against the engine's `top_k_rows` over the rows (what
+  a default-sampling draw needs: the engine's draw among them runs on the host either way).
+
+On bench.engine_overhead's randomly initialised one-layer models (bench.random_llama), at
+49k and 262k tokens and 8 and 64 sequences, each decodes `--steps` steps (the first 5 not
+counted), every sequence going on with its likeliest token: per step the time in
+`llama_decode`, the time to the tokens (or candidates) after it, and their sum, alternating
+the two ways twice. Both ways must find the same tokens, and the same top 40 (a digest per
+way). Whether the engine should sample in the graph is decided by these sums, on each device.
 """
 
 import argparse
@@ -20,20 +28,29 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
 
 from bench.random_llama import write_model
+from modelhost.engines.llamacpp.sampler import top_k_rows
 from modelhost.engines.llamacpp.weights import init_backend
+from modelhost.logprobs import largest
 
 WARM_UP_STEPS = 5
+TOP_K = 40  # llama.cpp's default top_k
 
 
-def decode_greedy(
-    model: object, n_vocab: int, sequences: int, steps: int, in_graph: bool
+class NotInGraph(Exception):
+    """llama.cpp did not run the chain in the graph (its device lacks an op it needs)."""
+
+
+def decode(
+    model: object, n_vocab: int, sequences: int, steps: int, in_graph: bool, top_k: int | None
 ) -> tuple[float, float, str]:
-    """Mean µs per counted step in llama_decode and after it, and a digest of the tokens."""
+    """Mean µs per counted step in llama_decode and after it, and a digest of each step's
+    tokens (greedy, top_k None) or sorted top-k candidates."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = sequences * (steps + 1)
     params.n_batch = params.n_ubatch = max(sequences, 32)
@@ -47,7 +64,12 @@ def decode_greedy(
             chain = llama_cpp.llama_sampler_chain_init(
                 llama_cpp.llama_sampler_chain_default_params()
             )
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            llama_cpp.llama_sampler_chain_add(
+                chain,
+                llama_cpp.llama_sampler_init_greedy()
+                if top_k is None
+                else llama_cpp.llama_sampler_init_top_k(top_k),
+            )
             configs[seq].seq_id = seq
             configs[seq].sampler = ctypes.cast(chain, ctypes.c_void_p)
             chains.append(chain)
@@ -70,16 +92,43 @@ def decode_greedy(
             if llama_cpp.llama_decode(ctx, batch) != 0:
                 raise SystemExit("llama_decode failed")
             decoded = time.perf_counter()
-            if in_graph:
+            found: list[np.ndarray] = []  # each sequence's top_k ids, likeliest first
+            if in_graph and top_k is None:
                 tokens = [llama_cpp.llama_get_sampled_token_ith(ctx, i) for i in range(sequences)]
+                if llama_cpp.LLAMA_TOKEN_NULL in tokens:
+                    raise NotInGraph("llama.cpp sampled no token")
+            elif in_graph:
+                for i in range(sequences):
+                    ids = _sampled(
+                        llama_cpp.llama_get_sampled_candidates_ith,
+                        llama_cpp.llama_get_sampled_candidates_count_ith,
+                        ctx,
+                        i,
+                    )
+                    logits = _sampled(
+                        llama_cpp.llama_get_sampled_logits_ith,
+                        llama_cpp.llama_get_sampled_logits_count_ith,
+                        ctx,
+                        i,
+                    )
+                    found.append(ids[np.argsort(-logits, kind="stable")])
             else:
                 logits = llama_cpp.llama_get_logits(ctx)
                 rows = np.ctypeslib.as_array(logits, shape=(sequences, n_vocab))
-                tokens = rows.argmax(axis=1).tolist()
+                if top_k is None:
+                    tokens = rows.argmax(axis=1).tolist()
+                else:
+                    for row, ids in zip(rows, top_k_rows(rows, top_k), strict=True):
+                        ids = largest(row, ids, top_k)
+                        found.append(ids[np.argsort(-row[ids], kind="stable")])
+            if found:
+                tokens = [int(ids[0]) for ids in found]
             if step >= WARM_UP_STEPS:
                 in_decode += decoded - started
                 after += time.perf_counter() - decoded
             digest.update(np.array(tokens, dtype=np.int32).tobytes())
+            for ids in found:
+                digest.update(np.sort(ids).astype(np.int32).tobytes())
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
@@ -87,6 +136,15 @@ def decode_greedy(
             llama_cpp.llama_sampler_free(chain)
     counted = steps - WARM_UP_STEPS
     return in_decode / counted * 1e6, after / counted * 1e6, digest.hexdigest()[:16]
+
+
+def _sampled(get: Any, count_of: Any, ctx: object, i: int) -> np.ndarray:
+    """A copy of output i's candidates or their logits, as the graph left them."""
+    count = count_of(ctx, i)
+    pointer = get(ctx, i)
+    if not pointer or not count:
+        raise NotInGraph(f"llama.cpp sampled no candidates for output {i}")
+    return np.ctypeslib.as_array(pointer, shape=(count,)).copy()
 
 
 def main() -> None:
@@ -97,9 +155,9 @@ def main() -> None:
     if args.steps <= WARM_UP_STEPS:
         parser.error(f"--steps must be more than {WARM_UP_STEPS}")
     init_backend()
-    print(f"greedy, {args.device}, µs per step (median of 2 runs each way, alternated)\n")
-    print("| vocab | seqs | way | llama_decode | after | sum | digest |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{args.device}, µs per step (median of 2 runs each way, alternated)\n")
+    print("| vocab | seqs | sampling | way | llama_decode | after | sum | digest |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for n_vocab in (49152, 262144):
             path = write_model(Path(folder) / f"model-{n_vocab}.gguf", n_vocab)
@@ -110,19 +168,26 @@ def main() -> None:
                 raise SystemExit(f"llama.cpp could not load {path}")
             try:
                 for sequences in (8, 64):
-                    runs: dict[bool, list[tuple[float, float, str]]] = {False: [], True: []}
-                    for in_graph in (False, True, False, True):
-                        runs[in_graph].append(
-                            decode_greedy(model, n_vocab, sequences, args.steps, in_graph)
-                        )
-                    for in_graph, results in runs.items():
-                        decode = statistics.median(r[0] for r in results)
-                        after = statistics.median(r[1] for r in results)
-                        way = "in the graph" if in_graph else "numpy on the logits"
-                        print(
-                            f"| {n_vocab} | {sequences} | {way} | {decode:.0f} | {after:.0f} | "
-                            f"{decode + after:.0f} | {results[0][2]} |"
-                        )
+                    for top_k in (None, TOP_K):
+                        runs: dict[bool, list[tuple[float, float, str]]] = {False: [], True: []}
+                        sampling = "greedy" if top_k is None else f"top-{top_k}"
+                        try:
+                            for in_graph in (False, True, False, True):
+                                runs[in_graph].append(
+                                    decode(model, n_vocab, sequences, args.steps, in_graph, top_k)
+                                )
+                        except NotInGraph as exc:
+                            print(f"| {n_vocab} | {sequences} | {sampling} | in the graph: {exc} |")
+                            continue
+                        for in_graph, results in runs.items():
+                            in_decode = statistics.median(r[0] for r in results)
+                            after = statistics.median(r[1] for r in results)
+                            way = "in the graph" if in_graph else "numpy on the logits"
+                            print(
+                                f"| {n_vocab} | {sequences} | {sampling} | {way} | "
+                                f"{in_decode:.0f} | {after:.0f} | {in_decode + after:.0f} | "
+                                f"{results[0][2]} |"
+                            )
             finally:
                 llama_cpp.llama_model_free(model)
 

@@ -3,7 +3,7 @@
 # llama-cpp-python for that GPU's architecture only and prove the modelhost on it
 # (bench/cuda_check.py: layers on the GPU, greedy tokens against llama.cpp's and the CPU's,
 # bench.batching at 1, 8 and 64 streams, VRAM through NVML, one report file), then the
-# engine's cost per step (bench.engine_overhead), greedy sampling in the graph
+# engine's cost per step (bench.engine_overhead), greedy and top-k sampling in the graph
 # (bench.backend_sampling) and airouter beside llama-server, built from
 # the same tree (bench.llama_server: SmolLM2 and randomly initialised 8B-shaped Llamas). Build
 # 5 min, check 30 s on 16 cores (H200, 2026-11-27), before llama-server and the last two.
@@ -183,7 +183,7 @@ run() {
   "$VENV/bin/python" -m bench.cuda_check --model "$model" --report "$out/cuda_report.md" \
     --build-info "$(cat "$STAGE/build-info.txt")" || failed=$?
   # The engine's cost around llama_decode with the logits copied from the GPU (issue 28), and
-  # greedy sampling in llama.cpp's graph against reading the logits, ~20 s each.
+  # greedy and top-k sampling in llama.cpp's graph against reading the logits, ~20 s each.
   "$VENV/bin/python" -m bench.engine_overhead --device cuda >"$out/engine_overhead.md" \
     || failed=$?
   # The same with 8 rows of 262k (2M logits) read by several threads: where the threshold
