@@ -18,7 +18,9 @@ On bench.engine_overhead's randomly initialised one-layer models (bench.random_l
 counted), every sequence going on with its likeliest token: per step the time in
 `llama_decode`, the time to the tokens (or candidates) after it, and their sum, alternating
 the two ways twice. Both ways must find the same tokens, and the same top 40 (a digest per
-way). Whether the engine should sample in the graph is decided by these sums, on each device.
+way). Then what attaching a chain to a running sequence costs the next decode (llama.cpp
+reserves its graph again): an engine would do it for each request it admits. Whether the
+engine should sample in the graph is decided by these figures, on each device.
 """
 
 import argparse
@@ -147,6 +149,58 @@ def _sampled(get: Any, count_of: Any, ctx: object, i: int) -> np.ndarray:
     return np.ctypeslib.as_array(pointer, shape=(count,)).copy()
 
 
+def attach_cost(model: object, sequences: int = 8, steps: int = 5) -> float:
+    """How much longer the decode after attaching a top-k chain to one running sequence
+    (`llama_set_sampler`, as an engine would for each request it admits) takes than a step
+    with every chain in place, in µs, median over the sequences: attaching one makes
+    llama.cpp reserve its graph again."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = sequences * (sequences + 2 * steps + 1)
+    params.n_batch = params.n_ubatch = max(sequences, 32)
+    params.n_seq_max = sequences
+    params.kv_unified = True
+    params.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        raise SystemExit("llama.cpp could not create the context")
+    batch = llama_cpp.llama_batch_init(sequences, 0, 1)
+    chains = []
+    position = 0
+
+    def step() -> float:
+        nonlocal position
+        batch.n_tokens = sequences
+        for seq in range(sequences):
+            batch.token[seq], batch.pos[seq], batch.n_seq_id[seq] = 1 + seq, position, 1
+            batch.seq_id[seq][0], batch.logits[seq] = seq, True
+        position += 1
+        started = time.perf_counter()
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+        return time.perf_counter() - started
+
+    try:
+        for _ in range(steps):
+            step()
+        after_attach = []
+        for seq in range(sequences):
+            chain = llama_cpp.llama_sampler_chain_init(
+                llama_cpp.llama_sampler_chain_default_params()
+            )
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(TOP_K))
+            chains.append(chain)
+            if not llama_cpp.llama_set_sampler(ctx, seq, chain):
+                raise NotInGraph("llama.cpp would not run the chain in the graph")
+            after_attach.append(step())
+        settled = statistics.median(step() for _ in range(steps))
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        for chain in chains:
+            llama_cpp.llama_sampler_free(chain)
+    return (statistics.median(after_attach) - settled) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -158,6 +212,7 @@ def main() -> None:
     print(f"{args.device}, µs per step (median of 2 runs each way, alternated)\n")
     print("| vocab | seqs | sampling | way | llama_decode | after | sum | digest |")
     print("|---|---|---|---|---|---|---|---|")
+    attach: dict[int, str] = {}
     with tempfile.TemporaryDirectory() as folder:
         for n_vocab in (49152, 262144):
             path = write_model(Path(folder) / f"model-{n_vocab}.gguf", n_vocab)
@@ -188,8 +243,17 @@ def main() -> None:
                                 f"{in_decode:.0f} | {after:.0f} | {in_decode + after:.0f} | "
                                 f"{results[0][2]} |"
                             )
+                try:
+                    attach[n_vocab] = f"{attach_cost(model):.0f} us"
+                except NotInGraph as exc:
+                    attach[n_vocab] = str(exc)
             finally:
                 llama_cpp.llama_model_free(model)
+    print(
+        "\nAttaching a top-k chain to one of 8 running sequences (llama_set_sampler, once a "
+        "request), the next llama_decode took longer than a step with every chain in place by: "
+        + ", ".join(f"{attach[n_vocab]} at {n_vocab}" for n_vocab in attach)
+    )
 
 
 if __name__ == "__main__":
