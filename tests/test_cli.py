@@ -21,6 +21,7 @@ from modelhost.cli import build_parser as modelhost_parser
 from modelhost.device import cuda_devices
 from tests.conftest import wait_for_health
 from tests.processes import BIN, ServerProcess, free_port_address
+from tests.scratch import scratch_dir
 from tests.streaming import collect, gateway_request
 
 
@@ -291,9 +292,12 @@ def test_airouter_up_then_generate_answers_from_the_instruct_model_and_ctrl_c_st
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # Its default batch store, but not the one of whoever runs the tests (nor one that
+        # an `airouter up` of theirs holds).
+        env={**os.environ, "XDG_STATE_HOME": str(scratch_dir())},
     )
     try:
-        wait_for_health(gateway)
+        _wait_for_health_while_running(gateway, up)
         started = time.monotonic()
         done = subprocess.run(
             [str(BIN / "airouter"), "--gateway", gateway, "generate", "Say hello in one word."],
@@ -319,6 +323,23 @@ def test_airouter_up_then_generate_answers_from_the_instruct_model_and_ctrl_c_st
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
+
+
+def _wait_for_health_while_running(
+    address: str, process: "subprocess.Popen[str]", timeout: float = 60
+) -> None:
+    """wait_for_health, failing with the process's own words as soon as it has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait_for_health(address, timeout=1)
+            return
+        except grpc.FutureTimeoutError:
+            if process.poll() is not None:
+                assert process.stderr is not None
+                pytest.fail(f"exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise
 
 
 def test_the_modelhost_logs_what_its_llama_cpp_was_built_for(servers) -> None:  # type: ignore[no-untyped-def]
