@@ -190,6 +190,10 @@ run() {
   # measured on a CPU (4M) belongs when the rows arrive from a GPU.
   "$VENV/bin/python" -m bench.engine_overhead --device cuda --sequences 8 64 \
     --parallel-logits 1048576 >>"$out/engine_overhead.md" || failed=$?
+  # And the tokens from the candidates llama.cpp finds in its graph (sample_in_graph): the
+  # rows never reach the host; the same digests, llama_decode holding the sampling.
+  "$VENV/bin/python" -m bench.engine_overhead --device cuda --sample-in-graph \
+    >>"$out/engine_overhead.md" || failed=$?
   "$VENV/bin/python" -m bench.backend_sampling --device cuda >"$out/backend_sampling.md" \
     || failed=$?
   # airouter beside llama-server on the GPU (issue 28): SmolLM2, and randomly initialised
@@ -200,10 +204,13 @@ run() {
     [ -e "$random" ] || "$VENV/bin/python" -m bench.random_llama "$random" --shape llama-8b \
       --vocab "$vocab" --q4-0
   done
+  # The 262k one also served with sample_in_graph = true: where reading rows costs most.
   for gguf in "$model" "$STAGE"/llama-8b-*.gguf; do
+    local in_graph=()
+    [[ $gguf == *-262144.gguf ]] && in_graph=(--sample-in-graph)
     "$VENV/bin/python" -m bench.llama_server --device cuda --model "$gguf" --rounds 1 \
       --llama-server "$STAGE/llama-build/vendor/llama.cpp/tools/server/llama-server" \
-      >>"$out/llama_server.md" \
+      ${in_graph[@]+"${in_graph[@]}"} >>"$out/llama_server.md" \
       || failed=$?
   done
   return "$failed"

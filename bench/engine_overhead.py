@@ -2,7 +2,7 @@
 setting the pace.
 
     python -m bench.engine_overhead [--steps 48] [--vocab 49152 262144] [--sequences 1 8 64]
-        [--device cpu|cuda] [--parallel-logits N] [--json]
+        [--device cpu|cuda] [--parallel-logits N] [--sample-in-graph] [--json]
 
 For each vocabulary size it writes a randomly initialised Llama-shaped model with the `gguf`
 package (one layer, 32-wide: `llama_decode` is cheap, so what is around it shows; its logits
@@ -20,7 +20,10 @@ and the goal (issue 28): overhead <= 100 us per step + per sequence row_scan_us 
 With `--device cuda` every layer and the output run on the GPU, and the logits reach the
 host as they do there (copied from the device after each step): the device check runs it,
 also with `--parallel-logits` lower than the engine's threshold for reading a step's rows
-with several threads (sampler.PARALLEL_LOGITS, measured on a CPU), to see where it pays there.
+with several threads (sampler.PARALLEL_LOGITS, measured on a CPU), to see where it pays there,
+and with `--sample-in-graph`: the tokens from the candidates llama.cpp finds inside the
+decode (models.toml's sample_in_graph), whose rows never reach the host. Then llama_decode
+holds the sampling, so compare the wall times; the digests must equal those from the rows.
 
 It also prints a digest of every token generated: greedy text and seeded draws must not
 change when the engine gets faster. With --json the last line is one JSON object:
@@ -172,7 +175,13 @@ def measure(path: Path, vocab: int, args: argparse.Namespace) -> list[Row]:
             slots=slots, context_per_slot=args.steps + 16, batch_tokens=512, threads=args.threads
         ),
     )
-    engine = LlamaEngine(model, name=f"random-{vocab}", slots=slots, max_queue=0)
+    engine = LlamaEngine(
+        model,
+        name=f"random-{vocab}",
+        slots=slots,
+        max_queue=0,
+        sample_in_graph=args.sample_in_graph,
+    )
     scan = row_scan_us(vocab)
     step_scan = {sequences: row_scan_us(vocab, sequences) for sequences in args.sequences}
     rows = []
@@ -204,6 +213,12 @@ def main() -> None:
         default=sampler.PARALLEL_LOGITS,
         help="logits a step needs for its rows to be read by several threads",
     )
+    parser.add_argument(
+        "--sample-in-graph",
+        action="store_true",
+        help="tokens from the candidates llama.cpp finds in its graph (models.toml's "
+        "sample_in_graph), not from rows of logits",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
     sampler.PARALLEL_LOGITS = args.parallel_logits
@@ -217,9 +232,13 @@ def main() -> None:
         + " | ".join(p for p in STEP_PHASES if p != "decode")
         + " | overhead/seq | row_scan | goal | step_scan | goal at step_scan | digest |"
     )
+    where = (
+        "sampled in llama.cpp's graph"
+        if args.sample_in_graph
+        else f"rows read by several threads from {args.parallel_logits} logits a step"
+    )
     print(
-        f"\nmicroseconds per decode step ({args.steps} tokens a sequence, {args.device}, rows "
-        f"read by several threads from {args.parallel_logits} logits a step)\n"
+        f"\nmicroseconds per decode step ({args.steps} tokens a sequence, {args.device}, {where})\n"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))

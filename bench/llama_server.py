@@ -40,6 +40,7 @@ from tests.scratch import scratch_dir
 
 SLOTS, CONTEXT = 8, 4096
 MODEL = "bench-model"  # the name airouter serves it under; llama-server ignores it
+IN_GRAPH = "airouter, sample_in_graph"
 
 
 @dataclass
@@ -50,10 +51,13 @@ class Figures:
     ttfts: dict[int, list[float]] = field(default_factory=dict)  # streams -> seconds
 
 
-def launch_airouter(gguf: Path, device: str = "cpu") -> tuple[subprocess.Popen[bytes], str]:
+def launch_airouter(
+    gguf: Path, device: str = "cpu", sample_in_graph: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
     return launch_airouter_with(
         f'[[models]]\nname = "{MODEL}"\npath = "{gguf}"\nchat_template = "gemma"\n'
-        f"slots = {SLOTS}\ncontext_length = {CONTEXT}\npreload = true\n",
+        f"slots = {SLOTS}\ncontext_length = {CONTEXT}\npreload = true\n"
+        f"sample_in_graph = {str(sample_in_graph).lower()}\n",
         device,
     )
 
@@ -186,9 +190,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model", type=Path, help="a GGUF (default: the embedded Gemma 3 270M)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--sample-in-graph",
+        action="store_true",
+        help="also airouter with sample_in_graph = true (tokens from llama.cpp's graph)",
+    )
     args = parser.parse_args()
     gguf = args.model or embedded_model_config().model_path(Path.home() / ".cache" / "airouter")
     servers = {"airouter": lambda: launch_airouter(gguf, args.device)}
+    if args.sample_in_graph:
+        servers[IN_GRAPH] = lambda: launch_airouter(gguf, args.device, sample_in_graph=True)
     if args.llama_server:
         servers["llama-server"] = lambda: launch_llama_server(args.llama_server, gguf, args.device)
     else:
@@ -218,7 +229,7 @@ def main() -> None:
                 f"| {statistics.median(f.ttfts[s]) * 1e3:.0f} |"
             )
         print(row)
-    if len(figures) == 2:
+    if "llama-server" in figures:
         ours, theirs = figures["airouter"], figures["llama-server"]
         print()
         ratio = statistics.median(ours.launch_to_token) / statistics.median(theirs.launch_to_token)
@@ -229,9 +240,12 @@ def main() -> None:
         print(f"{label:<48} {worst:6.2f}  (goal <= 1.1)")
         rss = statistics.median(ours.rss) / statistics.median(theirs.rss)
         print(f"{'RSS, airouter / llama-server':<48} {rss:6.2f}  (goal <= 1.0)")
-        for s in args.streams:
-            rate = statistics.median(ours.rates[s]) / statistics.median(theirs.rates[s])
-            print(f"{f'tok/s at {s} streams, airouter / llama-server':<48} {rate:6.2f}")
+        for name in ("airouter", IN_GRAPH):
+            for s in args.streams if name in figures else ():
+                rate = statistics.median(figures[name].rates[s]) / statistics.median(
+                    theirs.rates[s]
+                )
+                print(f"{f'tok/s at {s} streams, {name} / llama-server':<48} {rate:6.2f}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,13 @@ class ModelConfig(BaseModel):
     # chat's next turn is; a system prompt shared with a long conversation may not be).
     # true keeps them all, so any held prefix is reusable, at full-context memory.
     full_swa_cache: bool = False
+    # Experimental: plain requests (greedy, or drawn with top_k up to 40 and no penalty,
+    # constraint, logprobs or ignore_eos) take their token from the 40 likeliest, which
+    # llama.cpp finds inside the decode on the model's device, so their rows of logits (1 MB
+    # each at a 262k vocabulary) are neither copied to the host nor read there. The same
+    # tokens either way; slower on a CPU (bench.backend_sampling), measured for GPUs by the
+    # device check (bench/cuda_check.sh).
+    sample_in_graph: bool = False
     # Never unloaded to make room or after keep_alive; only UnloadModel unloads it.
     pinned: bool = False
     # Seconds an idle model stays loaded: 0 unloads it right after use, -1 keeps it.
@@ -122,6 +129,11 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"{', '.join(embedding_settings)}: settings of embedding models; remove them, "
                 'or set kind = "embedding" if this model makes embeddings'
+            )
+        if self.kind == "embedding" and self.sample_in_graph:
+            raise ValueError(
+                "sample_in_graph: an embedding model samples no tokens; remove it, or set "
+                'kind = "generation"'
             )
         if self.kind == "embedding" and "capabilities" not in self.model_fields_set:
             self.capabilities = ["embedding"]
@@ -173,7 +185,14 @@ EMBEDDING_ONLY = frozenset({"pooling", "normalize", "matryoshka"})
 # Settings only the llama.cpp engine has: on a model the MLX engine runs they are refused,
 # never silently ignored.
 LLAMA_CPP_ONLY = frozenset(
-    {"gpu_layers", "flash_attention", "cache_type_k", "cache_type_v", "full_swa_cache"}
+    {
+        "gpu_layers",
+        "flash_attention",
+        "cache_type_k",
+        "cache_type_v",
+        "full_swa_cache",
+        "sample_in_graph",
+    }
 )
 
 

@@ -48,6 +48,14 @@ def config_error(tmp_path: Path, text: str) -> str:
             "which the MLX engine that runs this model does not have",
         ),
         (
+            '[[models]]\nname = "m"\nengine = "mlx"\nsample_in_graph = true\n',
+            "line 1, models[0]: Value error, sample_in_graph: llama.cpp settings",
+        ),
+        (
+            '[[models]]\nname = "e"\nkind = "embedding"\nsample_in_graph = true\n',
+            "line 1, models[0]: Value error, sample_in_graph: an embedding model samples no tokens",
+        ),
+        (
             '[[models]]\nname = "a"\nengine = "vllm"\n',
             "line 3, models[0].engine: Value error, unknown engine 'vllm'; use auto, llama.cpp, "
             "mlx",

@@ -131,6 +131,57 @@ def test_sample_rows_gives_each_sampler_what_sample_gives() -> None:
     assert picked[0] == rows[0].argmax() and picked[1] != banned[0]
 
 
+def test_picks_among_the_graphs_candidates_are_the_rows_own() -> None:
+    """A row's GRAPH_TOP_K likeliest ids and logits, in any order, as llama.cpp's graph hands
+    them back: the token each sampler that fits the graph picks from them is the one it
+    picks from the whole row, banned tokens among the candidates included."""
+    rng = np.random.default_rng(11)
+    rows = rng.standard_normal((40, N_VOCAB)).astype(np.float32)
+    settings = [
+        Sampling(temperature=0.0),
+        Sampling(seed=7),
+        Sampling(top_k=5, top_p=1.0, min_p=0.0, seed=8),
+        Sampling(top_k=40, top_p=0.5, temperature=1.5, seed=9),
+    ]
+    for i, values in enumerate(rows):
+        s = settings[i % len(settings)]
+        order = np.argsort(-values)
+        banned = [int(order[0]), int(order[3])] if i % 3 else []  # some top tokens out
+        from_row = TokenSampler(s, N_VOCAB, banned)
+        from_graph = TokenSampler(s, N_VOCAB, banned)
+        assert from_graph.fits_graph
+        ids = rng.permutation(order[: sampler_module.GRAPH_TOP_K]).astype(np.int32)
+        try:
+            for _ in range(3):  # the seeded chains advance alike
+                expected = sample_rows([from_row], values[None, :].copy())[0]
+                assert from_graph.pick_among(ids, values[ids]) == expected
+        finally:
+            from_row.close()
+            from_graph.close()
+
+
+def test_what_needs_its_row_does_not_fit_the_graph() -> None:
+    def fits(s: Sampling, banned: list[int] = [], **options: int) -> bool:  # noqa: B006
+        sampler = TokenSampler(s, N_VOCAB, banned, **options)  # type: ignore[arg-type]
+        try:
+            return sampler.fits_graph
+        finally:
+            sampler.close()
+
+    assert fits(Sampling(temperature=0.0), list(range(100)))  # skipped among the candidates
+    assert fits(Sampling(top_k=40), [1] * 8) and not fits(Sampling(top_k=41), [1] * 8)
+    assert not fits(Sampling(top_k=0))  # the whole row's nucleus
+    assert not fits(Sampling(temperature=0.0), top_logprobs=2)
+    assert not fits(Sampling(temperature=0.0, repetition_penalty=1.1))
+
+
+def test_a_greedy_pick_whose_candidates_are_all_banned_says_why() -> None:
+    ids = np.arange(sampler_module.GRAPH_TOP_K, dtype=np.int32)
+    sampler = TokenSampler(Sampling(temperature=0.0), N_VOCAB, ids.tolist())
+    with pytest.raises(sampler_module.NoTokenAllowed, match="all end-of-generation tokens"):
+        sampler.pick_among(ids, np.ones(len(ids), np.float32))
+
+
 @pytest.mark.parametrize("n_vocab", [5000, 49152, 151936])  # Qwen's: not whole columns
 @pytest.mark.parametrize("group", [1, 2, 8])  # rows folded in one call: 5 rows, 3 or 1 calls
 def test_top_k_rows_holds_each_rows_top_k(

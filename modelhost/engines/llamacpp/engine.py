@@ -8,10 +8,12 @@ cells are shared with `llama_memory_seq_cp`, which costs nothing in the unified 
 """
 
 import ctypes
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -20,7 +22,12 @@ import structlog
 from airouter.infill import Infill
 from modelhost.constraints import ConstraintCompiler, compute_masks
 from modelhost.engines.llamacpp.model import LlamaModel
-from modelhost.engines.llamacpp.sampler import NoTokenAllowed, TokenSampler, sample_rows
+from modelhost.engines.llamacpp.sampler import (
+    GRAPH_TOP_K,
+    NoTokenAllowed,
+    TokenSampler,
+    sample_rows,
+)
 from modelhost.engines.scheduler import (
     Blocks,
     Sequence,
@@ -48,6 +55,9 @@ class _Slot:
     last_used: float = 0.0  # when a request last finished in it or copied its cells
     # The prefix blocks of the request that filled it: (hash, tokens up to the block's end).
     blocks: Blocks = ()
+    # The top-k chain llama.cpp runs in its graph for this sequence (sample_in_graph) while
+    # its requests can take their tokens from its candidates; None: its rows come back.
+    chain: ctypes.c_void_p | None = None
 
 
 @dataclass(eq=False)
@@ -66,9 +76,20 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
 
     kind = "llama.cpp"
 
-    def __init__(self, model: LlamaModel, *, name: str, slots: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        name: str,
+        slots: int,
+        max_queue: int,
+        sample_in_graph: bool = False,
+    ) -> None:
         super().__init__(name=name, slots=slots, max_queue=max_queue)
         self._model = model
+        # Plain requests' tokens from the GRAPH_TOP_K candidates llama.cpp finds inside the
+        # decode (on the GPU, their rows of logits never cross to the host); see _sample_where.
+        self._sample_in_graph = sample_in_graph
         self._all_slots = [_Slot(seq_id) for seq_id in range(slots)]
         self._idle = list(self._all_slots)
         self._batch = llama_cpp.llama_batch_init(model.batch_tokens, 0, 1)
@@ -121,6 +142,10 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         self._masks.shutdown()
         llama_cpp.llama_batch_free(self._batch)
         self._model.close()
+        for slot in self._all_slots:  # the context used them until it was freed
+            if slot.chain is not None:
+                llama_cpp.llama_sampler_free(slot.chain)
+                slot.chain = None
 
     def _is_end_of_generation(self, token: int) -> bool:
         return self._model.is_end_of_generation(token)
@@ -149,6 +174,7 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
             self._dequeued()
             slot, reused = self._place(request.prompt)
             slot.blocks = request.blocks
+            self._sample_where(slot, sampler)
             self._summarize_prefixes()
             self._prompt_tokens_reused += reused
             self._running[request] = _Sequence(
@@ -161,6 +187,34 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
                 prompt_done=reused,
             )
         self._waiting.extendleft(reversed(deferred))
+
+    def _sample_where(self, slot: _Slot, sampler: TokenSampler) -> None:
+        """Attaches a top-k chain to the slot's sequence when its request can take its token
+        from the graph's candidates (TokenSampler.fits_graph), and takes it off when it
+        cannot. llama.cpp reserves its graph again before the next decode after either, so a
+        slot keeps its chain between requests that fit."""
+        want = self._sample_in_graph and sampler.fits_graph
+        if want == (slot.chain is not None):
+            return
+        ctx = self._model.ctx
+        if slot.chain is not None:
+            llama_cpp.llama_set_sampler(ctx, slot.seq_id, None)
+            llama_cpp.llama_sampler_free(slot.chain)
+            slot.chain = None
+            return
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(GRAPH_TOP_K))
+        if llama_cpp.llama_set_sampler(ctx, slot.seq_id, chain):
+            slot.chain = chain
+            return
+        llama_cpp.llama_sampler_free(chain)
+        self._sample_in_graph = False
+        _log.warning(
+            "sampling_in_graph_unsupported",
+            model=self._name,
+            detail="llama.cpp cannot run a top-k chain in this model's graph here; every "
+            "request samples from its row of logits",
+        )
 
     def _shares_a_prefill(self, request: EngineRequest) -> bool:
         """Whether a running sequence is still computing a long prefix of this prompt: then
@@ -243,7 +297,7 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
 
     def _step(self) -> None:
         started = time.perf_counter()
-        n, sampling, generating, chunked = self._fill_batch()
+        n, sampling, outputs, generating, chunked = self._fill_batch()
         built = time.perf_counter()
         # A constrained sequence's next mask is needed only when its sampled token is
         # rejected, but then at once: computed ahead, beside llama_decode (both release the
@@ -274,13 +328,20 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
             return
 
         self._decode_steps += bool(sampling)
-        rows = self._logit_rows(sampling)
-        fetched = time.perf_counter()
-        tokens = sample_rows([seq.sampler for seq in sampling], rows)  # type: ignore[misc]
+        samplers: list[TokenSampler] = [seq.sampler for seq in sampling]  # type: ignore[misc]
+        in_graph = [i for i, seq in enumerate(sampling) if seq.slot.chain is not None]
+        if not in_graph:
+            rows = self._logit_rows(sampling)
+            fetched = time.perf_counter()
+            tokens = sample_rows(samplers, rows)
+        else:
+            found = [self._graph_candidates(outputs[i]) for i in in_graph]
+            fetched = time.perf_counter()
+            tokens = self._sample_mixed(samplers, in_graph, found, sampling)
         sampled = time.perf_counter()
         for seq, token in zip(sampling, tokens, strict=True):
             if isinstance(token, NoTokenAllowed):
-                self._finish(seq, FinishReason.ERROR, f"the output constraint failed: {token}")
+                self._finish(seq, FinishReason.ERROR, str(token))
             else:
                 assert seq.sampler is not None
                 self._accept(seq, token, decoded, seq.sampler.logprobs)
@@ -298,11 +359,44 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
                 deliver=delivered - accepted,
             )
 
-    def _fill_batch(self) -> tuple[int, list[_Sequence], int, list[tuple[_Sequence, int]]]:
+    def _sample_mixed(
+        self,
+        samplers: list[TokenSampler],
+        in_graph: list[int],
+        found: list[tuple[np.ndarray, np.ndarray]],
+        sampling: list[_Sequence],
+    ) -> list[int | NoTokenAllowed]:
+        """The step's tokens when some sequences sampled in the graph (`in_graph`, with the
+        candidates `found` for each): those pick among their candidates, the others from
+        their rows, which llama.cpp then copied for every output."""
+        tokens: list[int | NoTokenAllowed | None] = [None] * len(samplers)
+        for i, (ids, logits) in zip(in_graph, found, strict=True):
+            tokens[i] = samplers[i].pick_among(ids, logits)
+        rest = [i for i, token in enumerate(tokens) if token is None]
+        if rest:
+            rows = self._logit_rows(sampling)[rest]  # a copy: sample_rows may write in rows
+            for i, token in zip(rest, sample_rows([samplers[i] for i in rest], rows), strict=True):
+                tokens[i] = token
+        return tokens  # type: ignore[return-value]
+
+    def _graph_candidates(self, output: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ids llama.cpp's chain kept in the graph for the batch's token `output`, and
+        their logits."""
+        ctx = self._model.ctx
+        count = llama_cpp.llama_get_sampled_candidates_count_ith(ctx, output)
+        ids = llama_cpp.llama_get_sampled_candidates_ith(ctx, output)
+        logits = llama_cpp.llama_get_sampled_logits_ith(ctx, output)
+        if not count or not ids or not logits:
+            raise RuntimeError(f"llama.cpp sampled no candidates for batch token {output}")
+        return _array(ids, count, np.int32), _array(logits, count, np.float32)
+
+    def _fill_batch(
+        self,
+    ) -> tuple[int, list[_Sequence], list[int], int, list[tuple[_Sequence, int]]]:
         """Fills the batch: every generating sequence's last token, then prompt chunks in the
         room left. Returns its token count, the sequences to sample in the order of their
-        logit rows, how many of them are generating, and the prompt chunks added with where
-        each began."""
+        logit rows and the batch index of each one's output token, how many of them are
+        generating, and the prompt chunks added with where each began."""
         batch = self._batch
         n = 0
 
@@ -317,11 +411,13 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
             n += 1
 
         sampling: list[_Sequence] = []
+        outputs: list[int] = []
         # Generating sequences first: each costs one token and keeps its stream flowing.
         for seq in self._running.values():
             if seq.prefilled:
                 add(seq.last_token, seq.slot, True)
                 sampling.append(seq)
+                outputs.append(n - 1)
         # Then prompt chunks in the room left, the least left to compute first: a short prompt
         # (a chat's next turn) is not held behind a long document's chunks for its whole
         # prefill, and the document takes what room the short ones leave.
@@ -341,8 +437,9 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
             seq.prompt_done = end
             if seq.prefilled:
                 sampling.append(seq)
+                outputs.append(n - 1)
         batch.n_tokens = n
-        return n, sampling, generating, chunked
+        return n, sampling, outputs, generating, chunked
 
     def _logit_rows(self, sampling: list[_Sequence]) -> np.ndarray:
         """The step's logits, one row a sampled sequence in `sampling`'s order: llama.cpp
@@ -375,3 +472,16 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
 
 def _recency(slot: _Slot) -> float:
     return slot.last_used
+
+
+def _array(pointer: Any, count: int, dtype: type[np.generic]) -> np.ndarray:
+    """A numpy view of `count` items at a ctypes pointer (np.ctypeslib.as_array makes a
+    ctypes array type each call, tens of microseconds)."""
+    address = ctypes.cast(pointer, ctypes.c_void_p).value
+    size = count * np.dtype(dtype).itemsize
+    return np.frombuffer(_bytes(size).from_address(address), dtype, count)
+
+
+@functools.cache
+def _bytes(size: int) -> Any:
+    return ctypes.c_char * size

@@ -80,8 +80,17 @@ def open_engine(config: ModelConfig, path: Path, device: str, threads: int) -> E
                 f"{path} declares no pooling, so it makes no single vector per text; set "
                 'pooling = "mean", "cls" or "last" as the model was trained'
             )
-        kind = LlamaEmbedder if embedding else LlamaEngine
-        return kind(model, name=config.name, slots=config.slots, max_queue=config.max_queue)
+        if embedding:
+            return LlamaEmbedder(
+                model, name=config.name, slots=config.slots, max_queue=config.max_queue
+            )
+        return LlamaEngine(
+            model,
+            name=config.name,
+            slots=config.slots,
+            max_queue=config.max_queue,
+            sample_in_graph=config.sample_in_graph,
+        )
     except BaseException:
         model.close()
         raise

@@ -53,6 +53,10 @@ GROUP_LOGITS = 1 << 18
 # it saves. llama.cpp's threads are idle while the engine samples.
 SCAN_THREADS = min(default_threads(), 4)
 PARALLEL_LOGITS = 1 << 22
+# Candidates llama.cpp finds in its graph for a sequence that samples there (the model's
+# sample_in_graph): llama.cpp's default top_k of 40, and room for the end-of-generation
+# tokens an ignore_eos request takes out.
+GRAPH_TOP_K = 48
 
 T = TypeVar("T")
 
@@ -70,7 +74,7 @@ class TokenSet(Protocol):
 
 
 class NoTokenAllowed(Exception):
-    """The sequence's constraint admits no token (its matcher failed)."""
+    """No token may be picked for the sequence (its constraint's matcher failed); says why."""
 
 
 class TokenSampler:
@@ -113,6 +117,7 @@ class TokenSampler:
             self._avoid = banned or None
         else:
             self._banned = np.fromiter(banned, dtype=np.int64)
+        self._banned_set = frozenset(self._banned.tolist())
 
     def close(self) -> None:
         if self._chain is not None:
@@ -142,6 +147,45 @@ class TokenSampler:
             and self._top_logprobs is None
             and self._sampling.repetition_penalty == 1.0
         )
+
+    @property
+    def fits_graph(self) -> bool:
+        """Whether its token can come from the GRAPH_TOP_K candidates llama.cpp finds in the
+        decode's graph (pick_among): a plain greedy, or a plain draw whose top_k stays among
+        them once its banned tokens are out."""
+        if self.plain_greedy:
+            return True
+        return self.plain_draw and self._sampling.top_k + self._banned.size <= GRAPH_TOP_K
+
+    def pick_among(self, ids: np.ndarray, logits: np.ndarray) -> int:
+        """The token from a row's GRAPH_TOP_K likeliest ids and their logits (fits_graph):
+        the row's argmax once tokens to avoid are out (the lowest id of the largest), or the
+        draw among its top_k that the whole row would give. Raises NoTokenAllowed when every
+        candidate is one to avoid."""
+        self._pool = None
+        if self._chain is None:
+            token = int(ids[logits == logits.max()].min())
+            while self._avoid is not None and token in self._avoid:
+                keep = ids != token
+                ids, logits = ids[keep], logits[keep]
+                if not len(ids):
+                    raise NoTokenAllowed(
+                        f"the {GRAPH_TOP_K} likeliest tokens are all end-of-generation tokens, "
+                        "which ignore_eos keeps out"
+                    )
+                token = int(ids[logits == logits.max()].min())
+        else:
+            if self._banned_set:  # a set lookup each: np.isin costs 10 us on 48 ids
+                out = [i for i, token in enumerate(ids.tolist()) if token in self._banned_set]
+                if out:
+                    ids, logits = np.delete(ids, out), np.delete(logits, out)
+            k = min(self._sampling.top_k, len(ids))
+            if len(ids) > k:
+                chosen = np.argpartition(logits, -k)[-k:]
+                ids, logits = ids[chosen], logits[chosen]
+            token = self._apply_chain(ids, logits)
+        self.took(token)
+        return token
 
     def draw_among(self, logits: np.ndarray, ids: np.ndarray) -> int:
         """A plain draw's token, given ids that hold the row's top_k (sample_rows)."""
@@ -201,7 +245,9 @@ class TokenSampler:
         (where it allows most, those hold enough). A top-p or min-p without top-k weighs the
         whole row: that row is masked."""
         if not constraint.compute_mask():
-            raise NoTokenAllowed(constraint.error or "the constraint admits no token here")
+            raise NoTokenAllowed(
+                f"the output constraint failed: {constraint.error or 'it admits no token here'}"
+            )
         need = 1 if self._chain is None else self._sampling.top_k
         if not need or self._truncate:
             constraint.apply(logits)
@@ -227,27 +273,30 @@ class TokenSampler:
     def _draw(self, logits: np.ndarray, among: np.ndarray | None = None) -> int:
         """A seeded draw through llama.cpp's chain; `among`: the only tokens that may be
         drawn (at least top_k of them), or a set that holds the row's top_k."""
-        assert self._chain is not None
         in_order = False
         if among is not None:
-            k = min(self._sampling.top_k, len(among))
-            ids = largest(logits, among, k)
-            candidates = self._candidates[:k]
+            ids = largest(logits, among, min(self._sampling.top_k, len(among)))
         elif self._truncate:
             ids, in_order = self._survivors(logits)
-            k = len(ids)
-            candidates = self._candidates[:k]
         else:
-            candidates = self._candidates
-            k = len(candidates)
+            k = len(self._candidates)
             if k < self._n_vocab:
                 # Kept: a constrained draw looks again among it (_pick_allowed).
                 self._pool = threshold_pool(logits, k)
                 ids = largest(logits, self._pool, k)
             else:
                 ids = np.arange(k)
+        return self._apply_chain(ids, logits[ids], in_order)
+
+    def _apply_chain(self, ids: np.ndarray, logits: np.ndarray, in_order: bool = False) -> int:
+        """llama.cpp's chain over these candidates (their logits; `in_order`: sorted, most
+        likely first): the drawn token. Its top-k sorts them when they are not, so where
+        they came from does not change the draw."""
+        assert self._chain is not None
+        k = len(ids)
+        candidates = self._candidates[:k]
         candidates["id"] = ids
-        candidates["logit"] = logits[ids]
+        candidates["logit"] = logits
         candidates["p"] = 0.0
         array = self._array
         array.data = self._data  # type: ignore[assignment]
