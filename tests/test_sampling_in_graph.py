@@ -47,7 +47,11 @@ def attached(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, bool]]
 
 
 def run(
-    in_graph: bool, requests: list[dict[str, Any]], slots: int, together: bool = True
+    in_graph: bool,
+    requests: list[dict[str, Any]],
+    slots: int,
+    together: bool = True,
+    errors: list[str] | None = None,
 ) -> list[tuple[str, list[Any]]]:
     """Each request's text and log probabilities from a fresh engine on SmolLM2. Together:
     all admitted in one step (held behind a one-token request until then), else one after
@@ -106,7 +110,11 @@ def run(
     results = []
     for events in received:
         finish = events[-1]
-        assert isinstance(finish, Finish) and not finish.error, finish
+        assert isinstance(finish, Finish)
+        if errors is not None and finish.error:
+            errors.append(finish.error)
+            continue
+        assert not finish.error, finish
         deltas = [e for e in events if isinstance(e, Delta)]
         results.append(("".join(d.text for d in deltas), [d.logprobs for d in deltas]))
     return results
@@ -161,3 +169,19 @@ def test_a_device_that_cannot_run_the_chain_samples_from_rows(
     slots = len(requests) + 1
     assert run(True, requests, slots) == run(False, requests, slots)
     assert len(tries) == 1
+
+
+def test_a_step_without_candidates_fails_its_requests_alone_and_turns_the_graph_off(
+    monkeypatch: pytest.MonkeyPatch, attached: list[tuple[int, bool]]
+) -> None:
+    """llama.cpp handing back no candidates for a sequence it was to sample (a device's op
+    that did not run): that request ends with an error saying so, the engine goes on, and
+    the next request samples from its row, with its chain taken off."""
+    monkeypatch.setattr(llama_cpp, "llama_get_sampled_candidates_count_ith", lambda ctx, i: 0)
+    plain = REQUESTS[1][0]
+    errors: list[str] = []
+    served = run(True, [plain, plain], slots=1, together=False, errors=errors)
+    assert len(errors) == 1 and "returned no candidates from its graph" in errors[0]
+    assert "retry the request" in errors[0]
+    assert served == run(False, [plain, plain], slots=1, together=False)[1:]
+    assert attached == [(0, True), (0, False)]

@@ -44,6 +44,10 @@ _log = structlog.get_logger()
 SHARED_PREFILL_MIN = 128
 # A prompt that shares this fraction of an idle slot's tokens is decoded in that slot.
 CONTINUES = 0.5
+_NO_CANDIDATES = (
+    "llama.cpp returned no candidates from its graph; sample_in_graph is off for this model "
+    "until it loads again: retry the request"
+)
 
 
 @dataclass
@@ -363,31 +367,40 @@ class LlamaEngine(StepLoopEngine[_Sequence]):
         self,
         samplers: list[TokenSampler],
         in_graph: list[int],
-        found: list[tuple[np.ndarray, np.ndarray]],
+        found: list[tuple[np.ndarray, np.ndarray] | None],
         sampling: list[_Sequence],
     ) -> list[int | NoTokenAllowed]:
         """The step's tokens when some sequences sampled in the graph (`in_graph`, with the
         candidates `found` for each): those pick among their candidates, the others from
         their rows, which llama.cpp then copied for every output."""
         tokens: list[int | NoTokenAllowed | None] = [None] * len(samplers)
-        for i, (ids, logits) in zip(in_graph, found, strict=True):
-            tokens[i] = samplers[i].pick_among(ids, logits)
-        rest = [i for i, token in enumerate(tokens) if token is None]
+        for i, candidates in zip(in_graph, found, strict=True):
+            if candidates is None:  # no row came back for it either: this request cannot go on
+                tokens[i] = NoTokenAllowed(_NO_CANDIDATES)
+                self._sample_in_graph = False  # later requests sample from their rows
+            else:
+                try:
+                    tokens[i] = samplers[i].pick_among(*candidates)
+                except NoTokenAllowed as exc:
+                    tokens[i] = exc
+        graph = set(in_graph)
+        rest = [i for i in range(len(samplers)) if i not in graph]
         if rest:
             rows = self._logit_rows(sampling)[rest]  # a copy: sample_rows may write in rows
             for i, token in zip(rest, sample_rows([samplers[i] for i in rest], rows), strict=True):
                 tokens[i] = token
         return tokens  # type: ignore[return-value]
 
-    def _graph_candidates(self, output: int) -> tuple[np.ndarray, np.ndarray]:
+    def _graph_candidates(self, output: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The ids llama.cpp's chain kept in the graph for the batch's token `output`, and
-        their logits."""
+        their logits; None if it kept none."""
         ctx = self._model.ctx
         count = llama_cpp.llama_get_sampled_candidates_count_ith(ctx, output)
         ids = llama_cpp.llama_get_sampled_candidates_ith(ctx, output)
         logits = llama_cpp.llama_get_sampled_logits_ith(ctx, output)
         if not count or not ids or not logits:
-            raise RuntimeError(f"llama.cpp sampled no candidates for batch token {output}")
+            _log.error("sampling_in_graph_failed", model=self._name, detail=_NO_CANDIDATES)
+            return None
         return _array(ids, count, np.int32), _array(logits, count, np.float32)
 
     def _fill_batch(
