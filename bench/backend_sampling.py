@@ -48,17 +48,30 @@ class NotInGraph(Exception):
     """llama.cpp did not run the chain in the graph (its device lacks an op it needs)."""
 
 
+def context_params(sequences: int, n_ctx: int) -> Any:
+    """A context of n_ctx cells for `sequences` decoded together (one unified KV cache)."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = max(sequences, 32)
+    params.n_seq_max = sequences
+    params.kv_unified = True
+    params.no_perf = True
+    return params
+
+
+def new_context(model: object, params: Any) -> Any:
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        raise SystemExit("llama.cpp could not create the context")
+    return ctx
+
+
 def decode(
     model: object, n_vocab: int, sequences: int, steps: int, in_graph: bool, top_k: int | None
 ) -> tuple[float, float, str]:
     """Mean µs per counted step in llama_decode and after it, and a digest of each step's
     tokens (greedy, top_k None) or sorted top-k candidates."""
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = sequences * (steps + 1)
-    params.n_batch = params.n_ubatch = max(sequences, 32)
-    params.n_seq_max = sequences
-    params.kv_unified = True
-    params.no_perf = True
+    params = context_params(sequences, sequences * (steps + 1))
     chains = []
     if in_graph:
         configs = (llama_cpp.llama_sampler_seq_config * sequences)()
@@ -77,9 +90,7 @@ def decode(
             chains.append(chain)
         params.samplers = configs
         params.n_samplers = sequences
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    if not ctx:
-        raise SystemExit("llama.cpp could not create the context")
+    ctx = new_context(model, params)
     batch = llama_cpp.llama_batch_init(sequences, 0, 1)
     tokens = [1 + seq for seq in range(sequences)]
     digest = hashlib.sha256()
@@ -154,15 +165,7 @@ def attach_cost(model: object, sequences: int = 8, steps: int = 5) -> float:
     (`llama_set_sampler`, as an engine would for each request it admits) takes than a step
     with every chain in place, in µs, median over the sequences: attaching one makes
     llama.cpp reserve its graph again."""
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = sequences * (sequences + 2 * steps + 1)
-    params.n_batch = params.n_ubatch = max(sequences, 32)
-    params.n_seq_max = sequences
-    params.kv_unified = True
-    params.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    if not ctx:
-        raise SystemExit("llama.cpp could not create the context")
+    ctx = new_context(model, context_params(sequences, sequences * (sequences + 2 * steps + 1)))
     batch = llama_cpp.llama_batch_init(sequences, 0, 1)
     chains = []
     position = 0
