@@ -240,8 +240,8 @@ def main() -> None:
         print(f"{label:<48} {worst:6.2f}  (goal <= 1.1)")
         rss = statistics.median(ours.rss) / statistics.median(theirs.rss)
         print(f"{'RSS, airouter / llama-server':<48} {rss:6.2f}  (goal <= 1.0)")
-        for name in ("airouter", IN_GRAPH):
-            for s in args.streams if name in figures else ():
+        for name in (name for name in figures if name != "llama-server"):
+            for s in args.streams:
                 rate = statistics.median(figures[name].rates[s]) / statistics.median(
                     theirs.rates[s]
                 )
