@@ -378,11 +378,17 @@ def test_constrained_sequences_leave_the_free_ones_in_their_batch_unchanged() ->
         model = LlamaModel(chat.path, gpu_layers=0, settings=settings)
         engine = LlamaEngine(model, name="mixed", slots=5, max_queue=8)
         try:
-            gate = threading.Event()
+            gate, holding = threading.Event(), threading.Event()
             blocker = engine_request([], [2, 1596], temperature=0.0)
             blocker.max_tokens = 1
-            blocker.on_events = lambda events: gate.wait(30)  # holds the engine thread
+
+            def hold(events: list[Event]) -> None:  # the engine thread, until the gate opens
+                holding.set()
+                gate.wait(30)
+
+            blocker.on_events = hold
             engine.submit(blocker)
+            assert holding.wait(30)  # the four below arrive while it holds
             received: list[Event] = []
             chat_prompt = (
                 "<|im_start|>user\nTell me about the moon.<|im_end|>\n<|im_start|>assistant\n"

@@ -4,7 +4,7 @@ gets from its row alone; on the CPU's graph here (the real SmolLM2)."""
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import llama_cpp
@@ -63,19 +63,6 @@ def run(
     engine = LlamaEngine(model, name="graph", slots=slots, max_queue=16, sample_in_graph=in_graph)
     received: list[list[Event]] = [[] for _ in requests]
 
-    def submit(i: int, fields: dict[str, Any], on_events: Callable[[list[Event]], Any]) -> None:
-        engine.submit(
-            EngineRequest(
-                id=f"r{i}",
-                prompt=model.tokenize(PROMPT.format(i)),
-                max_tokens=24,
-                stop=[],
-                on_events=on_events,
-                arrived=time.perf_counter(),
-                **fields,
-            )
-        )
-
     def finished(i: int) -> bool:
         return any(isinstance(e, Finish) for e in received[i])
 
@@ -100,7 +87,17 @@ def run(
             # The others arrive while it holds, so every run's steps hold the same requests.
             assert holding.wait(30)
         for i, fields in enumerate(requests):
-            submit(i, fields, received[i].extend)
+            engine.submit(
+                EngineRequest(
+                    id=f"r{i}",
+                    prompt=model.tokenize(PROMPT.format(i)),
+                    max_tokens=24,
+                    stop=[],
+                    on_events=received[i].extend,
+                    arrived=time.perf_counter(),
+                    **fields,
+                )
+            )
             if not together:
                 wait_until(lambda i=i: finished(i), timeout=60)  # type: ignore[misc]
         gate.set()
