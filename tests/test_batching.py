@@ -74,9 +74,9 @@ def test_ignore_eos_runs_to_max_tokens(stack: Stack) -> None:
 
 def test_cancelled_streams_slot_serves_the_next_request_at_once(stack: Stack) -> None:
     stub = stack.host_stub
-    engine = stack.engine("gemma-one-slot")
     running = stub.Generate(host_request(model="gemma-one-slot", prompt="A", max_tokens=400))
     next(running)  # holds the only slot
+    engine = stack.engine("gemma-one-slot")  # loaded by now, whatever ran before
     waiting = stub.Generate(host_request(model="gemma-one-slot", prompt="B", max_tokens=4))
     wait_until(lambda: engine.load().queued == 1, timeout=10)
     time.sleep(0.3)
